@@ -1,0 +1,296 @@
+"""The ``hybridops::`` custom ops: argument checks, backend dispatch, fake (meta) kernels, autograd.
+
+Every op takes a ``backend`` string (``torch``, ``triton`` or ``cuda``) already resolved by the
+caller (:func:`hybridops.backend.resolve_backend`), so the backend that ran is never a guess.
+The fake implementations compute output shapes only, so ``torch.compile`` and CUDA graphs can
+trace through the ops.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import torch
+
+from . import reference
+from .packing import check_bits, packed_size
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _impl(op: str, backend: str):
+    if backend == "torch":
+        return getattr(reference, op)
+    if backend == "triton":
+        from hybridops import kernels
+
+        return getattr(kernels, op)
+    if backend == "cuda":
+        from hybridops.backend import resolve_backend
+
+        resolve_backend("cuda", "cuda")  # raises the clear message if the extension is missing
+        return getattr(torch.ops.hybridops, "cuda_" + op)
+    raise ValueError(f"unknown backend {backend!r}; choose one of ('torch', 'triton', 'cuda').")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _check_qparams(qparams: torch.Tensor, like: torch.Tensor, name: str = "qparams") -> None:
+    _check(qparams.dtype == torch.float32 and qparams.shape == (2,),
+           f"{name} must be a float32 tensor [alpha, beta] of shape (2,), got {qparams.dtype} {tuple(qparams.shape)}.")
+    _check(qparams.device == like.device, f"{name} is on {qparams.device} but the input is on {like.device}.")
+
+
+def _check_channel_vec(t: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str) -> None:
+    if t is None:
+        return
+    _check(t.dim() == 1 and t.shape[0] == n, f"{name} must have shape ({n},), got {tuple(t.shape)}.")
+    _check(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}.")
+    _check(t.device == like.device, f"{name} is on {t.device} but the input is on {like.device}.")
+
+
+# ----------------------------------------------------------------------------- fake_quantize
+@torch.library.custom_op("hybridops::fake_quantize", mutates_args=())
+def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool, backend: str) -> torch.Tensor:
+    """Fake-quantized ``x`` (eq 6-7 if ``signed``, else eq 8-9): ``code / levels``, dtype of x."""
+    check_bits(bits)
+    _check(x.dtype in _FLOAT_DTYPES, f"fake_quantize expects a floating-point tensor, got {x.dtype}.")
+    _check_qparams(qparams, x)
+    return _impl("fake_quantize", backend)(x, qparams, bits, signed)
+
+
+@fake_quantize.register_fake
+def _(x, qparams, bits, signed, backend):
+    return torch.empty_like(x)
+
+
+def _fake_quantize_setup(ctx, inputs, output):
+    x, qparams, bits, signed, backend = inputs
+    ctx.save_for_backward(x, qparams)
+    ctx.signed = signed
+
+
+def _fake_quantize_backward(ctx, grad):
+    # Straight-through estimator: inside the interval (0 < u < 1) the rounding is treated as
+    # identity, so d out / d x = alpha, d out / d alpha = x and d out / d beta = sign(x)
+    # (1 for unsigned codes). The chain to (c, d) runs through qparams in autograd.
+    x, qparams = ctx.saved_tensors
+    xf, g = x.float(), grad.float()
+    alpha, beta = qparams[0], qparams[1]
+    mag = xf.abs() if ctx.signed else xf
+    u = mag * alpha + beta
+    inside = (u > 0) & (u < 1)
+    gi = torch.where(inside, g, torch.zeros_like(g))
+    s = torch.sign(xf) if ctx.signed else torch.ones_like(xf)
+    grad_x = (gi * alpha).to(x.dtype)
+    grad_q = torch.stack(((gi * xf).sum(), (gi * s).sum()))
+    return grad_x, grad_q, None, None, None
+
+
+fake_quantize.register_autograd(_fake_quantize_backward, setup_context=_fake_quantize_setup)
+
+
+# ----------------------------------------------------------------------------- quantize_activate
+@torch.library.custom_op("hybridops::quantize_activate", mutates_args=())
+def quantize_activate(
+    x: torch.Tensor,
+    qparams: torch.Tensor,
+    bits: int,
+    signed: bool,
+    bn_scale: Optional[torch.Tensor],
+    bn_shift: Optional[torch.Tensor],
+    relu: bool,
+    keep_idx: Optional[torch.Tensor],
+    slice_dtype: Optional[torch.dtype],
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
+    check_bits(bits)
+    _check(x.dim() == 4, f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
+    _check(x.dtype in _FLOAT_DTYPES, f"quantize_activate expects a floating-point x, got {x.dtype}.")
+    _check_qparams(qparams, x)
+    c = x.shape[1]
+    _check_channel_vec(bn_scale, c, x, "bn_scale")
+    _check_channel_vec(bn_shift, c, x, "bn_shift")
+    if keep_idx is not None:
+        _check(keep_idx.dim() == 1 and keep_idx.dtype in (torch.int32, torch.int64),
+               f"keep_idx must be a 1-D int32/int64 index tensor, got {keep_idx.dtype} {tuple(keep_idx.shape)}.")
+        _check(keep_idx.device == x.device, f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
+    _check(not (bits == 8 and not signed and backend != "torch"),
+           "unsigned 8-bit activation codes (0..255) do not fit the int8 tensor-core kernels; "
+           "use bits <= 7 or the torch backend.")
+    return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype)
+
+
+@quantize_activate.register_fake
+def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend):
+    n, c, h, w = x.shape
+    codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
+    if keep_idx is None:
+        return x.new_empty((0,), dtype=slice_dtype or x.dtype), codes
+    return x.new_empty((n, h, w, keep_idx.shape[0]), dtype=slice_dtype or x.dtype), codes
+
+
+def _qa_setup(ctx, inputs, output):
+    x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend = inputs
+    ctx.save_for_backward(x, bn_scale, bn_shift, keep_idx)
+    ctx.relu = relu
+
+
+def _qa_backward(ctx, grad_slice, grad_codes):
+    # Codes are integers and carry no gradient (the quantized branch is frozen in deployed
+    # mode); the input receives the gradient of the float slice read by the pruned branch.
+    x, bn_scale, bn_shift, keep_idx = ctx.saved_tensors
+    if keep_idx is None or grad_slice is None or grad_slice.numel() == 0:
+        return (torch.zeros_like(x),) + (None,) * 9
+    idx = keep_idx.to(torch.long)
+    xs = x.index_select(1, idx).permute(0, 2, 3, 1).float()
+    g = grad_slice.float()
+    sc = bn_scale.float().index_select(0, idx) if bn_scale is not None else None
+    if ctx.relu:
+        t = xs * sc if sc is not None else xs
+        if bn_shift is not None:
+            t = t + bn_shift.float().index_select(0, idx)
+        g = torch.where(t > 0, g, torch.zeros_like(g))
+    if sc is not None:
+        g = g * sc
+    grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    grad_x.index_copy_(1, idx, g.permute(0, 3, 1, 2))
+    return (grad_x.to(x.dtype),) + (None,) * 9
+
+
+quantize_activate.register_autograd(_qa_backward, setup_context=_qa_setup)
+
+
+# ----------------------------------------------------------------------------- qconv2d
+def qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    n, h, w, _ = x_codes.shape
+    c_out, kh, kw, _ = w_packed.shape
+    ho = reference.conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
+    wo = reference.conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
+    return n, ho, wo, c_out
+
+
+@torch.library.custom_op("hybridops::qconv2d", mutates_args=())
+def qconv2d(
+    x_codes: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    bits_a: int,
+    a_signed: bool,
+    bits_w: int,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    relu: bool,
+    fp_out: Optional[torch.Tensor],
+    fp_idx: Optional[torch.Tensor],
+    requant_qparams: Optional[torch.Tensor],
+    requant_bits: int,
+    requant_signed: bool,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """Packed low-bit implicit-GEMM convolution with the hybrid epilogue; see
+    :func:`hybridops.ops.reference.qconv2d` for the exact semantics."""
+    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend)
+    return _impl("qconv2d", backend)(
+        x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
+        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+
+
+def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend):
+    check_bits(bits_a, "bits_a")
+    check_bits(bits_w, "bits_w")
+    _check(x_codes.dtype == torch.uint8 and x_codes.dim() == 4,
+           f"x_codes must be packed uint8 codes (N, H, W, packed C), got {x_codes.dtype} {tuple(x_codes.shape)}.")
+    _check(w_packed.dtype == torch.uint8 and w_packed.dim() == 4,
+           f"w_packed must be packed uint8 weights (C_out, KH, KW, packed C_in/groups), got {w_packed.dtype} "
+           f"{tuple(w_packed.shape)}.")
+    _check(w_packed.device == x_codes.device, f"w_packed is on {w_packed.device} but x_codes is on {x_codes.device}.")
+    _check(groups >= 1 and in_channels % groups == 0 and w_packed.shape[0] % groups == 0,
+           f"groups={groups} must divide in_channels={in_channels} and C_out={w_packed.shape[0]}.")
+    _check(x_codes.shape[3] == packed_size(in_channels, bits_a),
+           f"x_codes has {x_codes.shape[3]} bytes per pixel, expected {packed_size(in_channels, bits_a)} for "
+           f"in_channels={in_channels} at {bits_a} bits (NHWC packed layout).")
+    _check(w_packed.shape[3] == packed_size(in_channels // groups, bits_w),
+           f"w_packed has {w_packed.shape[3]} bytes per tap, expected {packed_size(in_channels // groups, bits_w)} "
+           f"for {in_channels // groups} input channels per group at {bits_w} bits.")
+    _check(len(stride) == 2 and min(stride) >= 1, f"stride must be two positive ints, got {list(stride)}.")
+    _check(len(dilation) == 2 and min(dilation) >= 1, f"dilation must be two positive ints, got {list(dilation)}.")
+    _check(len(padding) == 4 and min(padding) >= 0,
+           f"padding must be four non-negative ints (top, bottom, left, right), got {list(padding)}.")
+    _, ho, wo, _ = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
+    _check(ho >= 1 and wo >= 1,
+           f"the convolution has an empty output ({ho}x{wo}): input {x_codes.shape[1]}x{x_codes.shape[2]} is "
+           f"smaller than the dilated kernel after padding.")
+    _check(not (bits_a == 8 and not a_signed and backend != "torch"),
+           "unsigned 8-bit activation codes (0..255) do not fit the int8 tensor-core kernels; "
+           "use bits <= 7 or the torch backend.")
+    c_out = w_packed.shape[0]
+    if out_dtype == torch.int32:
+        _check(bias is None and not relu and fp_out is None and requant_qparams is None,
+               "out_dtype=torch.int32 returns raw accumulators; bias, relu, fp_out and requantization need a "
+               "float out_dtype.")
+    else:
+        _check(out_dtype in _FLOAT_DTYPES, f"out_dtype must be int32 or a float dtype, got {out_dtype}.")
+    _check_channel_vec(scale, c_out, x_codes, "scale")
+    _check_channel_vec(bias, c_out, x_codes, "bias")
+    _check((fp_out is None) == (fp_idx is None), "fp_out and fp_idx must be given together.")
+    if fp_out is not None:
+        n, ho_, wo_, _ = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
+        _check(fp_idx.dim() == 1 and fp_idx.dtype in (torch.int32, torch.int64),
+               f"fp_idx must be a 1-D int32/int64 index tensor, got {fp_idx.dtype} {tuple(fp_idx.shape)}.")
+        _check(tuple(fp_out.shape) == (n, ho_, wo_, fp_idx.shape[0]),
+               f"fp_out must have shape {(n, ho_, wo_, fp_idx.shape[0])} (NHWC, kept channels), got "
+               f"{tuple(fp_out.shape)}.")
+        _check(fp_out.dtype in _FLOAT_DTYPES, f"fp_out must be floating point, got {fp_out.dtype}.")
+        _check(fp_out.device == x_codes.device and fp_idx.device == x_codes.device,
+               "fp_out and fp_idx must be on the same device as x_codes.")
+    if requant_qparams is not None:
+        check_bits(requant_bits, "requant_bits")
+        _check_qparams(requant_qparams, x_codes, "requant_qparams")
+
+
+@qconv2d.register_fake
+def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu,
+      fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
+    n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
+    if requant_qparams is not None:
+        return x_codes.new_empty((n, ho, wo, packed_size(c_out, requant_bits)), dtype=torch.uint8)
+    return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)
+
+
+def _qconv_setup(ctx, inputs, output):
+    fp_out, fp_idx, requant_qparams, relu = inputs[13], inputs[14], inputs[15], inputs[12]
+    ctx.has_fp = fp_out is not None
+    ctx.relu = relu
+    ctx.requant = requant_qparams is not None
+    ctx.fp_dtype = fp_out.dtype if fp_out is not None else None
+    ctx.save_for_backward(fp_idx, output if (relu and fp_out is not None) else None)
+
+
+def _qconv_backward(ctx, grad):
+    # Only the pruned branch's output is differentiable: the quantized branch is frozen
+    # integer arithmetic (the online update trains the full-precision branch alone).
+    grads = [None] * 20
+    if ctx.has_fp:
+        if ctx.requant:
+            raise RuntimeError("qconv2d cannot backpropagate through re-quantized (integer) outputs; "
+                               "use a float out_dtype when the pruned branch is being trained.")
+        fp_idx, out = ctx.saved_tensors
+        g = grad.float()
+        if ctx.relu:
+            g = torch.where(out > 0, g, torch.zeros_like(g))
+        grads[13] = g.index_select(-1, fp_idx.to(torch.long)).to(ctx.fp_dtype)
+    return tuple(grads)
+
+
+qconv2d.register_autograd(_qconv_backward, setup_context=_qconv_setup)

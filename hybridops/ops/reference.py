@@ -1,0 +1,158 @@
+"""Plain-PyTorch reference implementations of every kernel (the ``torch`` backend).
+
+Obviously correct, runs on any device, and is what the Triton and CUDA kernels are tested
+against. The exact fp32 operation order below is part of the contract: kernels that perform
+the same IEEE operations (no fused multiply-add in the quantizer arithmetic) produce bitwise
+identical codes.
+
+Quantizer parameters are passed as ``qparams = tensor([alpha, beta], float32)`` with
+``alpha = 0.5 / d`` and ``beta = 0.5 - c * alpha`` (eq 6 and 8), computed by the caller so
+that every backend shares one division.
+
+Rounding of a non-negative value ``v`` is ``floor(v + 0.5)``; signed codes round the magnitude
+(half away from zero). This is what :func:`hybridops.quant.quantize_codes` computes too.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .packing import levels, pack_codes, unpack_codes, unpack_weight
+
+
+def codes_from_qparams(t: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes (int16) of fp32 ``t`` under eq 6-7 (``signed``) or eq 8-9 (unsigned)."""
+    alpha, beta = qparams[0], qparams[1]
+    lv = float(levels(bits, signed))
+    mag = t.abs() if signed else t
+    u = torch.clamp(mag * alpha + beta, 0.0, 1.0)
+    q = torch.floor(u * lv + 0.5)
+    if signed:
+        q = q * torch.sign(t)
+    return q.to(torch.int16)
+
+
+def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``code / levels`` for every element of ``x`` (eq 6-7 or 8-9), in the dtype of ``x``.
+    Computed in fp32 (float64 inputs stay float64)."""
+    t = x if x.dtype == torch.float64 else x.to(torch.float32)
+    q = codes_from_qparams(t, qparams.to(t.dtype), bits, signed)
+    return (q.to(t.dtype) / levels(bits, signed)).to(x.dtype)
+
+
+def quantize_activate(
+    x: torch.Tensor,
+    qparams: torch.Tensor,
+    bits: int,
+    signed: bool,
+    bn_scale: Optional[torch.Tensor] = None,
+    bn_shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    keep_idx: Optional[torch.Tensor] = None,
+    slice_dtype: Optional[torch.dtype] = None,
+):
+    """Fused quantize-activate.
+
+    x: ``(N, C, H, W)`` float, any memory format. Computes in fp32
+    ``t = relu?(x * bn_scale[c] + bn_shift[c])`` and returns ``(x_slice, codes)``:
+
+    * ``x_slice``: ``(N, H, W, len(keep_idx))`` in ``slice_dtype`` (default ``x.dtype``), the
+      channels ``keep_idx`` of ``t``, which the full-precision branch consumes; an empty
+      ``(0,)`` tensor when ``keep_idx`` is None;
+    * ``codes``: ``uint8 (N, H, W, packed(C))``, the packed codes of ``t`` (eq 8-9, or 6-7 if
+      ``signed``).
+
+    (The float output comes first so that autograd tooling that sums all outputs starts from a
+    float.)
+    """
+    t = x.permute(0, 2, 3, 1).to(torch.float32)
+    if bn_scale is not None:
+        t = t * bn_scale.to(torch.float32)
+    if bn_shift is not None:
+        t = t + bn_shift.to(torch.float32)
+    if relu:
+        t = torch.relu(t)
+    codes = pack_codes(codes_from_qparams(t, qparams.to(torch.float32), bits, signed), bits)
+    if keep_idx is None:
+        x_slice = x.new_empty((0,), dtype=slice_dtype or x.dtype)
+    else:
+        x_slice = t.index_select(-1, keep_idx.to(torch.long)).to(slice_dtype or x.dtype).contiguous()
+    return x_slice, codes
+
+
+def conv_out_size(size: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
+    return (size + pad_total - dilation * (k - 1) - 1) // stride + 1
+
+
+def int_conv2d(
+    a: torch.Tensor,
+    w: torch.Tensor,
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+) -> torch.Tensor:
+    """Exact integer convolution of codes: ``a (N, C, H, W)``, ``w (C_out, C/g, KH, KW)`` ->
+    ``int32 (N, C_out, Ho, Wo)``. ``padding`` is ``(top, bottom, left, right)`` of zero codes."""
+    bound = int(a.abs().max().item() if a.numel() else 0) * int(w.abs().max().item() if w.numel() else 0)
+    bound *= w.shape[1] * w.shape[2] * w.shape[3]
+    # fp32 sums of integers are exact below 2^24 in any order; past that, or on CUDA where
+    # cuDNN may use TF32, use float64.
+    dt = torch.float32 if (bound < 2**24 and a.device.type == "cpu") else torch.float64
+    top, bottom, left, right = padding
+    ap = F.pad(a.to(dt), (left, right, top, bottom))
+    out = F.conv2d(ap, w.to(dt), None, tuple(stride), 0, tuple(dilation), groups)
+    return torch.round(out).to(torch.int32)
+
+
+def qconv2d(
+    x_codes: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    bits_a: int,
+    a_signed: bool,
+    bits_w: int,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool = False,
+    fp_out: Optional[torch.Tensor] = None,
+    fp_idx: Optional[torch.Tensor] = None,
+    requant_qparams: Optional[torch.Tensor] = None,
+    requant_bits: int = 4,
+    requant_signed: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed low-bit convolution with the hybrid epilogue.
+
+    x_codes: ``uint8 (N, H, W, packed(C_in))``; w_packed: ``uint8 (C_out, KH, KW, packed(C_in/g))``.
+    ``acc = sum(A_q * W_q)`` exactly in int32; then, in fp32,
+    ``y = acc * scale[co] + bias[co]``, ``y[..., fp_idx[j]] += fp_out[..., j]`` (the pruned
+    branch, given only for its kept channels), ``y = relu(y)`` if asked. Returns NHWC:
+
+    * ``out_dtype=torch.int32``: the raw accumulators (no epilogue arguments allowed);
+    * ``requant_qparams`` given: the packed codes of ``y`` for the next quantized layer;
+    * otherwise ``y`` in ``out_dtype``.
+    """
+    n, h, w_, _ = x_codes.shape
+    c_out, kh, kw, _ = w_packed.shape
+    a = unpack_codes(x_codes, bits_a, in_channels, a_signed).permute(0, 3, 1, 2)
+    wq = unpack_weight(w_packed, bits_w, in_channels // groups)
+    acc = int_conv2d(a, wq, stride, padding, dilation, groups).permute(0, 2, 3, 1)
+    if out_dtype == torch.int32:
+        return acc.contiguous()
+    y = acc.to(torch.float32) * scale.to(torch.float32)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    if fp_out is not None:
+        y = y.index_add(-1, fp_idx.to(torch.long), fp_out.to(torch.float32))
+    if relu:
+        y = torch.relu(y)
+    if requant_qparams is not None:
+        return pack_codes(codes_from_qparams(y, requant_qparams.to(torch.float32), requant_bits, requant_signed), requant_bits)
+    return y.to(out_dtype).contiguous()

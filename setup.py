@@ -1,0 +1,67 @@
+"""Build and install hybridops.
+
+``pip install .`` works on a CPU-only machine. The CUDA C++ extension (``csrc/``) is built only
+when torch is importable at build time and a CUDA toolkit is found; use
+``pip install --no-build-isolation .`` so the build sees the installed torch.
+
+Environment variables:
+  HYBRIDOPS_BUILD_CUDA=0|1   0 skips the CUDA extension; 1 requires it (the build fails loudly
+                             instead of silently skipping). Default: build if possible.
+  HYBRIDOPS_CUDA_ARCHS       e.g. "8.0;9.0" (default). Passed as TORCH_CUDA_ARCH_LIST.
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).parent
+
+
+def cuda_extension():
+    """Return (ext_modules, cmdclass) for csrc/, or empty ones when it cannot or should not build."""
+    want = os.environ.get("HYBRIDOPS_BUILD_CUDA", "auto").lower()
+    if want in ("0", "false", "no", "off"):
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*") if p.suffix in (".cu", ".cpp"))
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        if want in ("1", "true", "yes", "on"):
+            sys.exit("HYBRIDOPS_BUILD_CUDA=1 but torch is not importable; install torch first and "
+                     "use pip install --no-build-isolation.")
+        return [], {}
+    if CUDA_HOME is None or not sources:
+        if want in ("1", "true", "yes", "on"):
+            sys.exit("HYBRIDOPS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).")
+        return [], {}
+    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("HYBRIDOPS_CUDA_ARCHS", "8.0;9.0")
+    ext = CUDAExtension(
+        name="hybridops._C",
+        sources=sources,
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+ext_modules, cmdclass = cuda_extension()
+
+setup(
+    name="hybridops",
+    version="0.1.0",
+    description="GPU kernels for hybrid low-bit networks (quantized + channel-pruned full-precision branches)",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=["hybridops", "hybridops.ops", "hybridops.kernels"],
+    package_dir={"hybridops": "hybridops", "hybridops.kernels": "kernels"},
+    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "torchvision>=0.26"],
+        "cupy": ["cupy-cuda13x"],
+    },
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={"console_scripts": ["hybridops-report=hybridops.report:main"]},
+)
