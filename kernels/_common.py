@@ -1,0 +1,66 @@
+"""Pieces shared by the Triton kernels: the quantizer arithmetic, nibble unpacking, launch options.
+
+The quantizer (eq 6-9) must give codes bitwise equal to :mod:`hybridops.ops.reference`, so it
+repeats the reference's fp32 operation order exactly, and every kernel that computes codes from
+floats is launched with ``enable_fp_fusion=False``: otherwise the compiler contracts
+``mag * alpha + beta`` into one FMA, whose single rounding differs from torch's two.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridops.backend import triton_interpreter
+
+# Forwarded to every launch. The interpreter drops keywords that are not kernel arguments, and
+# numpy never contracts, so this is also correct under TRITON_INTERPRET=1.
+LAUNCH_OPTS = {"enable_fp_fusion": False}
+
+INTERPRET = triton_interpreter()
+
+
+def check_device(t: torch.Tensor, name: str) -> None:
+    """Triton kernels need CUDA tensors, except under the CPU interpreter."""
+    if t.device.type != "cuda" and not INTERPRET:
+        raise ValueError(
+            f"the triton kernels expect {name} on a CUDA device, got {t.device} "
+            "(set TRITON_INTERPRET=1 to run them on the CPU, or use backend='torch')."
+        )
+
+
+@triton.jit
+def quant_codes(t, alpha, beta, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
+    """Integer codes (int32) of ``t`` under eq 6-7 (``SIGNED``) or eq 8-9, in the reference's
+    order: ``u = clamp(mag * alpha + beta, 0, 1)``, ``q = floor(u * levels + 0.5)``, times
+    ``sign(t)`` for signed codes. ``t``, ``alpha``, ``beta`` share one float dtype."""
+    if SIGNED:
+        mag = tl.abs(t)
+    else:
+        mag = t
+    u = mag * alpha + beta
+    u = tl.minimum(tl.maximum(u, 0.0), 1.0)
+    q = tl.floor(u * LEVELS + 0.5).to(tl.int32)
+    if SIGNED:
+        # sign(0) = 0: a zero input gives code 0 even when beta rounds up to a level.
+        q = tl.where(t > 0, q, tl.where(t < 0, -q, 0))
+    return q
+
+
+@triton.jit
+def unpack_nibble(v, shift, SIGNED: tl.constexpr):
+    """The 4-bit code at bit ``shift`` (0 or 4) of bytes ``v`` (int32), as int8; signed codes
+    are 4-bit two's complement, sign-extended by ``(x ^ 8) - 8``."""
+    x = (v >> shift) & 0xF
+    if SIGNED:
+        x = (x ^ 8) - 8
+    return x.to(tl.int8)
+
+
+@triton.jit
+def pack_pairs(q, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
+    """``q (BLOCK_ROWS, BLOCK_COLS)`` int32 codes of consecutive channels -> bytes
+    ``(BLOCK_ROWS, BLOCK_COLS // 2)``: channel ``2j`` in the low nibble, ``2j + 1`` in the high
+    one (the packing format of :mod:`hybridops.ops.packing`)."""
+    lo, hi = tl.split(tl.reshape(q, (BLOCK_ROWS, BLOCK_COLS // 2, 2)))
+    return ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)

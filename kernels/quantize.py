@@ -1,0 +1,178 @@
+"""Elementwise quantizer kernels: ``fake_quantize`` and the fused ``quantize_activate``.
+
+Both are memory-bound single passes; their codes are bitwise equal to
+:mod:`hybridops.ops.reference` (see :mod:`._common` for why FMA contraction is disabled).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridops.ops.packing import levels, packed_size
+
+from ._common import LAUNCH_OPTS, check_device, pack_pairs, quant_codes
+
+# 1024 elements per program: measured fastest for this pass on H100 (GPU.md).
+_BLOCK = 1024
+
+
+# ----------------------------------------------------------------------------- fake_quantize
+@triton.jit
+def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, SIGNED: tl.constexpr,
+                          F64: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if F64:
+        t = x.to(tl.float64)
+        alpha = tl.load(qp_ptr).to(tl.float64)
+        beta = tl.load(qp_ptr + 1).to(tl.float64)
+        y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float64) / LEVELS
+    else:
+        t = x.to(tl.float32)
+        alpha = tl.load(qp_ptr)
+        beta = tl.load(qp_ptr + 1)
+        # fp32 '/' lowers to the approximate div.full on NVIDIA GPUs; the reference divides exactly.
+        y = tl.math.div_rn(quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float32), float(LEVELS))
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``code / levels`` for every element of ``x`` (eq 6-7 if ``signed``, else eq 8-9).
+
+    x: any shape and strides, float16/bfloat16/float32 (computed in fp32) or float64 (in fp64);
+    qparams: ``float32 (2,) = [alpha, beta]``. Returns a tensor like ``torch.empty_like(x)``
+    (same dtype, and the same strides when ``x`` is dense).
+    """
+    check_device(x, "x")
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    # One flat pass over storage needs x in out's element order; only non-dense views get copied.
+    src = x if x.stride() == out.stride() else torch.empty_like(out).copy_(x)
+    grid = (triton.cdiv(x.numel(), _BLOCK),)
+    _fake_quantize_kernel[grid](src, out, qparams.contiguous(), x.numel(), LEVELS=levels(bits, signed),
+                                SIGNED=signed, F64=x.dtype == torch.float64, BLOCK=_BLOCK, **LAUNCH_OPTS)
+    return out
+
+
+# ----------------------------------------------------------------------------- quantize_activate
+@triton.jit
+def _quantize_activate_kernel(
+    x_ptr, codes_ptr, slice_ptr, qp_ptr, scale_ptr, shift_ptr, slot_ptr,
+    C, HW, sxn, sxp, sxc, CODE_ROW, SLICE_ROW,
+    LEVELS: tl.constexpr, SIGNED: tl.constexpr, NIBBLE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_SLICE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One tile of ``BLOCK_P`` pixels x ``BLOCK_C`` (even) channels of image ``program_id(1)``.
+
+    x is addressed as ``x[n, c, p] = x_ptr[n*sxn + p*sxp + c*sxc]`` with ``p = h*W + w``, which
+    covers NCHW (``sxp = 1``) and channels_last (``sxc = 1``) alike; the tile is read once and
+    gives both the codes (``uint8 (N, HW, CODE_ROW)``) and, through the inverse map
+    ``slot[c]`` (= position of c in keep_idx, or -1), the float slice ``(N, HW, SLICE_ROW)``.
+    """
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = p < HW
+    c_ok = c < C
+    mask = p_ok[:, None] & c_ok[None, :]
+    t = tl.load(x_ptr + n * sxn + p[:, None] * sxp + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        t = t * tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_SHIFT:
+        t = t + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if RELU:
+        t = tl.maximum(t, 0.0)
+    q = quant_codes(t, tl.load(qp_ptr), tl.load(qp_ptr + 1), LEVELS, SIGNED)
+    # The channel past an odd C pads its byte with a zero code (packing format).
+    q = tl.where(c_ok[None, :], q, 0)
+    pix = n * HW + p
+    if NIBBLE:
+        j = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+        tl.store(codes_ptr + pix[:, None] * CODE_ROW + j[None, :], pack_pairs(q, BLOCK_P, BLOCK_C),
+                 mask=p_ok[:, None] & (j < CODE_ROW)[None, :])
+    else:
+        tl.store(codes_ptr + pix[:, None] * CODE_ROW + c[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
+    if HAS_SLICE:
+        slot = tl.load(slot_ptr + c, mask=c_ok, other=-1)
+        tl.store(slice_ptr + pix[:, None] * SLICE_ROW + slot[None, :], t.to(slice_ptr.dtype.element_ty),
+                 mask=mask & (slot >= 0)[None, :])
+
+
+def _hw_stride(x: torch.Tensor) -> Optional[int]:
+    """The stride of the merged (H, W) pixel index of ``x (N, C, H, W)``, or None when H and W
+    cannot be merged into one strided dimension."""
+    _, _, h, w = x.shape
+    if h == 1:
+        return x.stride(3)
+    if w == 1:
+        return x.stride(2)
+    return x.stride(3) if x.stride(2) == w * x.stride(3) else None
+
+
+def inverse_index(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Dense ``int32 (size,)`` map ``slot[idx[j]] = j``, -1 elsewhere (``idx`` entries are
+    distinct: kept channels of a pruned branch)."""
+    slot = torch.full((size,), -1, dtype=torch.int32, device=idx.device)
+    slot[idx.to(torch.long)] = torch.arange(idx.shape[0], dtype=torch.int32, device=idx.device)
+    return slot
+
+
+def quantize_activate(
+    x: torch.Tensor,
+    qparams: torch.Tensor,
+    bits: int,
+    signed: bool,
+    bn_scale: Optional[torch.Tensor] = None,
+    bn_shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    keep_idx: Optional[torch.Tensor] = None,
+    slice_dtype: Optional[torch.dtype] = None,
+):
+    """Fused quantize-activate in one read of ``x``; see
+    :func:`hybridops.ops.reference.quantize_activate`.
+
+    x: ``(N, C, H, W)`` float, NCHW, channels_last or any view whose H and W merge into one
+    strided dimension (other views are copied first). ``t = relu?(x * bn_scale[c] + bn_shift[c])``
+    in fp32. Returns ``(x_slice, codes)``: ``x_slice (N, H, W, len(keep_idx))`` in ``slice_dtype``
+    (default ``x.dtype``; an empty ``(0,)`` tensor without ``keep_idx``, whose entries must be
+    distinct) and ``codes uint8 (N, H, W, packed(C))`` (eq 8-9, or eq 6-7 if ``signed``).
+    """
+    check_device(x, "x")
+    n, c, h, w = x.shape
+    sdt = slice_dtype or x.dtype
+    codes = torch.empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8, device=x.device)
+    if keep_idx is None:
+        x_slice = x.new_empty((0,), dtype=sdt)
+    else:
+        x_slice = x.new_empty((n, h, w, keep_idx.shape[0]), dtype=sdt)
+    if x.numel() == 0:
+        return x_slice, codes
+    sxp = _hw_stride(x)
+    if sxp is None:
+        x = x.contiguous()
+        sxp = 1
+    slot = inverse_index(keep_idx, c) if keep_idx is not None else None
+    # Pairs of channels per tile; most channels per tile when they are contiguous in memory
+    # (channels_last), most pixels when the pixels are (NCHW).
+    block_c = min(triton.next_power_of_2(c + c % 2), 64 if x.stride(1) == 1 else 4)
+    block_c = max(block_c, 2)
+    block_p = _BLOCK // block_c
+    grid = (triton.cdiv(h * w, block_p), n, triton.cdiv(c, block_c))
+    _quantize_activate_kernel[grid](
+        x, codes, x_slice, qparams.contiguous(),
+        bn_scale.contiguous() if bn_scale is not None else x, bn_shift.contiguous() if bn_shift is not None else x,
+        slot if slot is not None else codes,
+        c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], x_slice.shape[-1] if slot is not None else 0,
+        LEVELS=levels(bits, signed), SIGNED=signed, NIBBLE=bits <= 4, HAS_SCALE=bn_scale is not None,
+        HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=slot is not None,
+        BLOCK_P=block_p, BLOCK_C=block_c, **LAUNCH_OPTS,
+    )
+    return x_slice, codes
