@@ -1,0 +1,268 @@
+"""Deployed (inference / online-update) layers that run on the packed integer kernels.
+
+:func:`hybridops.deploy_` replaces every trainable hybrid, quantized or pruned layer by a
+:class:`DeployedConv2d` or :class:`DeployedLinear`:
+
+* the quantized branch becomes packed integer weights ``(C_out, KH, KW, packed C_in/g)``, one
+  fp32 ``scale`` per output channel (``out_scale / (levels_a * levels_w)``) and the bias; its
+  input quantizer becomes frozen ``qparams = [alpha, beta]``;
+* the pruned branch keeps only its kept output channels (``fp_weight`` of ``K_p`` rows and their
+  index map ``fp_idx``), and only the input channels it reads (``fp_in_idx``): the dropped
+  channels cost nothing.
+
+Forward for a quantized input: one fused quantize-activate pass writes the packed codes and the
+float slice the pruned branch reads, the pruned branch runs as a float conv on that slice, and
+the integer conv adds its output into the right channels in its epilogue. Only ``fp_weight`` and
+``fp_bias`` are trainable (the online update); the quantized branch is frozen integer data.
+When the first layer keeps its input in full precision, both branches are float convolutions of
+the same input and are merged into one convolution with ``dequant(W_q) + scatter(W_p)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .ops import custom_ops
+from .ops.packing import levels, pack_weight, unpack_weight
+
+
+class _DeployedBase(nn.Module):
+    """State shared by deployed conv and linear layers."""
+
+    def _init_from(self, quant, pruned, backend: str, in_idx: Optional[torch.Tensor]):
+        ref = quant if quant is not None else pruned
+        w = ref.weight.detach()
+        self.out_channels = w.shape[0]
+        self.backend = backend
+        self.has_quant = quant is not None
+        self.quantized_input = quant is not None and quant.aq is not None
+        dev = w.device
+        if quant is not None:
+            codes = quant.wq.codes(quant.weight)[0].to(torch.int8)
+            w4 = codes if codes.dim() == 4 else codes.view(*codes.shape, 1, 1)
+            self.bits_w = quant.wq.bits
+            self.register_buffer("w_packed", pack_weight(w4, self.bits_w))
+            lw = levels(self.bits_w, True)
+            if self.quantized_input:
+                self.bits_a, self.a_signed = quant.aq.bits, quant.aq.signed
+                self.register_buffer("in_qparams", quant.aq.qparams().detach().clone())
+                la = quant.aq.levels
+                self.register_buffer("scale", (quant.out_scale.detach().float() / (la * lw)).contiguous())
+            else:
+                # Full-precision input: the quantized branch is dequant(W_q) = codes * out_scale / lw.
+                self.bits_a, self.a_signed = 0, False
+                self.register_buffer("scale", (quant.out_scale.detach().float() / lw).contiguous())
+            self.register_buffer("bias", None if quant.bias is None else quant.bias.detach().float().clone())
+        else:
+            self.register_buffer("bias", None)
+        fp_bias = None
+        if pruned is not None:
+            idx = pruned.gate.kept_indices().to(dev)
+            fw = pruned.weight.detach().index_select(0, idx)
+            if pruned.bias is not None:
+                fp_bias = pruned.bias.detach().index_select(0, idx)
+        else:
+            idx = torch.zeros(0, dtype=torch.long, device=dev)
+            fw = w.new_zeros((0, *w.shape[1:]))
+        self.register_buffer("fp_idx", idx)
+        self.fp_weight = nn.Parameter(fw.clone())
+        self.fp_bias = None if fp_bias is None else nn.Parameter(fp_bias.clone())
+        # Input channels the pruned branch reads (all, unless its producer was pruned too).
+        self.register_buffer("fp_in_idx", in_idx)
+
+    @property
+    def kept_channels(self) -> int:
+        return int(self.fp_idx.numel())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``codes * scale * levels_a``: the float weight of the quantized branch as it acts on the
+        input's own scale (test and inspection helper; the kernels never materialise it)."""
+        cin_g = self._in_per_group()
+        codes = unpack_weight(self.w_packed, self.bits_w, cin_g).float()
+        la = levels(self.bits_a, self.a_signed) if self.quantized_input else 1
+        return codes * (self.scale * la).view(-1, 1, 1, 1)
+
+    def extra_repr(self) -> str:
+        q = (f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}" if self.quantized_input
+             else ("w%d, a=fp" % self.bits_w if self.has_quant else "fp only"))
+        return f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}, backend={self.backend!r}"
+
+
+class DeployedConv2d(_DeployedBase):
+    """A deployed hybrid / quantized / pruned ``Conv2d``. Input and output are ``(N, C, H, W)``;
+    the output has the memory format ``nn.Conv2d`` would give (channels_last in, channels_last
+    out; contiguous in, contiguous out), and the input's dtype."""
+
+    def __init__(self, layer, backend: str, in_idx: Optional[torch.Tensor] = None):
+        super().__init__()
+        from .layers import HybridConv2d, PrunedConv2d, QuantConv2d
+
+        quant = layer.quant if isinstance(layer, HybridConv2d) else (layer if isinstance(layer, QuantConv2d) else None)
+        pruned = layer.pruned if isinstance(layer, HybridConv2d) else (layer if isinstance(layer, PrunedConv2d) else None)
+        self.in_channels, self.kernel_size = layer.in_channels, layer.kernel_size
+        self.stride, self.dilation, self.groups = list(layer.stride), list(layer.dilation), layer.groups
+        self.padding = list(layer.explicit_padding())
+        self.padding_mode = layer.padding_mode
+        self._init_from(quant, pruned, backend, in_idx)
+        self._init_fp_groups()
+
+    def _in_per_group(self) -> int:
+        return self.in_channels // self.groups
+
+    def _init_fp_groups(self) -> None:
+        """The pruned branch of a grouped conv keeps arbitrary output channels, so it runs as a
+        grouped conv with one group per kept channel over the input channels of that channel's
+        original group (gathered by the quantize-activate pass); an ungrouped conv reads
+        ``fp_in_idx`` (all channels unless pruned upstream)."""
+        if self.groups == 1:
+            self.fp_groups = 1
+            if self.fp_in_idx is not None:
+                self.fp_weight.data = self.fp_weight.data.index_select(1, self.fp_in_idx)
+            read = self.fp_in_idx if self.fp_in_idx is not None else torch.arange(self.in_channels, device=self.fp_idx.device)
+        else:
+            self.fp_groups = max(1, self.kept_channels)
+            cin_g, cout_g = self._in_per_group(), self.out_channels // self.groups
+            grp = torch.div(self.fp_idx, cout_g, rounding_mode="floor")
+            read = (grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=grp.device).view(1, -1)).flatten()
+        self.register_buffer("fp_read_idx", read)
+
+    def _geometry_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
+                f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
+                f"groups={self.groups}")
+
+    def _pad_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        top, bottom, left, right = self.padding
+        return F.pad(x, (left, right, top, bottom), mode=self.padding_mode), [0, 0, 0, 0]
+
+    def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
+        top, bottom, left, right = padding
+        if top != bottom or left != right:
+            x_nchw = F.pad(x_nchw, (left, right, top, bottom))
+            top = left = 0
+        return F.conv2d(x_nchw, self.fp_weight.to(x_nchw.dtype),
+                        None if self.fp_bias is None else self.fp_bias.to(x_nchw.dtype),
+                        self.stride, (top, left), self.dilation, self.fp_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        x, padding = self._pad_input(x)
+        if not self.has_quant:
+            y = self._fp_only(x, padding)
+        elif not self.quantized_input:
+            y = self._merged_float(x, padding)
+        else:
+            y = self._hybrid(x, padding)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
+
+    def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
+        kept = self.kept_channels > 0
+        x_slice, codes = custom_ops.quantize_activate(
+            x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
+            self.fp_read_idx if kept else None, x.dtype, self.backend)
+        fp_out = None
+        if kept:
+            fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2), padding).permute(0, 2, 3, 1)
+        y = custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
+                               self.scale, self.bias, self.stride, padding, self.dilation, self.groups, False,
+                               fp_out, self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
+        return y.permute(0, 3, 1, 2)
+
+    def _scatter_fp(self, fp: torch.Tensor, n_out: int) -> torch.Tensor:
+        out = fp.new_zeros((fp.shape[0], n_out, *fp.shape[2:]))
+        return out.index_copy(1, self.fp_idx, fp)
+
+    def _fp_only(self, x: torch.Tensor, padding: list) -> torch.Tensor:
+        xs = x.index_select(1, self.fp_read_idx) if (self.fp_in_idx is not None or self.groups > 1) else x
+        return self._scatter_fp(self._fp_conv(xs, padding), self.out_channels)
+
+    def _merged_float(self, x: torch.Tensor, padding: list) -> torch.Tensor:
+        # Both branches are float convs of the same input: conv(x, dequant(W_q) + scatter(W_p)).
+        w = self.dequantized_weight().to(x.dtype)
+        if self.kept_channels:
+            fw = self.fp_weight.to(x.dtype)
+            if self.groups == 1 and self.fp_in_idx is not None:
+                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
+            w = w.index_add(0, self.fp_idx, fw)
+        top, bottom, left, right = padding
+        if top != bottom or left != right:
+            x = F.pad(x, (left, right, top, bottom))
+            top = left = 0
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.fp_bias is not None:
+            b = (b if b is not None else x.new_zeros(self.out_channels)).index_add(0, self.fp_idx, self.fp_bias.to(x.dtype))
+        return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
+
+
+class DeployedLinear(_DeployedBase):
+    """A deployed hybrid / quantized / pruned ``Linear``: a 1x1 convolution on a 1x1 image, so it
+    runs on the same integer kernels. Input ``(..., in_features)``, output ``(..., out_features)``."""
+
+    def __init__(self, layer, backend: str, in_idx: Optional[torch.Tensor] = None):
+        super().__init__()
+        from .layers import HybridLinear, PrunedLinear, QuantLinear
+
+        quant = layer.quant if isinstance(layer, HybridLinear) else (layer if isinstance(layer, QuantLinear) else None)
+        pruned = layer.pruned if isinstance(layer, HybridLinear) else (layer if isinstance(layer, PrunedLinear) else None)
+        self.in_features = self.in_channels = layer.in_features
+        self._init_from(quant, pruned, backend, in_idx)
+        if in_idx is not None:
+            self.fp_weight.data = self.fp_weight.data.index_select(1, in_idx)
+        self.register_buffer("fp_read_idx", in_idx if in_idx is not None
+                             else torch.arange(self.in_features, device=self.fp_idx.device))
+
+    @property
+    def out_features(self) -> int:
+        return self.out_channels
+
+    def _in_per_group(self) -> int:
+        return self.in_features
+
+    def _geometry_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return super().dequantized_weight().flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__} expects input (..., {self.in_features}), got {tuple(x.shape)}.")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        kept = self.kept_channels > 0
+        fb = None if self.fp_bias is None else self.fp_bias.to(x.dtype)
+        if not self.has_quant:
+            xs = x2 if self.fp_in_idx is None else x2.index_select(1, self.fp_in_idx)
+            fp = F.linear(xs, self.fp_weight.to(x.dtype), fb)
+            y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_idx, fp)
+        elif not self.quantized_input:
+            w = self.dequantized_weight().to(x.dtype)
+            if kept:
+                fw = self.fp_weight.to(x.dtype)
+                if self.fp_in_idx is not None:
+                    fw = fw.new_zeros((fw.shape[0], self.in_features)).index_copy(1, self.fp_in_idx, fw)
+                w = w.index_add(0, self.fp_idx, fw)
+            b = None if self.bias is None else self.bias.to(x.dtype)
+            if fb is not None:
+                b = (b if b is not None else x.new_zeros(self.out_features)).index_add(0, self.fp_idx, fb)
+            y = F.linear(x2, w, b)
+        else:
+            read = self.fp_read_idx
+            x_slice, codes = custom_ops.quantize_activate(
+                x2.view(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
+                read if kept else None, x.dtype, self.backend)
+            fp_out = None
+            if kept:
+                fp_out = F.linear(x_slice.view(-1, read.numel()), self.fp_weight.to(x.dtype), fb).view(-1, 1, 1, self.kept_channels)
+            y = custom_ops.qconv2d(codes, self.w_packed, self.in_features, self.bits_a, self.a_signed, self.bits_w,
+                                   self.scale, self.bias, [1, 1], [0, 0, 0, 0], [1, 1], 1, False, fp_out,
+                                   self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
+            y = y.view(-1, self.out_features)
+        return y.reshape(*lead, self.out_features)

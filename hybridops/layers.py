@@ -1,0 +1,403 @@
+"""Trainable hybrid layers: quantized, channel-pruned full-precision, and their sum (eq 5).
+
+``QuantConv2d`` / ``QuantLinear``: QIL-quantized weights (eq 6-7) and input activations
+(eq 8-9, or signed eq 6-7 style when calibration sees negative inputs); output
+``out_scale[co] * op(hat_q(x), hat_q(W)) + bias``. The integer kernels compute exactly this after
+:func:`hybridops.deploy_` (``scale = out_scale / (levels_a * levels_w)``).
+
+``PrunedConv2d`` / ``PrunedLinear``: a full-precision layer whose output channels are gated by a
+:class:`~hybridops.prune.ChannelGate` (eq 13-14).
+
+``HybridConv2d`` / ``HybridLinear``: ``QuantConv(x) + PrunedConv(x)`` (eq 5 at layer level), a
+drop-in replacement for one ``nn.Conv2d`` / ``nn.Linear``. Converted from a float layer, the
+quantized branch starts from the float weights and the pruned branch from the quantization
+residual ``W - dequant(W_q)`` on the channels where that residual is largest, so an untrained
+conversion already approximates the float layer.
+
+Calibration (interval of the input quantizer, per-channel output scale, residual) needs one batch
+of real inputs: pass ``example_inputs`` to :func:`hybridops.hybridize_`, call
+:func:`hybridops.calibrate_`, or let the first forward pass calibrate (lazily; under
+``torch.distributed`` the result is broadcast from rank 0 so replicas stay identical).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
+
+from .prune import ChannelGate
+from .quant import IntervalQuantizer
+
+_size_2 = Union[int, Tuple[int, int]]
+
+
+# ----------------------------------------------------------------------------- shared op specs
+class _ConvSpec:
+    """The geometry of a 2-d convolution, as ``nn.Conv2d`` takes it."""
+
+    def _init_conv(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode):
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}.")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = _pair(kernel_size)
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid' or integers, got {padding!r}.")
+            if padding == "same" and any(s != 1 for s in self.stride):
+                raise ValueError("padding='same' is not supported for strided convolutions (as in nn.Conv2d).")
+            self.padding = padding
+        else:
+            self.padding = _pair(padding)
+        self.groups, self.padding_mode = groups, padding_mode
+        self._weight_shape = (out_channels, in_channels // groups, *self.kernel_size)
+
+    def explicit_padding(self) -> Tuple[int, int, int, int]:
+        """``(top, bottom, left, right)``, resolving ``'same'`` the way ``F.conv2d`` does
+        (the extra pixel of an odd total goes to the bottom/right)."""
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        if self.padding == "same":
+            pads = []
+            for k, dil in zip(self.kernel_size, self.dilation):
+                total = dil * (k - 1)
+                pads += [total // 2, total - total // 2]
+            return tuple(pads)
+        ph, pw = self.padding
+        return (ph, ph, pw, pw)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor]) -> torch.Tensor:
+        if self.padding_mode != "zeros":
+            top, bottom, left, right = self.explicit_padding()
+            x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode)
+            return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    _channel_shape = (-1, 1, 1)
+
+    def _conv_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+             f"padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode!r}"
+        return s
+
+    @staticmethod
+    def _float_kwargs(conv: nn.Conv2d) -> dict:
+        return dict(in_channels=conv.in_channels, out_channels=conv.out_channels, kernel_size=conv.kernel_size,
+                    stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                    bias=conv.bias is not None, padding_mode=conv.padding_mode)
+
+
+class _LinearSpec:
+    """The geometry of a linear layer."""
+
+    def _init_linear(self, in_features, out_features):
+        self.in_features, self.out_features = in_features, out_features
+        self._weight_shape = (out_features, in_features)
+
+    def _op(self, x, w, b):
+        return F.linear(x, w, b)
+
+    _channel_shape = (-1,)
+
+    def _conv_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+    @staticmethod
+    def _float_kwargs(lin: nn.Linear) -> dict:
+        return dict(in_features=lin.in_features, out_features=lin.out_features, bias=lin.bias is not None)
+
+
+def _broadcast_from_rank0(tensors) -> None:
+    """Keep replicas identical when lazy calibration happens inside a distributed job."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        for t in tensors:
+            torch.distributed.broadcast(t.data, src=0)
+
+
+# ----------------------------------------------------------------------------- quantized branch
+class _QuantBase(nn.Module):
+    def _init_quant(self, bias, bits_w, bits_a, quantize_input, device, dtype):
+        self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.wq = IntervalQuantizer(bits_w, signed=True)
+        self.aq = IntervalQuantizer(bits_a, signed=False) if quantize_input else None
+        self.out_scale = nn.Parameter(torch.ones(self._weight_shape[0], device=device))
+        # eq 10-12 normalisation (set by hybridize_ from HybridConfig.normalize, mu0, sigma0).
+        self.normalize = False
+        self.reg_targets = (0.5, 0.25)
+        self.act_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self.backend = "torch"
+        # A float flag (not bool) so every distributed backend can broadcast it with the buffers.
+        self.register_buffer("calibrated_flag", torch.zeros((), device=device))
+        self._calibrated_cache = False
+        self._calibrate_weight()
+
+    @torch.no_grad()
+    def _calibrate_weight(self) -> None:
+        s_w = self.wq.calibrate(self.weight)
+        self.out_scale.fill_(s_w)
+
+    @property
+    def calibrated(self) -> bool:
+        # The buffer is read once (a device sync) and the answer cached, so a calibrated layer's
+        # forward has no data-dependent branch.
+        if not self._calibrated_cache:
+            self._calibrated_cache = bool(self.calibrated_flag)
+        return self._calibrated_cache
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Fit the input interval to ``x`` and the per-channel output scale to the float layer
+        (least squares of ``op(hat_q(x), hat_q(W))`` against ``op(x, W)``, per channel)."""
+        s_w = self.wq.calibrate(self.weight)
+        s_a = 1.0
+        if self.aq is not None:
+            s_a = self.aq.calibrate(x, signed=bool((x < 0).any()))
+        y_f = self._op(x, self.weight, None)
+        y_q = self._op(self._quant_input(x), self.wq(self.weight), None)
+        dims = [d for d in range(y_f.dim()) if d != (1 if y_f.dim() == 4 else y_f.dim() - 1)]
+        num, den = (y_f * y_q).sum(dims), (y_q * y_q).sum(dims)
+        fallback = torch.full_like(num, s_a * s_w)
+        scale = torch.where(den > 0, num / den.clamp_min(1e-30), fallback)
+        # A degenerate fit (a dead channel) would zero the channel for good: keep the
+        # interval-derived scale there.
+        scale = torch.where(scale > 0, scale, fallback)
+        self.out_scale.copy_(scale)
+        self.calibrated_flag.fill_(1.0)
+        _broadcast_from_rank0([self.out_scale, self.wq.c, self.wq.log_d] +
+                              ([self.aq.c, self.aq.log_d] if self.aq is not None else []))
+        if self.aq is not None:
+            self.aq.signed = bool(self._sync_flag(self.aq.signed, x.device))
+
+    @staticmethod
+    def _sync_flag(flag: bool, device) -> bool:
+        t = torch.tensor(float(flag), device=device)
+        _broadcast_from_rank0([t])
+        return bool(t.item())
+
+    def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.aq is None else self.aq(x, self.backend)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The float weight the quantized branch acts as on ``x``:
+        ``hat_q(W) * out_scale[co] / s_a`` with ``s_a`` what one activation step of
+        ``1 / levels`` is worth (``2 d_A`` when ``c_A = d_A``)."""
+        s_a = float(2 * self.aq.d) if self.aq is not None else 1.0
+        return self.wq(self.weight).detach() * (self.out_scale.detach() / s_a).view(-1, *([1] * (self.weight.dim() - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrated:
+            self.calibrate(x)
+        if self.normalize and self.training and self.aq is not None:
+            self.act_stats = (x.mean(), x.std())
+        y = self._op(self._quant_input(x), self.wq(self.weight, self.backend), None)
+        y = y * self.out_scale.view(self._channel_shape).to(y.dtype)
+        return y if self.bias is None else y + self.bias.view(self._channel_shape)
+
+    def extra_repr(self) -> str:
+        a = f"a{self.aq.bits}{'s' if self.aq.signed else 'u'}" if self.aq is not None else "a=fp"
+        return f"{self._conv_repr()}, w{self.wq.bits}, {a}, bias={self.bias is not None}"
+
+
+class QuantConv2d(_ConvSpec, _QuantBase):
+    """Conv2d with QIL-quantized weights and input activations. Arguments as ``nn.Conv2d`` plus
+    ``bits_w``, ``bits_a`` and ``quantize_input`` (False keeps the input in full precision)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
+                 padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_quant(bias, bits_w, bits_a, quantize_input, device, dtype)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True):
+        return _copy_float(cls(**cls._float_kwargs(conv), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                               device=conv.weight.device, dtype=conv.weight.dtype), conv)
+
+
+class QuantLinear(_LinearSpec, _QuantBase):
+    """Linear layer with QIL-quantized weights and input activations."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits_w: int = 4, bits_a: int = 4,
+                 quantize_input: bool = True, device=None, dtype=None):
+        super().__init__()
+        self._init_linear(in_features, out_features)
+        self._init_quant(bias, bits_w, bits_a, quantize_input, device, dtype)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True):
+        return _copy_float(cls(**cls._float_kwargs(lin), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                               device=lin.weight.device, dtype=lin.weight.dtype), lin)
+
+
+@torch.no_grad()
+def _copy_float(layer, src):
+    layer.weight.copy_(src.weight)
+    if layer.bias is not None:
+        layer.bias.copy_(src.bias)
+    if isinstance(layer, _QuantBase):
+        layer._calibrate_weight()
+    return layer
+
+
+# ----------------------------------------------------------------------------- pruned branch
+class _PrunedBase(nn.Module):
+    def _init_pruned(self, bias, tau, threshold, keep, init_logit, device, dtype):
+        self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        self.gate = ChannelGate(self._weight_shape[0], tau=tau, threshold=threshold, keep=keep, init_logit=init_logit)
+        self.gate.to(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # eq 14: masking the pre-activation equals masking relu(.) because M is 0/1.
+        y = self._op(x, self.weight, self.bias)
+        return y * self.gate().view(self._channel_shape).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self._conv_repr()}, bias={self.bias is not None}"
+
+
+class PrunedConv2d(_ConvSpec, _PrunedBase):
+    """Full-precision Conv2d whose output channels are gated (eq 13-14). Arguments as
+    ``nn.Conv2d`` plus the gate's ``tau``, ``threshold``, initial ``keep`` mask and ``init_logit``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
+                 padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", tau: float = 1.0, threshold: float = 0.5,
+                 keep: Optional[torch.Tensor] = None, init_logit: float = 3.0, device=None, dtype=None):
+        super().__init__()
+        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, **gate_kwargs):
+        return _copy_float(cls(**cls._float_kwargs(conv), **gate_kwargs, device=conv.weight.device,
+                               dtype=conv.weight.dtype), conv)
+
+
+class PrunedLinear(_LinearSpec, _PrunedBase):
+    """Full-precision linear layer whose output features are gated (eq 13-14)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, tau: float = 1.0,
+                 threshold: float = 0.5, keep: Optional[torch.Tensor] = None, init_logit: float = 3.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self._init_linear(in_features, out_features)
+        self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, **gate_kwargs):
+        return _copy_float(cls(**cls._float_kwargs(lin), **gate_kwargs, device=lin.weight.device,
+                               dtype=lin.weight.dtype), lin)
+
+
+# ----------------------------------------------------------------------------- hybrid = sum
+class _HybridBase(nn.Module):
+    """``quant(x) + pruned(x)``; subclasses set the two branches."""
+
+    quant: _QuantBase
+    pruned: _PrunedBase
+
+    def _init_hybrid(self, keep: float):
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must lie in (0, 1], got {keep!r}.")
+        self.keep = float(keep)
+        if self.pruned.bias is not None:  # the bias lives in the quantized branch only
+            self.pruned.bias = None
+
+    @property
+    def calibrated(self) -> bool:
+        return self.quant.calibrated
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor) -> None:
+        """Calibrate the quantized branch on ``x``, then start the pruned branch as the residual
+        ``W - effective_weight`` on the ``ceil(keep * C_out)`` channels with the largest residual."""
+        self.quant.calibrate(x)
+        residual = self.quant.weight - self.quant.effective_weight()
+        n_keep = max(1, math.ceil(self.keep * residual.shape[0]))
+        norms = residual.flatten(1).norm(dim=1)
+        kept = torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
+        kept[torch.topk(norms, n_keep).indices] = True
+        self.pruned.weight.copy_(residual)
+        self.pruned.gate.reset(kept)
+        _broadcast_from_rank0([self.pruned.weight, self.pruned.gate.logits])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrated:
+            self.calibrate(x)
+        return self.quant(x) + self.pruned(x)
+
+    def extra_repr(self) -> str:
+        return f"{self._conv_repr()}, keep={self.keep}"
+
+
+class HybridConv2d(_ConvSpec, _HybridBase):
+    """Drop-in hybrid replacement for ``nn.Conv2d``: ``QuantConv2d(x) + PrunedConv2d(x)`` (eq 5)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
+                 padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
+                 keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0,
+                 device=None, dtype=None):
+        super().__init__()
+        self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
+        geo = dict(in_channels=in_channels, out_channels=out_channels, kernel_size=kernel_size, stride=stride,
+                   padding=padding, dilation=dilation, groups=groups, padding_mode=padding_mode,
+                   device=device, dtype=dtype)
+        self.quant = QuantConv2d(**geo, bias=bias, bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input)
+        self.pruned = PrunedConv2d(**geo, bias=False, tau=tau, threshold=threshold, init_logit=init_logit)
+        self._init_hybrid(keep)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
+                   keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0):
+        layer = cls(**cls._float_kwargs(conv), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                    keep=keep, tau=tau, threshold=threshold, init_logit=init_logit,
+                    device=conv.weight.device, dtype=conv.weight.dtype)
+        _copy_float(layer.quant, conv)
+        return layer
+
+
+class HybridLinear(_LinearSpec, _HybridBase):
+    """Drop-in hybrid replacement for ``nn.Linear``: ``QuantLinear(x) + PrunedLinear(x)``."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits_w: int = 4, bits_a: int = 4,
+                 quantize_input: bool = True, keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5,
+                 init_logit: float = 3.0, device=None, dtype=None):
+        super().__init__()
+        self._init_linear(in_features, out_features)
+        geo = dict(in_features=in_features, out_features=out_features, device=device, dtype=dtype)
+        self.quant = QuantLinear(**geo, bias=bias, bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input)
+        self.pruned = PrunedLinear(**geo, bias=False, tau=tau, threshold=threshold, init_logit=init_logit)
+        self._init_hybrid(keep)
+
+    @classmethod
+    def from_float(cls, lin: nn.Linear, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
+                   keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0):
+        layer = cls(**cls._float_kwargs(lin), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                    keep=keep, tau=tau, threshold=threshold, init_logit=init_logit,
+                    device=lin.weight.device, dtype=lin.weight.dtype)
+        _copy_float(layer.quant, lin)
+        return layer
+
+
+QUANT_LAYERS = (QuantConv2d, QuantLinear)
+PRUNED_LAYERS = (PrunedConv2d, PrunedLinear)
+HYBRID_LAYERS = (HybridConv2d, HybridLinear)

@@ -1,0 +1,90 @@
+"""Learned channel gates for the full-precision branch (eq 13-15).
+
+Each gated layer owns selection probabilities ``b = sigmoid(logits)`` over its output channels.
+In training a hard mask is sampled with the Gumbel-softmax straight-through trick at
+temperature ``tau`` (eq 13): with Gumbel noise ``g, g'``,
+
+    M_bar = softmax((g + log b) / tau, (g' + log(1 - b)) / tau)[keep]
+          = sigmoid((logit(b) + g - g') / tau)
+    M     = round(M_bar)          (forward),   dM / dM_bar = 1   (backward)
+
+In eval mode the mask is deterministic: ``M = [b >= threshold]``, and :func:`hybridops.deploy_`
+removes the dropped channels physically. ``L_prune = sum_l ||M_bar_l||_1`` (eq 15).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+
+class ChannelGate(nn.Module):
+    """Gumbel-softmax gate over ``channels`` output channels.
+
+    Args:
+        channels: number of gated channels.
+        tau: Gumbel-softmax temperature (> 0).
+        threshold: eval/deploy keeps channel i iff ``b[i] >= threshold``.
+        keep: optional initial keep mask (bool, ``(channels,)``); kept channels start at
+            ``b = sigmoid(init_logit)``, the others at ``sigmoid(-init_logit)``.
+    """
+
+    def __init__(self, channels: int, tau: float = 1.0, threshold: float = 0.5,
+                 keep: Optional[torch.Tensor] = None, init_logit: float = 3.0):
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"a channel gate needs at least one channel, got {channels}.")
+        if not tau > 0:
+            raise ValueError(f"the Gumbel-softmax temperature tau must be positive, got {tau}.")
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"the gate threshold must lie in (0, 1), got {threshold}.")
+        self.tau = float(tau)
+        self.threshold = float(threshold)
+        self.init_logit = float(init_logit)
+        if keep is None:
+            keep = torch.ones(channels, dtype=torch.bool)
+        self.logits = nn.Parameter(torch.zeros(channels))
+        self.reset(keep)
+        self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward
+        self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
+
+    @torch.no_grad()
+    def reset(self, keep: torch.Tensor) -> None:
+        """Start kept channels at ``b = sigmoid(init_logit)`` and the others at its complement."""
+        self.logits.copy_(torch.where(keep.to(self.logits.device), self.init_logit, -self.init_logit))
+
+    @property
+    def channels(self) -> int:
+        return self.logits.numel()
+
+    def probs(self) -> torch.Tensor:
+        """Selection probabilities ``b``."""
+        return torch.sigmoid(self.logits)
+
+    def keep_mask(self) -> torch.Tensor:
+        """Deterministic eval/deploy mask ``b >= threshold`` (bool)."""
+        return self.probs() >= self.threshold
+
+    def kept_indices(self) -> torch.Tensor:
+        return torch.nonzero(self.keep_mask(), as_tuple=False).flatten()
+
+    def forward(self) -> torch.Tensor:
+        """The mask ``M`` (float, ``(channels,)``) for this step."""
+        if not self.training or self.frozen:
+            self.soft_mask = None
+            return self.keep_mask().to(self.logits.dtype)
+        u = torch.rand(2, self.channels, device=self.logits.device).clamp_(1e-10, 1.0 - 1e-7)
+        g = -torch.log(-torch.log(u))  # two independent Gumbel(0, 1) draws
+        # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
+        m_bar = torch.sigmoid((self.logits + g[0] - g[1]) / self.tau)
+        self.soft_mask = m_bar
+        return m_bar + (torch.round(m_bar) - m_bar).detach()
+
+    def loss(self) -> torch.Tensor:
+        """``||M_bar||_1`` of the latest training forward (eq 15); ``sum(b)`` (the noise-free
+        value of the relaxation's keep probability) before any training forward or in eval mode."""
+        return self.soft_mask.sum() if self.soft_mask is not None else self.probs().sum()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, kept={int(self.keep_mask().sum())}, tau={self.tau}, threshold={self.threshold}"

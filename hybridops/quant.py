@@ -1,0 +1,135 @@
+"""QIL-style learnable-interval quantizers (Jung et al., CVPR 2019), as used by the paper.
+
+Per layer a learnable interval centre ``c`` and width ``d > 0`` (stored as ``log d`` so it stays
+positive without clamping gradients away) define ``alpha = 0.5 / d`` and
+``beta = 0.5 - c * alpha`` (that is ``-0.5 c / d + 0.5``), and
+
+* weights / signed activations (eq 6-7):
+  ``hat = sign(x) * clamp(alpha |x| + beta, 0, 1)``, ``code = round(hat * (2^(b-1) - 1))``;
+* unsigned activations (eq 8-9):
+  ``hat = clamp(alpha x + beta, 0, 1)``, ``code = round(hat * (2^b - 1))``.
+
+Values below the interval (``|x| < c - d``) are pruned to 0, values above it clip to 1.
+Rounding is ``floor(v + 0.5)`` on magnitudes and uses the straight-through estimator in training.
+The fake-quantized value is ``code / levels`` in ``[-1, 1]``; a layer multiplies its integer
+accumulator by an output scale (calibrated at conversion, learned afterwards), so
+``dequant(W) = hat_q * 2d`` when ``c = d`` (the calibrated start: ``beta = 0``).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .ops import custom_ops
+from .ops.packing import check_bits, levels
+from .ops.reference import codes_from_qparams
+
+
+def qparams(c: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``tensor([alpha, beta])`` in float32, differentiable in ``c`` and ``d`` (eq 6 and 8)."""
+    alpha = 0.5 / d.float()
+    return torch.stack((alpha, 0.5 - c.float() * alpha))
+
+
+def interval_hat(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, signed: bool) -> torch.Tensor:
+    """The un-rounded quantizer ``hat(x)`` of eq 6 (``signed``) or eq 8: plain autograd, float64-safe.
+
+    Its gradient is the straight-through gradient of the rounded quantizer (gradcheck it)."""
+    alpha = 0.5 / d
+    beta = 0.5 - c * alpha
+    if signed:
+        return torch.sign(x) * torch.clamp(alpha * x.abs() + beta, 0.0, 1.0)
+    return torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
+def quantize_codes(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bits: int, signed: bool) -> Tuple[torch.Tensor, float]:
+    """Integer codes and their scale: ``x_hat_q = codes * scale`` (eq 7 / eq 9).
+
+    Returns ``(codes int16, 1 / levels)``; codes lie in ``[-(2^(b-1)-1), 2^(b-1)-1]`` if
+    ``signed`` else ``[0, 2^b - 1]``. This is what the kernels consume."""
+    check_bits(bits)
+    t = x.detach().float()
+    return codes_from_qparams(t, qparams(c.detach(), d.detach()), bits, signed), 1.0 / levels(bits, signed)
+
+
+def fake_quantize(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bits: int, signed: bool,
+                  backend: str = "torch") -> torch.Tensor:
+    """Fake-quantized ``x`` (``codes * scale`` of :func:`quantize_codes`, as float) with the
+    straight-through gradient to ``x``, ``c`` and ``d``."""
+    return custom_ops.fake_quantize(x, qparams(c, d), bits, signed, backend)
+
+
+def _mse_clip(x: torch.Tensor, bits: int, signed: bool, grid: int = 64) -> float:
+    """Clip value ``s`` (interval ``[0, s]`` on magnitudes, i.e. ``c = d = s / 2``) minimising
+    the quantization MSE of ``x``: low bit widths want a clip well under max|x|."""
+    mag = (x.detach().abs() if signed else x.detach().clamp_min(0)).float().flatten()
+    if mag.numel() > 1 << 18:  # a fixed random subsample keeps calibration cheap on big tensors
+        g = torch.Generator().manual_seed(0)
+        mag = mag[torch.randint(mag.numel(), (1 << 18,), generator=g)]
+    top = float(mag.max()) if mag.numel() else 0.0
+    if top <= 0.0 or not math.isfinite(top):
+        return 1.0
+    lv = levels(bits, signed)
+    best, best_err = top, float("inf")
+    for i in range(grid):
+        s = top * (0.1 + 0.9 * (i + 1) / grid)
+        q = torch.floor(torch.clamp(mag / s, 0, 1) * lv + 0.5) * (s / lv)
+        err = float(((q - mag) ** 2).sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best
+
+
+class IntervalQuantizer(nn.Module):
+    """Learnable-interval quantizer of one layer's weights or input activations.
+
+    Args:
+        bits: bit width, 2-8.
+        signed: signed codes (eq 6-7) or unsigned (eq 8-9). Weights are always signed; an
+            activation quantizer decides at calibration (negative inputs seen -> signed).
+        c, d: initial interval centre and width; ``d`` must be positive.
+    """
+
+    def __init__(self, bits: int, signed: bool, c: float = 0.5, d: float = 0.5):
+        super().__init__()
+        check_bits(bits)
+        if not d > 0:
+            raise ValueError(f"the quantization interval width d must be positive, got d={d}.")
+        self.bits = bits
+        self.signed = signed
+        self.c = nn.Parameter(torch.tensor(float(c)))
+        self.log_d = nn.Parameter(torch.tensor(math.log(d)))
+
+    @property
+    def d(self) -> torch.Tensor:
+        return self.log_d.exp()
+
+    @property
+    def levels(self) -> int:
+        return levels(self.bits, self.signed)
+
+    def qparams(self) -> torch.Tensor:
+        return qparams(self.c, self.d)
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, signed: Optional[bool] = None) -> float:
+        """Set ``c = d = s / 2`` with ``s`` the MSE-optimal clip for ``x``; return ``s``
+        (the value one code step of ``1 / levels`` is worth: ``dequant = hat_q * s``)."""
+        if signed is not None:
+            self.signed = signed
+        s = _mse_clip(x, self.bits, self.signed)
+        self.c.fill_(s / 2)
+        self.log_d.fill_(math.log(s / 2))
+        return s
+
+    def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
+        return fake_quantize(x, self.c, self.d, self.bits, self.signed, backend)
+
+    def codes(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        return quantize_codes(x, self.c, self.d, self.bits, self.signed)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, signed={self.signed}, c={float(self.c.detach()):.4g}, d={float(self.d.detach()):.4g}"
