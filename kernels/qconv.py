@@ -1,0 +1,264 @@
+"""Packed low-bit implicit-GEMM convolution with the hybrid epilogue (DESIGN.md section 3, ops 2-3).
+
+GEMM view: ``M = N * Ho * Wo`` output pixels, ``N = C_out``, ``K = KH * KW * C_in/groups``.
+Codes are unpacked in registers to int8 and multiplied on the int8 tensor cores (int32
+accumulation), both operands K-major as they are stored.
+
+K order. With nibble-packed operands a K step covers ``2 * BLOCK_K`` channels as two planes,
+the even channels (low nibbles) then the odd ones (high nibbles), each a ``tl.dot`` with
+``K = BLOCK_K``: unpacking then needs no interleaving, and a one-byte operand facing a packed
+one is read with the same even/odd split. When both operands are one byte per code, a step is
+``BLOCK_K`` consecutive channels and a single dot.
+
+Groups. Output-channel tiles are aligned to ``BLOCK_N`` (even, so that re-quantized nibble
+pairs ``2j, 2j+1`` land in one tile and the epilogue writes whole bytes); a tile that straddles
+groups loops over them, masking the weight rows of the other groups.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from hybridops.ops.packing import levels, packed_size
+from hybridops.ops.reference import conv_out_size
+
+from ._common import INTERPRET, LAUNCH_OPTS, check_device, pack_pairs, quant_codes, unpack_nibble
+from .quantize import inverse_index
+
+# Output modes of the epilogue.
+_OUT_INT32, _OUT_FLOAT, _OUT_CODES = 0, 1, 2
+
+
+def _configs():
+    if INTERPRET:
+        # One small tile: autotuning would time every config on the (slow) CPU interpreter.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # Hopper: large tiles for batched layers; BLOCK_M 16-32 for batch 1 (M = Ho * Wo is small);
+    # BLOCK_K >= 32 because int8 MMA consumes K in multiples of 32.
+    shapes = [
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5), (32, 64, 64, 4, 4),
+        (16, 64, 128, 4, 4), (32, 128, 32, 4, 4),
+    ]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Drop tiles much wider than the problem (few input channels per group, few output
+    channels): they only multiply zeros. The narrowest ones always survive."""
+    meta = {**named_args, **kwargs}
+    k_need = max(triton.next_power_of_2(meta["CIN_G"]), 32 * meta["PLANES"])
+    n_need = max(triton.next_power_of_2(meta["C_OUT"]), 64)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] * meta["PLANES"] <= k_need and c.kwargs["BLOCK_N"] <= n_need]
+    return kept or configs
+
+
+@triton.jit
+def _byte_plane(row, ok, ch, c_lim, sc):
+    """int8 one-byte codes at channels ``ch (BLOCK_K,)`` of the rows ``row`` (the tile's pixel or
+    weight-tap pointers, ``ok`` their masks); channels ``>= c_lim`` read as zero codes. Returns
+    ``(rows, BLOCK_K)`` when ``row`` is a column, ``(BLOCK_K, rows)`` when it is a row vector."""
+    return tl.load(row + ch * sc, mask=ok & (ch < c_lim), other=0).to(tl.int8, bitcast=True)
+
+
+@triton.autotune(configs=_configs(), key=["M", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _qconv_kernel(
+    x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr, rq_ptr,
+    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, OUT_ROW,
+    sxn, sxh, sxw, sxc, swo, swh, sww, swc, sfn, sfh, sfw, sfk,
+    STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW,
+    A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, W_NIB: tl.constexpr,
+    PLANES: tl.constexpr, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
+    RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One ``BLOCK_M x BLOCK_N`` tile of ``out (N, Ho, Wo, OUT_ROW)``.
+
+    Input ``x[n, h, w, byte]`` and weights ``w[co, kh, kw, byte]`` are addressed through their
+    strides (``sx*``, ``sw*``, in bytes); the pruned branch ``fp[n, ho, wo, j]`` through ``sf*``
+    and the inverse map ``slot[co]`` (= j, or -1 for channels it does not feed).
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    img = offs_m // (HO * WO)
+    rem = offs_m % (HO * WO)
+    oh = rem // WO
+    ow = rem % WO
+    ih0 = oh * STRIDE_H - PAD_T
+    iw0 = ow * STRIDE_W - PAD_L
+    x_img = x_ptr + img.to(tl.int64) * sxn
+
+    n0 = pid_n * BLOCK_N
+    co = n0 + tl.arange(0, BLOCK_N)
+    co_ok = co < C_OUT
+    w_rows = w_ptr + co.to(tl.int64) * swo
+    j = tl.arange(0, BLOCK_K)
+
+    K_STEP: tl.constexpr = BLOCK_K * PLANES
+    n_chunks = tl.cdiv(CIN_G, K_STEP)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    g_first = n0 // COUT_G
+    g_last = (tl.minimum(n0 + BLOCK_N, C_OUT) - 1) // COUT_G
+    for g in range(g_first, g_last + 1):
+        c0 = g * CIN_G
+        w_ok = co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G)
+        # Taps and channel chunks in one flat loop, so that the compiler pipelines all of it.
+        for it in range(KH * KW * n_chunks):
+            tap = it // n_chunks
+            k0 = (it % n_chunks) * K_STEP
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh * DIL_H
+            iw = iw0 + kw * DIL_W
+            a_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+            a_row = (x_img + ih * sxh + iw * sxw)[:, None]
+            w_tap = (w_rows + kh * swh + kw * sww)[None, :]
+            if PLANES == 1:
+                a = _byte_plane(a_row, a_ok, (c0 + k0 + j)[None, :], c0 + CIN_G, sxc)
+                b = _byte_plane(w_tap, w_ok[None, :], (k0 + j)[:, None], CIN_G, swc)
+                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            else:
+                # Plane p holds the channels k0 + 2j + p of the group.
+                even_ok = (k0 + 2 * j) < CIN_G
+                odd_ok = (k0 + 2 * j + 1) < CIN_G
+                if A_NIB:
+                    if A_ALIGNED:
+                        # The group starts on a byte: one load gives both planes.
+                        v = tl.load(a_row + ((c0 + k0) // 2 + j)[None, :] * sxc, mask=a_ok & even_ok[None, :],
+                                    other=0).to(tl.int32)
+                        a0 = unpack_nibble(v, 0, A_SIGNED)
+                        a1 = unpack_nibble(v, 4, A_SIGNED)
+                    else:
+                        # Odd group start: channel c0+k0+2j+p sits in byte (c0+k0+p)//2 + j, at
+                        # nibble (c0+k0+p) % 2, the same for the whole plane.
+                        cb = c0 + k0
+                        v0 = tl.load(a_row + (cb // 2 + j)[None, :] * sxc, mask=a_ok & even_ok[None, :],
+                                     other=0).to(tl.int32)
+                        v1 = tl.load(a_row + ((cb + 1) // 2 + j)[None, :] * sxc, mask=a_ok & odd_ok[None, :],
+                                     other=0).to(tl.int32)
+                        a0 = unpack_nibble(v0, (cb % 2) * 4, A_SIGNED)
+                        a1 = unpack_nibble(v1, ((cb + 1) % 2) * 4, A_SIGNED)
+                else:
+                    a0 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j)[None, :], c0 + CIN_G, sxc)
+                    a1 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j + 1)[None, :], c0 + CIN_G, sxc)
+                if W_NIB:
+                    v = tl.load(w_tap + (k0 // 2 + j)[:, None] * swc, mask=even_ok[:, None] & w_ok[None, :],
+                                other=0).to(tl.int32)
+                    b0 = unpack_nibble(v, 0, True)
+                    # The pad nibble of an odd C_in/groups must not meet a real activation code.
+                    b1 = tl.where(odd_ok[:, None], unpack_nibble(v, 4, True), 0).to(tl.int8)
+                else:
+                    b0 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j)[:, None], CIN_G, swc)
+                    b1 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j + 1)[:, None], CIN_G, swc)
+                acc = tl.dot(a0, b0, acc, out_dtype=tl.int32)
+                acc = tl.dot(a1, b1, acc, out_dtype=tl.int32)
+
+    out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * OUT_ROW
+    mask = m_ok[:, None] & co_ok[None, :]
+    if OUT_MODE == 0:
+        tl.store(out_rows + co[None, :], acc, mask=mask)
+    else:
+        # Epilogue in the reference's fp32 order: acc * scale + bias, + pruned branch, relu.
+        y = acc.to(tl.float32) * tl.load(scale_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+        if HAS_FP:
+            slot = tl.load(slot_ptr + co, mask=co_ok, other=-1)
+            fp_ok = m_ok[:, None] & (slot >= 0)[None, :]
+            fp_pix = img.to(tl.int64) * sfn + oh * sfh + ow * sfw
+            f = tl.load(fp_ptr + fp_pix[:, None] + slot[None, :] * sfk, mask=fp_ok, other=0.0).to(tl.float32)
+            y = tl.where(fp_ok, y + f, y)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if OUT_MODE == 1:
+            tl.store(out_rows + co[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            q = quant_codes(y, tl.load(rq_ptr), tl.load(rq_ptr + 1), RQ_LEVELS, RQ_SIGNED)
+            if RQ_NIB:
+                # The channel past an odd C_out pads its byte with a zero code.
+                q = tl.where(co_ok[None, :], q, 0)
+                jb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+                tl.store(out_rows + jb[None, :], pack_pairs(q, BLOCK_M, BLOCK_N),
+                         mask=m_ok[:, None] & (jb < OUT_ROW)[None, :])
+            else:
+                tl.store(out_rows + co[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
+
+
+def qconv2d(
+    x_codes: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    bits_a: int,
+    a_signed: bool,
+    bits_w: int,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
+    groups: int,
+    relu: bool = False,
+    fp_out: Optional[torch.Tensor] = None,
+    fp_idx: Optional[torch.Tensor] = None,
+    requant_qparams: Optional[torch.Tensor] = None,
+    requant_bits: int = 4,
+    requant_signed: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Packed low-bit convolution with the hybrid epilogue; see
+    :func:`hybridops.ops.reference.qconv2d`.
+
+    x_codes: ``uint8 (N, H, W, packed(C_in))``; w_packed: ``uint8 (C_out, KH, KW,
+    packed(C_in/groups))`` (any strides); padding ``(top, bottom, left, right)``.
+    ``acc = sum(A_q * W_q)`` in int32, then in fp32 ``y = acc * scale[co] + bias[co]``,
+    ``y[..., fp_idx[j]] += fp_out[..., j]`` (entries of ``fp_idx`` distinct), ``relu``.
+    Returns NHWC: int32 accumulators (``out_dtype=torch.int32``), ``uint8`` packed codes of
+    ``y`` (``requant_qparams`` given, eq 6-9), or ``y`` in ``out_dtype``.
+    """
+    check_device(x_codes, "x_codes")
+    n, h, w, _ = x_codes.shape
+    c_out, kh, kw, _ = w_packed.shape
+    ho = conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
+    wo = conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
+    if out_dtype == torch.int32:
+        mode, out_dt, row = _OUT_INT32, torch.int32, c_out
+    elif requant_qparams is not None:
+        mode, out_dt, row = _OUT_CODES, torch.uint8, packed_size(c_out, requant_bits)
+    else:
+        mode, out_dt, row = _OUT_FLOAT, out_dtype, c_out
+    out = torch.empty((n, ho, wo, row), dtype=out_dt, device=x_codes.device)
+    if out.numel() == 0:
+        return out
+    cin_g = in_channels // groups
+    a_nib, w_nib = bits_a <= 4, bits_w <= 4
+    has_fp = mode != _OUT_INT32 and fp_out is not None
+    fp = fp_out if has_fp else out
+    m = n * ho * wo
+    requant = mode == _OUT_CODES
+
+    def grid(meta):
+        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+
+    _qconv_kernel[grid](
+        x_codes, w_packed, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
+        fp, inverse_index(fp_idx, c_out) if has_fp else out,
+        requant_qparams.contiguous() if requant else out,
+        m, h, w, ho, wo, c_out, cin_g, c_out // groups, row,
+        *x_codes.stride(), *w_packed.stride(), *(fp.stride() if has_fp else (0, 0, 0, 0)),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw,
+        A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, W_NIB=w_nib,
+        PLANES=2 if (a_nib or w_nib) else 1, OUT_MODE=mode, HAS_BIAS=mode != _OUT_INT32 and bias is not None,
+        HAS_FP=has_fp, RELU=mode != _OUT_INT32 and relu,
+        RQ_LEVELS=levels(requant_bits, requant_signed) if requant else 1, RQ_SIGNED=requant and requant_signed,
+        RQ_NIB=requant and requant_bits <= 4,
+        **LAUNCH_OPTS,
+    )
+    return out
