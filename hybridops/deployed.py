@@ -73,6 +73,17 @@ class _DeployedBase(nn.Module):
         # Input channels the pruned branch reads (all, unless its producer was pruned too).
         self.register_buffer("fp_in_idx", in_idx)
 
+    _FP32_BUFFERS = ("scale", "bias", "in_qparams")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) must not round the epilogue scales or the frozen quantizer
+        # parameters: the kernels read them in fp32. Device moves still apply.
+        keep = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in keep.items():
+            self._buffers[n] = t.to(fn(t).device)
+        return self
+
     @property
     def kept_channels(self) -> int:
         return int(self.fp_idx.numel())
