@@ -1,0 +1,184 @@
+"""Kernel microbenchmarks: every op and backend on real layer shapes, providers side by side.
+
+Providers, all timed in one process on one device (medians of ``triton.testing.do_bench`` on a
+GPU, ``torch.utils.benchmark`` on the CPU):
+
+* ``cudnn_bf16_cl``   ``F.conv2d`` in bf16 channels_last (the baseline to beat);
+* ``cudnn_fp32``      ``F.conv2d`` in fp32 with TF32 off;
+* ``naive_int8``      what a user would write: unfold + ``torch._int_mm`` + scale (CUDA only);
+* ``qconv_<backend>`` our packed low-bit conv alone (codes in, bf16 out);
+* ``hybrid_<backend>`` a whole deployed hybrid layer (quantize-activate, FP branch, int conv with
+  the fused sliced add), float in, float out;
+* ``quantact_<backend>`` the fused quantize-activate pass, reported in GB/s.
+
+Stock CUTLASS int8 conv (GPU.md) is not built by this project; its column is absent rather
+than estimated. Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the
+measured H100 ceiling (GPU.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
+``cudnn_bf16_cl``. Results go to ``--out`` as JSON and CSV with the environment, plus a plot.
+
+    python bench/bench_kernels.py --batch 1 32 --bits 4 5 --keep 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import hybridops as ho  # noqa: E402
+from common import LAYER_SHAPES, ConvShape, environment, time_ms, write_json  # noqa: E402
+
+INT8_CEILING_TOPS = 1117.0  # Triton int8 GEMM, K-major, H100 (GPU.md)
+COPY_CEILING_GBS = 3000.0   # device-to-device copy, H100 (GPU.md)
+
+
+def make_layer(s: ConvShape, bits_w: int, bits_a: int, keep: float, device, backend: str):
+    """A calibrated, deployed hybrid layer of shape ``s`` and its float twin."""
+    conv = nn.Conv2d(s.c_in, s.c_out, s.k, s.stride, s.pad, s.dil, s.groups, bias=False).to(device)
+    x = torch.relu(torch.randn(s.n, s.c_in, s.h, s.w, device=device))
+    hyb = ho.HybridConv2d.from_float(conv, bits_w, bits_a, True, keep)
+    hyb.calibrate(x)
+    return conv, ho.DeployedConv2d(hyb.eval(), backend), x
+
+
+def naive_int8(a_codes: torch.Tensor, w_codes: torch.Tensor, s: ConvShape, scale: torch.Tensor) -> torch.Tensor:
+    """unfold + torch._int_mm: the int8 path a user would write without custom kernels."""
+    cols = F.unfold(a_codes, s.k, s.dil, s.pad, s.stride)  # (N, C*K*K, L)
+    n, kk, length = cols.shape
+    a2 = cols.transpose(1, 2).reshape(n * length, kk).to(torch.int8).contiguous()
+    m = a2.shape[0]
+    if m <= 16:  # _int_mm needs more than 16 rows
+        a2 = F.pad(a2, (0, 0, 0, 17 - m))
+    acc = torch._int_mm(a2, w_codes.reshape(s.c_out, -1).t())[:m]
+    return (acc.float() * scale).to(torch.bfloat16)
+
+
+def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: torch.device,
+                backends: List[str]) -> List[Dict]:
+    rows = []
+    macs = s.macs()
+
+    def row(provider: str, ms: float, ref_ms: Optional[float], gbs: Optional[float] = None) -> Dict:
+        r = {"shape": s.name, "batch": s.n, "bits_w": bits_w, "bits_a": bits_a, "keep": keep, "provider": provider,
+             "ms": ms}
+        if gbs is None:
+            r["tops"] = 2 * macs / (ms * 1e-3) / 1e12
+            r["frac_ceiling"] = r["tops"] / INT8_CEILING_TOPS if device.type == "cuda" else None
+        else:
+            r["gbs"] = gbs
+            r["frac_ceiling"] = gbs / COPY_CEILING_GBS if device.type == "cuda" else None
+        r["speedup_vs_bf16"] = (ref_ms / ms) if ref_ms else None
+        return r
+
+    conv, layer, x = make_layer(s, bits_w, bits_a, keep, device, backends[0])
+    ref_ms = None
+    with torch.no_grad():
+        if device.type == "cuda":
+            xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+            cb = conv.to(torch.bfloat16).to(memory_format=torch.channels_last)
+            ref_ms = time_ms(lambda: cb(xb), device)
+            rows.append(row("cudnn_bf16_cl", ref_ms, ref_ms))
+            conv = conv.float()
+            torch.backends.cudnn.allow_tf32 = False
+            rows.append(row("cudnn_fp32", time_ms(lambda: conv(x), device), ref_ms))
+            torch.backends.cudnn.allow_tf32 = True
+            codes = torch.randint(0, 2 ** min(bits_a, 7), x.shape, device=device, dtype=torch.int8).float()
+            wcodes = torch.randint(-7, 8, conv.weight.shape, device=device, dtype=torch.int8)
+            if s.groups == 1:
+                sc = torch.rand(s.c_out, device=device)
+                rows.append(row("naive_int8", time_ms(lambda: naive_int8(codes, wcodes, s, sc), device), ref_ms))
+        else:
+            ref_ms = time_ms(lambda: conv(x), device)
+            rows.append(row("torch_fp32_cpu", ref_ms, ref_ms))
+        for be in backends:
+            layer.backend = be
+            xin = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+            layer_dt = layer.to(xin.dtype)
+            rows.append(row(f"hybrid_{be}", time_ms(lambda: layer_dt(xin), device), ref_ms))
+            _, codes_p = ho.ops.quantize_activate(xin, layer.in_qparams, bits_a, layer.a_signed, None, None, False,
+                                                  None, None, be)
+            out_dt = xin.dtype
+            rows.append(row(f"qconv_{be}", time_ms(lambda: ho.ops.qconv2d(
+                codes_p, layer.w_packed, s.c_in, bits_a, layer.a_signed, bits_w, layer.scale, None, layer.stride,
+                layer.padding, layer.dilation, layer.groups, False, None, None, None, 4, False, out_dt, be), device),
+                ref_ms))
+            moved = xin.numel() * xin.element_size() + codes_p.numel()
+            qa_ms = time_ms(lambda: ho.ops.quantize_activate(xin, layer.in_qparams, bits_a, layer.a_signed, None,
+                                                             None, True, None, None, be), device)
+            rows.append(row(f"quantact_{be}", qa_ms, None, gbs=moved / (qa_ms * 1e-3) / 1e9))
+    return rows
+
+
+def format_rows(rows: List[Dict]) -> str:
+    head = f"{'shape':<28} {'N':>3} {'W/A':>4} {'keep':>5} {'provider':<18} {'ms':>9} {'TOP/s|GB/s':>11} {'ceil':>6} {'vs bf16':>8}"
+    out = [head, "-" * len(head)]
+    for r in rows:
+        rate = r.get("tops", r.get("gbs"))
+        ceil = f"{r['frac_ceiling']:.2f}" if r["frac_ceiling"] is not None else "-"
+        sp = f"{r['speedup_vs_bf16']:.2f}" if r["speedup_vs_bf16"] is not None else "-"
+        out.append(f"{r['shape'][:28]:<28} {r['batch']:>3} {r['bits_w']}/{r['bits_a']:<2} {r['keep']:>5} "
+                   f"{r['provider']:<18} {r['ms']:>9.4f} {rate:>11.2f} {ceil:>6} {sp:>8}")
+    return "\n".join(out)
+
+
+def plot(rows: List[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hyb = [r for r in rows if r["provider"].startswith(("hybrid_", "qconv_")) and r["speedup_vs_bf16"]]
+    if not hyb:
+        return
+    labels = [f"{r['shape']} b{r['batch']} {r['provider']}" for r in hyb]
+    fig, ax = plt.subplots(figsize=(8, 0.25 * len(hyb) + 1.5))
+    ax.barh(range(len(hyb)), [r["speedup_vs_bf16"] for r in hyb])
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_yticks(range(len(hyb)), labels, fontsize=6)
+    ax.set_xlabel("speedup over the baseline (>1 is faster)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 5], help="bit widths (weights = activations)")
+    p.add_argument("--keep", type=float, nargs="+", default=[0.1])
+    p.add_argument("--shapes", nargs="*", default=None, help="substrings of shape names to keep")
+    p.add_argument("--backends", nargs="*", default=None, help="default: every backend available on the device")
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backends = a.backends or ho.available_backends(device)
+    shapes = [s for s in LAYER_SHAPES if not a.shapes or any(k in s.name for k in a.shapes)]
+    jobs = [(s.with_batch(n), b, k) for s in shapes for n in a.batch for b in a.bits for k in a.keep]
+    rows = []
+    for s, b, k in tqdm(jobs, desc=f"kernels on {device.type}"):
+        rows += bench_shape(s, b, b, k, device, backends)
+    tag = torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else "cpu"
+    out = Path(a.out or Path(__file__).resolve().parent / "results" / f"{tag}-kernels")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "kernels.json", {"environment": environment(), "rows": rows})
+    with open(out / "kernels.csv", "w", newline="") as f:
+        keys = sorted({k for r in rows for k in r})
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    plot(rows, out / "kernels.png")
+    print(format_rows(rows))
+    print(f"results written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
