@@ -131,5 +131,16 @@ class IntervalQuantizer(nn.Module):
     def codes(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
         return quantize_codes(x, self.c, self.d, self.bits, self.signed)
 
+    # ``signed`` is decided by calibration (negative inputs seen), so it is state: without it a
+    # state_dict loaded into a freshly built model would quantize signed inputs as unsigned.
+    def get_extra_state(self) -> dict:
+        return {"signed": bool(self.signed), "bits": int(self.bits)}
+
+    def set_extra_state(self, state: dict) -> None:
+        if int(state["bits"]) != self.bits:
+            raise ValueError(f"the saved quantizer has {state['bits']} bits but this one has {self.bits}; "
+                             "build the model with the same HybridConfig bit widths before loading.")
+        self.signed = bool(state["signed"])
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, signed={self.signed}, c={float(self.c.detach()):.4g}, d={float(self.d.detach()):.4g}"

@@ -31,7 +31,9 @@ def codes_from_qparams(t: torch.Tensor, qparams: torch.Tensor, bits: int, signed
     q = torch.floor(u * lv + 0.5)
     if signed:
         q = q * torch.sign(t)
-    return q.to(torch.int16)
+    # A NaN input has no code: casting NaN to an integer is undefined in C (x86 happens to give
+    # 0 for int16, the GPU's cvt gives 0), so map it to code 0 explicitly on every platform.
+    return torch.nan_to_num(q, nan=0.0).to(torch.int16)
 
 
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
