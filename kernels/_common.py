@@ -39,7 +39,9 @@ def quant_codes(t, alpha, beta, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
     else:
         mag = t
     u = mag * alpha + beta
-    u = tl.minimum(tl.maximum(u, 0.0), 1.0)
+    # clamp(u, 0, 1) written with comparisons so that NaN maps to 0 and hence to code 0, as in
+    # the reference, whatever NaN convention the platform's min/max follow.
+    u = tl.where(u > 0.0, tl.where(u < 1.0, u, 1.0), 0.0)
     q = tl.floor(u * LEVELS + 0.5).to(tl.int32)
     if SIGNED:
         # sign(0) = 0: a zero input gives code 0 even when beta rounds up to a level.

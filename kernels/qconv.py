@@ -177,7 +177,7 @@ def _qconv_kernel(
             f = tl.load(fp_ptr + fp_pix[:, None] + slot[None, :] * sfk, mask=fp_ok, other=0.0).to(tl.float32)
             y = tl.where(fp_ok, y + f, y)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
         if OUT_MODE == 1:
             tl.store(out_rows + co[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
         else:

@@ -89,7 +89,7 @@ def _quantize_activate_kernel(
     if HAS_SHIFT:
         t = t + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
-        t = tl.maximum(t, 0.0)
+        t = tl.where(t < 0.0, 0.0, t)  # keeps NaN, like torch.relu
     q = quant_codes(t, tl.load(qp_ptr), tl.load(qp_ptr + 1), LEVELS, SIGNED)
     # The channel past an odd C pads its byte with a zero code (packing format).
     q = tl.where(c_ok[None, :], q, 0)
@@ -150,16 +150,19 @@ def quantize_activate(
     sdt = slice_dtype or x.dtype
     codes = torch.empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8, device=x.device)
     if keep_idx is None:
-        x_slice = x.new_empty((0,), dtype=sdt)
+        x_slice = torch.empty((0,), dtype=sdt, device=x.device)
     else:
-        x_slice = x.new_empty((n, h, w, keep_idx.shape[0]), dtype=sdt)
+        x_slice = torch.empty((n, h, w, keep_idx.shape[0]), dtype=sdt, device=x.device)
     if x.numel() == 0:
         return x_slice, codes
     sxp = _hw_stride(x)
     if sxp is None:
         x = x.contiguous()
         sxp = 1
-    slot = inverse_index(keep_idx, c) if keep_idx is not None else None
+    # Kernels get real tensors for every pointer, even unused ones: an empty tensor's null
+    # pointer is not one.
+    has_slice = x_slice.numel() > 0
+    slot = inverse_index(keep_idx, c) if has_slice else None
     # Pairs of channels per tile; most channels per tile when they are contiguous in memory
     # (channels_last), most pixels when the pixels are (NCHW).
     block_c = min(triton.next_power_of_2(c + c % 2), 64 if x.stride(1) == 1 else 4)
@@ -167,12 +170,12 @@ def quantize_activate(
     block_p = _BLOCK // block_c
     grid = (triton.cdiv(h * w, block_p), n, triton.cdiv(c, block_c))
     _quantize_activate_kernel[grid](
-        x, codes, x_slice, qparams.contiguous(),
+        x, codes, x_slice if has_slice else codes, qparams.contiguous(),
         bn_scale.contiguous() if bn_scale is not None else x, bn_shift.contiguous() if bn_shift is not None else x,
-        slot if slot is not None else codes,
-        c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], x_slice.shape[-1] if slot is not None else 0,
+        slot if has_slice else codes,
+        c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], x_slice.shape[-1] if has_slice else 0,
         LEVELS=levels(bits, signed), SIGNED=signed, NIBBLE=bits <= 4, HAS_SCALE=bn_scale is not None,
-        HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=slot is not None,
+        HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=has_slice,
         BLOCK_P=block_p, BLOCK_C=block_c, **LAUNCH_OPTS,
     )
     return x_slice, codes
