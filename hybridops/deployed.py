@@ -84,6 +84,19 @@ class _DeployedBase(nn.Module):
             self._buffers[n] = t.to(fn(t).device)
         return self
 
+    # The code format is state: a model deployed from a differently calibrated copy (say, one
+    # whose input was unsigned) must take the saved format along with the saved codes.
+    def get_extra_state(self) -> dict:
+        return {"bits_w": getattr(self, "bits_w", 0), "bits_a": self.bits_a if self.has_quant else 0,
+                "a_signed": self.a_signed if self.has_quant else False}
+
+    def set_extra_state(self, state: dict) -> None:
+        if self.has_quant:
+            if int(state["bits_w"]) != self.bits_w:
+                raise ValueError(f"the saved layer has {state['bits_w']}-bit weights but this one has "
+                                 f"{self.bits_w}; deploy a model built with the same HybridConfig before loading.")
+            self.bits_a, self.a_signed = int(state["bits_a"]), bool(state["a_signed"])
+
     @property
     def kept_channels(self) -> int:
         return int(self.fp_idx.numel())
@@ -129,16 +142,18 @@ class DeployedConv2d(_DeployedBase):
         original group (gathered by the quantize-activate pass); an ungrouped conv reads
         ``fp_in_idx`` (all channels unless pruned upstream)."""
         if self.groups == 1:
-            self.fp_groups = 1
             if self.fp_in_idx is not None:
                 self.fp_weight.data = self.fp_weight.data.index_select(1, self.fp_in_idx)
             read = self.fp_in_idx if self.fp_in_idx is not None else torch.arange(self.in_channels, device=self.fp_idx.device)
         else:
-            self.fp_groups = max(1, self.kept_channels)
             cin_g, cout_g = self._in_per_group(), self.out_channels // self.groups
             grp = torch.div(self.fp_idx, cout_g, rounding_mode="floor")
             read = (grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=grp.device).view(1, -1)).flatten()
         self.register_buffer("fp_read_idx", read)
+
+    @property
+    def fp_groups(self) -> int:
+        return 1 if self.groups == 1 else max(1, self.kept_channels)
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
