@@ -1,0 +1,206 @@
+"""Channel gates (eq 13-15) and the regularisers (eq 10-12, eq 16)."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import hybridops as ho
+from hybridops.convert import prune_loss, quant_loss
+
+
+# ----------------------------------------------------------------------------- ChannelGate
+def test_gate_eval_mask_is_threshold_on_probability():
+    g = ho.ChannelGate(6, threshold=0.3)
+    with torch.no_grad():
+        g.logits.copy_(torch.tensor([-3.0, -0.9, -0.8, 0.0, 0.5, 4.0]))
+    g.eval()
+    expect = torch.sigmoid(g.logits) >= 0.3  # sigmoid(-0.9) = 0.289 < 0.3 <= sigmoid(-0.8) = 0.310
+    assert expect.tolist() == [False, False, True, True, True, True]
+    assert torch.equal(g.keep_mask(), expect)
+    assert torch.equal(g(), expect.float())
+    assert g.kept_indices().tolist() == [2, 3, 4, 5]
+    assert g.soft_mask is None
+    # eval-mode L_prune is the noise-free sum(b)
+    torch.testing.assert_close(g.loss(), torch.sigmoid(g.logits).sum())
+
+
+def test_gate_initial_keep_mask():
+    keep = torch.tensor([True, False, True, False])
+    g = ho.ChannelGate(4, keep=keep, init_logit=2.5)
+    assert g.logits.tolist() == [2.5, -2.5, 2.5, -2.5]
+    assert torch.equal(g.keep_mask(), keep)
+    assert g.channels == 4
+
+
+def test_gate_training_mask_is_binary_with_straight_through_gradient():
+    torch.manual_seed(0)
+    g = ho.ChannelGate(64, tau=0.7)
+    with torch.no_grad():
+        g.logits.copy_(torch.linspace(-3, 3, 64))
+    g.train()
+    m = g()
+    assert set(m.unique().tolist()) <= {0.0, 1.0}
+    m_bar = g.soft_mask
+    assert m_bar is not None and bool(((m_bar > 0) & (m_bar < 1)).all())
+    assert torch.equal(m, torch.round(m_bar))
+    w = torch.randn(64)
+    (m * w).sum().backward()
+    # straight-through: dM/dM_bar = 1, so dL/dlogit = w * sigmoid'(z) / tau = w * M_bar (1 - M_bar) / tau
+    torch.testing.assert_close(g.logits.grad, w * m_bar.detach() * (1 - m_bar.detach()) / 0.7)
+
+
+def test_gate_sampling_follows_probabilities():
+    # P(M = 1) = P(sigmoid((logit + g - g') / tau) >= 0.5) = P(logistic noise > -logit) = b
+    torch.manual_seed(0)
+    g = ho.ChannelGate(3, tau=0.5)
+    with torch.no_grad():
+        g.logits.copy_(torch.tensor([-1.0, 0.0, 2.0]))
+    g.train()
+    freq = torch.stack([g().detach() for _ in range(2000)]).mean(0)
+    torch.testing.assert_close(freq, torch.sigmoid(g.logits.detach()), atol=0.04, rtol=0)
+
+
+def test_gate_frozen_is_deterministic():
+    g = ho.ChannelGate(5, keep=torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool))
+    g.train()
+    g.frozen = True
+    assert g().tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
+    assert g.soft_mask is None
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
+def test_gate_tau_must_be_positive(tau):
+    with pytest.raises(ValueError, match="temperature tau must be positive"):
+        ho.ChannelGate(4, tau=tau)
+
+
+def test_gate_other_bad_args():
+    with pytest.raises(ValueError, match="at least one channel"):
+        ho.ChannelGate(0)
+    with pytest.raises(ValueError, match=r"threshold must lie in \(0, 1\)"):
+        ho.ChannelGate(3, threshold=1.0)
+
+
+def test_pruned_layer_masks_output_channels():
+    torch.manual_seed(0)
+    keep = torch.tensor([True, False, True])
+    p = ho.PrunedConv2d(2, 3, 3, padding=1, keep=keep)
+    p.eval()
+    x = torch.randn(2, 2, 5, 5)
+    y = p(x)
+    ref = nn.functional.conv2d(x, p.weight, p.bias, padding=1)
+    torch.testing.assert_close(y[:, [0, 2]], ref[:, [0, 2]])
+    assert bool((y[:, 1] == 0).all())
+
+
+# ----------------------------------------------------------------------------- L_prune (eq 15)
+def test_prune_loss_is_sum_of_last_soft_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Flatten(), nn.Linear(6 * 4 * 4, 5))
+    x = torch.randn(2, 3, 8, 8)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.5), example_inputs=x)
+    model.train()
+    model(x)
+    gates = [m.pruned.gate for m in model.modules() if isinstance(m, (ho.HybridConv2d, ho.HybridLinear))]
+    assert len(gates) == 3
+    first = [g.soft_mask.detach().clone() for g in gates]
+    model(x)  # a second forward resamples: the loss uses the latest one
+    expect = sum(g.soft_mask.sum() for g in gates)
+    assert not all(torch.equal(a, g.soft_mask) for a, g in zip(first, gates))
+    torch.testing.assert_close(prune_loss(model), expect)
+    # the gradient of L_prune reaches the gate logits
+    prune_loss(model).backward()
+    assert all(g.logits.grad is not None and bool((g.logits.grad > 0).all()) for g in gates)
+    # eval mode: sum of probabilities
+    model.eval()
+    model(x)
+    torch.testing.assert_close(prune_loss(model), sum(torch.sigmoid(g.logits).sum() for g in gates))
+
+
+# ----------------------------------------------------------------------------- L_quant (eq 11-12)
+def _tiny_quant_linear(quantize_input):
+    q = ho.QuantLinear(2, 1, bias=False, quantize_input=quantize_input)
+    with torch.no_grad():
+        q.weight.copy_(torch.tensor([[0.2, -0.6]]))
+        q.wq.c.fill_(0.5)
+        q.wq.log_d.fill_(math.log(0.25))  # alpha_W = 2, beta_W = -0.5
+    q.normalize = True
+    q.reg_targets = (0.5, 0.25)
+    return q
+
+
+def test_eq11_hand_computed():
+    q = _tiny_quant_linear(quantize_input=False)
+    # v = 2 |W| - 0.5 = [-0.1, 0.7]; avg 0.3; std (unbiased) sqrt(0.32)
+    expect = (0.3 - 0.5) ** 2 + (math.sqrt(0.32) - 0.25) ** 2
+    loss = quant_loss(q)
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    loss.backward()
+    assert q.weight.grad is not None and q.wq.c.grad is not None and q.wq.log_d.grad is not None
+    # d/dc of eq 11: v = alpha|W| + 0.5 - c alpha, so dv/dc = -alpha = -2 for every element:
+    # d/dc = 2 (avg - mu0)(-2) + 2 (std - sigma0) * 0 = -4 * (0.3 - 0.5) = 0.8
+    assert q.wq.c.grad.item() == pytest.approx(0.8, rel=1e-5)
+
+
+def test_eq11_disabled_without_normalize():
+    q = _tiny_quant_linear(quantize_input=False)
+    q.normalize = False
+    assert quant_loss(q).item() == 0.0
+
+
+# c_A = 1, d_A = 0.5: c_A + d_A = 1.5, mu_i = c_A - d_A = 0.5, sigma_i = d_A / 2 = 0.25
+@pytest.mark.parametrize("avg,std,expect,active", [
+    (0.8, 0.3, 0.0, (False, False, False)),
+    (0.8, 0.5, 0.3, (True, False, False)),     # avg + 2 std = 1.8 > 1.5
+    (0.8, 0.1, 0.15, (False, True, False)),    # std 0.1 < sigma_i 0.25
+    (0.2, 0.3, 0.3, (False, False, True)),     # avg 0.2 < mu_i 0.5
+    (0.2, 0.1, 0.45, (False, True, True)),
+    (0.4, 0.6, 0.1 + 0.1, (True, False, True)),  # 1.6 - 1.5 and 0.5 - 0.4
+])
+def test_eq12_hinge_terms(avg, std, expect, active):
+    q = _tiny_quant_linear(quantize_input=True)
+    with torch.no_grad():
+        q.aq.c.fill_(1.0)
+        q.aq.log_d.fill_(math.log(0.5))
+    base = quant_loss(q).item()  # eq 11 only: no activation statistics yet
+    q.act_stats = (torch.tensor(avg, requires_grad=True), torch.tensor(std, requires_grad=True))
+    loss = quant_loss(q)
+    assert loss.item() - base == pytest.approx(expect, abs=1e-6)
+    loss.backward()
+    # gradient to c_A: -1 from the first hinge, +1 from the third (mu_i = c - d)
+    expect_dc = -float(active[0]) + float(active[2])
+    assert q.aq.c.grad.item() == pytest.approx(expect_dc, abs=1e-6)
+    # gradient to d_A (chain through log d: dd/dlog_d = d = 0.5): -1, +1/2, -1 per active hinge
+    expect_dd = (-1.0 * active[0] + 0.5 * active[1] - 1.0 * active[2]) * 0.5
+    assert q.aq.log_d.grad.item() == pytest.approx(expect_dd, abs=1e-6)
+    assert q.act_stats[0].grad.item() == pytest.approx(float(active[0]) - float(active[2]), abs=1e-6)
+
+
+def test_act_stats_recorded_in_training_forward_only():
+    torch.manual_seed(0)
+    q = ho.QuantConv2d(3, 4, 3)
+    q.normalize = True
+    x = torch.rand(2, 3, 6, 6) + 0.2
+    q.calibrate(x)
+    q.eval()
+    q(x)
+    assert q.act_stats is None
+    q.train()
+    q(x)
+    torch.testing.assert_close(q.act_stats[0], x.mean())
+    torch.testing.assert_close(q.act_stats[1], x.std())
+
+
+def test_regularization_combines_eq16_terms():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    x = torch.randn(2, 3, 8, 8)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.5), example_inputs=x)
+    model.train()
+    model(x)
+    r = ho.regularization(model, lambda_quant=0.3, lambda_prune=0.02)
+    torch.testing.assert_close(r, 0.3 * quant_loss(model) + 0.02 * prune_loss(model))
+    assert quant_loss(model).item() > 0 and prune_loss(model).item() > 0
+    # a model without hybrid layers has zero regularisation
+    assert ho.regularization(nn.Sequential(nn.ReLU())).item() == 0.0
