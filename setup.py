@@ -35,11 +35,18 @@ def cuda_extension():
         if want in ("1", "true", "yes", "on"):
             sys.exit("HYBRIDOPS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).")
         return [], {}
-    os.environ["TORCH_CUDA_ARCH_LIST"] = os.environ.get("HYBRIDOPS_CUDA_ARCHS", "8.0;9.0")
+    archs = os.environ.get("HYBRIDOPS_CUDA_ARCHS", "8.0;9.0")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    # The kernels use cp.async and mma.sync int8 (sm_80+). No --use_fast_math: the quantizer
+    # and epilogue must round every fp32 operation exactly like the reference. No -std flag:
+    # torch's BuildExtension adds the C++ standard its own headers need (C++20 for recent torch).
     ext = CUDAExtension(
         name="hybridops._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        extra_compile_args={
+            "cxx": ["-O3", f'-DHYBRIDOPS_CUDA_ARCHS="{archs}"'],
+            "nvcc": ["-O3", "-lineinfo"],
+        },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
@@ -54,7 +61,7 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["hybridops", "hybridops.ops", "hybridops.kernels"],
+    packages=["hybridops", "hybridops.ops", "hybridops.kernels", "hybridops.tracking"],
     package_dir={"hybridops": "hybridops", "hybridops.kernels": "kernels"},
     install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
     extras_require={
@@ -63,5 +70,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["hybridops-report=hybridops.report:main"]},
+    entry_points={"console_scripts": ["hybridops-track=hybridops.tracking.cli:main"]},
 )

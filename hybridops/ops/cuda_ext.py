@@ -1,0 +1,79 @@
+"""Python side of the compiled CUDA extension ``hybridops._C`` (``csrc/``).
+
+Importing ``hybridops._C`` registers the ``torch.ops.hybridops.cuda_*`` ops (schemas and CUDA
+kernels, in C++). This module loads it on demand and adds the fake (shape-only) implementations
+that ``torch.compile``, CUDA graphs and ``torch.library.opcheck`` need. Importing this module
+never fails: :func:`load` raises only when the extension is actually asked for.
+
+Op signatures are those of :mod:`hybridops.ops.reference` (without ``backend``):
+
+* ``cuda_fake_quantize(x, qparams, bits, signed) -> Tensor`` (dtype and layout of ``x``);
+* ``cuda_quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx,
+  slice_dtype) -> (x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, packed(C)))``;
+* ``cuda_qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
+  padding, dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits,
+  requant_signed, out_dtype) -> NHWC output``.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from .packing import packed_size
+from .reference import conv_out_size
+
+# Must equal hybridops::kOpsVersion in csrc/ops.h: a build from older sources is refused as stale
+# instead of failing later with a schema mismatch.
+OPS_VERSION = 1
+
+_fakes_registered = False
+
+
+@functools.lru_cache(maxsize=None)
+def load():
+    """Import ``hybridops._C`` once, check it matches these sources, register the fake kernels.
+
+    Returns the extension module; raises ImportError (missing or stale build) otherwise."""
+    ext = importlib.import_module("hybridops._C")
+    info = ext.build_info()
+    if info.get("ops_version") != OPS_VERSION:
+        raise ImportError(f"hybridops._C is stale: built with ops version {info.get('ops_version')}, these sources "
+                          f"need {OPS_VERSION}.")
+    global _fakes_registered
+    if not _fakes_registered:  # load() may run again after cache_clear(); fakes register once
+        _register_fakes()
+        _fakes_registered = True
+    return ext
+
+
+def build_info() -> dict:
+    """What the extension was built for (CUDA archs, CUDA runtime and torch versions)."""
+    return load().build_info()
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("hybridops::cuda_fake_quantize")
+    def _(x, qparams, bits, signed):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("hybridops::cuda_quantize_activate")
+    def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype):
+        n, c, h, w = x.shape
+        sdt = slice_dtype or x.dtype
+        codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
+        if keep_idx is None:
+            return x.new_empty((0,), dtype=sdt), codes
+        return x.new_empty((n, h, w, keep_idx.shape[0]), dtype=sdt), codes
+
+    @torch.library.register_fake("hybridops::cuda_qconv2d")
+    def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
+          relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype):
+        n, h, w, _ = x_codes.shape
+        c_out, kh, kw, _ = w_packed.shape
+        ho = conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
+        wo = conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
+        if requant_qparams is not None:
+            return x_codes.new_empty((n, ho, wo, packed_size(c_out, requant_bits)), dtype=torch.uint8)
+        return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)
