@@ -41,7 +41,7 @@ def _configs():
     shapes = [
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5), (32, 64, 64, 4, 4),
-        (16, 64, 128, 4, 4), (32, 128, 32, 4, 4),
+        (16, 64, 128, 4, 4), (32, 128, 32, 4, 4), (32, 64, 32, 4, 4),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
@@ -82,7 +82,8 @@ def _qconv_kernel(
 
     Input ``x[n, h, w, byte]`` and weights ``w[co, kh, kw, byte]`` are addressed through their
     strides (``sx*``, ``sw*``, in bytes); the pruned branch ``fp[n, ho, wo, j]`` through ``sf*``
-    and the inverse map ``slot[co]`` (= j, or -1 for channels it does not feed).
+    and the inverse map ``slot[co]`` (= j, or -1 for channels it does not feed). ``OUT_MODE``:
+    0 int32 accumulators, 1 float ``y``, 2 packed codes of ``y`` (``_OUT_INT32/_FLOAT/_CODES``).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)

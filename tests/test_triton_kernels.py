@@ -57,6 +57,20 @@ def poison_fresh_tensors(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def few_qconv_configs():
+    """On a GPU, tune qconv2d over two tiles only (a wgmma one and a small-M mma.sync one):
+    every new shape key would otherwise compile and time all configs. (The interpreter has a
+    single config anyway.)"""
+    from hybridops.kernels import qconv
+
+    configs = qconv._qconv_kernel.configs
+    with pytest.MonkeyPatch.context() as mp:
+        if DEVICE.type == "cuda":
+            mp.setattr(qconv._qconv_kernel, "configs", [configs[0], configs[-1]])
+        yield
+
+
 def _qparams(lo: float, hi: float, signed: bool) -> torch.Tensor:
     """[alpha, beta] mapping [lo, hi] onto [0, 1] (eq 8), or |t| <= hi onto [0, 1] (eq 6)."""
     if signed:
