@@ -195,7 +195,7 @@ class _QuantBase(nn.Module):
         """The float weight the quantized branch acts as on ``x``:
         ``hat_q(W) * out_scale[co] / s_a`` with ``s_a`` what one activation step of
         ``1 / levels`` is worth (``2 d_A`` when ``c_A = d_A``)."""
-        s_a = float(2 * self.aq.d) if self.aq is not None else 1.0
+        s_a = float(2 * self.aq.d.detach()) if self.aq is not None else 1.0
         return self.wq(self.weight).detach() * (self.out_scale.detach() / s_a).view(-1, *([1] * (self.weight.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

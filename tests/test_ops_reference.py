@@ -303,3 +303,19 @@ def test_backend_resolution_and_errors():
         assert ho.get_backend() == "torch"
         assert ho.resolve_backend(None, "cpu") == "torch"
     assert ho.get_backend() == "auto"
+
+
+def test_quantize_activate_gradient_with_repeated_keep_idx():
+    # a grouped conv's pruned branch gathers the same input channel once per kept output channel
+    # of its group: the gradients of the repeated copies must add up
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([2, 0, 2, 2])
+    xs, _ = torch.ops.hybridops.quantize_activate(x, torch.tensor([2.0, -0.5]), 4, True, None, None, False, keep,
+                                                  torch.float64, "torch")
+    gout = torch.randn_like(xs)
+    (xs * gout).sum().backward()
+    expect = torch.zeros_like(x)
+    expect[:, 0] = gout[..., 1]
+    expect[:, 2] = gout[..., 0] + gout[..., 2] + gout[..., 3]
+    torch.testing.assert_close(x.grad, expect)

@@ -157,7 +157,9 @@ def _qa_backward(ctx, grad_slice, grad_codes):
     if sc is not None:
         g = g * sc
     grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    grad_x.index_copy_(1, idx, g.permute(0, 3, 1, 2))
+    # keep_idx may repeat a channel (a grouped conv's kept outputs that share a group read the
+    # same input channels): the gradients of the copies add up.
+    grad_x.index_add_(1, idx, g.permute(0, 3, 1, 2))
     return (grad_x.to(x.dtype),) + (None,) * 9
 
 
