@@ -265,6 +265,14 @@ def test_qconv2d_empty_batch():
     assert _qconv("triton", *args, rq=_qparams(0.0, 1.0, False), rq_bits=4).shape == (0, 5, 5, 2)
 
 
+def test_qconv2d_empty_output_is_an_error():
+    # 3x3 input, 5x5 kernel, no padding: nothing to compute, and the op says so.
+    x_codes, w_packed, _ = _conv_inputs(1, 4, 3, 3, 2, 5, 1, 4, False, 4)
+    args = (x_codes, w_packed, 4, 4, False, 4, torch.ones(2, device=DEVICE), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="empty output"):
+        _qconv("triton", *args)
+
+
 def test_qconv2d_rejects_unsigned_8bit_activations():
     x_codes, w_packed, _ = _conv_inputs(1, 4, 3, 3, 2, 1, 1, 8, False, 4)
     args = (x_codes, w_packed, 4, 8, False, 4, torch.ones(2, device=DEVICE), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
