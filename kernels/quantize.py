@@ -61,49 +61,77 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
 
 # ----------------------------------------------------------------------------- quantize_activate
 @triton.jit
-def _quantize_activate_kernel(
-    x_ptr, codes_ptr, slice_ptr, qp_ptr, scale_ptr, shift_ptr, slot_ptr,
-    C, HW, sxn, sxp, sxc, CODE_ROW, SLICE_ROW,
-    LEVELS: tl.constexpr, SIGNED: tl.constexpr, NIBBLE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_SLICE: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One tile of ``BLOCK_P`` pixels x ``BLOCK_C`` (even) channels of image ``program_id(1)``.
-
-    x is addressed as ``x[n, c, p] = x_ptr[n*sxn + p*sxp + c*sxc]`` with ``p = h*W + w``, which
-    covers NCHW (``sxp = 1``) and channels_last (``sxc = 1``) alike; the tile is read once and
-    gives both the codes (``uint8 (N, HW, CODE_ROW)``) and, through the inverse map
-    ``slot[c]`` (= position of c in keep_idx, or -1), the float slice ``(N, HW, SLICE_ROW)``.
-    """
-    pid_p = tl.program_id(0)
-    n = tl.program_id(1).to(tl.int64)
-    pid_c = tl.program_id(2)
-    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = p < HW
-    c_ok = c < C
-    mask = p_ok[:, None] & c_ok[None, :]
-    t = tl.load(x_ptr + n * sxn + p[:, None] * sxp + c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+def _activate(x, c, c_ok, scale_ptr, shift_ptr, HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
+              RELU: tl.constexpr):
+    """``t = relu?(x * bn_scale[c] + bn_shift[c])`` in fp32 (reference order), ``c`` the
+    channel of each column of ``x``."""
+    t = x.to(tl.float32)
     if HAS_SCALE:
         t = t * tl.load(scale_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_SHIFT:
         t = t + tl.load(shift_ptr + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     if RELU:
         t = tl.where(t < 0.0, 0.0, t)  # keeps NaN, like torch.relu
-    q = quant_codes(t, tl.load(qp_ptr), tl.load(qp_ptr + 1), LEVELS, SIGNED)
-    # The channel past an odd C pads its byte with a zero code (packing format).
-    q = tl.where(c_ok[None, :], q, 0)
+    return t
+
+
+@triton.jit
+def _quantize_activate_kernel(
+    x_ptr, codes_ptr, slice_ptr, qp_ptr, scale_ptr, shift_ptr, slot_ptr, keep_ptr, repeat_ptr,
+    C, HW, sxn, sxp, sxc, CODE_ROW, SLICE_ROW, C_TILES,
+    LEVELS: tl.constexpr, SIGNED: tl.constexpr, NIBBLE: tl.constexpr, HAS_SCALE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_SLICE: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One tile of ``BLOCK_P`` pixels of image ``program_id(1)``.
+
+    x is addressed as ``x[n, c, p] = x_ptr[n*sxn + p*sxp + c*sxc]`` with ``p = h*W + w``, which
+    covers NCHW (``sxp = 1``) and channels_last (``sxc = 1``) alike.
+
+    * ``program_id(2) < C_TILES``: ``BLOCK_C`` (even) channels, read once, give the codes
+      (``uint8 (N, HW, CODE_ROW)``) and, through the inverse map ``slot[c]`` (a position of c in
+      keep_idx, or -1), the float slice ``(N, HW, SLICE_ROW)``.
+    * the programs after them fill the slice positions ``k`` that the inverse map cannot hold:
+      ``keep_idx`` repeats a channel when a grouped pruned branch reads it for several kept
+      outputs (``repeat[k] = 1``). Only those channels are read a second time; without repeats
+      these programs exit after one small load.
+    """
+    pid_p = tl.program_id(0)
+    n = tl.program_id(1).to(tl.int64)
+    pid_c = tl.program_id(2)
+    p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < HW
     pix = n * HW + p
-    if NIBBLE:
-        j = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
-        tl.store(codes_ptr + pix[:, None] * CODE_ROW + j[None, :], pack_pairs(q, BLOCK_P, BLOCK_C),
-                 mask=p_ok[:, None] & (j < CODE_ROW)[None, :])
+    x_pix = x_ptr + n * sxn + p[:, None] * sxp
+    if pid_c < C_TILES:
+        c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_ok = c < C
+        mask = p_ok[:, None] & c_ok[None, :]
+        x = tl.load(x_pix + c[None, :] * sxc, mask=mask, other=0.0)
+        t = _activate(x, c, c_ok, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, RELU)
+        q = quant_codes(t, tl.load(qp_ptr), tl.load(qp_ptr + 1), LEVELS, SIGNED)
+        # The channel past an odd C pads its byte with a zero code (packing format).
+        q = tl.where(c_ok[None, :], q, 0)
+        if NIBBLE:
+            j = pid_c * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
+            tl.store(codes_ptr + pix[:, None] * CODE_ROW + j[None, :], pack_pairs(q, BLOCK_P, BLOCK_C),
+                     mask=p_ok[:, None] & (j < CODE_ROW)[None, :])
+        else:
+            tl.store(codes_ptr + pix[:, None] * CODE_ROW + c[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
+        if HAS_SLICE:
+            slot = tl.load(slot_ptr + c, mask=c_ok, other=-1)
+            tl.store(slice_ptr + pix[:, None] * SLICE_ROW + slot[None, :], t.to(slice_ptr.dtype.element_ty),
+                     mask=mask & (slot >= 0)[None, :])
     else:
-        tl.store(codes_ptr + pix[:, None] * CODE_ROW + c[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
-    if HAS_SLICE:
-        slot = tl.load(slot_ptr + c, mask=c_ok, other=-1)
-        tl.store(slice_ptr + pix[:, None] * SLICE_ROW + slot[None, :], t.to(slice_ptr.dtype.element_ty),
-                 mask=mask & (slot >= 0)[None, :])
+        k = (pid_c - C_TILES) * BLOCK_C + tl.arange(0, BLOCK_C)
+        rep = tl.load(repeat_ptr + k, mask=k < SLICE_ROW, other=0) != 0
+        if tl.max(rep.to(tl.int32), axis=0) > 0:
+            rc = tl.load(keep_ptr + k, mask=rep, other=0)
+            r_mask = p_ok[:, None] & rep[None, :]
+            rx = tl.load(x_pix + rc[None, :] * sxc, mask=r_mask, other=0.0)
+            rt = _activate(rx, rc, rep, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, RELU)
+            tl.store(slice_ptr + pix[:, None] * SLICE_ROW + k[None, :], rt.to(slice_ptr.dtype.element_ty),
+                     mask=r_mask)
 
 
 def _hw_stride(x: torch.Tensor) -> Optional[int]:
@@ -118,8 +146,8 @@ def _hw_stride(x: torch.Tensor) -> Optional[int]:
 
 
 def inverse_index(idx: torch.Tensor, size: int) -> torch.Tensor:
-    """Dense ``int32 (size,)`` map ``slot[idx[j]] = j``, -1 elsewhere (``idx`` entries are
-    distinct: kept channels of a pruned branch)."""
+    """Dense ``int32 (size,)`` map ``slot[idx[j]] = j``, -1 elsewhere. Where ``idx`` repeats a
+    value, ``slot`` holds one of its positions."""
     slot = torch.full((size,), -1, dtype=torch.int32, device=idx.device)
     slot[idx.to(torch.long)] = torch.arange(idx.shape[0], dtype=torch.int32, device=idx.device)
     return slot
@@ -142,8 +170,8 @@ def quantize_activate(
     x: ``(N, C, H, W)`` float, NCHW, channels_last or any view whose H and W merge into one
     strided dimension (other views are copied first). ``t = relu?(x * bn_scale[c] + bn_shift[c])``
     in fp32. Returns ``(x_slice, codes)``: ``x_slice (N, H, W, len(keep_idx))`` in ``slice_dtype``
-    (default ``x.dtype``; an empty ``(0,)`` tensor without ``keep_idx``, whose entries must be
-    distinct) and ``codes uint8 (N, H, W, packed(C))`` (eq 8-9, or eq 6-7 if ``signed``).
+    (default ``x.dtype``; an empty ``(0,)`` tensor without ``keep_idx``, which may repeat
+    channels) and ``codes uint8 (N, H, W, packed(C))`` (eq 8-9, or eq 6-7 if ``signed``).
     """
     check_device(x, "x")
     n, c, h, w = x.shape
@@ -162,18 +190,26 @@ def quantize_activate(
     # Kernels get real tensors for every pointer, even unused ones: an empty tensor's null
     # pointer is not one.
     has_slice = x_slice.numel() > 0
-    slot = inverse_index(keep_idx, c) if has_slice else None
+    kp = x_slice.shape[-1] if has_slice else 0
+    if has_slice:
+        keep = keep_idx.contiguous()
+        slot = inverse_index(keep, c)
+        # Positions the inverse map does not point back to: repeats (found without a host sync).
+        repeat = (slot[keep.to(torch.long)] != torch.arange(kp, dtype=torch.int32, device=x.device)).to(torch.int8)
+    else:
+        keep = slot = repeat = codes
     # Pairs of channels per tile; most channels per tile when they are contiguous in memory
     # (channels_last), most pixels when the pixels are (NCHW).
     block_c = min(triton.next_power_of_2(c + c % 2), 64 if x.stride(1) == 1 else 4)
     block_c = max(block_c, 2)
     block_p = _BLOCK // block_c
-    grid = (triton.cdiv(h * w, block_p), n, triton.cdiv(c, block_c))
+    c_tiles = triton.cdiv(c, block_c)
+    grid = (triton.cdiv(h * w, block_p), n, c_tiles + triton.cdiv(kp, block_c))
     _quantize_activate_kernel[grid](
         x, codes, x_slice if has_slice else codes, qparams.contiguous(),
         bn_scale.contiguous() if bn_scale is not None else x, bn_shift.contiguous() if bn_shift is not None else x,
-        slot if has_slice else codes,
-        c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], x_slice.shape[-1] if has_slice else 0,
+        slot, keep, repeat,
+        c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], kp, c_tiles,
         LEVELS=levels(bits, signed), SIGNED=signed, NIBBLE=bits <= 4, HAS_SCALE=bn_scale is not None,
         HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=has_slice,
         BLOCK_P=block_p, BLOCK_C=block_c, **LAUNCH_OPTS,

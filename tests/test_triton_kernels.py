@@ -159,6 +159,23 @@ def test_quantize_activate_fused(layout, dtype, slice_dtype, bits, signed, relu)
     _assert_same(got[0], ref[0])
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_quantize_activate_repeated_keep_idx(layout, index_dtype):
+    # A grouped conv's pruned branch reads its group's input channels once per kept output.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 5, generator=gen).to(DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    keep = torch.tensor([4, 5, 0, 1, 4, 5, 4, 5, 3], device=DEVICE, dtype=index_dtype)
+    args = (x, _qparams(-1.0, 1.0, False), 4, False, torch.rand(6, generator=gen).to(DEVICE), None, True, keep,
+            torch.float16)
+    got = ops.quantize_activate(*args, "triton")
+    ref = ops.quantize_activate(*args, "torch")
+    _assert_same(got[1], ref[1])
+    _assert_same(got[0], ref[0])
+
+
 def test_quantize_activate_empty_batch():
     x = torch.randn(0, 5, 3, 3, device=DEVICE)
     keep = torch.tensor([1, 4], device=DEVICE)
