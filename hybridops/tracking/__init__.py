@@ -1,0 +1,26 @@
+"""Visual tracking with hybrid representations (the paper's section 4): SiamRPN++ with a
+ResNet-50 backbone, buildable float, hybrid (:func:`hybridops.hybridize_`) or deployed, with the
+OnHybSiamRPN++ online update of the classification head's full-precision branch.
+
+Modules: :mod:`.model` (network), :mod:`.boxes` (anchors, box coding), :mod:`.tracker`
+(post-processing, online update), :mod:`.data` (OTB reader, synthetic sequences), :mod:`.train`
+(offline training with L_hyb), :mod:`.metrics` (OTB precision/success), :mod:`.benchmark` and
+:mod:`.compare` (evaluation, the variant table), :mod:`.cli` (``hybridops-track``).
+"""
+from .boxes import center_iou, decode, encode, generate_anchors
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import (Sequence, SequenceError, SynthConfig, list_sequences, make_synthetic_benchmark, read_otb_sequence,
+                   synthetic_sequence, write_otb_sequence)
+from .hybrid import VARIANTS, hybridize_tracker, online_parameters
+from .metrics import center_error, overlap, precision_curve, success_curve, summarize
+from .model import ModelConfig, SiamRPNPP, xcorr_depthwise
+from .tracker import OnlineConfig, SiamRPNTracker, TrackParams
+from .train import PairSampler, TrainConfig, train
+
+__all__ = [
+    "ModelConfig", "SiamRPNPP", "xcorr_depthwise", "generate_anchors", "encode", "decode", "center_iou",
+    "TrackParams", "OnlineConfig", "SiamRPNTracker", "Sequence", "SequenceError", "SynthConfig",
+    "read_otb_sequence", "write_otb_sequence", "list_sequences", "synthetic_sequence", "make_synthetic_benchmark",
+    "overlap", "center_error", "precision_curve", "success_curve", "summarize", "TrainConfig", "PairSampler",
+    "train", "VARIANTS", "hybridize_tracker", "online_parameters", "save_checkpoint", "load_checkpoint",
+]

@@ -1,0 +1,217 @@
+"""``hybridops-track``: synthesize, train, track, evaluate and compare SiamRPN++ variants.
+
+Examples::
+
+    hybridops-track synth data/synth --num 4 --frames 60
+    hybridops-track train --out float.pt --steps 400
+    hybridops-track train --out hybrid.pt --variant hybrid --init float.pt --steps 60
+    hybridops-track track data/synth/synth_000 --checkpoint hybrid.pt --online --out runs/s0
+    hybridops-track evaluate data/synth --checkpoint hybrid.pt --out runs/eval
+    hybridops-track compare --out bench/results/tracking
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+
+def _model_config(args):
+    from .model import ModelConfig
+    return ModelConfig.small() if args.preset == "small" else ModelConfig()
+
+
+def _online(args):
+    from .tracker import OnlineConfig
+    if not getattr(args, "online", False):
+        return None
+    return OnlineConfig(interval=args.online_interval, iterations=args.online_iterations,
+                        window=args.online_window, lr=args.online_lr)
+
+
+def _add_online(p):
+    p.add_argument("--online", action="store_true", help="online update of the FP branch (hybrid checkpoints)")
+    p.add_argument("--online-interval", type=int, default=10, help="frames between updates (10)")
+    p.add_argument("--online-iterations", type=int, default=15, help="SGD iterations per update (15)")
+    p.add_argument("--online-window", type=int, default=20, help="latest frames used per update (20)")
+    p.add_argument("--online-lr", type=float, default=1e-3, help="SGD learning rate of the update")
+
+
+def cmd_synth(args) -> int:
+    from .data import SynthConfig, make_synthetic_benchmark
+    paths = make_synthetic_benchmark(args.out, args.num, SynthConfig(frames=args.frames), seed=args.seed, ext=args.ext)
+    print(f"wrote {len(paths)} sequences under {args.out}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from . import hybrid
+    from .checkpoint import load_checkpoint, save_checkpoint
+    from .model import SiamRPNPP
+    from .train import PairSampler, TrainConfig, train
+
+    torch.manual_seed(args.seed)
+    tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune,
+                     num_sequences=args.num_sequences, seq_frames=args.seq_frames)
+    if args.init:
+        model = load_checkpoint(args.init)
+        if getattr(model, "variant", "float") != "float":
+            raise SystemExit(f"--init must be a float checkpoint; {args.init} is {model.variant}.")
+    else:
+        model = SiamRPNPP(_model_config(args))
+    sampler = PairSampler(model.config, model.anchors, tc)
+    reg = None
+    if args.variant != "float":
+        report = hybrid.hybridize_tracker(model, args.variant, example_inputs=sampler.sample(8)[:2], scope=args.scope)
+        print(f"converted {len(report.converted)} layers ({args.variant}, scope {args.scope})")
+        reg = lambda m: hybrid.regularization(m, tc.lambda_quant, tc.lambda_prune)
+    logs = train(model, tc, regularizer=reg, sampler=sampler, progress=not args.quiet)
+    save_checkpoint(args.out, model, args.variant, scope=args.scope,
+                    meta={"steps": tc.steps, "final_loss": logs[-1]["loss"] if logs else None})
+    print(f"saved {args.out}" + (f" (final loss {logs[-1]['loss']:.4f})" if logs else ""))
+    return 0
+
+
+def cmd_track(args) -> int:
+    from .benchmark import draw_strip, run_sequence
+    from .checkpoint import load_checkpoint
+    from .data import read_otb_sequence
+    from .metrics import summarize
+
+    seq = read_otb_sequence(args.sequence)
+    model = load_checkpoint(args.checkpoint, deploy=args.deploy)
+    r = run_sequence(model, seq, online=_online(args), progress=not args.quiet)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savetxt(out / f"{seq.name}_boxes.txt", r["boxes"], fmt="%.2f", delimiter=",")
+    draw_strip(seq, r["boxes"], out / f"{seq.name}_strip.png")
+    s = summarize(r["boxes"], seq.boxes)
+    print(f"{seq.name}: {len(seq)} frames, {r['fps']:.1f} FPS, precision {s['precision']:.3f}, "
+          f"success AUC {s['success_auc']:.3f}, online updates {r['updates']}; wrote {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .benchmark import environment, evaluate, load_sequences, write_results
+    from .checkpoint import load_checkpoint
+
+    seqs = load_sequences(args.root)
+    model = load_checkpoint(args.checkpoint, deploy=args.deploy)
+    online = _online(args)
+    r = evaluate(model, seqs, online=online, progress=not args.quiet)
+    key = Path(args.checkpoint).stem + ("+online" if online else "")
+    meta = {"title": f"Evaluation of {args.checkpoint} on {args.root}", "command": _command(), **environment()}
+    write_results(args.out, {key: r}, meta)
+    for name, s in r["per_sequence"].items():
+        print(f"{name:20s} precision {s['precision']:.3f}  success AUC {s['success_auc']:.3f}  {s['fps']:.1f} FPS")
+    print(f"{'overall':20s} precision {r['precision']:.3f}  success AUC {r['success_auc']:.3f}  {r['fps']:.1f} FPS")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_comparison
+    from .train import TrainConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = run_comparison(
+        args.out, data_dir=args.data, num_sequences=args.num_sequences, frames=args.frames,
+        model_config=_model_config(args),
+        float_train=TrainConfig(steps=args.float_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+        hybrid_train=TrainConfig(steps=args.hybrid_steps, batch_size=args.batch_size, lr=args.hybrid_lr,
+                                 seed=args.seed, lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune),
+        online=_online(argparse.Namespace(**{**vars(args), "online": True})),
+        scope=args.scope, seed=args.seed, command=_command(), progress=not args.quiet,
+        checkpoint_dir=args.checkpoints)
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def _command() -> str:
+    return "hybridops-track " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hybridops-track", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write synthetic OTB-format sequences")
+    p.add_argument("out")
+    p.add_argument("--num", type=int, default=4)
+    p.add_argument("--frames", type=int, default=60)
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--ext", choices=("jpg", "png"), default="jpg")
+    p.set_defaults(fn=cmd_synth)
+
+    p = sub.add_parser("train", help="offline training on synthetic pairs (L_hyb for hybrid variants)")
+    p.add_argument("--out", required=True, help="checkpoint path")
+    p.add_argument("--variant", default="float", choices=("float", "hybrid", "hybrid_qp", "quant_qn"))
+    p.add_argument("--init", help="float checkpoint to start from (e.g. to derive a hybrid variant)")
+    p.add_argument("--preset", choices=("small", "full"), default="small",
+                   help="small: width 1/4, 1 block/stage, crops 63/127; full: ResNet-50, 127/255")
+    p.add_argument("--scope", choices=("backbone", "all"), default="backbone")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lambda-quant", type=float, default=1e-3)
+    p.add_argument("--lambda-prune", type=float, default=1e-5)
+    p.add_argument("--num-sequences", type=int, default=24, help="synthetic training sequences")
+    p.add_argument("--seq-frames", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_train)
+
+    for name, hlp in (("track", "track one OTB-format sequence"), ("evaluate", "evaluate a folder of sequences")):
+        p = sub.add_parser(name, help=hlp)
+        p.add_argument("sequence" if name == "track" else "root")
+        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--deploy", action="store_true", help="pack the hybrid model (hybridops.deploy_) first")
+        p.add_argument("--out", default=f"runs/{name}")
+        p.add_argument("--quiet", action="store_true")
+        _add_online(p)
+        p.set_defaults(fn=cmd_track if name == "track" else cmd_evaluate)
+
+    p = sub.add_parser("compare", help="float vs hybrid variants vs online update on a synthetic benchmark")
+    p.add_argument("--out", default="bench/results/tracking")
+    p.add_argument("--data", help="keep the generated benchmark here (default: a temporary folder)")
+    p.add_argument("--checkpoints", help="save the trained models here")
+    p.add_argument("--preset", choices=("small", "full"), default="small")
+    p.add_argument("--scope", choices=("backbone", "all"), default="backbone")
+    p.add_argument("--num-sequences", type=int, default=4)
+    p.add_argument("--frames", type=int, default=50)
+    p.add_argument("--float-steps", type=int, default=400)
+    p.add_argument("--hybrid-steps", type=int, default=60)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--hybrid-lr", type=float, default=5e-4)
+    p.add_argument("--lambda-quant", type=float, default=1e-3)
+    p.add_argument("--lambda-prune", type=float, default=1e-5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    p.add_argument("--quiet", action="store_true")
+    _add_online(p)
+    p.set_defaults(fn=cmd_compare)
+    return ap
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .data import SequenceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SequenceError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The variant comparison on a synthetic benchmark (analogue of the paper's Tables 2 and 6).
+
+One run: generate the benchmark, train the float tracker, derive each hybrid variant from it
+(convert with calibration, then fine-tune with ``L_hyb``, all on the same stream of pairs), track
+every sequence with every variant (plus the hybrid one with the online update) and write the
+table, JSON and plots.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Optional, Union
+
+import torch
+
+from . import hybrid
+from .benchmark import environment, evaluate, load_sequences, write_results
+from .checkpoint import save_checkpoint
+from .data import SynthConfig, make_synthetic_benchmark
+from .model import ModelConfig, SiamRPNPP
+from .tracker import OnlineConfig, TrackParams
+from .train import PairSampler, TrainConfig, train
+
+HYBRID_VARIANTS = ("hybrid", "hybrid_qp", "quant_qn")
+
+
+def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path]] = None,
+                   num_sequences: int = 4, frames: int = 50, model_config: Optional[ModelConfig] = None,
+                   float_train: Optional[TrainConfig] = None, hybrid_train: Optional[TrainConfig] = None,
+                   online: Optional[OnlineConfig] = None, params: Optional[TrackParams] = None,
+                   scope: str = "backbone", seed: int = 0, command: str = "", progress: bool = True,
+                   checkpoint_dir: Optional[Union[str, Path]] = None) -> Dict[str, Dict]:
+    """Run the whole comparison and write ``out_dir/{table.md, results.json, *_plot.png}``.
+
+    Returns ``{variant: evaluate() output}`` for ``float``, ``hybrid``, ``hybrid_qp``,
+    ``quant_qn`` and ``hybrid_online``.
+    """
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    mc = model_config or ModelConfig.small()
+    ft = float_train or TrainConfig(steps=400, batch_size=8, seed=seed)
+    ht = hybrid_train or TrainConfig(steps=60, batch_size=8, lr=5e-4, seed=seed)
+    online = online or OnlineConfig()
+    synth = SynthConfig(frames=frames)
+    tmp = None
+    if data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hybridops_track_")
+        data_dir = tmp.name
+    try:
+        make_synthetic_benchmark(data_dir, num_sequences, synth, seed=1000 + seed)
+        seqs = load_sequences(data_dir)
+        model = SiamRPNPP(mc)
+        sampler = PairSampler(mc, model.anchors, ft)
+        timings = {}
+        t = time.perf_counter()
+        train(model, ft, sampler=sampler, progress=progress, desc="train float")
+        timings["train float"] = time.perf_counter() - t
+        rows = {}
+        rows["float"] = evaluate(model, seqs, params, progress=progress, desc="eval float")
+        rows["float"]["rc"] = 1.0
+        example = sampler.sample(8)[:2]
+        models = {}
+        for v in HYBRID_VARIANTS:
+            m = hybrid.clone(model)
+            hybrid.hybridize_tracker(m, v, example_inputs=example, scope=scope)
+            sampler.reseed(ht.seed + 1)  # every variant fine-tunes on the same pairs
+            t = time.perf_counter()
+            train(m, ht, sampler=sampler, progress=progress, desc=f"train {v}",
+                  regularizer=lambda mm: hybrid.regularization(mm, ht.lambda_quant, ht.lambda_prune))
+            timings[f"train {v}"] = time.perf_counter() - t
+            rows[v] = evaluate(m, seqs, params, progress=progress, desc=f"eval {v}")
+            rows[v]["rc"] = hybrid.backbone_bops(hybrid.clone(m), mc.instance_size)["rc"]
+            models[v] = m
+        rows["hybrid_online"] = evaluate(models["hybrid"], seqs, params, online, progress=progress,
+                                         desc="eval hybrid+online")
+        rows["hybrid_online"]["rc"] = rows["hybrid"]["rc"]
+        if checkpoint_dir is not None:
+            save_checkpoint(Path(checkpoint_dir) / "float.pt", model, "float")
+            for v, m in models.items():
+                save_checkpoint(Path(checkpoint_dir) / f"{v}.pt", m, v, scope=scope)
+        meta = {
+            "title": "SiamRPN++ variants on the synthetic OTB-format benchmark",
+            "command": command,
+            **environment(),
+            "benchmark": f"{num_sequences} synthetic sequences x {frames} frames "
+                         f"({synth.width}x{synth.height}, seeds {1000 + seed}..{1000 + seed + num_sequences - 1})",
+            "model": f"width {mc.width}, blocks {mc.blocks}, neck {mc.neck_channels}, "
+                     f"crops {mc.exemplar_size}/{mc.instance_size}, response {mc.score_size}x{mc.score_size}",
+            "hybrid": f"4-bit W/A, keep 0.25, scope '{scope}'",
+            "float training": f"{ft.steps} steps x batch {ft.batch_size}, Adam lr {ft.lr}",
+            "hybrid fine-tuning": f"{ht.steps} steps x batch {ht.batch_size}, Adam lr {ht.lr}, "
+                                  f"lambda_quant {ht.lambda_quant}, lambda_prune {ht.lambda_prune}",
+            "online update": f"every {online.interval} frames, {online.iterations} SGD iterations (lr {online.lr}) "
+                             f"on the latest {online.window} frames, FP branch of the last cls layers only",
+            "post-processing": str(dataclasses.asdict(params or TrackParams())),
+            "timings (s)": {k: round(v, 1) for k, v in timings.items()},
+            "total wall time (s)": round(time.perf_counter() - t0, 1),
+        }
+        write_results(out_dir, rows, meta)
+        return rows
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

@@ -1,0 +1,138 @@
+"""Hybridisation of the tracker through the public :mod:`hybridops` API.
+
+Variants (the paper's Tables 2 and 6):
+
+==============  ======================================================================
+``float``       the float SiamRPN++ (baseline)
+``hybrid``      Q+N+P: quantized + pruned-FP branches, normalisation regularisers on
+``hybrid_qp``   Q+P: hybrid without the eq 10-12 normalisation (``normalize=False``)
+``quant_qn``    Q+N: quantized-only (``hybridize_(..., mode="quant")``)
+==============  ======================================================================
+
+"Hybrid + online update" is the ``hybrid`` model tracked with an ``OnlineConfig``.
+
+Scope of the conversion (``scope``):
+
+* ``"backbone"`` (default, the paper's HybSiamRPN++): every conv of the ResNet-50 backbone, plus
+  the last 1x1 conv of each classification head, so that the online update has an FP branch to
+  train (paper Fig. 1). Adjust layers and the rest of the RPN heads stay float.
+* ``"all"``: every conv of the tracker. The heads' first 3x3 convs read the adjust layers' BN
+  output, which is signed; hybridops calibrates a signed activation quantizer for them.
+
+The backbone's first conv keeps its image input in full precision (``fp_first_input``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+VARIANTS: Dict[str, Optional[dict]] = {
+    "float": None,
+    "hybrid": {"normalize": True, "mode": "hybrid"},
+    "hybrid_qp": {"normalize": False, "mode": "hybrid"},
+    "quant_qn": {"normalize": True, "mode": "quant"},
+}
+
+LABELS = {
+    "float": "float",
+    "hybrid": "hybrid Q+N+P",
+    "hybrid_qp": "hybrid Q+P (no normalisation)",
+    "quant_qn": "quantized-only Q+N",
+    "hybrid_online": "hybrid Q+N+P + online update",
+}
+
+SCOPES = ("backbone", "all")
+
+
+def _ho():
+    """Import the core library lazily so the float tracker works without it."""
+    import hybridops as ho
+    missing = [n for n in ("HybridConfig", "hybridize_", "regularization", "freeze_quantized_",
+                           "fp_parameters", "deploy_") if not hasattr(ho, n)]
+    if missing:
+        raise RuntimeError(f"hybridops does not export {missing} yet; the hybrid tracker needs the core library.")
+    return ho
+
+
+def filter_for(scope: str) -> Callable[[nn.Module, str], bool]:
+    """``filter_fn(module, name)`` for :func:`hybridops.hybridize_` that selects ``scope``."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    if scope == "all":
+        return lambda module, name: True
+    return lambda module, name: name.startswith("backbone.") or (".cls.head." in name and name.endswith(".3"))
+
+
+def hybrid_config(variant: str, **overrides):
+    """The :class:`hybridops.HybridConfig` of ``variant`` (4-bit W/A, keep 0.25 by default)."""
+    if VARIANTS.get(variant) is None:
+        raise ValueError(f"variant {variant!r} is not hybrid; choose one of "
+                         f"{[k for k, v in VARIANTS.items() if v]}.")
+    ho = _ho()
+    kw = {"bits_w": 4, "bits_a": 4, "keep": 0.25, "normalize": VARIANTS[variant]["normalize"]}
+    kw.update(overrides)
+    return ho.HybridConfig(**kw)
+
+
+def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
+                      scope: str = "backbone", **config_overrides):
+    """Convert ``model`` in place to ``variant``; returns hybridize_'s ``ConversionReport``.
+
+    ``example_inputs = (z, x)`` template/search batches calibrate the quantizers now; without
+    them each layer calibrates on its first forward (or a checkpoint's state is loaded later).
+    """
+    ho = _ho()
+    cfg = hybrid_config(variant, **config_overrides)
+    return ho.hybridize_(model, cfg, filter_fn=filter_for(scope), example_inputs=example_inputs,
+                         mode=VARIANTS[variant]["mode"])
+
+
+def online_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """FP-branch parameters of the last 1x1 conv of every classification head.
+
+    Freezes the whole model first (:func:`hybridops.freeze_quantized_` for the quantized parts,
+    then everything else) so that exactly these parameters require grad.
+    """
+    ho = _ho()
+    layers = model.last_cls_layers()
+    if any(isinstance(l, nn.Conv2d) and type(l) is nn.Conv2d for l in layers):
+        raise ValueError("online update needs a hybrid model: the last classification layers are plain "
+                         "nn.Conv2d (hybridize the tracker first).")
+    ho.freeze_quantized_(model)
+    params = [p for l in layers for p in ho.fp_parameters(l)]
+    if not params:
+        raise ValueError("the last classification layers have no full-precision parameters to update.")
+    keep = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    return params
+
+
+def drop_graph_refs_(model: nn.Module) -> nn.Module:
+    """Forget tensors that hybrid layers keep from the last training forward (activation
+    statistics for eq 12, soft gate masks for eq 15): they are non-leaf tensors, which
+    ``copy.deepcopy`` refuses, and stale once the step is over."""
+    for m in model.modules():
+        if hasattr(m, "act_stats"):
+            m.act_stats = None
+        if hasattr(m, "soft_mask"):
+            m.soft_mask = None
+    model.zf = None
+    return model
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """Deep copy of a (possibly trained hybrid) tracker model, without its template cache."""
+    return copy.deepcopy(drop_graph_refs_(model))
+
+
+def backbone_bops(model: nn.Module, image_size: int) -> dict:
+    """BOPs (eq 17) of the backbone on one ``image_size`` search crop: ``{"baseline", "hybrid",
+    "rc"}`` (RC = hybrid / full-precision BOPs), via :func:`hybridops.count_bops`."""
+    ho = _ho()
+    drop_graph_refs_(model)
+    r = ho.count_bops(model.backbone, (1, 3, image_size, image_size))
+    return {"baseline": float(r.baseline), "hybrid": float(r.hybrid), "rc": float(r.rc)}

@@ -1,0 +1,104 @@
+"""OTB one-pass evaluation: precision (centre error) and success (overlap) curves, and plots.
+
+Definitions follow the OTB toolkit (Wu et al., 2013/2015) as pysot implements them:
+
+* centre error: Euclidean distance between box centres, in pixels;
+* precision curve: fraction of frames with centre error <= t for t = 0..50 px; the reported
+  **precision** is the value at 20 px;
+* overlap: IoU of the ``(x, y, w, h)`` boxes (continuous coordinates);
+* success curve: fraction of frames with overlap > t for t in ``linspace(0, 1, 21)``; the
+  reported **success AUC** is the mean of that curve.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Sequence, Union
+
+import numpy as np
+
+PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
+SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
+
+
+def overlap(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """IoU of ``(N, 4)`` ``(x, y, w, h)`` boxes row by row; ``(N,)``."""
+    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
+    x0 = np.maximum(pred[:, 0], gt[:, 0])
+    y0 = np.maximum(pred[:, 1], gt[:, 1])
+    x1 = np.minimum(pred[:, 0] + pred[:, 2], gt[:, 0] + gt[:, 2])
+    y1 = np.minimum(pred[:, 1] + pred[:, 3], gt[:, 1] + gt[:, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    union = pred[:, 2] * pred[:, 3] + gt[:, 2] * gt[:, 3] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def center_error(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Distance between box centres, ``(N,)`` pixels."""
+    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
+    pc = pred[:, :2] + pred[:, 2:] / 2
+    gc = gt[:, :2] + gt[:, 2:] / 2
+    return np.linalg.norm(pc - gc, axis=1)
+
+
+def precision_curve(pred, gt) -> np.ndarray:
+    """``(51,)`` fraction of frames with centre error <= 0, 1, ..., 50 px."""
+    e = center_error(pred, gt)
+    return (e[None, :] <= PRECISION_THRESHOLDS[:, None]).mean(axis=1)
+
+
+def success_curve(pred, gt) -> np.ndarray:
+    """``(21,)`` fraction of frames with overlap > 0, 0.05, ..., 1."""
+    o = overlap(pred, gt)
+    return (o[None, :] > SUCCESS_THRESHOLDS[:, None]).mean(axis=1)
+
+
+def summarize(pred, gt) -> Dict[str, float]:
+    """``{"precision": P@20px, "success_auc": AUC, "mean_iou": ..}`` for one sequence or a
+    concatenation of sequences (frames weighted equally, as OTB does per sequence)."""
+    return {
+        "precision": float(precision_curve(pred, gt)[20]),
+        "success_auc": float(success_curve(pred, gt).mean()),
+        "mean_iou": float(overlap(pred, gt).mean()),
+    }
+
+
+def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, Path], title: str = "") -> Dict[str, Path]:
+    """Draw success and precision plots.
+
+    Args:
+        results: ``{label: {"success": (21,), "precision": (51,)}}`` curves averaged over
+            sequences.
+        out_dir: folder for ``success_plot.png`` and ``precision_plot.png``.
+    Returns:
+        the two paths.
+    """
+    import matplotlib
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    specs = [
+        ("success", SUCCESS_THRESHOLDS, "Overlap threshold", "Success rate", lambda c: c.mean(), "AUC"),
+        ("precision", PRECISION_THRESHOLDS, "Location error threshold (px)", "Precision", lambda c: c[20], "P@20"),
+    ]
+    for key, xs, xlabel, ylabel, score, name in specs:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+        order = sorted(results, key=lambda k: -score(results[k][key]))
+        for label in order:
+            c = results[label][key]
+            ax.plot(xs, c, lw=1.8, label=f"{label} [{name} {score(c):.3f}]")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_xlim(xs[0], xs[-1])
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{'Success' if key == 'success' else 'Precision'} plots of OPE{' - ' + title if title else ''}",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="lower left" if key == "success" else "lower right")
+        fig.tight_layout()
+        paths[key] = out_dir / f"{key}_plot.png"
+        fig.savefig(paths[key])
+        plt.close(fig)
+    return paths
