@@ -80,6 +80,7 @@ class _ConvSpec:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     _channel_shape = (-1, 1, 1)
+    _float_type = nn.Conv2d
 
     def _conv_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
@@ -110,6 +111,7 @@ class _LinearSpec:
         return F.linear(x, w, b)
 
     _channel_shape = (-1,)
+    _float_type = nn.Linear
 
     def _conv_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -117,6 +119,12 @@ class _LinearSpec:
     @staticmethod
     def _float_kwargs(lin: nn.Linear) -> dict:
         return dict(in_features=lin.in_features, out_features=lin.out_features, bias=lin.bias is not None)
+
+
+def _check_float_source(cls, layer) -> None:
+    if not isinstance(layer, cls._float_type):
+        raise TypeError(f"{cls.__name__}.from_float expects a torch.nn.{cls._float_type.__name__}, "
+                        f"got {type(layer).__name__}.")
 
 
 def _broadcast_from_rank0(tensors) -> None:
@@ -188,6 +196,15 @@ class _QuantBase(nn.Module):
         _broadcast_from_rank0([t])
         return bool(t.item())
 
+    @classmethod
+    def from_float(cls, layer: nn.Module, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True):
+        """A quantized copy of a float ``nn.Conv2d`` / ``nn.Linear`` (weights copied, weight
+        interval calibrated; the input interval calibrates on the first data it sees)."""
+        _check_float_source(cls, layer)
+        new = cls(**cls._float_kwargs(layer), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        return _copy_float(new, layer)
+
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.aq is None else self.aq(x, self.backend)
 
@@ -224,11 +241,6 @@ class QuantConv2d(_ConvSpec, _QuantBase):
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self._init_quant(bias, bits_w, bits_a, quantize_input, device, dtype)
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True):
-        return _copy_float(cls(**cls._float_kwargs(conv), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
-                               device=conv.weight.device, dtype=conv.weight.dtype), conv)
-
 
 class QuantLinear(_LinearSpec, _QuantBase):
     """Linear layer with QIL-quantized weights and input activations."""
@@ -238,11 +250,6 @@ class QuantLinear(_LinearSpec, _QuantBase):
         super().__init__()
         self._init_linear(in_features, out_features)
         self._init_quant(bias, bits_w, bits_a, quantize_input, device, dtype)
-
-    @classmethod
-    def from_float(cls, lin: nn.Linear, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True):
-        return _copy_float(cls(**cls._float_kwargs(lin), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
-                               device=lin.weight.device, dtype=lin.weight.dtype), lin)
 
 
 @torch.no_grad()
@@ -263,6 +270,13 @@ class _PrunedBase(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.gate = ChannelGate(self._weight_shape[0], tau=tau, threshold=threshold, keep=keep, init_logit=init_logit)
         self.gate.to(device)
+
+    @classmethod
+    def from_float(cls, layer: nn.Module, **gate_kwargs):
+        """A gated copy of a float ``nn.Conv2d`` / ``nn.Linear``; ``gate_kwargs`` go to the gate."""
+        _check_float_source(cls, layer)
+        new = cls(**cls._float_kwargs(layer), **gate_kwargs, device=layer.weight.device, dtype=layer.weight.dtype)
+        return _copy_float(new, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # eq 14: masking the pre-activation equals masking relu(.) because M is 0/1.
@@ -285,11 +299,6 @@ class PrunedConv2d(_ConvSpec, _PrunedBase):
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
         self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, **gate_kwargs):
-        return _copy_float(cls(**cls._float_kwargs(conv), **gate_kwargs, device=conv.weight.device,
-                               dtype=conv.weight.dtype), conv)
-
 
 class PrunedLinear(_LinearSpec, _PrunedBase):
     """Full-precision linear layer whose output features are gated (eq 13-14)."""
@@ -300,11 +309,6 @@ class PrunedLinear(_LinearSpec, _PrunedBase):
         super().__init__()
         self._init_linear(in_features, out_features)
         self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
-
-    @classmethod
-    def from_float(cls, lin: nn.Linear, **gate_kwargs):
-        return _copy_float(cls(**cls._float_kwargs(lin), **gate_kwargs, device=lin.weight.device,
-                               dtype=lin.weight.dtype), lin)
 
 
 # ----------------------------------------------------------------------------- hybrid = sum
@@ -339,6 +343,18 @@ class _HybridBase(nn.Module):
         self.pruned.gate.reset(kept)
         _broadcast_from_rank0([self.pruned.weight, self.pruned.gate.logits])
 
+    @classmethod
+    def from_float(cls, layer: nn.Module, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
+                   keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0):
+        """A hybrid copy of a float ``nn.Conv2d`` / ``nn.Linear``: the quantized branch starts from
+        its weights; the pruned branch gets the quantization residual at calibration."""
+        _check_float_source(cls, layer)
+        new = cls(**cls._float_kwargs(layer), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
+                  keep=keep, tau=tau, threshold=threshold, init_logit=init_logit,
+                  device=layer.weight.device, dtype=layer.weight.dtype)
+        _copy_float(new.quant, layer)
+        return new
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:
             self.calibrate(x)
@@ -365,15 +381,6 @@ class HybridConv2d(_ConvSpec, _HybridBase):
         self.pruned = PrunedConv2d(**geo, bias=False, tau=tau, threshold=threshold, init_logit=init_logit)
         self._init_hybrid(keep)
 
-    @classmethod
-    def from_float(cls, conv: nn.Conv2d, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
-                   keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0):
-        layer = cls(**cls._float_kwargs(conv), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
-                    keep=keep, tau=tau, threshold=threshold, init_logit=init_logit,
-                    device=conv.weight.device, dtype=conv.weight.dtype)
-        _copy_float(layer.quant, conv)
-        return layer
-
 
 class HybridLinear(_LinearSpec, _HybridBase):
     """Drop-in hybrid replacement for ``nn.Linear``: ``QuantLinear(x) + PrunedLinear(x)``."""
@@ -387,15 +394,6 @@ class HybridLinear(_LinearSpec, _HybridBase):
         self.quant = QuantLinear(**geo, bias=bias, bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input)
         self.pruned = PrunedLinear(**geo, bias=False, tau=tau, threshold=threshold, init_logit=init_logit)
         self._init_hybrid(keep)
-
-    @classmethod
-    def from_float(cls, lin: nn.Linear, bits_w: int = 4, bits_a: int = 4, quantize_input: bool = True,
-                   keep: float = 0.25, tau: float = 1.0, threshold: float = 0.5, init_logit: float = 3.0):
-        layer = cls(**cls._float_kwargs(lin), bits_w=bits_w, bits_a=bits_a, quantize_input=quantize_input,
-                    keep=keep, tau=tau, threshold=threshold, init_logit=init_logit,
-                    device=lin.weight.device, dtype=lin.weight.dtype)
-        _copy_float(layer.quant, lin)
-        return layer
 
 
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
