@@ -29,7 +29,7 @@ __host__ __device__ __forceinline__ int quant_levels(int bits, bool is_signed) {
 // The clamp is written with comparisons so that NaN propagates like torch.clamp.
 template <typename T>
 __device__ __forceinline__ T quant_code(T t, T alpha, T beta, T lv, bool is_signed) {
-  T mag = is_signed ? (t < T(0) ? -t : t) : t;
+  T mag = is_signed ? fabs(t) : t;
   T u = add_rn(mul_rn(mag, alpha), beta);
   u = u < T(0) ? T(0) : (u > T(1) ? T(1) : u);
   T q = floor(add_rn(mul_rn(u, lv), T(0.5)));

@@ -79,7 +79,7 @@ struct QAParams {
   int slice_dtype;
 };
 
-template <typename scalar_t>
+// t = relu?(x * bn_scale[c] + bn_shift[c]) in fp32, each operation rounded on its own.
 __device__ __forceinline__ float qa_activate(const QAParams& p, float v, int ch) {
   if (p.bn_scale) v = __fmul_rn(v, p.bn_scale[ch]);
   if (p.bn_shift) v = __fadd_rn(v, p.bn_shift[ch]);
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) quantize_activate_kernel(QAParams p)
   for (int k = 0; k < 8; ++k) {
     const int ch = c0 + k;
     // Channels past C become the zero code that pads an odd channel count.
-    q[k] = ch < p.c ? static_cast<int>(quant_code<float>(qa_activate<scalar_t>(p, v[k], ch), alpha, beta, lv,
+    q[k] = ch < p.c ? static_cast<int>(quant_code<float>(qa_activate(p, v[k], ch), alpha, beta, lv,
                                                          p.is_signed))
                     : 0;
   }
@@ -171,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) quantize_activate_kernel(QAParams p)
     for (int j = cg; j < p.k; j += groups8) {
       const int64_t ch = load_index(p.keep_idx, j, p.keep_idx64);
       CUDA_KERNEL_ASSERT(ch >= 0 && ch < p.c);
-      const float t = qa_activate<scalar_t>(p, static_cast<float>(base[ch * p.s_c]), static_cast<int>(ch));
+      const float t = qa_activate(p, static_cast<float>(base[ch * p.s_c]), static_cast<int>(ch));
       store_from_float(p.x_slice, pix * p.k + j, p.slice_dtype, t);
     }
   }

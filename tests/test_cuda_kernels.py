@@ -225,7 +225,8 @@ CONV_CASES = [
     ((1, 8, 6, 6, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4, 4, True, 2), "direct"),       # C_out/g = 3 (odd)
     ((1, 32, 7, 7, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, 4, False, 4), "direct"),    # depthwise
     ((1, 5, 4, 5, 10, 3, (2, 2), (1, 1, 1, 1), (2, 1), 5, 7, False, 8), "direct"),     # depthwise x2, C_in 5
-    ((2, 256, 14, 14, 256, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 4, False, 4), "mma_64x64"),  # dilated 3x3
+    ((1, 160, 5, 5, 24, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 8), "mma_32x64"),  # cp.async, K tail
+    ((2, 64, 56, 56, 128, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 4, False, 4), "mma_64x64"),  # dilated 3x3
     ((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_128x128"),  # batch, big tiles
     ((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 8, True, 8), "mma_128x128"),   # one-byte, big tiles
 ]
@@ -375,7 +376,7 @@ def test_qconv2d_argument_errors():
     with pytest.raises(RuntimeError, match=r"x_codes must be contiguous packed codes.*NHWC.*strides"):
         ops.cuda_qconv2d(x_codes.transpose(1, 2), w_packed, 8, 4, False, 4, scale, *tail)
     with pytest.raises(RuntimeError, match=r"w_packed has 2 bytes per tap, expected 4"):
-        ops.cuda_qconv2d(x_codes, w_packed[..., :2].contiguous(), 8, 4, False, 8, scale, *tail)
+        ops.cuda_qconv2d(x_codes, w_packed[..., :2].contiguous(), 8, 4, False, 4, scale, *tail)
     with pytest.raises(RuntimeError, match=r"scale must have shape \[4\], got \[5\]"):
         ops.cuda_qconv2d(x_codes, w_packed, 8, 4, False, 4, torch.ones(5, device=DEVICE), *tail)
     with pytest.raises(RuntimeError, match=r"x_codes must have dtype Byte, got Float"):
