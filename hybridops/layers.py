@@ -153,6 +153,13 @@ class _QuantBase(nn.Module):
         self._calibrated_cache = False
         self._calibrate_weight()
 
+    def __getstate__(self):
+        # act_stats hold the latest training forward's graph (non-leaf tensors): they are not
+        # state, and keeping them would make copy.deepcopy / pickling fail after a training step.
+        state = dict(super().__getstate__())
+        state["act_stats"] = None
+        return state
+
     @torch.no_grad()
     def _calibrate_weight(self) -> None:
         s_w = self.wq.calibrate(self.weight)
@@ -176,6 +183,12 @@ class _QuantBase(nn.Module):
             s_a = self.aq.calibrate(x, signed=bool((x < 0).any()))
         y_f = self._op(x, self.weight, None)
         y_q = self._op(self._quant_input(x), self.wq(self.weight), None)
+        if self.aq is not None:
+            # y_q is a sum of code products on the grid 1 / (levels_a * levels_w); snap it there so
+            # that float cancellation (1e-9 instead of an exact 0) cannot pass for a real signal and
+            # blow the least-squares scale up by orders of magnitude.
+            grid = float(self.aq.levels * self.wq.levels)
+            y_q = torch.round(y_q * grid) / grid
         dims = [d for d in range(y_f.dim()) if d != (1 if y_f.dim() == 4 else y_f.dim() - 1)]
         num, den = (y_f * y_q).sum(dims), (y_q * y_q).sum(dims)
         fallback = torch.full_like(num, s_a * s_w)
@@ -183,6 +196,9 @@ class _QuantBase(nn.Module):
         # A degenerate fit (a dead channel) would zero the channel for good: keep the
         # interval-derived scale there.
         scale = torch.where(scale > 0, scale, fallback)
+        # A fit on very few output positions (a 1x1 map late in a network) can overfit wildly;
+        # it refines the interval-derived scale, so keep it within a factor 4 of it.
+        scale = torch.minimum(torch.maximum(scale, fallback / 4), fallback * 4)
         self.out_scale.copy_(scale)
         self.calibrated_flag.fill_(1.0)
         _broadcast_from_rank0([self.out_scale, self.wq.c, self.wq.log_d] +

@@ -49,6 +49,13 @@ class ChannelGate(nn.Module):
         self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
 
+    def __getstate__(self):
+        # soft_mask is the latest training forward's M_bar (a non-leaf tensor), not state:
+        # dropping it keeps copy.deepcopy / pickling working after a training step.
+        state = dict(super().__getstate__())
+        state["soft_mask"] = None
+        return state
+
     @torch.no_grad()
     def reset(self, keep: torch.Tensor) -> None:
         """Start kept channels at ``b = sigmoid(init_logit)`` and the others at its complement."""
