@@ -27,7 +27,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig
 from .convert import calibrate_, deploy_, hybridize_
-from .layers import PRUNED_LAYERS
+from .deployed import DeployedConv2d, DeployedLinear
+from .layers import HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
+
+_LEAF_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS + (DeployedConv2d, DeployedLinear)
 
 # Modules and functions that map a zero channel to a zero channel, channel for channel.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,
@@ -35,9 +38,18 @@ _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Iden
 _ZERO_PRESERVING_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.relu6, F.dropout, F.adaptive_avg_pool2d)
 
 
+class _LayerTracer(fx.Tracer):
+    """Keeps hybridops layers as ``call_module`` nodes: the default tracer treats only
+    ``torch.nn`` modules as leaves and would trace through a pruned layer, leaving no node for it
+    (and no producer/consumer pair would ever be found)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)
+
+
 def _trace(model: nn.Module) -> Optional[fx.GraphModule]:
     try:
-        return fx.symbolic_trace(model)
+        return fx.GraphModule(model, _LayerTracer().trace(model))
     except Exception as e:  # data-dependent control flow: no compounding, but still correct
         warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); pruning will not compound "
                       "across layers (each pruned layer keeps all its input channels).")

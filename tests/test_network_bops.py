@@ -1,0 +1,199 @@
+"""Network-level hybrid (eq 5, eq 14 compounding) and BOP counting (eq 17)."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import hybridops as ho
+from hybridops.layers import PRUNED_LAYERS
+
+
+def _seq_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(12, 6, 1)).eval()
+
+
+def _randomise_bn(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+
+
+def test_fold_batchnorm():
+    m = _seq_cnn()
+    _randomise_bn(m)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = m(x)
+    assert ho.fold_batchnorm_(m) == 2
+    assert isinstance(m[1], nn.Identity) and isinstance(m[4], nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_network_sequential():
+    backbone = _seq_cnn()
+    _randomise_bn(backbone)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = backbone(x)
+    net = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.5), example_inputs=x).eval()
+    # the backbone itself is untouched
+    assert type(backbone[0]) is nn.Conv2d
+    assert all(isinstance(net.quant_net[i], ho.QuantConv2d) for i in (0, 3, 7))
+    assert all(isinstance(net.pruned_net[i], ho.PrunedConv2d) for i in (0, 3, 7))
+    assert isinstance(net.pruned_net[1], nn.Identity)  # BN folded in the pruned copy (eq 14)
+    # compounding: conv 3 reads conv 0's kept channels (through ReLU), conv 7 reads conv 3's (ReLU, max-pool)
+    assert ho.find_pruned_producers(net.pruned_net) == {"3": "0", "7": "3"}
+    assert net.producers == {"3": "0", "7": "3"}
+    # the pruned network's last layer starts at zero: A^h = f^q at init, close to the float model
+    assert bool((net.pruned_net[7].weight == 0).all())
+    with torch.no_grad():
+        y = net(x)
+        torch.testing.assert_close(y, net.quant_net(x))
+    err = ((y - ref).norm() / ref.norm()).item()
+    assert err < 0.2  # relative L2 error of the output, 4/4 bits, untrained
+    # deploy: rows and (compounded) input columns of dropped channels are removed
+    dep = copy.deepcopy(net).deploy_(backend="torch")
+    k0 = int(net.pruned_net[0].gate.keep_mask().sum())
+    k3 = int(net.pruned_net[3].gate.keep_mask().sum())
+    assert dep.pruned_net[3].fp_weight.shape == (k3, k0, 3, 3)
+    assert dep.pruned_net[7].fp_weight.shape[:2] == (int(net.pruned_net[7].gate.keep_mask().sum()), k3)
+    assert dep.pruned_net[0].fp_weight.shape == (k0, 3, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), y, atol=1e-5, rtol=1e-5)
+    # after some gate changes (and FP weights away from zero), deployed == undeployed still holds
+    with torch.no_grad():
+        net.pruned_net[7].weight.normal_()
+        net.pruned_net[0].gate.logits[:3] *= -1
+        net.pruned_net[3].gate.logits[5:8] *= -1
+    dep = copy.deepcopy(net).deploy_(backend="torch")
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), net(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hybrid_network_trains():
+    net = ho.HybridNetwork(_seq_cnn(), ho.HybridConfig(keep=0.5), example_inputs=torch.randn(2, 3, 16, 16))
+    net.train()
+    y = net(torch.randn(2, 3, 16, 16))
+    (y.square().mean() + ho.regularization(net)).backward()
+    assert net.pruned_net[7].weight.grad is not None and net.pruned_net[7].weight.grad.abs().sum() > 0
+    assert net.quant_net[3].wq.c.grad is not None
+
+
+@pytest.fixture(scope="module")
+def resnet_net():
+    torch.manual_seed(0)
+    backbone = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = backbone(x)
+    net = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.25), example_inputs=x).eval()
+    return net, x, ref
+
+
+def test_hybrid_network_resnet18(resnet_net):
+    net, x, ref = resnet_net
+    n_pruned = sum(isinstance(m, PRUNED_LAYERS) for m in net.pruned_net.modules())
+    assert n_pruned == 21
+    # within a basic block conv2 reads conv1's kept channels (BN folded, ReLU); residual sums break chains
+    assert net.producers.get("layer1.0.conv2") == "layer1.0.conv1"
+    assert net.producers.get("layer4.1.conv2") == "layer4.1.conv1"
+    assert "layer2.0.conv1" not in net.producers  # its input is a residual sum
+    assert net.pruned_net.fc.weight.abs().sum() == 0  # last layer zeroed
+    with torch.no_grad():
+        y = net(x)
+    assert ((y - ref).norm() / ref.norm()).item() < 0.3  # relative L2 error of the logits, untrained
+    with torch.no_grad():
+        net.pruned_net.fc.weight.normal_(std=0.01)
+        y = net(x)
+    dep = copy.deepcopy(net).deploy_(backend="torch")
+    c1 = net.pruned_net.layer1[0].conv1.gate.keep_mask().sum().item()
+    assert dep.pruned_net.layer1[0].conv2.fp_weight.shape[1] == c1
+    with torch.no_grad():
+        torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------- BOPs (eq 17)
+def test_layer_bops_hand_computed():
+    # 3 -> 4 channels, 3x3 kernel: C_in C_out K^2 = 108, log2(27) = 4.7549
+    assert ho.layer_bops(3, 4, 9, 4, 4) == pytest.approx(108 * (16 + 4 + 4 + math.log2(27)))
+    assert ho.layer_bops(3, 4, 9, 4, 4) == pytest.approx(3105.5278, rel=1e-6)
+    assert ho.layer_bops(3, 4, 9, 32, 32) == pytest.approx(108 * (1024 + 64 + math.log2(27)))
+    assert ho.layer_bops(64, 64, 1, 5, 4) == pytest.approx(4096 * (20 + 5 + 4 + 6))
+    assert ho.layer_bops(0, 4, 9, 4, 4) == 0.0
+    assert ho.layer_bops(3, 0, 9, 4, 4) == 0.0
+
+
+def test_count_bops_float_model_is_sum_over_layers():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2),
+                      nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    r = ho.count_bops(m, (2, 3, 8, 8))
+    assert [row.name for row in r.layers] == ["0", "2", "4"]
+    expect = [ho.layer_bops(3, 8, 9, 32, 32) * 2 * 8 * 8,
+              ho.layer_bops(4, 8, 9, 32, 32) * 2 * 4 * 4,  # groups=2: each output reads 4 channels
+              ho.layer_bops(128, 5, 1, 32, 32) * 2]
+    assert [row.baseline for row in r.layers] == pytest.approx(expect)
+    assert r.baseline == pytest.approx(sum(expect))
+    assert r.hybrid == pytest.approx(r.baseline) and r.rc == pytest.approx(1.0)
+    assert r.layers[0].positions == 128
+
+
+def test_bops_hybridized_model_rc():
+    m = _seq_cnn()
+    x = torch.randn(1, 3, 16, 16)
+    base = ho.count_bops(m, (1, 3, 16, 16))
+    ho.hybridize_(m, ho.HybridConfig(keep=0.25), example_inputs=x)
+    r = ho.bops_report(m, input_shape=(1, 3, 16, 16))
+    assert r.baseline == pytest.approx(base.baseline)
+    assert 0 < r.rc < 1
+    assert r.rc == pytest.approx((r.quant + r.pruned) / r.baseline)
+    # hand check of the second layer: 8 -> 12, 3x3, 8x8 outputs, 4/4 bits, 3 kept FP channels of 12
+    row = r.layers[1]
+    assert (row.c_in, row.c_out, row.k2, row.positions, row.pruned_c_out) == (8, 12, 9, 64, 3)
+    assert row.quant == pytest.approx(ho.layer_bops(8, 12, 9, 4, 4) * 64)
+    assert row.pruned == pytest.approx(ho.layer_bops(8, 3, 9, 32, 32) * 64)
+    # the first layer's input is full precision: 32-bit activations
+    assert r.layers[0].bits_a == 32 and r.layers[0].quant == pytest.approx(ho.layer_bops(3, 8, 9, 32, 4) * 256)
+    # deployed model: the same counts
+    dep = ho.deploy_(copy.deepcopy(m), backend="torch")
+    rd = ho.count_bops(dep, (1, 3, 16, 16))
+    assert rd.rc == pytest.approx(r.rc)
+    assert "RC =" in str(r) and r.to_dict()["rc"] == pytest.approx(r.rc)
+
+
+def test_bops_hybrid_network_compounds_pruning():
+    net = ho.HybridNetwork(_seq_cnn(), ho.HybridConfig(keep=0.25), example_inputs=torch.randn(1, 3, 16, 16))
+    r = ho.count_bops(net, (1, 3, 16, 16))
+    assert [row.name for row in r.layers] == ["0", "3", "7"]
+    assert all(row.kind == "hybrid" for row in r.layers)
+    row = r.layers[1]
+    k0 = int(net.pruned_net[0].gate.keep_mask().sum())
+    assert row.pruned_c_in == k0 == 2
+    assert row.pruned == pytest.approx(ho.layer_bops(2, 3, 9, 32, 32) * 64)
+    assert 0 < r.rc < 1
+    rd = ho.count_bops(copy.deepcopy(net).deploy_(backend="torch"), (1, 3, 16, 16))
+    assert rd.rc == pytest.approx(r.rc)
+
+
+def test_count_bops_after_training_step():
+    # count_bops (and copy.deepcopy) must work right after a training forward, whose regulariser
+    # statistics and soft masks are non-leaf tensors
+    m = _seq_cnn()
+    ho.hybridize_(m, example_inputs=torch.randn(1, 3, 16, 16))
+    m.train()
+    m(torch.randn(2, 3, 16, 16))
+    r = ho.count_bops(m, (1, 3, 16, 16))
+    assert 0 < r.rc < 1
+    m2 = copy.deepcopy(m)
+    assert m2[3].quant.act_stats is None and m2[3].pruned.gate.soft_mask is None
+    assert m[3].quant.act_stats is not None  # the original keeps them for its regulariser
