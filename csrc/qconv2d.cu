@@ -34,7 +34,7 @@ enum OutKind : int { kOutF32 = kF32, kOutF16 = kF16, kOutBF16 = kBF16, kOutF64 =
 struct ConvShape {
   const uint8_t* x;  // (N, H, W, x_row) packed activation codes
   const uint8_t* w;  // (C_out, KH, KW, w_row) packed weight codes
-  int n, h, w_, ho, wo, kh, kw;
+  int h, w_, ho, wo, kh, kw;
   int sh, sw, pt, pl, dh, dw;
   int groups, cin_g, cout_g, cout;
   int x_row, w_row;  // bytes per input pixel / per (co, kh, kw) tap
@@ -598,7 +598,7 @@ at::Tensor qconv2d_cuda(
   ConvShape s{};
   s.x = x_codes.data_ptr<uint8_t>();
   s.w = w_packed.data_ptr<uint8_t>();
-  s.n = static_cast<int>(n); s.h = static_cast<int>(h); s.w_ = static_cast<int>(w);
+  s.h = static_cast<int>(h); s.w_ = static_cast<int>(w);
   s.ho = static_cast<int>(ho); s.wo = static_cast<int>(wo);
   s.kh = static_cast<int>(kh); s.kw = static_cast<int>(kw);
   s.sh = static_cast<int>(stride[0]); s.sw = static_cast<int>(stride[1]);

@@ -98,11 +98,10 @@ __device__ __forceinline__ void qa_load8(const QAParams& p, const scalar_t* base
     constexpr int kPer = 16 / sizeof(scalar_t);
     struct alignas(16) Pack { scalar_t v[kPer]; };
 #pragma unroll
-    for (int b = 0; b < 8 / kPer + (8 % kPer != 0); ++b) {
+    for (int b = 0; b < 8 / kPer; ++b) {
       Pack pk = reinterpret_cast<const Pack*>(ptr)[b];
 #pragma unroll
-      for (int k = 0; k < kPer; ++k)
-        if (b * kPer + k < 8) v[b * kPer + k] = static_cast<float>(pk.v[k]);
+      for (int k = 0; k < kPer; ++k) v[b * kPer + k] = static_cast<float>(pk.v[k]);
     }
   } else {
 #pragma unroll
@@ -171,6 +170,7 @@ __global__ void __launch_bounds__(kThreads) quantize_activate_kernel(QAParams p)
     for (int j = cg; j < p.k; j += groups8) {
       const int64_t ch = load_index(p.keep_idx, j, p.keep_idx64);
       CUDA_KERNEL_ASSERT(ch >= 0 && ch < p.c);
+      if (ch < 0 || ch >= p.c) continue;  // never read out of bounds where device asserts are compiled out
       const float t = qa_activate(p, static_cast<float>(base[ch * p.s_c]), static_cast<int>(ch));
       store_from_float(p.x_slice, pix * p.k + j, p.slice_dtype, t);
     }
