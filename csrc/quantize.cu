@@ -40,9 +40,8 @@ __global__ void __launch_bounds__(kThreads) fake_quantize_kernel(const scalar_t*
   const acc_t alpha = static_cast<acc_t>(qparams[0]);
   const acc_t beta = static_cast<acc_t>(qparams[1]);
   const acc_t lv = static_cast<acc_t>(quant_levels(bits, is_signed));
-  // torch on CUDA divides by a Python scalar as a multiplication by its reciprocal (computed in
-  // double, then rounded to the op's math type); the reference's `q / levels` on the GPU is
-  // therefore q * (1 / levels), which this reproduces bit for bit.
+  // The reference computes q * (1 / levels), the reciprocal taken in double and rounded to the
+  // math type (what torch does for a Python scalar divisor); this reproduces it bit for bit.
   const acc_t inv = static_cast<acc_t>(1.0 / static_cast<double>(quant_levels(bits, is_signed)));
   struct alignas(sizeof(scalar_t) * VEC) Pack { scalar_t v[VEC]; };
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x * VEC;

@@ -21,7 +21,8 @@ _BLOCK = 1024
 
 # ----------------------------------------------------------------------------- fake_quantize
 @triton.jit
-def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, SIGNED: tl.constexpr,
+def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, INV_LEVELS: tl.constexpr,
+                          SIGNED: tl.constexpr,
                           F64: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -30,13 +31,14 @@ def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, S
         t = x.to(tl.float64)
         alpha = tl.load(qp_ptr).to(tl.float64)
         beta = tl.load(qp_ptr + 1).to(tl.float64)
-        y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float64) / LEVELS
+        y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float64) * INV_LEVELS
     else:
         t = x.to(tl.float32)
         alpha = tl.load(qp_ptr)
         beta = tl.load(qp_ptr + 1)
-        # fp32 '/' lowers to the approximate div.full on NVIDIA GPUs; the reference divides exactly.
-        y = tl.math.div_rn(quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float32), float(LEVELS))
+        # The reference multiplies by the reciprocal (as torch does for a scalar divisor on CUDA),
+        # which also avoids fp32 '/', an approximate div.full on NVIDIA GPUs.
+        y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float32) * INV_LEVELS
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -54,7 +56,7 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     # One flat pass over storage needs x in out's element order; only non-dense views get copied.
     src = x if x.stride() == out.stride() else torch.empty_like(out).copy_(x)
     grid = (triton.cdiv(x.numel(), _BLOCK),)
-    _fake_quantize_kernel[grid](src, out, qparams.contiguous(), x.numel(), LEVELS=levels(bits, signed),
+    _fake_quantize_kernel[grid](src, out, qparams.contiguous(), x.numel(), LEVELS=levels(bits, signed), INV_LEVELS=1.0 / levels(bits, signed),
                                 SIGNED=signed, F64=x.dtype == torch.float64, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return out
 

@@ -82,8 +82,11 @@ def test_quantize_codes_agrees_with_fake_quantize(signed, dtype):
     fq = ho.fake_quantize(x, c, d, 5, signed)
     assert fq.dtype == dtype and fq.shape == x.shape
     lv = 15 if signed else 31
-    # the fake-quantized value is exactly code / levels (in the input's dtype)
-    assert torch.equal(fq, (codes.double() / lv).to(dtype))
+    # the fake-quantized value is exactly code * (1 / levels), computed in fp32 (fp64 inputs in
+    # fp64) and rounded to the input's dtype
+    math_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert scale == 1.0 / lv
+    assert torch.equal(fq, (codes.to(math_dtype) * scale).to(dtype))
     torch.testing.assert_close(fq.double(), codes.double() * scale, atol=1e-2 if dtype == torch.bfloat16 else 1e-7,
                                rtol=0)
 
@@ -154,7 +157,7 @@ def test_fake_quantize_forward_equals_rounded_interval_hat():
     x = torch.randn(1000)
     for signed, lv in ((True, 7), (False, 15)):
         hat = ho.interval_hat(x, C, D, signed)
-        expect = torch.sign(hat) * torch.floor(hat.abs() * lv + 0.5) / lv
+        expect = torch.sign(hat) * torch.floor(hat.abs() * lv + 0.5) * (1.0 / lv)
         assert torch.equal(ho.fake_quantize(x, C, D, 4, signed), expect)
 
 

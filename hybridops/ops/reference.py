@@ -41,7 +41,9 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     Computed in fp32 (float64 inputs stay float64)."""
     t = x if x.dtype == torch.float64 else x.to(torch.float32)
     q = codes_from_qparams(t, qparams.to(t.dtype), bits, signed)
-    return (q.to(t.dtype) / levels(bits, signed)).to(x.dtype)
+    # A multiplication by the reciprocal (what torch does for a scalar divisor on CUDA), so that
+    # every backend and device rounds the same way.
+    return (q.to(t.dtype) * (1.0 / levels(bits, signed))).to(x.dtype)
 
 
 def quantize_activate(
