@@ -20,6 +20,15 @@ from hybridops.tracking.targets import anchor_targets, cls_loss, loc_loss
 TINY = dict(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tiny convs gain nothing from a second thread and lose a lot when the CPU is shared.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0) -> SiamRPNPP:
     torch.manual_seed(seed)
     return SiamRPNPP(ModelConfig(**TINY)).eval()

@@ -90,6 +90,17 @@ def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[T
                          mode=VARIANTS[variant]["mode"])
 
 
+def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -> torch.Tensor:
+    """``lambda_1 L_quant + lambda_2 L_prune`` of a hybrid model (eq 16 minus the task loss)."""
+    return _ho().regularization(model, lambda_quant=lambda_quant, lambda_prune=lambda_prune)
+
+
+def deploy(model: nn.Module, backend: str = "auto") -> nn.Module:
+    """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`)."""
+    _ho().deploy_(model, backend=backend)
+    return model
+
+
 def online_parameters(model: nn.Module) -> List[nn.Parameter]:
     """FP-branch parameters of the last 1x1 conv of every classification head.
 

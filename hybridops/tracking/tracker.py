@@ -233,7 +233,7 @@ class SiamRPNTracker:
         self.updates += 1
         if o.verify_frozen:
             self.check_frozen()
-        return float(loss)
+        return float(loss.detach())
 
     def check_frozen(self) -> None:
         """Raise if any tensor outside the online-trained FP branch differs from its value at
