@@ -1,0 +1,461 @@
+"""The kernel backends (``triton``: ``hybridops.kernels``; ``cuda``: ``csrc/``, extension
+``hybridops._C``) against the plain-torch reference, through the ``hybridops::`` custom ops.
+
+Every test takes the ``backend`` fixture, parametrized over the kernel backends; a backend that
+cannot run here is skipped with the reason of :func:`hybridops.backend.backend_unavailable_reason`.
+Tensors live on the GPU when there is one, else on the CPU (where only Triton runs, under
+``TRITON_INTERPRET=1``). Integer results (accumulators, packed codes) must be exactly equal;
+float outputs equal up to one unit in the last place of the final rounding (``TOL``): the kernels
+perform the same IEEE fp32 operations in the same order as the reference.
+
+Fresh outputs are poisoned so that elements a kernel forgets to write fail the comparison of
+whole tensors: ``torch.empty`` / ``torch.empty_like`` (the Triton launchers) return NaN / 0xAB
+filled tensors, and on the GPU the caching allocator's free blocks are filled with 0xFF bytes
+first (outputs the C++ extension allocates: NaN in every float dtype, -1 in int32, 255 in uint8).
+bfloat16 runs only on the GPU: the interpreter converts fp32 to bf16 by truncation (GPU.md).
+
+Backend-specific tests live in ``test_triton_kernels.py`` and ``test_cuda_kernels.py``.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybridops.backend import backend_unavailable_reason
+from hybridops.ops import packing
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ops = torch.ops.hybridops
+
+gpu_only = [pytest.mark.gpu, pytest.mark.skipif(DEVICE.type != "cuda", reason="bf16 is wrong in the Triton interpreter")]
+too_big_for_interpreter = pytest.mark.skipif(DEVICE.type != "cuda", reason="too large for the Triton interpreter")
+
+# Float tolerances against the reference: fp32/fp64 equal in practice (torch's default fp32
+# tolerance); fp16 and bf16 allow one unit in the last place of the final rounding.
+TOL = {torch.float32: dict(rtol=1.3e-6, atol=1e-5), torch.float64: dict(rtol=1.3e-6, atol=1e-5),
+       torch.float16: dict(rtol=1e-3, atol=1e-3), torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+
+
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.dtype.is_floating_point:
+        t.fill_(math.nan)
+    elif t.dtype != torch.bool:
+        t.fill_(0xAB if t.dtype == torch.uint8 else -0x55)
+    return t
+
+
+def poison_cuda_allocator(device) -> None:
+    """Fill free blocks of the CUDA caching allocator with 0xFF bytes, which the next
+    allocations (outputs made in C++ included) reuse unwritten."""
+    blocks = [torch.full((n,), 0xFF, dtype=torch.uint8, device=device)
+              for n in [512] * 64 + [32 << 10] * 32 + [1 << 20] * 4 + [8 << 20, 32 << 20]]
+    del blocks
+
+
+@pytest.fixture(scope="module")
+def _two_triton_qconv_tiles():
+    """On a GPU, Triton tunes qconv2d over two tiles only (a wgmma one and a small-M mma.sync
+    one): every new shape key would otherwise compile and time all configs. (The interpreter has
+    a single config anyway.)"""
+    if DEVICE.type != "cuda" or backend_unavailable_reason("triton", DEVICE) is not None:
+        yield
+        return
+    from hybridops.kernels import qconv
+
+    configs = qconv._qconv_kernel.configs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qconv._qconv_kernel, "configs", [configs[0], configs[-1]])
+        yield
+
+
+@pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
+def backend(request, monkeypatch, _two_triton_qconv_tiles):
+    """The kernel backend under test (skipped where it cannot run), with poisoned allocations."""
+    reason = backend_unavailable_reason(request.param, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    empty, empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: _poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: _poison(empty_like(*a, **k)))
+    if DEVICE.type == "cuda":
+        poison_cuda_allocator(DEVICE)
+    return request.param
+
+
+def make_qparams(lo: float, hi: float, signed: bool) -> torch.Tensor:
+    """[alpha, beta] mapping [lo, hi] onto [0, 1] (eq 8), or |t| <= hi onto [0, 1] (eq 6)."""
+    if signed:
+        return torch.tensor([1.0 / hi, 0.0], device=DEVICE)
+    return torch.tensor([1.0 / (hi - lo), -lo / (hi - lo)], device=DEVICE)
+
+
+def _codes(shape, bits: int, signed: bool, gen: torch.Generator) -> torch.Tensor:
+    lv = packing.levels(bits, signed)
+    return torch.randint(-lv if signed else 0, lv + 1, shape, generator=gen)
+
+
+def assert_same(got: torch.Tensor, ref: torch.Tensor) -> None:
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (got.shape, got.dtype, ref.shape, ref.dtype)
+    if got.dtype.is_floating_point:
+        assert not got.isnan().any() or ref.isnan().any(), "unwritten (NaN-poisoned) output elements"
+        torch.testing.assert_close(got, ref, **TOL[got.dtype])
+    else:
+        assert torch.equal(got, ref), f"{(got != ref).sum().item()} of {got.numel()} elements differ"
+
+
+# ----------------------------------------------------------------------------- fake_quantize
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64,
+                                   pytest.param(torch.bfloat16, marks=gpu_only)])
+@pytest.mark.parametrize("bits,signed", [(2, True), (4, False), (5, True), (8, True), (8, False)])
+def test_fake_quantize(backend, dtype, bits, signed):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(3, 5, 7, 9, generator=gen) * 2
+    # NaN has code 0; infinities and 3.0 sit on the clamp; both zero signs.
+    x[0, 0, 0, :6] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, 3.0])
+    x = x.to(DEVICE, dtype)
+    qp = make_qparams(-2.0, 3.0, signed)
+    for inp, dense in ((x, True), (x.to(memory_format=torch.channels_last), True), (x[:, 1::2, :, ::3], False),
+                       (x.flatten()[1:], True)):
+        got = ops.fake_quantize(inp, qp, bits, signed, backend)
+        ref = ops.fake_quantize(inp, qp, bits, signed, "torch")
+        # Codes are exact, and so is code * (1 / levels): equal in every dtype.
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+        assert got.stride() == ref.stride()
+        if dense:  # a dense input keeps its layout
+            assert got.stride() == inp.stride()
+
+
+def test_fake_quantize_empty(backend):
+    x = torch.empty(0, 4, device=DEVICE)
+    assert ops.fake_quantize(x, make_qparams(0.0, 1.0, False), 4, False, backend).shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------- quantize_activate
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("bits,signed", [(2, False), (3, True), (4, False), (4, True), (5, False), (7, True),
+                                         (8, True)])
+@pytest.mark.parametrize("channels", [1, 3, 7, 16, 17, 64])
+def test_quantize_activate_codes(backend, layout, bits, signed, channels):
+    gen = torch.Generator().manual_seed(channels)
+    x = torch.randn(2, channels, 5, 6, generator=gen)
+    x[0, 0, 0, 0:6:2] = torch.tensor([math.nan, math.inf, -math.inf])  # kept by the strided view
+    x = x.to(DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[..., ::2]
+    qp = make_qparams(-2.0, 2.0, signed)
+    got = ops.quantize_activate(x, qp, bits, signed, None, None, False, None, None, backend)
+    ref = ops.quantize_activate(x, qp, bits, signed, None, None, False, None, None, "torch")
+    assert_same(got[1], ref[1])
+    assert ref[0].shape == (0,)
+    assert_same(got[0], ref[0])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype,slice_dtype", [(torch.float32, None), (torch.float16, torch.float32),
+                                               (torch.float32, torch.float16), (torch.float64, None),
+                                               pytest.param(torch.bfloat16, None, marks=gpu_only),
+                                               pytest.param(torch.float32, torch.bfloat16, marks=gpu_only)])
+@pytest.mark.parametrize("bits,signed,relu", [(4, False, True), (5, True, False), (3, False, False)])
+@pytest.mark.parametrize("c", [9, 32])
+def test_quantize_activate_fused(backend, layout, dtype, slice_dtype, bits, signed, relu, c):
+    gen = torch.Generator().manual_seed(bits + c)
+    x = (torch.randn(2, c, 4, 10, generator=gen) * 1.5).to(DEVICE, dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":  # H and W do not merge
+        x = x[:, :, :, ::3]
+    bn_scale = (torch.rand(c, generator=gen) + 0.5).to(DEVICE)
+    bn_shift = (torch.randn(c, generator=gen) * 0.3).to(DEVICE, torch.float64)
+    keep = torch.tensor([7, 0, 3, 8, 3], device=DEVICE, dtype=torch.int32)  # unsorted, one repeated
+    qp = make_qparams(-1.0, 2.5, signed)
+    args = (x, qp, bits, signed, bn_scale, bn_shift, relu, keep, slice_dtype)
+    got = ops.quantize_activate(*args, backend)
+    ref = ops.quantize_activate(*args, "torch")
+    assert_same(got[1], ref[1])
+    assert len(ref[1].unique()) > 2  # the codes are not trivially constant
+    # The slice is the same fp32 value cast once: equal.
+    assert_same(got[0], ref[0])
+    assert torch.equal(got[0], ref[0])
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_quantize_activate_repeated_keep_idx(backend, layout, index_dtype):
+    # A grouped conv's pruned branch reads its group's input channels once per kept output.
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 5, generator=gen).to(DEVICE)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    keep = torch.tensor([4, 5, 0, 1, 4, 5, 4, 5, 3], device=DEVICE, dtype=index_dtype)
+    args = (x, make_qparams(-1.0, 1.0, False), 4, False, torch.rand(6, generator=gen).to(DEVICE), None, True, keep,
+            torch.float16)
+    got = ops.quantize_activate(*args, backend)
+    ref = ops.quantize_activate(*args, "torch")
+    assert_same(got[1], ref[1])
+    assert_same(got[0], ref[0])
+
+
+def test_quantize_activate_empty_batch(backend):
+    x = torch.randn(0, 5, 3, 3, device=DEVICE)
+    keep = torch.tensor([1, 4], device=DEVICE)
+    x_slice, codes = ops.quantize_activate(x, make_qparams(0.0, 1.0, False), 4, False, None, None, True, keep, None,
+                                           backend)
+    assert x_slice.shape == (0, 3, 3, 2) and codes.shape == (0, 3, 3, 3) and codes.dtype == torch.uint8
+
+
+def test_quantize_activate_rejects_unsigned_8bit(backend):
+    x = torch.randn(1, 2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="unsigned 8-bit"):
+        ops.quantize_activate(x, make_qparams(0.0, 1.0, False), 8, False, None, None, False, None, None, backend)
+
+
+# ----------------------------------------------------------------------------- qconv2d
+def conv_inputs(n, cin, h, w, cout, k, groups, bits_a, a_signed, bits_w, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = (k, k) if isinstance(k, int) else k
+    x_codes = packing.pack_codes(_codes((n, h, w, cin), bits_a, a_signed, gen), bits_a).to(DEVICE)
+    w_packed = packing.pack_weight(_codes((cout, cin // groups, kh, kw), bits_w, True, gen), bits_w).to(DEVICE)
+    return x_codes, w_packed, gen
+
+
+def run_qconv(backend, x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+           groups, relu=False, fp_out=None, fp_idx=None, rq=None, rq_bits=4, rq_signed=False, out_dtype=torch.float32):
+    return ops.qconv2d(x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, bias, list(stride), list(padding),
+                       list(dilation), groups, relu, fp_out, fp_idx, rq, rq_bits, rq_signed, out_dtype, backend)
+
+
+# (N, C_in, H, W, C_out, kernel, stride, padding (t, b, l, r), dilation, groups, bits_a, a_signed, bits_w)
+# and the kernel the cuda backend runs for it on the project's H100 (132 SMs): every kernel is
+# exercised, which test_cuda_kernels.py::test_qconv2d_plan checks.
+CONV_CASES = [
+    ((1, 3, 9, 9, 8, 7, (2, 2), (3, 3, 3, 3), (1, 1), 1, 4, False, 4), "direct"),     # stem, batch 1, C_in 3
+    ((1, 3, 7, 6, 4, 7, (1, 1), (3, 3, 3, 3), (1, 1), 1, 5, True, 5), "direct"),      # 7x7, C_in 3
+    ((2, 17, 6, 7, 33, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 5, True, 8), "mma_32x64"),  # C_in 17: gathered loads
+    ((1, 64, 9, 9, 48, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_32x64"),  # cp.async, 4-bit
+    ((2, 16, 5, 6, 24, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 7, False, 2), "mma_32x64"),  # 1x1
+    ((2, 32, 7, 7, 40, 1, (1, 1), (0, 0, 0, 0), (1, 1), 1, 7, False, 2), "mma_32x64"),  # 1x1
+    ((1, 16, 5, 6, 24, 1, (2, 2), (0, 1, 1, 0), (1, 1), 1, 4, True, 4), "mma_32x64"),   # strided 1x1, asym. pad
+    ((1, 32, 8, 9, 24, 1, (2, 2), (0, 1, 1, 0), (1, 1), 1, 4, True, 4), "mma_32x64"),   # strided 1x1, asym. pad
+    ((1, 96, 13, 13, 64, 5, (2, 2), (0, 0, 0, 0), (1, 1), 1, 4, False, 4), "mma_32x64"),  # RT-MDNet conv2-like
+    ((2, 5, 11, 13, 6, 5, (2, 2), (2, 1, 0, 3), (1, 3), 1, 4, True, 5), "direct"),     # 5x5, dil 3, asym pad
+    ((2, 48, 11, 13, 20, 5, (2, 2), (2, 1, 0, 3), (1, 3), 1, 5, True, 5), "mma_32x64"),  # 5x5, dil 3, asym pad
+    ((1, 6, 7, 8, 4, 3, (1, 2), (4, 4, 5, 4), (1, 1), 1, 4, False, 4), "direct"),      # padding > needed
+    ((1, 40, 7, 8, 36, 3, (1, 2), (4, 4, 5, 4), (3, 2), 1, 8, True, 4), "mma_32x64"),  # padding > kernel, dil 3
+    ((1, 4, 2, 3, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1, 4, False, 8), "direct"),      # H, W < kernel
+    ((1, 16, 2, 3, 16, 5, (1, 1), (2, 2, 2, 2), (1, 1), 1, 4, False, 8), "mma_32x64"),  # H, W < kernel
+    ((2, 4, 7, 7, 3, 3, (1, 1), (0, 0, 0, 0), (3, 3), 1, 7, True, 4), "direct"),       # dil 3: 1x1 output
+    ((1, 16, 9, 8, 16, 7, (1, 1), (3, 3, 3, 3), (1, 1), 1, 5, True, 5), "mma_32x64"),   # 7x7, one-byte codes
+    ((1, 70, 4, 4, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "direct"),    # several K chunks (packed)
+    ((1, 40, 4, 4, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 8, True, 8), "direct"),     # several K chunks (one byte)
+    ((1, 150, 6, 6, 20, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_32x64"),  # 3 K chunks, tail
+    ((1, 160, 5, 5, 24, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 8), "mma_32x64"),  # cp.async, K tail
+    ((2, 6, 5, 5, 4, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, 4, False, 4), "direct"),      # groups, odd C_in/g
+    ((1, 64, 6, 6, 64, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, 4, True, 4), "mma_32x64"),   # groups, aligned
+    ((1, 34, 5, 6, 34, 3, (1, 1), (1, 1, 1, 1), (1, 1), 2, 4, False, 2), "mma_32x64"),  # group 1 starts mid-byte
+    ((1, 9, 5, 5, 6, 3, (2, 1), (1, 1, 1, 1), (1, 1), 3, 5, False, 4), "direct"),      # groups, mixed widths
+    ((1, 51, 5, 5, 48, 3, (2, 1), (1, 1, 1, 1), (1, 1), 3, 5, False, 4), "mma_32x64"),  # groups, mixed widths
+    ((1, 8, 6, 6, 12, 3, (1, 1), (1, 1, 1, 1), (1, 1), 4, 4, True, 2), "direct"),       # C_out/g = 3 (odd)
+    ((1, 6, 5, 5, 6, 3, (1, 1), (1, 1, 1, 1), (1, 1), 6, 4, False, 4), "direct"),       # depthwise
+    ((1, 32, 7, 7, 32, 3, (1, 1), (1, 1, 1, 1), (1, 1), 32, 4, False, 4), "direct"),    # depthwise
+    ((1, 5, 4, 5, 10, 3, (2, 2), (1, 1, 1, 1), (2, 1), 5, 7, False, 8), "direct"),     # depthwise x2, C_in 5
+    pytest.param(((2, 64, 56, 56, 128, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, 4, False, 4), "mma_64x64"),  # dilated
+                 marks=too_big_for_interpreter),
+    pytest.param(((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_128x128"),  # batch
+                 marks=too_big_for_interpreter),
+    pytest.param(((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 8, True, 8), "mma_128x128"),  # 1-byte
+                 marks=too_big_for_interpreter),
+]
+
+
+def conv_case_id(case):
+    c = case[0]
+    return "x".join(map(str, c[:6])) + f"-g{c[9]}-a{c[10]}{'s' if c[11] else 'u'}w{c[12]}"
+
+
+def conv_cases():
+    """CONV_CASES without their pytest marks: ``(shape tuple, cuda plan)`` pairs."""
+    return [c.values[0] if hasattr(c, "values") else c for c in CONV_CASES]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=conv_case_id)
+def test_qconv2d_accumulators(backend, case):
+    n, cin, h, w, cout, k, stride, pad, dil, groups, ba, asg, bw = case[0]
+    x_codes, w_packed, _ = conv_inputs(n, cin, h, w, cout, k, groups, ba, asg, bw)
+    args = (x_codes, w_packed, cin, ba, asg, bw, torch.ones(cout, device=DEVICE), None, stride, pad, dil, groups)
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), run_qconv("torch", *args, out_dtype=torch.int32))
+
+
+@pytest.mark.parametrize("cin", [32, 24, 11, 6])  # cuda: cp.async rows, gathered rows, direct path
+@pytest.mark.parametrize("bits_w", [2, 4, 5, 8])
+@pytest.mark.parametrize("bits_a,a_signed", [(4, False), (4, True), (5, False), (7, False), (7, True), (8, True),
+                                             (2, False)])
+def test_qconv2d_bit_widths(backend, cin, bits_a, a_signed, bits_w):
+    cout = 20
+    x_codes, w_packed, _ = conv_inputs(2, cin, 5, 4, cout, 3, 1, bits_a, a_signed, bits_w, seed=bits_a * 9 + bits_w)
+    args = (x_codes, w_packed, cin, bits_a, a_signed, bits_w, torch.ones(cout, device=DEVICE), None, (1, 1),
+            (1, 1, 1, 1), (1, 1), 1)
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), run_qconv("torch", *args, out_dtype=torch.int32))
+
+
+@pytest.mark.parametrize("bits_a,a_signed,bits_w", [(4, True, 4), (4, False, 4), (7, False, 8), (8, True, 8),
+                                                    (8, True, 2)])
+def test_qconv2d_extreme_codes(backend, bits_a, a_signed, bits_w):
+    """Largest-magnitude codes everywhere: the int8 widening and sign extension at the range ends."""
+    lva, lvw = packing.levels(bits_a, a_signed), packing.levels(bits_w, True)
+    cin, cout = 64, 32
+    a = torch.full((1, 5, 5, cin), lva, dtype=torch.int16)
+    a[..., 1::2] = -lva if a_signed else 0
+    wq = torch.full((cout, cin, 3, 3), -lvw, dtype=torch.int16)
+    wq[:, ::3] = lvw
+    x_codes = packing.pack_codes(a, bits_a).to(DEVICE)
+    w_packed = packing.pack_weight(wq, bits_w).to(DEVICE)
+    args = (x_codes, w_packed, cin, bits_a, a_signed, bits_w, torch.ones(cout, device=DEVICE), None, (1, 1),
+            (1, 1, 1, 1), (1, 1), 1)
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), run_qconv("torch", *args, out_dtype=torch.int32))
+
+
+def epilogue_inputs(cout, ho, wo, n, gen, kept, fp_dtype):
+    scale = (torch.rand(cout, generator=gen) * 0.02 + 0.01).to(DEVICE)
+    bias = torch.randn(cout, generator=gen).to(DEVICE)
+    # The pruned branch's output for the kept channels only, as a non-contiguous NHWC view.
+    fp_big = torch.randn(n, ho, wo, 2 * len(kept), generator=gen).to(DEVICE, fp_dtype)
+    return scale, bias, fp_big[..., ::2], torch.tensor(kept, device=DEVICE)
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.float64,
+                                       pytest.param(torch.bfloat16, marks=gpu_only)])
+@pytest.mark.parametrize("with_bias,with_fp,relu", [(True, True, True), (False, True, False), (True, False, True)])
+@pytest.mark.parametrize("cin,cout", [(13, 11), (32, 40)])  # cuda: direct path, tensor cores
+def test_qconv2d_float_epilogue(backend, out_dtype, with_bias, with_fp, relu, cin, cout):
+    n = 2
+    x_codes, w_packed, gen = conv_inputs(n, cin, 6, 5, cout, 3, 1, 4, False, 4, seed=3)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 3, 2, n, gen, [9, 2, 5, 0, cout - 1], torch.float16)
+    args = (x_codes, w_packed, cin, 4, False, 4, scale, bias if with_bias else None, (2, 2), (1, 1, 1, 0), (1, 1), 1)
+    ep = dict(relu=relu, fp_out=fp_out if with_fp else None, fp_idx=fp_idx if with_fp else None, out_dtype=out_dtype)
+    assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+@pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("cin,cout,groups", [(16, 24, 1), (6, 6, 1), (64, 96, 2)])
+def test_qconv2d_fp_add_unsorted_index(backend, repeat, idx_dtype, cin, cout, groups):
+    """Unsorted kept channels; with ``repeat``, a channel listed three times (index_add sums the columns)."""
+    if repeat and backend == "triton":
+        pytest.skip("the triton qconv2d requires distinct fp_idx entries (kernels/qconv.py)")
+    n = 1
+    x_codes, w_packed, gen = conv_inputs(n, cin, 5, 5, cout, 3, groups, 4, False, 4, seed=7)
+    kept = [cout - 1, 3, 0, 3, 5, 3] if repeat else [cout - 1, 3, 0, 1]
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 5, n, gen, kept, torch.float32)
+    args = (x_codes, w_packed, cin, 4, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
+    ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx.to(idx_dtype))
+    assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
+
+
+@pytest.mark.parametrize("rq_bits,rq_signed", [(4, False), (2, False), (4, True), (5, False), (5, True), (8, True),
+                                               (8, False)])
+@pytest.mark.parametrize("cin,cout,groups", [(10, 7, 1), (10, 10, 5), (32, 33, 1), (34, 34, 2), (64, 64, 2)])
+def test_qconv2d_requantize(backend, rq_bits, rq_signed, cin, cout, groups):
+    n, h, w = 2, 5, 5
+    x_codes, w_packed, gen = conv_inputs(n, cin, h, w, cout, 3, groups, 5, False, 4, seed=cout)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, h, w, n, gen, [cout - 1, 0, cout // 2], torch.float32)
+    scale = scale / (cin // groups) * 10
+    args = (x_codes, w_packed, cin, 5, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
+    ep = dict(relu=not rq_signed, fp_out=fp_out, fp_idx=fp_idx)
+    y = run_qconv("torch", *args, **ep)
+    rq = make_qparams(y.min().item(), y.max().item(), False) if not rq_signed else make_qparams(0.0, y.abs().max().item(), True)
+    got = run_qconv(backend, *args, **ep, rq=rq, rq_bits=rq_bits, rq_signed=rq_signed)
+    ref = run_qconv("torch", *args, **ep, rq=rq, rq_bits=rq_bits, rq_signed=rq_signed)
+    assert_same(got, ref)
+    assert ref.shape[-1] == packing.packed_size(cout, rq_bits)
+    assert len(packing.unpack_codes(ref, rq_bits, cout, rq_signed).unique()) > 2
+
+
+def test_qconv2d_empty_batch(backend):
+    x_codes, w_packed, _ = conv_inputs(0, 6, 5, 5, 4, 3, 1, 4, False, 4)
+    args = (x_codes, w_packed, 6, 4, False, 4, torch.ones(4, device=DEVICE), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    assert run_qconv(backend, *args).shape == (0, 5, 5, 4)
+    assert run_qconv(backend, *args, rq=make_qparams(0.0, 1.0, False), rq_bits=4).shape == (0, 5, 5, 2)
+
+
+def test_qconv2d_empty_output_is_an_error(backend):
+    # 3x3 input, 5x5 kernel, no padding: nothing to compute, and the op says so.
+    x_codes, w_packed, _ = conv_inputs(1, 4, 3, 3, 2, 5, 1, 4, False, 4)
+    args = (x_codes, w_packed, 4, 4, False, 4, torch.ones(2, device=DEVICE), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="empty output"):
+        run_qconv(backend, *args)
+
+
+def test_qconv2d_rejects_unsigned_8bit_activations(backend):
+    x_codes, w_packed, _ = conv_inputs(1, 4, 3, 3, 2, 1, 1, 8, False, 4)
+    args = (x_codes, w_packed, 4, 8, False, 4, torch.ones(2, device=DEVICE), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+    with pytest.raises(ValueError, match="unsigned 8-bit"):
+        run_qconv(backend, *args)
+
+
+@st.composite
+def conv_problems(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin = groups * draw(st.integers(1, 6))
+    cout = groups * draw(st.integers(1, 5))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    dil = (draw(st.integers(1, 2)), draw(st.integers(1, 2)))
+    pad = tuple(draw(st.integers(0, 2)) for _ in range(4))
+    h = draw(st.integers(max(1, dil[0] * (kh - 1) + 1 - pad[0] - pad[1]), 7))
+    w = draw(st.integers(max(1, dil[1] * (kw - 1) + 1 - pad[2] - pad[3]), 7))
+    bits_a = draw(st.integers(2, 8))
+    a_signed = bits_a == 8 or draw(st.booleans())
+    bits_w = draw(st.integers(2, 8))
+    mode = draw(st.sampled_from(["int32", "float", "requant"]))
+    rq_bits = draw(st.integers(2, 8))
+    return dict(n=draw(st.integers(1, 2)), cin=cin, h=h, w=w, cout=cout, k=(kh, kw), groups=groups, stride=stride,
+                pad=pad, dil=dil, bits_a=bits_a, a_signed=a_signed, bits_w=bits_w, mode=mode, rq_bits=rq_bits,
+                seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(p=conv_problems())
+def test_qconv2d_random(backend, p):
+    x_codes, w_packed, gen = conv_inputs(p["n"], p["cin"], p["h"], p["w"], p["cout"], p["k"], p["groups"],
+                                          p["bits_a"], p["a_signed"], p["bits_w"], seed=p["seed"])
+    cout = p["cout"]
+    args = (x_codes, w_packed, p["cin"], p["bits_a"], p["a_signed"], p["bits_w"],
+            (torch.rand(cout, generator=gen) * 0.1).to(DEVICE), None, p["stride"], p["pad"], p["dil"], p["groups"])
+    if p["mode"] == "int32":
+        ep = dict(out_dtype=torch.int32)
+    elif p["mode"] == "float":
+        ep = dict(relu=True)
+    else:
+        ep = dict(rq=make_qparams(-1.0, 1.0, False), rq_bits=p["rq_bits"])
+    assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
+
+
+# ----------------------------------------------------------------------------- opcheck
+def test_opcheck_fake_quantize(backend):
+    x = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(ops.fake_quantize, (x, make_qparams(-1.0, 1.0, False), 4, False, backend))
+
+
+def test_opcheck_quantize_activate(backend):
+    x = torch.randn(1, 5, 3, 4, device=DEVICE, requires_grad=True)
+    keep = torch.tensor([3, 1], device=DEVICE)
+    torch.library.opcheck(ops.quantize_activate, (x, make_qparams(-1.0, 1.0, False), 4, False, None, None, True, keep,
+                                                  None, backend))
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 5), (32, 20)])  # cuda: direct path, tensor cores
+def test_opcheck_qconv2d(backend, cin, cout):
+    x_codes, w_packed, gen = conv_inputs(1, cin, 4, 4, cout, 3, 1, 4, False, 4)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
+    fp_out = fp_out.contiguous().requires_grad_()
+    torch.library.opcheck(ops.qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, bias, [1, 1], [1, 1, 1, 1],
+                                        [1, 1], 1, True, fp_out, fp_idx, None, 4, False, torch.float32, backend))
+    torch.library.opcheck(ops.qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, None, [1, 1], [1, 1, 1, 1],
+                                        [1, 1], 1, False, None, None, make_qparams(-1.0, 1.0, False), 4, False,
+                                        torch.float32, backend))
