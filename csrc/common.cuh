@@ -31,7 +31,8 @@ template <typename T>
 __device__ __forceinline__ T quant_code(T t, T alpha, T beta, T lv, bool is_signed) {
   T mag = is_signed ? fabs(t) : t;
   T u = add_rn(mul_rn(mag, alpha), beta);
-  u = u < T(0) ? T(0) : (u > T(1) ? T(1) : u);
+  // Written so that NaN fails the first test and becomes code 0, as in the reference.
+  u = u > T(0) ? (u < T(1) ? u : T(1)) : T(0);
   T q = floor(add_rn(mul_rn(u, lv), T(0.5)));
   if (is_signed) q = t > T(0) ? q : (t < T(0) ? -q : T(0));
   return q;

@@ -56,8 +56,9 @@ def build_info() -> dict:
 def _register_fakes() -> None:
     @torch.library.register_fake("hybridops::cuda_fake_quantize")
     def _(x, qparams, bits, signed):
-        # The kernel keeps a dense layout (contiguous, channels_last, ...) and makes others contiguous.
-        return torch.empty_like(x) if x.is_non_overlapping_and_dense() else x.new_empty(x.shape)
+        # The kernel keeps a dense layout (contiguous, channels_last, ...) and makes others
+        # contiguous, which is what empty_like's preserve_format does.
+        return torch.empty_like(x)
 
     @torch.library.register_fake("hybridops::cuda_quantize_activate")
     def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype):
