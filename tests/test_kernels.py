@@ -341,20 +341,27 @@ def test_qconv2d_float_epilogue(backend, out_dtype, with_bias, with_fp, relu, ci
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
 
 
-@pytest.mark.parametrize("repeat", [False, True])
 @pytest.mark.parametrize("idx_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("cin,cout,groups", [(16, 24, 1), (6, 6, 1), (64, 96, 2)])
-def test_qconv2d_fp_add_unsorted_index(backend, repeat, idx_dtype, cin, cout, groups):
-    """Unsorted kept channels; with ``repeat``, a channel listed three times (index_add sums the columns)."""
-    if repeat and backend == "triton":
-        pytest.skip("the triton qconv2d requires distinct fp_idx entries (kernels/qconv.py)")
+def test_qconv2d_fp_add_unsorted_index(backend, idx_dtype, cin, cout, groups):
+    """Unsorted kept channels are added into the right output channels."""
     n = 1
     x_codes, w_packed, gen = conv_inputs(n, cin, 5, 5, cout, 3, groups, 4, False, 4, seed=7)
-    kept = [cout - 1, 3, 0, 3, 5, 3] if repeat else [cout - 1, 3, 0, 1]
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 5, n, gen, kept, torch.float32)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 5, n, gen, [cout - 1, 3, 0, 1], torch.float32)
     args = (x_codes, w_packed, cin, 4, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
     ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx.to(idx_dtype))
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
+
+
+@pytest.mark.parametrize("kept,match", [([5, 3, 0, 3], "distinct"), ([0, 24], r"\[0, 24\)"), ([-1, 2], r"\[0, 24\)")])
+def test_qconv2d_rejects_bad_fp_idx(backend, kept, match):
+    """A repeated or out-of-range kept-channel index is an error on every backend (kernels write
+    through it), not a backend-dependent sum or an out-of-bounds write."""
+    x_codes, w_packed, gen = conv_inputs(1, 16, 5, 5, 24, 3, 1, 4, False, 4, seed=7)
+    scale, bias, fp_out, _ = epilogue_inputs(24, 5, 5, 1, gen, [0, 1, 2, 3][: len(kept)], torch.float32)
+    args = (x_codes, w_packed, 16, 4, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    with pytest.raises(ValueError, match=match):
+        run_qconv(backend, *args, relu=False, fp_out=fp_out, fp_idx=torch.tensor(kept, device=x_codes.device))
 
 
 @pytest.mark.parametrize("rq_bits,rq_signed", [(4, False), (2, False), (4, True), (5, False), (5, True), (8, True),

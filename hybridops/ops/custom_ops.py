@@ -7,7 +7,8 @@ trace through the ops.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import weakref
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -49,6 +50,31 @@ def _check_channel_vec(t: Optional[torch.Tensor], n: int, like: torch.Tensor, na
     _check(t.dim() == 1 and t.shape[0] == n, f"{name} must have shape ({n},), got {tuple(t.shape)}.")
     _check(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}.")
     _check(t.device == like.device, f"{name} is on {t.device} but the input is on {like.device}.")
+
+
+# Index tensors already validated, with the version they had then: deployed layers pass the same
+# buffer on every call, so the (synchronising) check runs once per buffer, not once per call.
+# (Keyed by id with a weak reference to confirm identity: tensors cannot be weak dict keys,
+# whose lookups compare keys with ==.)
+_index_checked: Dict[int, tuple] = {}
+
+
+def _check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
+    """``idx`` holds distinct channel indices in ``[0, channels)``: kernels write through it, so a
+    bad index would be an out-of-bounds write, and a repeat would be added once or twice
+    depending on the backend."""
+    seen = _index_checked.get(id(idx))
+    if (seen is not None and seen[0]() is idx and seen[1:] == (idx._version, channels)) or idx.numel() == 0:
+        return
+    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # no synchronisation is allowed inside a CUDA graph capture (warm up first)
+    lo, hi = int(idx.min()), int(idx.max())
+    _check(0 <= lo and hi < channels, f"{name} must index channels in [0, {channels}), got values in [{lo}, {hi}].")
+    _check(torch.unique(idx).numel() == idx.numel(),
+           f"{name} must hold distinct channel indices (each kept channel is added once), got repeats.")
+    if len(_index_checked) > 4096:  # entries of freed tensors only cost memory; drop them now and then
+        _index_checked.clear()
+    _index_checked[id(idx)] = (weakref.ref(idx), idx._version, channels)
 
 
 # ----------------------------------------------------------------------------- fake_quantize
@@ -256,6 +282,7 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
         _check(fp_out.dtype in _FLOAT_DTYPES, f"fp_out must be floating point, got {fp_out.dtype}.")
         _check(fp_out.device == x_codes.device and fp_idx.device == x_codes.device,
                "fp_out and fp_idx must be on the same device as x_codes.")
+        _check_channel_index(fp_idx, "fp_idx", c_out)
     if requant_qparams is not None:
         check_bits(requant_bits, "requant_bits")
         _check_qparams(requant_qparams, x_codes, "requant_qparams")
