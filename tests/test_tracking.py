@@ -2,15 +2,13 @@
 its online update, and a tiny end-to-end run. Small models only (CPU, < 2 min)."""
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hybridops.tracking import boxes as B
-from hybridops.tracking.crop import crop_and_resize, to_tensor
+from hybridops.tracking.crop import crop_and_resize
 from hybridops.tracking.data import (SequenceError, SynthConfig, list_sequences, make_synthetic_benchmark,
                                      read_otb_sequence, synthetic_sequence, write_otb_sequence)
 from hybridops.tracking.metrics import (center_error, overlap, precision_curve, success_curve, summarize)

@@ -2,7 +2,6 @@
 quantized codes untouched), deployment, checkpoints and a tiny end-to-end CLI run."""
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch
 import hybridops as ho
 from hybridops.tracking import hybrid
 from hybridops.tracking.checkpoint import load_checkpoint, save_checkpoint
-from hybridops.tracking.data import SynthConfig, read_otb_sequence, synthetic_sequence, write_otb_sequence
+from hybridops.tracking.data import SynthConfig, synthetic_sequence, write_otb_sequence
 from hybridops.tracking.model import ModelConfig, SiamRPNPP
 from hybridops.tracking.tracker import OnlineConfig, SiamRPNTracker
 
@@ -170,6 +169,8 @@ def test_end_to_end_cli_train_and_track(tmp_path):
                          "--init", str(tmp_path / "f.pt"), *common]) == 0
     finally:
         MC.small = orig
+    with pytest.raises(SystemExit, match="needs a hybrid checkpoint"):
+        cli.main(["track", str(seq_dir), "--checkpoint", str(tmp_path / "f.pt"), "--online", "--quiet"])
     out = tmp_path / "out"
     assert cli.main(["track", str(seq_dir), "--checkpoint", str(tmp_path / "h.pt"), "--online",
                      "--online-interval", "4", "--online-iterations", "2", "--out", str(out), "--quiet"]) == 0

@@ -98,7 +98,7 @@ def draw_strip(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], num: in
     return path
 
 
-def load_sequences(root: Union[str, Path], progress: bool = False) -> List[Sequence]:
+def load_sequences(root: Union[str, Path]) -> List[Sequence]:
     """Read every sequence folder under ``root`` (see :func:`list_sequences`)."""
     return [read_otb_sequence(p) for p in list_sequences(root)]
 
@@ -121,7 +121,7 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot_curves({hybrid.LABELS.get(k, k): v["curves"] for k, v in rows.items()}, out_dir,
-                        title=meta.get("benchmark", ""))
+                        title=meta.get("plot_title", ""))
     js = {"meta": meta, "results": {}}
     for k, v in rows.items():
         js["results"][k] = {kk: vv for kk, vv in v.items() if kk not in ("curves", "boxes")}
@@ -129,7 +129,8 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict) 
         js["results"][k]["precision_curve"] = [round(float(c), 4) for c in v["curves"]["precision"]]
     (out_dir / "results.json").write_text(json.dumps(js, indent=1, default=float) + "\n")
     lines = [f"# {meta.get('title', 'Tracking comparison')}", ""]
-    lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items() if k != "title"]
+    lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()
+              if k not in ("title", "plot_title")]
     lines += ["", "| variant | precision (20 px) | success AUC | FPS | backbone RC (BOPs) | online updates |",
               "|---|---|---|---|---|---|"]
     for k, v in rows.items():

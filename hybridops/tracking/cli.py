@@ -12,7 +12,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -27,10 +26,14 @@ def _model_config(args):
     return ModelConfig.small() if args.preset == "small" else ModelConfig()
 
 
-def _online(args):
+def _online(args, model=None):
     from .tracker import OnlineConfig
     if not getattr(args, "online", False):
         return None
+    variant = getattr(model, "variant", "hybrid")
+    if variant not in ("hybrid", "hybrid_qp"):
+        raise SystemExit(f"error: --online trains the full-precision branch, so it needs a hybrid checkpoint "
+                         f"(variant hybrid or hybrid_qp); {args.checkpoint} is {variant}.")
     return OnlineConfig(interval=args.online_interval, iterations=args.online_iterations,
                         window=args.online_window, lr=args.online_lr)
 
@@ -87,7 +90,7 @@ def cmd_track(args) -> int:
 
     seq = read_otb_sequence(args.sequence)
     model = load_checkpoint(args.checkpoint, deploy=args.deploy)
-    r = run_sequence(model, seq, online=_online(args), progress=not args.quiet)
+    r = run_sequence(model, seq, online=_online(args, model), progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     np.savetxt(out / f"{seq.name}_boxes.txt", r["boxes"], fmt="%.2f", delimiter=",")
@@ -104,7 +107,7 @@ def cmd_evaluate(args) -> int:
 
     seqs = load_sequences(args.root)
     model = load_checkpoint(args.checkpoint, deploy=args.deploy)
-    online = _online(args)
+    online = _online(args, model)
     r = evaluate(model, seqs, online=online, progress=not args.quiet)
     key = Path(args.checkpoint).stem + ("+online" if online else "")
     meta = {"title": f"Evaluation of {args.checkpoint} on {args.root}", "command": _command(), **environment()}
@@ -135,7 +138,9 @@ def cmd_compare(args) -> int:
 
 
 def _command() -> str:
-    return "hybridops-track " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command line as it was typed (console script or ``python -m``)."""
+    prog = "hybridops-track" if Path(sys.argv[0]).name == "hybridops-track" else "python -m hybridops.tracking.cli"
+    return prog + " " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ Definitions follow the OTB toolkit (Wu et al., 2013/2015) as pysot implements th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Sequence, Union
+from typing import Dict, Union
 
 import numpy as np
 

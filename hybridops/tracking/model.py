@@ -10,8 +10,7 @@ template's are centre-cropped to 7x7 (SiamRPN++'s "adjust" crop), the heads' 3x3
 from __future__ import annotations
 
 import dataclasses
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch

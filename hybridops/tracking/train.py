@@ -14,7 +14,6 @@ absent for the float one.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
