@@ -10,6 +10,7 @@ Environment variables:
   HYBRIDOPS_CUDA_ARCHS       e.g. "8.0;9.0" (default). Passed as TORCH_CUDA_ARCH_LIST.
 """
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -18,12 +19,30 @@ from setuptools import setup
 ROOT = Path(__file__).parent
 
 
+def find_cuda_home():
+    """The CUDA toolkit root: $CUDA_HOME / $CUDA_PATH, else /usr/local/cuda, else the parent of the
+    folder holding nvcc, whichever has the runtime headers. (torch's own guess takes the parent
+    of the first nvcc on PATH, which is wrong when that nvcc is a wrapper script elsewhere, e.g.
+    /usr/local/bin/nvcc.)"""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists() and (Path(c) / "bin" / "nvcc").exists():
+            return c
+    return None
+
+
 def cuda_extension():
     """Return (ext_modules, cmdclass) for csrc/, or empty ones when it cannot or should not build."""
     want = os.environ.get("HYBRIDOPS_BUILD_CUDA", "auto").lower()
     if want in ("0", "false", "no", "off"):
         return [], {}
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.c*") if p.suffix in (".cu", ".cpp"))
+    cuda_home = find_cuda_home()
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError:
@@ -31,7 +50,7 @@ def cuda_extension():
             sys.exit("HYBRIDOPS_BUILD_CUDA=1 but torch is not importable; install torch first and "
                      "use pip install --no-build-isolation.")
         return [], {}
-    if CUDA_HOME is None or not sources:
+    if cuda_home is None or CUDA_HOME is None or not sources:
         if want in ("1", "true", "yes", "on"):
             sys.exit("HYBRIDOPS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).")
         return [], {}
