@@ -37,15 +37,17 @@ def save_checkpoint(path: Union[str, Path], model: SiamRPNPP, variant: str = "fl
     return path
 
 
-def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str = "auto") -> SiamRPNPP:
-    """Rebuild the model stored at ``path`` (in eval mode); ``deploy`` packs a hybrid one."""
+def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str = "auto",
+                    device: Union[str, torch.device] = "cpu") -> SiamRPNPP:
+    """Rebuild the model stored at ``path`` on ``device`` (in eval mode); ``deploy`` packs a
+    hybrid one there (``backend="auto"`` picks the fastest kernels for that device)."""
     ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
     model = SiamRPNPP(ModelConfig(**ckpt["model_config"]))
     variant = ckpt["variant"]
     if variant != "float":
         hybrid.hybridize_tracker(model, variant, scope=ckpt["scope"], **ckpt["hybrid_overrides"])
     model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    model.to(device).eval()
     model.variant = variant
     if deploy:
         if variant == "float":

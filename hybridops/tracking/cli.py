@@ -38,6 +38,17 @@ def _online(args, model=None):
                         window=args.online_window, lr=args.online_lr)
 
 
+def _device(args) -> torch.device:
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(args.device)
+
+
+def _add_device(p):
+    p.add_argument("--device", default="cpu",
+                   help="where the network runs: cpu (default), cuda, cuda:1, or auto (cuda if available)")
+
+
 def _add_online(p):
     p.add_argument("--online", action="store_true", help="online update of the FP branch (hybrid checkpoints)")
     p.add_argument("--online-interval", type=int, default=10, help="frames between updates (10)")
@@ -69,10 +80,12 @@ def cmd_train(args) -> int:
             raise SystemExit(f"--init must be a float checkpoint; {args.init} is {model.variant}.")
     else:
         model = SiamRPNPP(_model_config(args))
-    sampler = PairSampler(model.config, model.anchors, tc)
+    model.to(_device(args))
+    sampler = PairSampler(model.config, model.anchors.cpu(), tc)
     reg = None
     if args.variant != "float":
-        report = hybrid.hybridize_tracker(model, args.variant, example_inputs=sampler.sample(8)[:2], scope=args.scope)
+        example = tuple(t.to(_device(args)) for t in sampler.sample(8)[:2])
+        report = hybrid.hybridize_tracker(model, args.variant, example_inputs=example, scope=args.scope)
         print(f"converted {len(report.converted)} layers ({args.variant}, scope {args.scope})")
         reg = lambda m: hybrid.regularization(m, tc.lambda_quant, tc.lambda_prune)
     logs = train(model, tc, regularizer=reg, sampler=sampler, progress=not args.quiet)
@@ -89,7 +102,7 @@ def cmd_track(args) -> int:
     from .metrics import summarize
 
     seq = read_otb_sequence(args.sequence)
-    model = load_checkpoint(args.checkpoint, deploy=args.deploy)
+    model = load_checkpoint(args.checkpoint, deploy=args.deploy, device=_device(args))
     r = run_sequence(model, seq, online=_online(args, model), progress=not args.quiet)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,7 +119,7 @@ def cmd_evaluate(args) -> int:
     from .checkpoint import load_checkpoint
 
     seqs = load_sequences(args.root)
-    model = load_checkpoint(args.checkpoint, deploy=args.deploy)
+    model = load_checkpoint(args.checkpoint, deploy=args.deploy, device=_device(args))
     online = _online(args, model)
     r = evaluate(model, seqs, online=online, progress=not args.quiet)
     key = Path(args.checkpoint).stem + ("+online" if online else "")
@@ -132,7 +145,7 @@ def cmd_compare(args) -> int:
                                  seed=args.seed, lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune),
         online=_online(argparse.Namespace(**{**vars(args), "online": True})),
         scope=args.scope, seed=args.seed, command=_command(), progress=not args.quiet,
-        checkpoint_dir=args.checkpoints)
+        checkpoint_dir=args.checkpoints, device=_device(args))
     print((Path(args.out) / "table.md").read_text())
     return 0
 
@@ -172,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-frames", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    _add_device(p)
     p.set_defaults(fn=cmd_train)
 
     for name, hlp in (("track", "track one OTB-format sequence"), ("evaluate", "evaluate a folder of sequences")):
@@ -182,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--quiet", action="store_true")
         _add_online(p)
+        _add_device(p)
         p.set_defaults(fn=cmd_track if name == "track" else cmd_evaluate)
 
     p = sub.add_parser("compare", help="float vs hybrid variants vs online update on a synthetic benchmark")
@@ -203,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--quiet", action="store_true")
     _add_online(p)
+    _add_device(p)
     p.set_defaults(fn=cmd_compare)
     return ap
 

@@ -31,11 +31,12 @@ def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path
                    float_train: Optional[TrainConfig] = None, hybrid_train: Optional[TrainConfig] = None,
                    online: Optional[OnlineConfig] = None, params: Optional[TrackParams] = None,
                    scope: str = "backbone", seed: int = 0, command: str = "", progress: bool = True,
-                   checkpoint_dir: Optional[Union[str, Path]] = None) -> Dict[str, Dict]:
+                   checkpoint_dir: Optional[Union[str, Path]] = None, device: str = "cpu") -> Dict[str, Dict]:
     """Run the whole comparison and write ``out_dir/{table.md, results.json, *_plot.png}``.
 
     Returns ``{variant: evaluate() output}`` for ``float``, ``hybrid``, ``hybrid_qp``,
-    ``quant_qn`` and ``hybrid_online``.
+    ``quant_qn`` and ``hybrid_online``. ``device`` runs training and tracking there (pairs and
+    crops are prepared on the CPU).
     """
     t0 = time.perf_counter()
     torch.manual_seed(seed)
@@ -51,13 +52,13 @@ def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path
     try:
         make_synthetic_benchmark(data_dir, num_sequences, synth, seed=1000 + seed)
         seqs = load_sequences(data_dir)
-        model = SiamRPNPP(mc)
-        sampler = PairSampler(mc, model.anchors, ft)
+        model = SiamRPNPP(mc).to(device)
+        sampler = PairSampler(mc, model.anchors.cpu(), ft)
         timings = {}
         t = time.perf_counter()
         train(model, ft, sampler=sampler, progress=progress, desc="train float")
         timings["train float"] = time.perf_counter() - t
-        example = sampler.sample(8)[:2]
+        example = tuple(t.to(device) for t in sampler.sample(8)[:2])
         base = hybrid.clone(model)  # every variant starts from the same offline float weights
         # The float row gets the same extra fine-tuning steps on the same pairs as the hybrid
         # variants, so that differences come from the representation, not from training length.
@@ -78,7 +79,7 @@ def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path
                   regularizer=lambda mm: hybrid.regularization(mm, ht.lambda_quant, ht.lambda_prune))
             timings[f"train {v}"] = time.perf_counter() - t
             rows[v] = evaluate(m, seqs, params, progress=progress, desc=f"eval {v}")
-            rows[v]["rc"] = hybrid.backbone_bops(hybrid.clone(m), mc.instance_size)["rc"]
+            rows[v]["rc"] = hybrid.backbone_bops(hybrid.clone(m).cpu(), mc.instance_size)["rc"]
             models[v] = m
         rows["hybrid_online"] = evaluate(models["hybrid"], seqs, params, online, progress=progress,
                                          desc="eval hybrid+online")

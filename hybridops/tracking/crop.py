@@ -27,8 +27,8 @@ def crop_and_resize(img: torch.Tensor, centers: Union[Sequence[float], torch.Ten
     """Crop squares of side ``sizes`` centred at ``centers`` and resize them to ``out_size``.
 
     Args:
-        img: ``(1, 3, H, W)`` or ``(B, 3, H, W)`` float image(s); a single image is shared by
-            all crops.
+        img: ``(1, 3, H, W)`` or ``(B, 3, H, W)`` float image(s) on any device; a single image
+            is shared by all crops. The crops are computed on ``img``'s device.
         centers: ``(B, 2)`` or ``(2,)`` crop centres ``(cx, cy)`` in continuous pixel coordinates.
         sizes: ``(B,)`` or scalar crop side lengths in pixels.
         out_size: output side.
@@ -36,8 +36,9 @@ def crop_and_resize(img: torch.Tensor, centers: Union[Sequence[float], torch.Ten
     Returns:
         ``(B, 3, out_size, out_size)`` float32.
     """
-    centers = torch.as_tensor(centers, dtype=torch.float32).reshape(-1, 2)
-    sizes = torch.as_tensor(sizes, dtype=torch.float32).reshape(-1)
+    dev = img.device
+    centers = torch.as_tensor(centers, dtype=torch.float32, device=dev).reshape(-1, 2)
+    sizes = torch.as_tensor(sizes, dtype=torch.float32, device=dev).reshape(-1)
     b = max(centers.shape[0], sizes.shape[0])
     centers = centers.expand(b, 2)
     sizes = sizes.expand(b)
@@ -49,7 +50,7 @@ def crop_and_resize(img: torch.Tensor, centers: Union[Sequence[float], torch.Ten
     if src.shape[0] == 1 and b > 1:
         src = src.expand(b, -1, -1, -1)
     # Output pixel j covers [c - s/2 + j*s/n, c - s/2 + (j+1)*s/n); sample at its centre.
-    t = (torch.arange(out_size, dtype=torch.float32) + 0.5) / out_size - 0.5  # (n,)
+    t = (torch.arange(out_size, dtype=torch.float32, device=dev) + 0.5) / out_size - 0.5  # (n,)
     xs = centers[:, 0, None] + t[None] * sizes[:, None]  # (B, n)
     ys = centers[:, 1, None] + t[None] * sizes[:, None]
     # With align_corners=False, -1 and +1 are the outer edges of the border pixels, i.e. the

@@ -126,7 +126,10 @@ class SiamRPNTracker:
         s = cfg.score_size
         hann = torch.from_numpy(np.outer(np.hanning(s), np.hanning(s))).float()
         self.window = hann.expand(cfg.anchor_num, s, s).reshape(-1)
-        self.anchors = model.anchors.reshape(4, -1)
+        # The network runs on the model's device; the small post-processing stays on the CPU.
+        self.device = next(model.parameters()).device
+        self.anchors_grid = model.anchors.detach().cpu()
+        self.anchors = self.anchors_grid.reshape(4, -1)
         self._gen = torch.Generator().manual_seed(seed)
         self.updates = 0
         self._online_params: List[torch.nn.Parameter] = []
@@ -148,7 +151,7 @@ class SiamRPNTracker:
         self.center = np.array([x + w / 2, y + h / 2])
         self.size = np.array([w, h])
         self.frame_index = 0
-        img_t = to_tensor(img)
+        img_t = to_tensor(img).to(self.device)
         self.avg = img_t.mean(dim=(2, 3))
         cfg = self.model.config
         z = crop_and_resize(img_t, self.center, self._s_z(), cfg.exemplar_size, self.avg)
@@ -170,14 +173,14 @@ class SiamRPNTracker:
     def track(self, img: np.ndarray):
         """Track one frame; returns ``(box (x, y, w, h) float64 array, confidence float)``."""
         p, cfg = self.params, self.model.config
-        img_t = to_tensor(img)
+        img_t = to_tensor(img).to(self.device)
         s_z = self._s_z()
         scale_z = cfg.exemplar_size / s_z
         s_x = s_z * cfg.instance_size / cfg.exemplar_size
         x = crop_and_resize(img_t, self.center, s_x, cfg.instance_size, self.avg)
         out = self.model.track(x)
-        score = torch.softmax(out["cls"], dim=1)[0, 1].reshape(-1)
-        pred = decode(out["loc"][0].reshape(4, -1), self.anchors)
+        score = torch.softmax(out["cls"].float().cpu(), dim=1)[0, 1].reshape(-1)
+        pred = decode(out["loc"][0].float().cpu().reshape(4, -1), self.anchors)
         # Penalise changes of scale and aspect ratio relative to the previous box (in crop pixels).
         tw, th = self.size * scale_z
         s_c = _change(_sz(pred[2], pred[3]) / _sz(float(tw), float(th)))
@@ -210,9 +213,9 @@ class SiamRPNTracker:
         (``offset``/``size`` in search-crop pixels relative to the crop centre)."""
         o = self.online
         gt = torch.tensor([offset[0], offset[1], size[0], size[1]], dtype=torch.float32)
-        label, _, _ = anchor_targets(self.model.anchors, gt, o.pos_iou, o.neg_iou, o.num_pos, o.num_total,
+        label, _, _ = anchor_targets(self.anchors_grid, gt, o.pos_iou, o.neg_iou, o.num_pos, o.num_total,
                                      generator=self._gen)
-        self.samples.append({"hidden": [h.detach() for h in hidden], "label": label})
+        self.samples.append({"hidden": [h.detach() for h in hidden], "label": label.to(self.device)})
 
     def update(self) -> float:
         """One online update on the stored samples; returns the final loss."""

@@ -125,7 +125,9 @@ def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
     ``regularizer(model)`` adds ``lambda_1 L_quant + lambda_2 L_prune`` for hybrid models.
     """
     tc = config or TrainConfig()
-    sampler = sampler or PairSampler(model.config, model.anchors, tc)
+    sampler = sampler or PairSampler(model.config, model.anchors.cpu(), tc)
+    # Pairs are cut on the CPU (cheap at these sizes) and moved to the model's device.
+    device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -134,7 +136,7 @@ def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
     logs = []
     bar = tqdm(range(tc.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        z, x, label, delta, weight = sampler.sample(tc.batch_size)
+        z, x, label, delta, weight = (t.to(device, non_blocking=True) for t in sampler.sample(tc.batch_size))
         out = model(z, x)
         loss, parts = track_loss(out, label, delta, weight)
         reg = regularizer(model) if regularizer is not None else None
