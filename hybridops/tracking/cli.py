@@ -47,6 +47,9 @@ def _device(args) -> torch.device:
 def _add_device(p):
     p.add_argument("--device", default="cpu",
                    help="where the network runs: cpu (default), cuda, cuda:1, or auto (cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default); small models on a shared CPU often run "
+                        "faster with 1")
 
 
 def _add_online(p):
@@ -135,8 +138,6 @@ def cmd_compare(args) -> int:
     from .compare import run_comparison
     from .train import TrainConfig
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = run_comparison(
         args.out, data_dir=args.data, num_sequences=args.num_sequences, frames=args.frames,
         model_config=_model_config(args),
@@ -215,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda-quant", type=float, default=1e-3)
     p.add_argument("--lambda-prune", type=float, default=1e-5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     p.add_argument("--quiet", action="store_true")
     _add_online(p)
     _add_device(p)
@@ -231,6 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # produce subnormal floats, which x86 CPUs handle in microcode, making the hybrid tracker
     # ~5-10x slower on CPU; zero instead of 1e-40 changes no result that matters.
     torch.set_flush_denormal(True)
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
     except SequenceError as e:
