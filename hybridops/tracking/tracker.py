@@ -115,6 +115,10 @@ class SiamRPNTracker:
         t.init(frame0, box0)                                 # frame: (H, W, 3) uint8, box: (x, y, w, h)
         for frame in frames[1:]:
             box, score = t.track(frame)
+
+    With ``online`` the model is modified in place: every parameter stops requiring grad except
+    the FP branch of the last classification layers, which the updates change. Pass a copy
+    (:func:`hybridops.tracking.hybrid.clone`) to keep the offline model, as ``run_sequence`` does.
     """
 
     def __init__(self, model: SiamRPNPP, params: Optional[TrackParams] = None,
