@@ -24,7 +24,6 @@ def save_checkpoint(path: Union[str, Path], model: SiamRPNPP, variant: str = "fl
         raise ValueError(f"unknown variant {variant!r}; choose one of {list(hybrid.VARIANTS)}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    hybrid.drop_graph_refs_(model)
     cfg = model.config.to_dict()
     torch.save({
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},

@@ -29,6 +29,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+import hybridops as ho
+
 VARIANTS: Dict[str, Optional[dict]] = {
     "float": None,
     "hybrid": {"normalize": True, "mode": "hybrid"},
@@ -47,16 +49,6 @@ LABELS = {
 SCOPES = ("backbone", "all")
 
 
-def _ho():
-    """Import the core library lazily so the float tracker works without it."""
-    import hybridops as ho
-    missing = [n for n in ("HybridConfig", "hybridize_", "regularization", "freeze_quantized_",
-                           "fp_parameters", "deploy_") if not hasattr(ho, n)]
-    if missing:
-        raise RuntimeError(f"hybridops does not export {missing} yet; the hybrid tracker needs the core library.")
-    return ho
-
-
 def filter_for(scope: str) -> Callable[[nn.Module, str], bool]:
     """``filter_fn(module, name)`` for :func:`hybridops.hybridize_` that selects ``scope``."""
     if scope not in SCOPES:
@@ -71,7 +63,6 @@ def hybrid_config(variant: str, **overrides):
     if VARIANTS.get(variant) is None:
         raise ValueError(f"variant {variant!r} is not hybrid; choose one of "
                          f"{[k for k, v in VARIANTS.items() if v]}.")
-    ho = _ho()
     kw = {"bits_w": 4, "bits_a": 4, "keep": 0.25, "normalize": VARIANTS[variant]["normalize"]}
     kw.update(overrides)
     return ho.HybridConfig(**kw)
@@ -84,7 +75,6 @@ def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[T
     ``example_inputs = (z, x)`` template/search batches calibrate the quantizers now; without
     them each layer calibrates on its first forward (or a checkpoint's state is loaded later).
     """
-    ho = _ho()
     cfg = hybrid_config(variant, **config_overrides)
     return ho.hybridize_(model, cfg, filter_fn=filter_for(scope), example_inputs=example_inputs,
                          mode=VARIANTS[variant]["mode"])
@@ -92,12 +82,12 @@ def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[T
 
 def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -> torch.Tensor:
     """``lambda_1 L_quant + lambda_2 L_prune`` of a hybrid model (eq 16 minus the task loss)."""
-    return _ho().regularization(model, lambda_quant=lambda_quant, lambda_prune=lambda_prune)
+    return ho.regularization(model, lambda_quant=lambda_quant, lambda_prune=lambda_prune)
 
 
 def deploy(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`)."""
-    _ho().deploy_(model, backend=backend)
+    ho.deploy_(model, backend=backend)
     return model
 
 
@@ -107,7 +97,6 @@ def online_parameters(model: nn.Module) -> List[nn.Parameter]:
     Freezes the whole model first (:func:`hybridops.freeze_quantized_` for the quantized parts,
     then everything else) so that exactly these parameters require grad.
     """
-    ho = _ho()
     layers = model.last_cls_layers()
     if any(isinstance(l, nn.Conv2d) and type(l) is nn.Conv2d for l in layers):
         raise ValueError("online update needs a hybrid model: the last classification layers are plain "
@@ -122,28 +111,20 @@ def online_parameters(model: nn.Module) -> List[nn.Parameter]:
     return params
 
 
-def drop_graph_refs_(model: nn.Module) -> nn.Module:
-    """Forget tensors that hybrid layers keep from the last training forward (activation
-    statistics for eq 12, soft gate masks for eq 15): they are non-leaf tensors, which
-    ``copy.deepcopy`` refuses, and stale once the step is over."""
-    for m in model.modules():
-        if hasattr(m, "act_stats"):
-            m.act_stats = None
-        if hasattr(m, "soft_mask"):
-            m.soft_mask = None
+def forget_template_(model: nn.Module) -> nn.Module:
+    """Drop the cached template features (``model.zf``): they belong to one tracking run, not to
+    a copy of the model."""
     model.zf = None
     return model
 
 
 def clone(model: nn.Module) -> nn.Module:
     """Deep copy of a (possibly trained hybrid) tracker model, without its template cache."""
-    return copy.deepcopy(drop_graph_refs_(model))
+    return copy.deepcopy(forget_template_(model))
 
 
 def backbone_bops(model: nn.Module, image_size: int) -> dict:
     """BOPs (eq 17) of the backbone on one ``image_size`` search crop: ``{"baseline", "hybrid",
     "rc"}`` (RC = hybrid / full-precision BOPs), via :func:`hybridops.count_bops`."""
-    ho = _ho()
-    drop_graph_refs_(model)
     r = ho.count_bops(model.backbone, (1, 3, image_size, image_size))
     return {"baseline": float(r.baseline), "hybrid": float(r.hybrid), "rc": float(r.rc)}
