@@ -77,12 +77,35 @@ class _DeployedBase(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the epilogue scales or the frozen quantizer
-        # parameters: the kernels read them in fp32. Device moves still apply.
+        # parameters (the kernels read them in fp32), and model.to(memory_format=channels_last)
+        # must not restride the packed weights (the kernels read them K-major). Device moves
+        # still apply: a 1-element probe learns the target device without converting copies.
         keep = {n: self._buffers[n] for n in self._FP32_BUFFERS if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for n, t in keep.items():
-            self._buffers[n] = t.to(fn(t).device)
+            self._buffers[n] = t.to(fn(t.new_empty(1)).device)
+        if self._buffers.get("w_packed") is not None:
+            self._buffers["w_packed"] = self._buffers["w_packed"].contiguous()
         return self
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
+
+    def _merged_weight_and_bias(self, dtype: torch.dtype):
+        """For a full-precision input both branches are float ops on the same input, so they merge
+        into one: ``dequant(W_q) + scatter(W_p)`` and ``bias + scatter(fp_bias)`` (differentiable
+        in the FP branch's parameters)."""
+        w = self.dequantized_weight().to(dtype)
+        if self.kept_channels:
+            fw = self.fp_weight.to(dtype)
+            if self.fp_in_idx is not None and getattr(self, "groups", 1) == 1:
+                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
+            w = w.index_add(0, self.fp_idx, fw)
+        b = None if self.bias is None else self.bias.to(dtype)
+        if self.fp_bias is not None:
+            b = (b if b is not None else w.new_zeros(self.out_channels)).index_add(0, self.fp_idx, self.fp_bias.to(dtype))
+        return w, b
 
     # The code format is state: a model deployed from a differently calibrated copy (say, one
     # whose input was unsigned) must take the saved format along with the saved codes.
@@ -178,6 +201,7 @@ class DeployedConv2d(_DeployedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
+        self._check_input(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         x, padding = self._pad_input(x)
         if not self.has_quant:
@@ -210,20 +234,11 @@ class DeployedConv2d(_DeployedBase):
         return self._scatter_fp(self._fp_conv(xs, padding), self.out_channels)
 
     def _merged_float(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        # Both branches are float convs of the same input: conv(x, dequant(W_q) + scatter(W_p)).
-        w = self.dequantized_weight().to(x.dtype)
-        if self.kept_channels:
-            fw = self.fp_weight.to(x.dtype)
-            if self.groups == 1 and self.fp_in_idx is not None:
-                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
-            w = w.index_add(0, self.fp_idx, fw)
+        w, b = self._merged_weight_and_bias(x.dtype)
         top, bottom, left, right = padding
         if top != bottom or left != right:
             x = F.pad(x, (left, right, top, bottom))
             top = left = 0
-        b = None if self.bias is None else self.bias.to(x.dtype)
-        if self.fp_bias is not None:
-            b = (b if b is not None else x.new_zeros(self.out_channels)).index_add(0, self.fp_idx, self.fp_bias.to(x.dtype))
         return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
 
 
@@ -260,6 +275,7 @@ class DeployedLinear(_DeployedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input (..., {self.in_features}), got {tuple(x.shape)}.")
+        self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         kept = self.kept_channels > 0
@@ -269,16 +285,7 @@ class DeployedLinear(_DeployedBase):
             fp = F.linear(xs, self.fp_weight.to(x.dtype), fb)
             y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_idx, fp)
         elif not self.quantized_input:
-            w = self.dequantized_weight().to(x.dtype)
-            if kept:
-                fw = self.fp_weight.to(x.dtype)
-                if self.fp_in_idx is not None:
-                    fw = fw.new_zeros((fw.shape[0], self.in_features)).index_copy(1, self.fp_in_idx, fw)
-                w = w.index_add(0, self.fp_idx, fw)
-            b = None if self.bias is None else self.bias.to(x.dtype)
-            if fb is not None:
-                b = (b if b is not None else x.new_zeros(self.out_features)).index_add(0, self.fp_idx, fb)
-            y = F.linear(x2, w, b)
+            y = F.linear(x2, *self._merged_weight_and_bias(x.dtype))
         else:
             read = self.fp_read_idx
             x_slice, codes = custom_ops.quantize_activate(

@@ -140,8 +140,8 @@ class _QuantBase(nn.Module):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.wq = IntervalQuantizer(bits_w, signed=True)
-        self.aq = IntervalQuantizer(bits_a, signed=False) if quantize_input else None
+        self.wq = IntervalQuantizer(bits_w, signed=True, device=device)
+        self.aq = IntervalQuantizer(bits_a, signed=False, device=device) if quantize_input else None
         self.out_scale = nn.Parameter(torch.ones(self._weight_shape[0], device=device))
         # eq 10-12 normalisation (set by hybridize_ from HybridConfig.normalize, mu0, sigma0).
         self.normalize = False
@@ -226,16 +226,18 @@ class _QuantBase(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the quantized branch acts as on ``x``:
-        ``hat_q(W) * out_scale[co] / s_a`` with ``s_a`` what one activation step of
-        ``1 / levels`` is worth (``2 d_A`` when ``c_A = d_A``)."""
+        ``hat_q(W) * out_scale[co] / s_a`` with ``s_a = 2 d_A`` what the activation range
+        ``[0, 1]`` of ``hat_q(x)`` is worth. Exact only while ``c_A = d_A`` (``beta_A = 0``), which
+        calibration sets: a calibration-time helper for the pruned branch's residual start."""
         s_a = float(2 * self.aq.d.detach()) if self.aq is not None else 1.0
         return self.wq(self.weight).detach() * (self.out_scale.detach() / s_a).view(-1, *([1] * (self.weight.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:
             self.calibrate(x)
-        if self.normalize and self.training and self.aq is not None:
-            self.act_stats = (x.mean(), x.std())
+        # eq 12 statistics of this forward only: a stale pair would make regularization()
+        # backpropagate through a finished step's graph.
+        self.act_stats = (x.mean(), x.std()) if (self.normalize and self.training and self.aq is not None) else None
         y = self._op(self._quant_input(x), self.wq(self.weight, self.backend), None)
         y = y * self.out_scale.view(self._channel_shape).to(y.dtype)
         return y if self.bias is None else y + self.bias.view(self._channel_shape)
@@ -338,8 +340,6 @@ class _HybridBase(nn.Module):
         if not 0.0 < keep <= 1.0:
             raise ValueError(f"keep must lie in (0, 1], got {keep!r}.")
         self.keep = float(keep)
-        if self.pruned.bias is not None:  # the bias lives in the quantized branch only
-            self.pruned.bias = None
 
     @property
     def calibrated(self) -> bool:

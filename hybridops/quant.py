@@ -89,17 +89,18 @@ class IntervalQuantizer(nn.Module):
         signed: signed codes (eq 6-7) or unsigned (eq 8-9). Weights are always signed; an
             activation quantizer decides at calibration (negative inputs seen -> signed).
         c, d: initial interval centre and width; ``d`` must be positive.
+        device: where the parameters live (the layer's device).
     """
 
-    def __init__(self, bits: int, signed: bool, c: float = 0.5, d: float = 0.5):
+    def __init__(self, bits: int, signed: bool, c: float = 0.5, d: float = 0.5, device=None):
         super().__init__()
         check_bits(bits)
         if not d > 0:
             raise ValueError(f"the quantization interval width d must be positive, got d={d}.")
         self.bits = bits
         self.signed = signed
-        self.c = nn.Parameter(torch.tensor(float(c)))
-        self.log_d = nn.Parameter(torch.tensor(math.log(d)))
+        self.c = nn.Parameter(torch.tensor(float(c), device=device))
+        self.log_d = nn.Parameter(torch.tensor(math.log(d), device=device))
 
     @property
     def d(self) -> torch.Tensor:

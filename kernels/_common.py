@@ -7,6 +7,9 @@ floats is launched with ``enable_fp_fusion=False``: otherwise the compiler contr
 """
 from __future__ import annotations
 
+import weakref
+from typing import Callable, Dict, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -18,6 +21,28 @@ from hybridops.backend import triton_interpreter
 LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 INTERPRET = triton_interpreter()
+
+
+# Maps derived from index tensors (kept-channel slot maps), per index tensor and its version:
+# deployed layers pass the same index buffers on every call, so the small map-building launches
+# happen once per buffer instead of once per call (at batch 1 every launch shows).
+_index_maps: Dict[Tuple[int, int, str], tuple] = {}
+
+
+def cached_index_map(idx: torch.Tensor, size: int, build: Callable[[torch.Tensor, int], object]):
+    """``build(idx, size)``, cached while ``idx`` is alive and unmodified. Nothing is cached
+    during a CUDA graph capture, whose allocations belong to the graph."""
+    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build(idx, size)
+    key = (id(idx), size, build.__name__)
+    hit = _index_maps.get(key)
+    if hit is not None and hit[0]() is idx and hit[1] == idx._version:
+        return hit[2]
+    value = build(idx, size)
+    if len(_index_maps) > 1024:  # entries of freed index tensors: drop them now and then
+        _index_maps.clear()
+    _index_maps[key] = (weakref.ref(idx), idx._version, value)
+    return value
 
 
 def check_device(t: torch.Tensor, name: str) -> None:

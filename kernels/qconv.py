@@ -25,7 +25,7 @@ import triton.language as tl
 from hybridops.ops.packing import levels, packed_size
 from hybridops.ops.reference import conv_out_size
 
-from ._common import INTERPRET, LAUNCH_OPTS, check_device, pack_pairs, quant_codes, unpack_nibble
+from ._common import INTERPRET, LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes, unpack_nibble
 from .quantize import inverse_index
 
 # Output modes of the epilogue.
@@ -65,12 +65,14 @@ def _byte_plane(row, ok, ch, c_lim, sc):
     return tl.load(row + ch * sc, mask=ok & (ch < c_lim), other=0).to(tl.int8, bitcast=True)
 
 
-@triton.autotune(configs=_configs(), key=["M", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"],
+# M_BUCKET (M rounded up to a power of two) rather than M keys the tuning: a new batch size or
+# resolution in the same bucket reuses the tuned tile instead of re-timing every config.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr, rq_ptr,
-    M, H, W, HO, WO, C_OUT, CIN_G, COUT_G, OUT_ROW,
+    M, M_BUCKET, H, W, HO, WO, C_OUT, CIN_G, COUT_G, OUT_ROW,
     sxn, sxh, sxw, sxc, swo, swh, sww, swc, sfn, sfh, sfw, sfk,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW,
     A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, W_NIB: tl.constexpr,
@@ -250,9 +252,9 @@ def qconv2d(
 
     _qconv_kernel[grid](
         x_codes, w_packed, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
-        fp, inverse_index(fp_idx, c_out) if has_fp else out,
+        fp, cached_index_map(fp_idx, c_out, inverse_index) if has_fp else out,
         requant_qparams.contiguous() if requant else out,
-        m, h, w, ho, wo, c_out, cin_g, c_out // groups, row,
+        m, triton.next_power_of_2(m), h, w, ho, wo, c_out, cin_g, c_out // groups, row,
         *x_codes.stride(), *w_packed.stride(), *(fp.stride() if has_fp else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw,
         A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, W_NIB=w_nib,

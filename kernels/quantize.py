@@ -13,7 +13,7 @@ import triton.language as tl
 
 from hybridops.ops.packing import levels, packed_size
 
-from ._common import LAUNCH_OPTS, check_device, pack_pairs, quant_codes
+from ._common import LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes
 
 # 1024 elements per program: measured fastest for this pass on H100 (GPU.md).
 _BLOCK = 1024
@@ -155,6 +155,14 @@ def inverse_index(idx: torch.Tensor, size: int) -> torch.Tensor:
     return slot
 
 
+def _slot_and_repeats(keep: torch.Tensor, channels: int):
+    """The inverse map of ``keep`` and an int8 flag per position it does not point back to (the
+    repeats, found without a host sync)."""
+    slot = inverse_index(keep, channels)
+    back = torch.arange(keep.shape[0], dtype=torch.int32, device=keep.device)
+    return slot, (slot[keep.to(torch.long)] != back).to(torch.int8)
+
+
 def quantize_activate(
     x: torch.Tensor,
     qparams: torch.Tensor,
@@ -195,9 +203,7 @@ def quantize_activate(
     kp = x_slice.shape[-1] if has_slice else 0
     if has_slice:
         keep = keep_idx.contiguous()
-        slot = inverse_index(keep, c)
-        # Positions the inverse map does not point back to: repeats (found without a host sync).
-        repeat = (slot[keep.to(torch.long)] != torch.arange(kp, dtype=torch.int32, device=x.device)).to(torch.int8)
+        slot, repeat = cached_index_map(keep, c, _slot_and_repeats)
     else:
         keep = slot = repeat = codes
     # Pairs of channels per tile; most channels per tile when they are contiguous in memory

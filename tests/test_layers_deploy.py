@@ -269,3 +269,31 @@ def test_layer_bad_arguments():
         ho.QuantConv2d(3, 4, 3, bits_w=9)
     with pytest.raises(ValueError, match="temperature tau must be positive"):
         ho.PrunedConv2d(3, 4, 3, tau=0.0)
+
+
+def test_memory_format_and_dtype_moves_keep_kernel_buffers_intact():
+    """model.to(channels_last / bf16) restrides and casts the float weights, but the packed weights
+    stay K-major contiguous and the epilogue scales and quantizer parameters stay fp32."""
+    conv, h, x = _hybrid(CONV_CASES["plain"])
+    d = ho.DeployedConv2d(h, "torch")
+    scale = d.scale.clone()
+    d = d.to(memory_format=torch.channels_last).to(torch.bfloat16)
+    assert d.w_packed.is_contiguous() and d.w_packed.dtype == torch.uint8
+    assert d.scale.dtype == torch.float32 and torch.equal(d.scale, scale)
+    assert d.in_qparams.dtype == torch.float32 and d.fp_weight.dtype == torch.bfloat16
+
+
+def test_act_stats_belong_to_the_latest_training_forward():
+    """eq 12 uses this step's statistics: an eval forward clears them, so regularization() never
+    backpropagates through a finished step's graph."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    x = torch.randn(2, 3, 9, 9)
+    ho.hybridize_(m, ho.HybridConfig(), example_inputs=x)
+    m.train()
+    m(x).sum().backward()
+    assert m[2].quant.act_stats is not None
+    m.eval()
+    m(x)
+    assert m[2].quant.act_stats is None
+    ho.regularization(m).backward()  # would raise if a stale graph were reused

@@ -124,7 +124,7 @@ def test_int_conv2d_exact_above_fp32_mantissa():
     w = torch.full((2, 300, 3, 3), 127, dtype=torch.int16)
     w[1] = -127
     w[1, 0, 0, 0] = 126
-    out = reference.int_conv2d(a, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    out = reference.int_conv2d(a, w, (1, 1), (1, 1, 1, 1), (1, 1), 1, 255 * 127)
     expect = _direct_int64_conv(a, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     assert int(expect.abs().max()) > 2 ** 24
     assert torch.equal(out.to(torch.int64), expect)

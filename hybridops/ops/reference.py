@@ -97,11 +97,12 @@ def int_conv2d(
     padding: Sequence[int],
     dilation: Sequence[int],
     groups: int,
+    max_code_product: int,
 ) -> torch.Tensor:
     """Exact integer convolution of codes: ``a (N, C, H, W)``, ``w (C_out, C/g, KH, KW)`` ->
-    ``int32 (N, C_out, Ho, Wo)``. ``padding`` is ``(top, bottom, left, right)`` of zero codes."""
-    bound = int(a.abs().max().item() if a.numel() else 0) * int(w.abs().max().item() if w.numel() else 0)
-    bound *= w.shape[1] * w.shape[2] * w.shape[3]
+    ``int32 (N, C_out, Ho, Wo)``. ``padding`` is ``(top, bottom, left, right)`` of zero codes;
+    ``max_code_product`` bounds ``|a * w|`` (from the bit widths, so no device sync is needed)."""
+    bound = max_code_product * w.shape[1] * w.shape[2] * w.shape[3]
     # fp32 sums of integers are exact below 2^24 in any order; past that, or on CUDA where
     # cuDNN may use TF32, use float64.
     dt = torch.float32 if (bound < 2**24 and a.device.type == "cpu") else torch.float64
@@ -147,7 +148,8 @@ def qconv2d(
     c_out, kh, kw, _ = w_packed.shape
     a = unpack_codes(x_codes, bits_a, in_channels, a_signed).permute(0, 3, 1, 2)
     wq = unpack_weight(w_packed, bits_w, in_channels // groups)
-    acc = int_conv2d(a, wq, stride, padding, dilation, groups).permute(0, 2, 3, 1)
+    bound = levels(bits_a, a_signed) * levels(bits_w, True)
+    acc = int_conv2d(a, wq, stride, padding, dilation, groups, bound).permute(0, 2, 3, 1)
     if out_dtype == torch.int32:
         return acc.contiguous()
     y = acc.to(torch.float32) * scale.to(torch.float32)
