@@ -222,8 +222,8 @@ def freeze_quantized_(model: nn.Module) -> List[nn.Parameter]:
     return fp
 
 
-def deploy_(model: nn.Module, backend: Optional[str] = "auto", in_channel_map: Optional[Dict[nn.Module, torch.Tensor]] = None
-            ) -> nn.Module:
+def deploy_(model: nn.Module, backend: Optional[str] = "auto", in_channel_map: Optional[Dict[nn.Module, torch.Tensor]] = None,
+            fuse: bool = True) -> nn.Module:
     """Replace trainable hybrid / quantized / pruned layers by deployed ones, in place: packed
     integer weights and frozen input intervals for the quantized branch, sliced weights for the
     pruned branch (dropped channels removed), computed by ``backend`` (``"auto"``: the fastest
@@ -231,6 +231,10 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto", in_channel_map: O
 
     ``in_channel_map`` (used by :class:`hybridops.HybridNetwork`) maps a pruned layer to the input
     channels it actually reads, when its producer was pruned too.
+
+    ``fuse``: fold an eval-mode BatchNorm2d and a ReLU that follow a deployed integer conv into its
+    epilogue (:func:`hybridops.fusion.fuse_epilogues_`), replacing them by ``nn.Identity``.
+    Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
     """
     in_channel_map = in_channel_map or {}
     deployable = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS
@@ -256,6 +260,10 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto", in_channel_map: O
 
     if walk(model) == 0:
         raise ValueError("deploy_ found no hybrid, quantized or pruned layer; call hybridize_ first.")
+    if fuse:
+        from .fusion import fuse_epilogues_  # graph passes import the layer modules defined here
+
+        fuse_epilogues_(model)
     return model
 
 

@@ -72,6 +72,9 @@ class _DeployedBase(nn.Module):
         self.fp_bias = None if fp_bias is None else nn.Parameter(fp_bias.clone())
         # Input channels the pruned branch reads (all, unless its producer was pruned too).
         self.register_buffer("fp_in_idx", in_idx)
+        # Set by hybridops.fusion when a following BatchNorm / ReLU moves into the epilogue.
+        self.fused_bn = False
+        self.relu = False
 
     _FP32_BUFFERS = ("scale", "bias", "in_qparams")
 
@@ -111,7 +114,7 @@ class _DeployedBase(nn.Module):
     # whose input was unsigned) must take the saved format along with the saved codes.
     def get_extra_state(self) -> dict:
         return {"bits_w": getattr(self, "bits_w", 0), "bits_a": self.bits_a if self.has_quant else 0,
-                "a_signed": self.a_signed if self.has_quant else False}
+                "a_signed": self.a_signed if self.has_quant else False, "fused_bn": self.fused_bn, "relu": self.relu}
 
     def set_extra_state(self, state: dict) -> None:
         if self.has_quant:
@@ -119,6 +122,7 @@ class _DeployedBase(nn.Module):
                 raise ValueError(f"the saved layer has {state['bits_w']}-bit weights but this one has "
                                  f"{self.bits_w}; deploy a model built with the same HybridConfig before loading.")
             self.bits_a, self.a_signed = int(state["bits_a"]), bool(state["a_signed"])
+        self.fused_bn, self.relu = bool(state.get("fused_bn", False)), bool(state.get("relu", False))
 
     @property
     def kept_channels(self) -> int:
@@ -135,7 +139,9 @@ class _DeployedBase(nn.Module):
     def extra_repr(self) -> str:
         q = (f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}" if self.quantized_input
              else ("w%d, a=fp" % self.bits_w if self.has_quant else "fp only"))
-        return f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}, backend={self.backend!r}"
+        fused = "+".join(name for name, on in (("bn", self.fused_bn), ("relu", self.relu)) if on)
+        return (f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}"
+                f"{', epilogue=' + fused if fused else ''}, backend={self.backend!r}")
 
 
 class DeployedConv2d(_DeployedBase):
@@ -177,6 +183,24 @@ class DeployedConv2d(_DeployedBase):
     @property
     def fp_groups(self) -> int:
         return 1 if self.groups == 1 else max(1, self.kept_channels)
+
+    @torch.no_grad()
+    def fold_batchnorm_(self, bn: nn.BatchNorm2d) -> None:
+        """Absorb an eval-mode BatchNorm that follows this layer: ``bn(y) = y * g + shift`` with
+        ``g = gamma / sqrt(var + eps)`` scales the integer epilogue and the pruned branch's rows."""
+        if not (self.has_quant and self.quantized_input):
+            raise ValueError("only a layer with an integer (quantized-input) branch folds a BatchNorm into its epilogue.")
+        if bn.num_features != self.out_channels:
+            raise ValueError(f"the BatchNorm has {bn.num_features} channels, this layer {self.out_channels}.")
+        g = (bn.weight.float() if bn.affine else 1.0) / (bn.running_var.float() + bn.eps).sqrt()
+        shift = (bn.bias.float() if bn.affine else 0.0) - bn.running_mean.float() * g
+        self.scale = self.scale * g
+        self.bias = shift + (self.bias * g if self.bias is not None else 0.0)
+        rows = g.index_select(0, self.fp_idx)
+        self.fp_weight.mul_(rows.view(-1, 1, 1, 1).to(self.fp_weight.dtype))
+        if self.fp_bias is not None:
+            self.fp_bias.mul_(rows.to(self.fp_bias.dtype))
+        self.fused_bn = True
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
@@ -221,7 +245,7 @@ class DeployedConv2d(_DeployedBase):
         if kept:
             fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2), padding).permute(0, 2, 3, 1)
         y = custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
-                               self.scale, self.bias, self.stride, padding, self.dilation, self.groups, False,
+                               self.scale, self.bias, self.stride, padding, self.dilation, self.groups, self.relu,
                                fp_out, self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
         return y.permute(0, 3, 1, 2)
 

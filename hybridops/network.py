@@ -16,7 +16,6 @@ network learns the residual.
 from __future__ import annotations
 
 import copy
-import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -27,10 +26,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig
 from .convert import calibrate_, deploy_, hybridize_
-from .deployed import DeployedConv2d, DeployedLinear
-from .layers import HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
-
-_LEAF_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS + (DeployedConv2d, DeployedLinear)
+from .graph import set_submodule, trace
+from .layers import PRUNED_LAYERS
 
 # Modules and functions that map a zero channel to a zero channel, channel for channel.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,
@@ -38,22 +35,8 @@ _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Iden
 _ZERO_PRESERVING_FUNCTIONS = (F.relu, torch.relu, F.max_pool2d, F.relu6, F.dropout, F.adaptive_avg_pool2d)
 
 
-class _LayerTracer(fx.Tracer):
-    """Keeps hybridops layers as ``call_module`` nodes: the default tracer treats only
-    ``torch.nn`` modules as leaves and would trace through a pruned layer, leaving no node for it
-    (and no producer/consumer pair would ever be found)."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, _LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)
-
-
 def _trace(model: nn.Module) -> Optional[fx.GraphModule]:
-    try:
-        return fx.GraphModule(model, _LayerTracer().trace(model))
-    except Exception as e:  # data-dependent control flow: no compounding, but still correct
-        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); pruning will not compound "
-                      "across layers (each pruned layer keeps all its input channels).")
-        return None
+    return trace(model, "pruning will not compound across layers (each pruned layer keeps all its input channels).")
 
 
 def fold_batchnorm_(model: nn.Module) -> int:
@@ -72,15 +55,10 @@ def fold_batchnorm_(model: nn.Module) -> int:
                 and len(src.users) == 1):
             continue
         conv, bn = modules[src.target], modules[node.target]
-        _set(model, src.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
-        _set(model, node.target, nn.Identity())
+        set_submodule(model, src.target, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+        set_submodule(model, node.target, nn.Identity())
         folded += 1
     return folded
-
-
-def _set(model: nn.Module, qualname: str, module: nn.Module) -> None:
-    parent_name, _, name = qualname.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)
 
 
 def find_pruned_producers(model: nn.Module) -> Dict[str, str]:

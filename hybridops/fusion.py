@@ -1,0 +1,61 @@
+"""Epilogue fusion at deploy time (DESIGN.md section 3, op 2).
+
+A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer: the
+BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and into the rows of
+the pruned branch's weights, and the ReLU moves into the integer conv's epilogue. The folded
+modules are replaced by ``nn.Identity``, so no separate elementwise pass reads and writes the
+activation after the layer. Only modules used once in the traced graph are replaced (torchvision's
+ResNet blocks call one ``relu`` module several times: that ReLU stays a module of its own).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import List
+
+import torch.nn as nn
+
+from .deployed import DeployedConv2d
+from .graph import set_submodule, trace
+
+
+def fuse_epilogues_(model: nn.Module) -> List[str]:
+    """Fold BatchNorm2d / ReLU that follow deployed integer convs into those convs, in place.
+    Returns one ``"conv+bn+relu"``-style entry per fused layer."""
+    gm = trace(model, "BatchNorm and ReLU stay separate passes after the deployed layers.")
+    if gm is None:
+        return []
+    modules = dict(model.named_modules())
+    uses = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+
+    def sole_module_user(node, kind):
+        """The single user of ``node`` if it is a once-used module of type ``kind`` fed by it."""
+        if len(node.users) != 1:
+            return None
+        user = next(iter(node.users))
+        ok = (user.op == "call_module" and type(modules.get(user.target)) is kind and uses[user.target] == 1
+              and len(user.args) == 1 and user.args[0] is node)
+        return user if ok else None
+
+    fused = []
+    for node in gm.graph.nodes:
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(layer, DeployedConv2d) and layer.has_quant and layer.quantized_input):
+            continue
+        parts, tail = [node.target], node
+        bn_node = sole_module_user(node, nn.BatchNorm2d)
+        if bn_node is not None:
+            bn = modules[bn_node.target]
+            if bn.training or bn.running_mean is None:
+                continue  # batch statistics cannot be folded into constants
+            layer.fold_batchnorm_(bn)
+            set_submodule(model, bn_node.target, nn.Identity())
+            parts.append(bn_node.target)
+            tail = bn_node
+        relu_node = sole_module_user(tail, nn.ReLU)
+        if relu_node is not None:
+            layer.relu = True
+            set_submodule(model, relu_node.target, nn.Identity())
+            parts.append(relu_node.target)
+        if len(parts) > 1:
+            fused.append("+".join(parts))
+    return fused

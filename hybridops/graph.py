@@ -1,0 +1,39 @@
+"""``torch.fx`` tracing that keeps hybridops layers whole, shared by the graph passes
+(compounding pruning in :mod:`hybridops.network`, epilogue fusion in :mod:`hybridops.fusion`)."""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch.fx as fx
+import torch.nn as nn
+
+from .deployed import DeployedConv2d, DeployedLinear
+from .layers import HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
+
+LEAF_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS + (DeployedConv2d, DeployedLinear)
+
+
+class LayerTracer(fx.Tracer):
+    """Keeps hybridops layers as ``call_module`` nodes: the default tracer treats only
+    ``torch.nn`` modules as leaves and would trace through a hybridops layer, leaving no node
+    for it."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module, consequence: str) -> Optional[fx.GraphModule]:
+    """The traced graph of ``model``, or None (with a warning that ends in ``consequence``) when
+    ``torch.fx`` cannot trace it (data-dependent control flow): graph passes are optimisations,
+    and the model stays correct without them."""
+    try:
+        return fx.GraphModule(model, LayerTracer().trace(model))
+    except Exception as e:
+        warnings.warn(f"torch.fx could not trace {type(model).__name__} ({e}); {consequence}")
+        return None
+
+
+def set_submodule(model: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, name = qualname.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)

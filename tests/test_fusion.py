@@ -1,0 +1,103 @@
+"""Epilogue fusion at deploy: BatchNorm2d folds into the integer conv's scale/bias and the pruned
+branch's rows, ReLU moves into the epilogue; results equal the unfused deployed model up to fp32
+rounding of the folded constants."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import hybridops as ho
+from hybridops.backend import backend_unavailable_reason
+from hybridops.fusion import fuse_epilogues_
+
+BACKENDS = ["torch"] + [b for b in ("triton", "cuda") if backend_unavailable_reason(b, "cpu") is None]
+
+
+def _randomize_bn_(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.6 - 0.3)
+    return model
+
+
+def _cnn():
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(16),
+        nn.Conv2d(16, 4, 1), nn.ReLU())
+
+
+@pytest.fixture(scope="module")
+def hybrid_cnn():
+    torch.manual_seed(0)
+    model = _randomize_bn_(_cnn()).eval()
+    x = torch.randn(2, 3, 12, 12)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.3), example_inputs=x)
+    return model, x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_equals_unfused(hybrid_cnn, backend):
+    model, x = hybrid_cnn
+    plain = ho.deploy_(copy.deepcopy(model), backend, fuse=False)
+    fused = ho.deploy_(copy.deepcopy(model), backend)
+    # The first conv keeps its image input in full precision (a float conv, not fused); the others fold.
+    assert [type(m).__name__ for m in fused] == [
+        "DeployedConv2d", "BatchNorm2d", "ReLU", "DeployedConv2d", "Identity", "Identity",
+        "DeployedConv2d", "Identity", "DeployedConv2d", "Identity"]
+    assert (fused[3].fused_bn, fused[3].relu, fused[6].fused_bn, fused[6].relu, fused[8].relu) == (
+        True, True, True, False, True)
+    assert "epilogue=bn+relu" in repr(fused[3])
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_state_dict_round_trip(hybrid_cnn):
+    model, x = hybrid_cnn
+    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    other = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
+    fuse_epilogues_(other)
+    for m in other.modules():  # a differently fused copy must take the saved flags
+        if isinstance(m, ho.DeployedConv2d):
+            m.relu = False
+    other.load_state_dict(fused.state_dict())
+    with torch.no_grad():
+        assert torch.equal(other(x), fused(x))
+
+
+def test_online_update_through_fused_epilogue(hybrid_cnn):
+    model, x = hybrid_cnn
+    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    params = ho.freeze_quantized_(fused)
+    before = {k: v.clone() for k, v in fused.state_dict().items() if torch.is_tensor(v)}
+    opt = torch.optim.SGD(params, lr=0.1)
+    fused(x).square().mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
+    opt.step()
+    fp_names = {n for n, p in fused.named_parameters() if any(p is q for q in params)}
+    changed = {k for k, v in fused.state_dict().items() if k in before and not torch.equal(v, before[k])}
+    assert changed and changed <= fp_names
+
+
+def test_training_mode_batchnorm_and_shared_relu_are_not_fused():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).eval()
+    _randomize_bn_(model)
+    x = torch.randn(1, 3, 32, 32)
+    ho.hybridize_(model, ho.HybridConfig(), example_inputs=x)
+    ref = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
+    model.layer1[0].bn1.train()
+    fused = ho.deploy_(model, "torch")
+    assert isinstance(fused.layer1[0].bn1, nn.BatchNorm2d)  # training-mode statistics: kept
+    assert isinstance(fused.layer1[0].bn2, nn.Identity) and fused.layer1[0].conv2.fused_bn
+    assert isinstance(fused.layer1[0].relu, nn.ReLU) and not fused.layer1[0].conv2.relu  # relu used 2x
+    fused.layer1[0].bn1.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
