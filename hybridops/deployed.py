@@ -72,11 +72,15 @@ class _DeployedBase(nn.Module):
         self.fp_bias = None if fp_bias is None else nn.Parameter(fp_bias.clone())
         # Input channels the pruned branch reads (all, unless its producer was pruned too).
         self.register_buffer("fp_in_idx", in_idx)
-        # Set by hybridops.fusion when a following BatchNorm / ReLU moves into the epilogue.
+        # Set by hybridops.fusion when a following BatchNorm / ReLU moves into the epilogue, and
+        # when this layer and a quantized consumer pass packed codes instead of floats.
         self.fused_bn = False
         self.relu = False
+        self.codes_input = False
+        self.register_buffer("out_qparams", None)
+        self.out_bits, self.out_signed = 4, False
 
-    _FP32_BUFFERS = ("scale", "bias", "in_qparams")
+    _FP32_BUFFERS = ("scale", "bias", "in_qparams", "out_qparams")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) must not round the epilogue scales or the frozen quantizer
@@ -114,7 +118,8 @@ class _DeployedBase(nn.Module):
     # whose input was unsigned) must take the saved format along with the saved codes.
     def get_extra_state(self) -> dict:
         return {"bits_w": getattr(self, "bits_w", 0), "bits_a": self.bits_a if self.has_quant else 0,
-                "a_signed": self.a_signed if self.has_quant else False, "fused_bn": self.fused_bn, "relu": self.relu}
+                "a_signed": self.a_signed if self.has_quant else False, "fused_bn": self.fused_bn, "relu": self.relu,
+                "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed}
 
     def set_extra_state(self, state: dict) -> None:
         if self.has_quant:
@@ -123,6 +128,8 @@ class _DeployedBase(nn.Module):
                                  f"{self.bits_w}; deploy a model built with the same HybridConfig before loading.")
             self.bits_a, self.a_signed = int(state["bits_a"]), bool(state["a_signed"])
         self.fused_bn, self.relu = bool(state.get("fused_bn", False)), bool(state.get("relu", False))
+        self.codes_input = bool(state.get("codes_input", False))
+        self.out_bits, self.out_signed = int(state.get("out_bits", 4)), bool(state.get("out_signed", False))
 
     @property
     def kept_channels(self) -> int:
@@ -139,9 +146,11 @@ class _DeployedBase(nn.Module):
     def extra_repr(self) -> str:
         q = (f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}" if self.quantized_input
              else ("w%d, a=fp" % self.bits_w if self.has_quant else "fp only"))
-        fused = "+".join(name for name, on in (("bn", self.fused_bn), ("relu", self.relu)) if on)
+        fused = "+".join(name for name, on in (("bn", self.fused_bn), ("relu", self.relu),
+                                               ("requant", self.out_qparams is not None)) if on)
         return (f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}"
-                f"{', epilogue=' + fused if fused else ''}, backend={self.backend!r}")
+                f"{', epilogue=' + fused if fused else ''}{', codes in' if self.codes_input else ''}, "
+                f"backend={self.backend!r}")
 
 
 class DeployedConv2d(_DeployedBase):
@@ -223,6 +232,8 @@ class DeployedConv2d(_DeployedBase):
                         self.stride, (top, left), self.dilation, self.fp_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.codes_input:
+            return self._from_codes(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
         self._check_input(x)
@@ -234,6 +245,9 @@ class DeployedConv2d(_DeployedBase):
             y = self._merged_float(x, padding)
         else:
             y = self._hybrid(x, padding)
+            if self.out_qparams is not None:
+                return y  # packed NHWC codes for the chained quantized consumer
+            y = y.permute(0, 3, 1, 2)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
@@ -244,10 +258,30 @@ class DeployedConv2d(_DeployedBase):
         fp_out = None
         if kept:
             fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2), padding).permute(0, 2, 3, 1)
-        y = custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
-                               self.scale, self.bias, self.stride, padding, self.dilation, self.groups, self.relu,
-                               fp_out, self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
-        return y.permute(0, 3, 1, 2)
+        return self._int_conv(codes, fp_out, padding, x.dtype)
+
+    def _int_conv(self, codes: torch.Tensor, fp_out: Optional[torch.Tensor], padding: list,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        """NHWC: the float output, or packed codes when this layer feeds a chained consumer."""
+        rq = self.out_qparams is not None
+        return custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
+                                  self.scale, self.bias, self.stride, padding, self.dilation, self.groups, self.relu,
+                                  fp_out, self.fp_idx if fp_out is not None else None, self.out_qparams,
+                                  self.out_bits if rq else 4, self.out_signed if rq else False, out_dtype, self.backend)
+
+    def _from_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Input already quantized by the producing layer's epilogue (a chain of quantized layers
+        never writes float activations): packed NHWC codes in this layer's input format."""
+        from .ops.packing import packed_size
+
+        if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[3] != packed_size(self.in_channels, self.bits_a):
+            raise ValueError(f"{type(self).__name__} is chained after a quantized layer and expects its packed codes "
+                             f"(N, H, W, {packed_size(self.in_channels, self.bits_a)}) uint8, got {codes.dtype} "
+                             f"{tuple(codes.shape)}.")
+        y = self._int_conv(codes, None, self.padding, self.fp_weight.dtype)
+        # The chain's original input layout is not known here: return the layout user code is most
+        # likely to .view() (contiguous NCHW), in the model's float dtype.
+        return y if self.out_qparams is not None else y.permute(0, 3, 1, 2).contiguous()
 
     def _scatter_fp(self, fp: torch.Tensor, n_out: int) -> torch.Tensor:
         out = fp.new_zeros((fp.shape[0], n_out, *fp.shape[2:]))

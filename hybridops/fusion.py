@@ -1,4 +1,4 @@
-"""Epilogue fusion at deploy time (DESIGN.md section 3, op 2).
+"""Epilogue fusion and code chaining at deploy time (DESIGN.md section 3, op 2).
 
 A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer: the
 BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and into the rows of
@@ -6,6 +6,12 @@ the pruned branch's weights, and the ReLU moves into the integer conv's epilogue
 modules are replaced by ``nn.Identity``, so no separate elementwise pass reads and writes the
 activation after the layer. Only modules used once in the traced graph are replaced (torchvision's
 ResNet blocks call one ``relu`` module several times: that ReLU stays a module of its own).
+
+Then chains: when a deployed integer conv's only consumer (through ``nn.Identity`` alone) is
+another deployed conv that has no full-precision branch and reads zero-padded quantized input,
+the producer re-quantizes in its epilogue to the consumer's input codes and the consumer takes
+packed codes: between the two no float activation is written, only packed low-bit codes (the
+situation of the network-level quantized copy, and of quantized-only models).
 """
 from __future__ import annotations
 
@@ -58,4 +64,38 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
             parts.append(relu_node.target)
         if len(parts) > 1:
             fused.append("+".join(parts))
-    return fused
+    return fused + chain_codes_(model)
+
+
+def _integer_conv(m) -> bool:
+    return isinstance(m, DeployedConv2d) and m.has_quant and m.quantized_input
+
+
+def chain_codes_(model: nn.Module) -> List[str]:
+    """Let pairs of deployed integer convs pass packed codes (see the module docstring), in place.
+    Returns one ``"producer->consumer"`` entry per chained pair."""
+    gm = trace(model, "deployed quantized layers pass float activations to each other.")
+    if gm is None:
+        return []
+    modules = dict(model.named_modules())
+    chained = []
+    for node in gm.graph.nodes:
+        producer = modules.get(node.target) if node.op == "call_module" else None
+        if not _integer_conv(producer) or producer.out_qparams is not None:
+            continue
+        hop = node
+        while len(hop.users) == 1:
+            hop = next(iter(hop.users))
+            consumer = modules.get(hop.target) if hop.op == "call_module" else None
+            if not isinstance(consumer, nn.Identity):
+                break
+        else:
+            continue
+        if not (_integer_conv(consumer) and consumer.kept_channels == 0 and consumer.padding_mode == "zeros"
+                and not consumer.codes_input and len(hop.args) == 1):
+            continue
+        producer.out_qparams = consumer.in_qparams.clone()
+        producer.out_bits, producer.out_signed = consumer.bits_a, consumer.a_signed
+        consumer.codes_input = True
+        chained.append(f"{node.target}->{hop.target}")
+    return chained

@@ -101,3 +101,33 @@ def test_training_mode_batchnorm_and_shared_relu_are_not_fused():
     fused.layer1[0].bn1.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantized_chain_passes_codes_and_matches(backend):
+    """In a quantized-only network, consecutive integer convs pass packed codes (the producer
+    re-quantizes in its epilogue); the result equals the unchained model exactly, since the codes
+    are the same fp32 computation either way."""
+    torch.manual_seed(0)
+    model = _randomize_bn_(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 4, 1))).eval()
+    x = torch.randn(2, 3, 12, 12)
+    ho.hybridize_(model, ho.HybridConfig(bits_a=5), example_inputs=x, mode="quant")
+    plain = ho.deploy_(copy.deepcopy(model), backend, fuse=False)
+    chained = ho.deploy_(copy.deepcopy(model), backend)
+    assert chained[3].out_qparams is not None and chained[6].codes_input and chained[8].codes_input
+    assert "requant" in repr(chained[6]) and "codes in" in repr(chained[8])
+    with torch.no_grad():
+        y = chained(x)
+        torch.testing.assert_close(y, plain(x), rtol=0, atol=0)
+    assert y.is_contiguous() and y.dtype == x.dtype
+    with pytest.raises(ValueError, match="expects its packed codes"):
+        chained[8](torch.randn(2, 16, 5, 5))
+
+
+def test_layer_with_full_precision_branch_is_not_fed_codes(hybrid_cnn):
+    model, x = hybrid_cnn
+    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    assert not any(m.codes_input for m in fused.modules() if isinstance(m, ho.DeployedConv2d))
