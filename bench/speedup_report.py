@@ -108,9 +108,13 @@ def run(model_name: str, batch: int, size: Optional[int], config: ho.HybridConfi
     for name in tqdm(conversion.converted, desc=f"layers ({dev.type}, {'/'.join(backends)})", leave=False):
         xin = inputs[name]
         f_layer, h_layer = float_model.get_submodule(name), hybrid.get_submodule(name)
+        hin = xin
+        if getattr(h_layer, "codes_input", False):  # chained: its producer hands it packed codes
+            _, hin = ho.ops.quantize_activate(xin, h_layer.in_qparams, h_layer.bits_a, h_layer.a_signed, None, None,
+                                              False, None, None, h_layer.backend)
         with torch.no_grad():
             t_float = time_ms(lambda: f_layer(xin), dev)
-            t_hybrid = time_ms(lambda: h_layer(xin), dev)
+            t_hybrid = time_ms(lambda: h_layer(hin), dev)
         r = by_name[name]
         rows.append({"layer": name, "kind": r.kind, "bits_a": r.bits_a, "bits_w": r.bits_w,
                      "kept": f"{r.pruned_c_out}/{r.c_out}", "rc_hybrid": r.rc_hybrid,
