@@ -86,6 +86,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "torchvision>=0.26"],
         "cupy": ["cupy-cuda13x"],
+        # CUTLASS's C++ headers for the stock CUTLASS conv baseline in bench/cutlass_conv/ (built
+        # on demand by bench/bench_kernels.py on Hopper GPUs; not needed by hybridops itself).
+        "bench": ["nvidia-cutlass==4.2.0.0"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

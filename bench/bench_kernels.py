@@ -9,11 +9,18 @@ GPU, ``torch.utils.benchmark`` on the CPU):
 * ``qconv_<backend>`` our packed low-bit conv alone (codes in, bf16 out);
 * ``hybrid_<backend>`` a whole deployed hybrid layer (quantize-activate, FP branch, int conv with
   the fused sliced add), float in, float out;
-* ``quantact_<backend>`` the fused quantize-activate pass, reported in GB/s.
+* ``quantact_<backend>`` the fused quantize-activate pass, reported in GB/s;
+* ``cutlass_s8_128x128`` / ``cutlass_s8_64x128`` stock CUTLASS 3's Hopper int8 implicit-GEMM
+  conv (``cutlass_conv/``: TMA im2col + wgmma, per-channel scale, bf16 out) at two CTA tiles, on
+  sm_90 GPUs for groups == 1 layers with C_in % 16 == 0 and C_out % 8 == 0, on the same int8
+  codes as ``naive_int8``. It needs the ``nvidia-cutlass`` wheel (``pip install -e .[bench]``)
+  and nvcc, and is compiled on first use (several minutes; ``--no-cutlass`` skips it). Its
+  output is checked against ``naive_int8`` (int32 accumulators from ``torch._int_mm``) before
+  timing; when it cannot be built or run, or the check fails, one ``cutlass_unavailable`` row
+  per shape carries the reason instead.
 
-Stock CUTLASS int8 conv (GPU.md) is not built by this project; its column is absent rather
-than estimated. Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the
-measured H100 ceiling (GPU.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
+Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the measured H100
+ceiling (GPU.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
 ``cudnn_bf16_cl``. Results go to ``--out`` as JSON and CSV with the environment, plus a plot.
 
     python bench/bench_kernels.py --batch 1 32 --bits 4 5 --keep 0.1
@@ -24,7 +31,7 @@ import argparse
 import csv
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -60,8 +67,49 @@ def naive_int8(a_codes: torch.Tensor, w_codes: torch.Tensor, s: ConvShape, scale
     return (acc.float() * scale).to(torch.bfloat16)
 
 
+def cutlass_rows(s: ConvShape, codes: torch.Tensor, wcodes: torch.Tensor, scale: torch.Tensor,
+                 row: Callable[..., Dict], ref_ms: float, device: torch.device) -> List[Dict]:
+    """Stock CUTLASS int8 conv at each tile on the codes ``naive_int8`` uses (activations NCHW
+    float holding small integers, weights KCRS int8), checked against ``naive_int8`` first.
+    No rows for layers the kernel cannot take; one ``cutlass_unavailable`` row when it cannot
+    build, run, or give the right answer here."""
+    import cutlass_conv
+
+    if not cutlass_conv.supports(s.c_in, s.c_out, s.groups):
+        return []
+    rows = []
+    try:
+        if not cutlass_conv.loaded():
+            print("loading the CUTLASS conv extension (compiled on first use: several minutes)", file=sys.stderr)
+        cutlass_conv.load(device)
+        x = codes.to(torch.int8).permute(0, 2, 3, 1).contiguous()  # NCHW -> NHWC
+        w = wcodes.permute(0, 2, 3, 1).contiguous()                 # KCRS -> KRSC
+        ref = naive_int8(codes, wcodes, s, scale)                   # (N*P*Q, K), rows in (n, p, q) order
+        for tile in cutlass_conv.TILES:
+            def fn(tile=tile):
+                return cutlass_conv.conv2d_s8(x, w, scale, (s.stride,) * 2, (s.pad,) * 2, (s.dil,) * 2, tile)
+
+            out = fn().reshape(ref.shape)
+            # Same fp32 product and round-to-nearest as the reference, so it should match exactly;
+            # one bf16 ulp is allowed so that only real errors fail.
+            bad = (~torch.isclose(out.float(), ref.float(), rtol=2 ** -7, atol=0)).sum().item()
+            if bad:
+                raise cutlass_conv.CutlassUnavailable(
+                    f"cutlass_s8_{tile} gave wrong results ({bad} of {ref.numel()} outputs off by more than "
+                    "one bf16 ulp from the int32 reference); not timed.")
+            rows.append(row(f"cutlass_s8_{tile}", time_ms(fn, device), ref_ms))
+    except cutlass_conv.CutlassUnavailable as e:
+        print(f"cutlass_unavailable on {s.name}: {e}", file=sys.stderr)
+        bad_row = row("cutlass_unavailable", float("nan"), None)
+        bad_row["reason"] = str(e)
+        rows.append(bad_row)
+    return rows
+
+
 def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: torch.device,
-                backends: List[str]) -> List[Dict]:
+                backends: List[str], cutlass: bool = True) -> List[Dict]:
+    """All providers' rows for one layer shape; ``cutlass=False`` leaves out the CUTLASS rows
+    (and their one-time build)."""
     rows = []
     macs = s.macs()
 
@@ -94,6 +142,8 @@ def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: tor
             if s.groups == 1:
                 sc = torch.rand(s.c_out, device=device)
                 rows.append(row("naive_int8", time_ms(lambda: naive_int8(codes, wcodes, s, sc), device), ref_ms))
+                if cutlass:
+                    rows += cutlass_rows(s, codes, wcodes, sc, row, ref_ms, device)
         else:
             ref_ms = time_ms(lambda: conv(x), device)
             rows.append(row("torch_fp32_cpu", ref_ms, ref_ms))
@@ -155,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--keep", type=float, nargs="+", default=[0.1])
     p.add_argument("--shapes", nargs="*", default=None, help="substrings of shape names to keep")
     p.add_argument("--backends", nargs="*", default=None, help="default: every backend available on the device")
+    p.add_argument("--no-cutlass", action="store_true", help="leave out the stock CUTLASS rows and their build")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
@@ -164,7 +215,7 @@ def main(argv=None) -> int:
     jobs = [(s.with_batch(n), b, k) for s in shapes for n in a.batch for b in a.bits for k in a.keep]
     rows = []
     for s, b, k in tqdm(jobs, desc=f"kernels on {device.type}"):
-        rows += bench_shape(s, b, b, k, device, backends)
+        rows += bench_shape(s, b, b, k, device, backends, cutlass=not a.no_cutlass)
     tag = torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else "cpu"
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"{tag}-kernels")
     out.mkdir(parents=True, exist_ok=True)
