@@ -19,6 +19,14 @@ step "GPU"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee -a "$LOG"
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
 
+step "stock CUTLASS headers for the cutlass provider (the device has no network)"
+# Carry the wheel as an ignored file: pip download --no-deps -d .wheels nvidia-cutlass==4.2.0.0
+if ls .wheels/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  pip install --no-deps --no-index .wheels/nvidia_cutlass-*.whl >> "$LOG" 2>&1 && echo "nvidia-cutlass installed" | tee -a "$LOG"
+else
+  echo "no .wheels/nvidia_cutlass-*.whl: the cutlass columns will say unavailable" | tee -a "$LOG"
+fi
+
 step "build csrc/ (sm_90 only, to save time on the device)"
 HYBRIDOPS_BUILD_CUDA=1 HYBRIDOPS_CUDA_ARCHS="9.0" MAX_JOBS=16 \
   pip install -e . --no-build-isolation --no-deps >> "$LOG" 2>&1 || { tail -40 "$LOG"; exit 1; }
