@@ -252,12 +252,16 @@ class DeployedConv2d(_DeployedBase):
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         kept = self.kept_channels > 0
+        # The quantize pass writes a float slice only when the pruned branch reads a subset or a
+        # regrouping of the input channels; reading all of them, it reads x itself (one activation
+        # write and read fewer).
+        sliced = kept and (self.groups > 1 or self.fp_in_idx is not None)
         x_slice, codes = custom_ops.quantize_activate(
             x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-            self.fp_read_idx if kept else None, x.dtype, self.backend)
+            self.fp_read_idx if sliced else None, x.dtype, self.backend)
         fp_out = None
         if kept:
-            fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2), padding).permute(0, 2, 3, 1)
+            fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2) if sliced else x, padding).permute(0, 2, 3, 1)
         return self._int_conv(codes, fp_out, padding, x.dtype)
 
     def _int_conv(self, codes: torch.Tensor, fp_out: Optional[torch.Tensor], padding: list,
@@ -346,12 +350,14 @@ class DeployedLinear(_DeployedBase):
             y = F.linear(x2, *self._merged_weight_and_bias(x.dtype))
         else:
             read = self.fp_read_idx
+            sliced = kept and self.fp_in_idx is not None  # else the pruned branch reads x itself
             x_slice, codes = custom_ops.quantize_activate(
-                x2.view(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                read if kept else None, x.dtype, self.backend)
+                x2.reshape(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
+                read if sliced else None, x.dtype, self.backend)
             fp_out = None
             if kept:
-                fp_out = F.linear(x_slice.view(-1, read.numel()), self.fp_weight.to(x.dtype), fb).view(-1, 1, 1, self.kept_channels)
+                fp_in = x_slice.view(-1, read.numel()) if sliced else x2
+                fp_out = F.linear(fp_in, self.fp_weight.to(x.dtype), fb).view(-1, 1, 1, self.kept_channels)
             y = custom_ops.qconv2d(codes, self.w_packed, self.in_features, self.bits_a, self.a_signed, self.bits_w,
                                    self.scale, self.bias, [1, 1], [0, 0, 0, 0], [1, 1], 1, False, fp_out,
                                    self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
