@@ -70,6 +70,23 @@ def _make(module: nn.Module, config: HybridConfig, mode: str, quantize_input: bo
     return new
 
 
+@torch.no_grad()
+def _first_called_layer(model: nn.Module, example_inputs) -> Optional[str]:
+    """Qualified name of the first ``nn.Conv2d`` / ``nn.Linear`` that a forward pass calls."""
+    order: List[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: order.append(_n))
+             for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return order[0] if order else None
+
+
 def hybridize_(model: nn.Module, config: Optional[HybridConfig] = None, filter_fn: Optional[FilterFn] = None,
                example_inputs=None, mode: str = "hybrid") -> ConversionReport:
     """Swap every ``nn.Conv2d`` (and ``nn.Linear`` if ``config.convert_linear``) in ``model``
@@ -85,8 +102,8 @@ def hybridize_(model: nn.Module, config: Optional[HybridConfig] = None, filter_f
         mode: ``"hybrid"`` (quantized + pruned, eq 5), ``"quant"`` (quantized only) or
             ``"prune"`` (channel-pruned full precision only).
 
-    The first converted layer (in module order) keeps its input in full precision when
-    ``config.fp_first_input``. Returns a :class:`ConversionReport`; raises if nothing was
+    The layer that reads the model's input (the first called in the ``example_inputs`` pass, else
+    the first in module order) keeps its input in full precision when ``config.fp_first_input``. Returns a :class:`ConversionReport`; raises if nothing was
     convertible.
     """
     config = config if config is not None else HybridConfig()
@@ -95,6 +112,9 @@ def hybridize_(model: nn.Module, config: Optional[HybridConfig] = None, filter_f
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     report = ConversionReport(mode)
+    # The layer that reads the raw input: the first to run when example inputs show it, else the
+    # first in module order (the two differ when a model registers its layers out of call order).
+    first_layer = _first_called_layer(model, example_inputs) if example_inputs is not None else None
     first = [True]
 
     def walk(parent: nn.Module, prefix: str) -> None:
@@ -105,7 +125,8 @@ def hybridize_(model: nn.Module, config: Optional[HybridConfig] = None, filter_f
                 continue
             why = _convertible(child, qual, config, filter_fn)
             if why is None:
-                quantize_input = not (first[0] and config.fp_first_input)
+                is_first = qual == first_layer if first_layer is not None else first[0]
+                quantize_input = not (is_first and config.fp_first_input)
                 first[0] = False
                 setattr(parent, name, _make(child, config, mode, quantize_input))
                 report.converted.append(qual)

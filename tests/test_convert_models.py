@@ -295,3 +295,23 @@ def test_state_dict_roundtrip_hybrid_and_deployed():
     m2.eval()
     with torch.no_grad():
         assert torch.equal(m2(x), y_dep)
+
+
+def test_fp_first_input_follows_call_order_when_example_inputs_show_it():
+    """A model that registers its head before its stem: the stem reads the image and keeps it in
+    full precision; module order alone would have picked the head."""
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(8, 4, 1)
+            self.stem = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.stem(x)))
+
+    m = HeadFirst().eval()
+    ho.hybridize_(m, ho.HybridConfig(), example_inputs=torch.randn(1, 3, 8, 8))
+    assert m.stem.quant.aq is None and m.head.quant.aq is not None
+    m2 = HeadFirst().eval()
+    ho.hybridize_(m2, ho.HybridConfig())  # no example inputs: module order
+    assert m2.head.quant.aq is None and m2.stem.quant.aq is not None
