@@ -1,6 +1,7 @@
 """Model conversion: swap layers in place, regularise (eq 16), freeze for online updates, deploy."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -74,17 +75,30 @@ def _make(module: nn.Module, config: HybridConfig, mode: str, quantize_input: bo
 def _first_called_layer(model: nn.Module, example_inputs) -> Optional[str]:
     """Qualified name of the first ``nn.Conv2d`` / ``nn.Linear`` that a forward pass calls."""
     order: List[str] = []
+    layers = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear) + HYBRID_LAYERS + QUANT_LAYERS + \
+        PRUNED_LAYERS + (DeployedConv2d, DeployedLinear)
     hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: order.append(_n))
-             for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    was_training = model.training
-    model.eval()
+             for n, m in model.named_modules() if isinstance(m, layers)]
     try:
-        model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+        with _eval_mode(model):
+            model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return order[0] if order else None
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for one pass, then every submodule's own mode back (a BatchNorm the user froze
+    inside a training model stays frozen)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def hybridize_(model: nn.Module, config: Optional[HybridConfig] = None, filter_fn: Optional[FilterFn] = None,
@@ -158,12 +172,8 @@ def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
     for m in layers:
         m.calibrated_flag.fill_(0.0)
         m._calibrated_cache = False
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
-    finally:
-        model.train(was_training)
     missing = [type(m).__name__ for m in layers if not m.calibrated]
     if missing:
         raise RuntimeError(f"{len(missing)} converted layers were not reached by the calibration forward pass; "
@@ -222,7 +232,7 @@ def fp_parameters(model: nn.Module) -> List[nn.Parameter]:
     for m in model.modules():
         if isinstance(m, _PrunedBase):
             params += [m.weight] + ([m.bias] if m.bias is not None else [])
-        elif isinstance(m, (DeployedConv2d, DeployedLinear)):
+        elif isinstance(m, (DeployedConv2d, DeployedLinear)) and m.kept_channels:
             params += [m.fp_weight] + ([m.fp_bias] if m.fp_bias is not None else [])
     return params
 

@@ -127,9 +127,14 @@ class _DeployedBase(nn.Module):
                 raise ValueError(f"the saved layer has {state['bits_w']}-bit weights but this one has "
                                  f"{self.bits_w}; deploy a model built with the same HybridConfig before loading.")
             self.bits_a, self.a_signed = int(state["bits_a"]), bool(state["a_signed"])
-        self.fused_bn, self.relu = bool(state.get("fused_bn", False)), bool(state.get("relu", False))
-        self.codes_input = bool(state.get("codes_input", False))
-        self.out_bits, self.out_signed = int(state.get("out_bits", 4)), bool(state.get("out_signed", False))
+        # Fusion edited the model around this layer (modules replaced by nn.Identity): loading
+        # cannot redo or undo that, so a checkpoint must come from a model fused the same way.
+        for flag in ("fused_bn", "relu", "codes_input"):
+            if flag in state and bool(state[flag]) != getattr(self, flag):
+                raise ValueError(f"the saved layer has {flag}={bool(state[flag])} but this one has "
+                                 f"{getattr(self, flag)}: deploy_ both models with the same fuse setting.")
+        self.out_bits = int(state.get("out_bits", self.out_bits))
+        self.out_signed = bool(state.get("out_signed", self.out_signed))
 
     @property
     def kept_channels(self) -> int:
@@ -199,6 +204,9 @@ class DeployedConv2d(_DeployedBase):
         ``g = gamma / sqrt(var + eps)`` scales the integer epilogue and the pruned branch's rows."""
         if not (self.has_quant and self.quantized_input):
             raise ValueError("only a layer with an integer (quantized-input) branch folds a BatchNorm into its epilogue.")
+        if self.relu or self.out_qparams is not None:
+            raise ValueError("a BatchNorm folds in before the epilogue's ReLU / re-quantization, which this layer "
+                             "already has.")
         if bn.num_features != self.out_channels:
             raise ValueError(f"the BatchNorm has {bn.num_features} channels, this layer {self.out_channels}.")
         g = (bn.weight.float() if bn.affine else 1.0) / (bn.running_var.float() + bn.eps).sqrt()
@@ -252,10 +260,11 @@ class DeployedConv2d(_DeployedBase):
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         kept = self.kept_channels > 0
-        # The quantize pass writes a float slice only when the pruned branch reads a subset or a
-        # regrouping of the input channels; reading all of them, it reads x itself (one activation
-        # write and read fewer).
-        sliced = kept and (self.groups > 1 or self.fp_in_idx is not None)
+        # The quantize pass writes a float NHWC slice when the pruned branch reads a subset or a
+        # regrouping of the input channels, or when x is not NHWC already (the epilogue reads the
+        # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
+        sliced = kept and (self.groups > 1 or self.fp_in_idx is not None
+                           or not x.is_contiguous(memory_format=torch.channels_last))
         x_slice, codes = custom_ops.quantize_activate(
             x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
             self.fp_read_idx if sliced else None, x.dtype, self.backend)

@@ -5,12 +5,14 @@ BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and i
 the pruned branch's weights, and the ReLU moves into the integer conv's epilogue. The folded
 modules are replaced by ``nn.Identity``, so no separate elementwise pass reads and writes the
 activation after the layer. Only modules used once in the traced graph are replaced (torchvision's
-ResNet blocks call one ``relu`` module several times: that ReLU stays a module of its own).
+ResNet blocks call one ``relu`` module several times: that ReLU stays a module of its own), and
+only layers called once. Folding rescales the pruned branch's weights by the BatchNorm's
+per-channel gain, so online-update SGD steps on them differ per channel from the unfused layer's.
 
 Then chains: when a deployed integer conv's only consumer (through ``nn.Identity`` alone) is
 another deployed conv that has no full-precision branch and reads zero-padded quantized input,
-the producer re-quantizes in its epilogue to the consumer's input codes and the consumer takes
-packed codes: between the two no float activation is written, only packed low-bit codes (the
+the producer (itself without a full-precision branch, whose online update needs float outputs)
+re-quantizes in its epilogue to the consumer's input codes and the consumer takes packed codes: between the two no float activation is written, only packed low-bit codes (the
 situation of the network-level quantized copy, and of quantized-only models).
 """
 from __future__ import annotations
@@ -47,6 +49,8 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not (isinstance(layer, DeployedConv2d) and layer.has_quant and layer.quantized_input):
             continue
+        if uses[node.target] != 1:
+            continue  # a layer called twice would fold in the BatchNorm of each call
         parts, tail = [node.target], node
         bn_node = sole_module_user(node, nn.BatchNorm2d)
         if bn_node is not None:
@@ -78,10 +82,14 @@ def chain_codes_(model: nn.Module) -> List[str]:
     if gm is None:
         return []
     modules = dict(model.named_modules())
+    uses = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     chained = []
     for node in gm.graph.nodes:
         producer = modules.get(node.target) if node.op == "call_module" else None
-        if not _integer_conv(producer) or producer.out_qparams is not None:
+        # A producer with a full-precision branch keeps float outputs: codes carry no gradient,
+        # and its branch must stay trainable for the online update.
+        if (not _integer_conv(producer) or producer.out_qparams is not None or producer.kept_channels
+                or uses[node.target] != 1):
             continue
         hop = node
         while len(hop.users) == 1:
@@ -92,7 +100,7 @@ def chain_codes_(model: nn.Module) -> List[str]:
         else:
             continue
         if not (_integer_conv(consumer) and consumer.kept_channels == 0 and consumer.padding_mode == "zeros"
-                and not consumer.codes_input and len(hop.args) == 1):
+                and not consumer.codes_input and len(hop.args) == 1 and uses[hop.target] == 1):
             continue
         producer.out_qparams = consumer.in_qparams.clone()
         producer.out_bits, producer.out_signed = consumer.bits_a, consumer.a_signed

@@ -131,9 +131,9 @@ class HybridNetwork(nn.Module):
         return {self.pruned_net.get_submodule(c): self.pruned_net.get_submodule(p).gate.kept_indices()
                 for c, p in self.producers.items()}
 
-    def deploy_(self, backend: Optional[str] = "auto") -> "HybridNetwork":
+    def deploy_(self, backend: Optional[str] = "auto", fuse: bool = True) -> "HybridNetwork":
         """Deploy both networks in place: packed integer weights for ``quant_net``, and for
         ``pruned_net`` rows and (compounded) columns of dropped channels removed."""
-        deploy_(self.quant_net, backend)
-        deploy_(self.pruned_net, backend, self.in_channel_map())
+        deploy_(self.quant_net, backend, fuse=fuse)
+        deploy_(self.pruned_net, backend, self.in_channel_map(), fuse=fuse)
         return self

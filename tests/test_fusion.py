@@ -62,14 +62,18 @@ def test_fused_equals_unfused(hybrid_cnn, backend):
 def test_fused_state_dict_round_trip(hybrid_cnn):
     model, x = hybrid_cnn
     fused = ho.deploy_(copy.deepcopy(model), "torch")
-    other = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
-    fuse_epilogues_(other)
-    for m in other.modules():  # a differently fused copy must take the saved flags
+    same = ho.deploy_(copy.deepcopy(model), "torch")
+    for m in same.modules():  # make the copy's numbers differ, so that loading must restore them
         if isinstance(m, ho.DeployedConv2d):
-            m.relu = False
-    other.load_state_dict(fused.state_dict())
+            m.scale.mul_(2)
+    same.load_state_dict(fused.state_dict())
     with torch.no_grad():
-        assert torch.equal(other(x), fused(x))
+        assert torch.equal(same(x), fused(x))
+    # Fusion replaced modules by nn.Identity: a checkpoint of another fusion layout is refused
+    # rather than loaded into a model that silently lacks its ReLU.
+    unfused = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
+    with pytest.raises(ValueError, match="same fuse setting"):
+        unfused.load_state_dict(fused.state_dict())
 
 
 def test_online_update_through_fused_epilogue(hybrid_cnn):
@@ -131,3 +135,47 @@ def test_layer_with_full_precision_branch_is_not_fed_codes(hybrid_cnn):
     model, x = hybrid_cnn
     fused = ho.deploy_(copy.deepcopy(model), "torch")
     assert not any(m.codes_input for m in fused.modules() if isinstance(m, ho.DeployedConv2d))
+
+
+class _Shared(nn.Module):
+    """One conv called twice, one consumer called from two places."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu1(self.bn1(self.a(x)))
+        z = self.relu2(self.bn2(self.a(x)))
+        return self.b(y) + self.b(z)
+
+
+def test_layers_called_twice_are_neither_fused_nor_chained():
+    torch.manual_seed(0)
+    model = _randomize_bn_(_Shared()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ho.hybridize_(model, ho.HybridConfig(fp_first_input=False), example_inputs=x, mode="quant")
+    plain = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
+    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    assert not fused.a.fused_bn and not fused.a.relu and fused.a.out_qparams is None and not fused.b.codes_input
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
+
+
+def test_producer_with_full_precision_branch_keeps_float_output():
+    """Codes carry no gradient: a producer whose pruned branch trains online is not chained."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    x = torch.randn(2, 3, 10, 10)
+    ho.hybridize_(model, ho.HybridConfig(), example_inputs=x, filter_fn=lambda m, n: n != "4")
+    ho.hybridize_(model, ho.HybridConfig(fp_first_input=False), example_inputs=x, mode="quant")
+    fused = ho.deploy_(model, "torch")
+    assert fused[2].kept_channels > 0 and fused[2].out_qparams is None and not fused[4].codes_input
+    params = ho.freeze_quantized_(fused)
+    y = fused[:4](x)  # the producer's output: float, and differentiable in its pruned branch
+    assert y.dtype == torch.float32 and y.requires_grad
+    y.sum().backward()
+    assert all(p.grad is not None for p in params)
