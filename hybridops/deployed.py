@@ -13,7 +13,10 @@
 Forward for a quantized input: one fused quantize-activate pass writes the packed codes and the
 float slice the pruned branch reads, the pruned branch runs as a float conv on that slice, and
 the integer conv adds its output into the right channels in its epilogue. Only ``fp_weight`` and
-``fp_bias`` are trainable (the online update); the quantized branch is frozen integer data.
+``fp_bias`` are trainable (the online update); the quantized branch is frozen integer data with no
+straight-through path, so gradients reach a layer's input through its pruned branch only (a
+layer that kept no channels passes none): put the layers to fine-tune after, not before, such
+layers — as the paper's online update does with the last classification layer.
 When the first layer keeps its input in full precision, both branches are float convolutions of
 the same input and are merged into one convolution with ``dequant(W_q) + scatter(W_p)``.
 """
