@@ -35,16 +35,12 @@ class ConversionReport:
 def _convertible(module: nn.Module, name: str, config: HybridConfig, filter_fn: Optional[FilterFn]) -> Optional[str]:
     """None if ``module`` should be converted, else the reason it is skipped (or "" for modules
     that are not layers at all)."""
-    if type(module) is nn.Conv2d:
-        pass
-    elif type(module) is nn.Linear:
-        if not config.convert_linear:
-            return "config.convert_linear is False"
-    elif isinstance(module, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose2d)) or (
-            isinstance(module, (nn.Conv2d, nn.Linear)) and type(module) not in (nn.Conv2d, nn.Linear)):
-        return f"{type(module).__name__} is not supported (only nn.Conv2d and nn.Linear are)"
-    else:
+    if type(module) not in (nn.Conv2d, nn.Linear):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)):
+            return f"{type(module).__name__} is not supported (only nn.Conv2d and nn.Linear are)"
         return ""
+    if type(module) is nn.Linear and not config.convert_linear:
+        return "config.convert_linear is False"
     if filter_fn is not None and not filter_fn(module, name):
         return "excluded by filter_fn"
     return None
