@@ -1,83 +1,44 @@
-"""Backend selection: ``torch`` (reference, exact, any device), ``triton``, ``cuda`` (csrc/).
+"""Backend selection: one switch for which kernels deployed layers run on.
 
-One switch picks the backend (:func:`set_backend`, or the :func:`use_backend` context manager,
-or an explicit ``backend=`` argument to :func:`hybridops.deploy_`). ``"auto"`` resolves per
-device: CUDA tensors get the fastest kernel backend that is installed, CPU tensors get
-``torch``. Nothing here touches a GPU at import time. A backend that was asked for by name and
-cannot run raises; it never silently falls back to another one.
+The registered backends (:mod:`hybridops.ops.backends`): ``torch`` (the plain-PyTorch reference,
+exact, any device), ``onednn`` (the CPU's int8 units through PyTorch's oneDNN), ``triton`` and
+``cuda`` (``csrc/``) on CUDA devices. One switch picks the backend (:func:`set_backend`, the
+:func:`use_backend` context manager, or ``backend=`` of :func:`hybridops.deploy_`); ``"auto"``
+resolves per device to the best available backend there, else the reference. Nothing here
+touches a GPU at import time. A backend asked for by name that cannot run raises with the
+reason; nothing silently falls back to another one.
 """
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
-import os
 from typing import Iterator, Optional
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+from .ops.backends import triton_interpreter
+from .ops.registry import auto_candidates, backend_names, unavailable_reason
+
 _default = "auto"
 
-
-@functools.lru_cache(maxsize=None)
-def _triton_import_error() -> Optional[str]:
-    try:
-        importlib.import_module("triton")
-        importlib.import_module("hybridops.kernels")
-    except Exception as e:  # any import-time failure makes the backend unavailable
-        return f"{type(e).__name__}: {e}"
-    return None
+__all__ = ["available_backends", "backend_unavailable_reason", "get_backend", "resolve_backend", "set_backend",
+           "triton_interpreter", "use_backend"]
 
 
-@functools.lru_cache(maxsize=None)
-def _cuda_ext_import_error() -> Optional[str]:
-    try:
-        importlib.import_module("hybridops.ops.cuda_ext").load()  # imports _C, registers its fake kernels
-    except Exception as e:
-        return f"{type(e).__name__}: {e}"
-    return None
-
-
-def triton_interpreter() -> bool:
-    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def backend_unavailable_reason(backend: str, device: torch.device) -> Optional[str]:
+def backend_unavailable_reason(backend: str, device) -> Optional[str]:
     """None when ``backend`` can run on ``device``, else a sentence that says why not."""
-    device = torch.device(device)
-    if backend not in BACKENDS:
-        return f"unknown backend {backend!r}; choose one of {BACKENDS} or 'auto'."
-    if backend == "torch":
-        return None
-    if backend == "triton":
-        err = _triton_import_error()
-        if err:
-            return f"the triton backend needs Triton, which failed to import ({err})."
-        if device.type != "cuda" and not triton_interpreter():
-            return (f"the triton backend runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), "
-                    f"got a tensor on {device}.")
-        return None
-    err = _cuda_ext_import_error()
-    if err:
-        return ("the cuda backend needs the compiled extension hybridops._C, which is missing or stale "
-                f"({err}); reinstall with a CUDA toolkit: pip install --no-build-isolation -e .")
-    if device.type != "cuda":
-        return f"the cuda backend runs on CUDA tensors, got a tensor on {device}."
-    return None
+    return unavailable_reason(backend, device)
 
 
 def available_backends(device="cpu") -> list:
     """Backends that can run on ``device``, reference first."""
-    return [b for b in BACKENDS if backend_unavailable_reason(b, device) is None]
+    return [b for b in backend_names() if unavailable_reason(b, device) is None]
 
 
 def set_backend(name: str) -> None:
     """Set the process-wide default backend (``"auto"`` restores per-device selection)."""
     global _default
-    if name != "auto" and name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or 'auto'.")
+    if name != "auto" and name not in backend_names():
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()} or 'auto'.")
     _default = name
 
 
@@ -103,13 +64,11 @@ def resolve_backend(name: Optional[str], device) -> str:
     device = torch.device(device)
     name = name or _default
     if name == "auto":
-        if device.type != "cuda":
-            return "torch"
-        for candidate in ("cuda", "triton"):
-            if backend_unavailable_reason(candidate, device) is None:
+        for candidate in auto_candidates(device):
+            if unavailable_reason(candidate, device) is None:
                 return candidate
         return "torch"
-    reason = backend_unavailable_reason(name, device)
+    reason = unavailable_reason(name, device)
     if reason:
         raise RuntimeError(reason)
     return name

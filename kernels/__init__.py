@@ -1,10 +1,13 @@
-"""Triton kernels and their launchers (installed as ``hybridops.kernels``).
+"""Kernel launchers (installed as ``hybridops.kernels``), one module per backend family.
+
+* Triton: :mod:`.quantize` (``fake_quantize``, ``quantize_activate``) and :mod:`.qconv`
+  (``qconv2d``), with the jitted helpers they share in :mod:`._common`;
+* oneDNN (the CPU's int8 units through PyTorch's bundled oneDNN): :mod:`.onednn`.
 
 Each launcher takes exactly the positional arguments of the function of the same name in
 :mod:`hybridops.ops.reference` and returns the same thing; the ``hybridops::`` custom ops call
-them with ``backend="triton"`` after validating the arguments.
+them after validating the arguments (the registry in :mod:`hybridops.ops.backends` says which
+module serves which backend). This package imports no module of its own at import time, so one
+backend's dependency (Triton) is never needed by another. Kernels import only the leaf modules
+:mod:`hybridops.ops.packing` and :mod:`hybridops.ops.geometry` from above.
 """
-from .qconv import qconv2d
-from .quantize import fake_quantize, quantize_activate
-
-__all__ = ["fake_quantize", "quantize_activate", "qconv2d"]

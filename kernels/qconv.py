@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from hybridops.ops.packing import levels, packed_size
-from hybridops.ops.reference import conv_out_size
+from hybridops.ops.geometry import conv_out_size
 
 from ._common import INTERPRET, LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes, unpack_nibble
 from .quantize import inverse_index

@@ -22,7 +22,7 @@ import importlib
 import torch
 
 from .packing import packed_size
-from .reference import conv_out_size
+from .geometry import conv_out_size
 
 # Must equal hybridops::kOpsVersion in csrc/ops.h: a build from older sources is refused as stale
 # instead of failing later with a schema mismatch.

@@ -12,25 +12,16 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from . import reference
+from . import backends as _registered  # noqa: F401  (fills the registry)
+from . import registry
+from .geometry import conv_out_hw
 from .packing import check_bits, packed_size
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _impl(op: str, backend: str):
-    if backend == "torch":
-        return getattr(reference, op)
-    if backend == "triton":
-        from hybridops import kernels
-
-        return getattr(kernels, op)
-    if backend == "cuda":
-        from hybridops.backend import resolve_backend
-
-        resolve_backend("cuda", "cuda")  # raises the clear message if the extension is missing
-        return getattr(torch.ops.hybridops, "cuda_" + op)
-    raise ValueError(f"unknown backend {backend!r}; choose one of ('torch', 'triton', 'cuda').")
+    return registry.implementation(backend, op)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -75,6 +66,12 @@ def _check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
     if len(_index_checked) > 4096:  # entries of freed tensors only cost memory; drop them now and then
         _index_checked.clear()
     _index_checked[id(idx)] = (weakref.ref(idx), idx._version, channels)
+
+
+def _check_unsigned8(bits: int, signed: bool, backend: str) -> None:
+    _check(not (bits == 8 and not signed and not registry.backend_spec(backend).unsigned8),
+           f"unsigned 8-bit activation codes (0..255) do not fit the {backend} backend's int8 kernels (their "
+           f"activation operand is signed 8-bit); use bits <= 7, or the torch or onednn backend.")
 
 
 # ----------------------------------------------------------------------------- fake_quantize
@@ -144,16 +141,14 @@ def quantize_activate(
         _check(keep_idx.dim() == 1 and keep_idx.dtype in (torch.int32, torch.int64),
                f"keep_idx must be a 1-D int32/int64 index tensor, got {keep_idx.dtype} {tuple(keep_idx.shape)}.")
         _check(keep_idx.device == x.device, f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
-    _check(not (bits == 8 and not signed and backend != "torch"),
-           "unsigned 8-bit activation codes (0..255) do not fit the int8 tensor-core kernels; "
-           "use bits <= 7 or the torch backend.")
+    _check_unsigned8(bits, signed, backend)
     return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype)
 
 
 @quantize_activate.register_fake
 def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend):
     n, c, h, w = x.shape
-    codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
+    codes = x.new_empty((n, h, w, registry.code_bytes(c, bits, backend)), dtype=torch.uint8)
     if keep_idx is None:
         return x.new_empty((0,), dtype=slice_dtype or x.dtype), codes
     return x.new_empty((n, h, w, keep_idx.shape[0]), dtype=slice_dtype or x.dtype), codes
@@ -196,8 +191,7 @@ quantize_activate.register_autograd(_qa_backward, setup_context=_qa_setup)
 def qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation) -> Tuple[int, int, int, int]:
     n, h, w, _ = x_codes.shape
     c_out, kh, kw, _ = w_packed.shape
-    ho = reference.conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
-    wo = reference.conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
+    ho, wo = conv_out_hw(h, w, kh, kw, stride, padding, dilation)
     return n, ho, wo, c_out
 
 
@@ -245,8 +239,9 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
     _check(w_packed.device == x_codes.device, f"w_packed is on {w_packed.device} but x_codes is on {x_codes.device}.")
     _check(groups >= 1 and in_channels % groups == 0 and w_packed.shape[0] % groups == 0,
            f"groups={groups} must divide in_channels={in_channels} and C_out={w_packed.shape[0]}.")
-    _check(x_codes.shape[3] == packed_size(in_channels, bits_a),
-           f"x_codes has {x_codes.shape[3]} bytes per pixel, expected {packed_size(in_channels, bits_a)} for "
+    code_bytes = registry.code_bytes(in_channels, bits_a, backend)
+    _check(x_codes.shape[3] == code_bytes,
+           f"x_codes has {x_codes.shape[3]} bytes per pixel, expected {code_bytes} for "
            f"in_channels={in_channels} at {bits_a} bits (NHWC packed layout).")
     _check(w_packed.shape[3] == packed_size(in_channels // groups, bits_w),
            f"w_packed has {w_packed.shape[3]} bytes per tap, expected {packed_size(in_channels // groups, bits_w)} "
@@ -259,9 +254,7 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
     _check(ho >= 1 and wo >= 1,
            f"the convolution has an empty output ({ho}x{wo}): input {x_codes.shape[1]}x{x_codes.shape[2]} is "
            f"smaller than the dilated kernel after padding.")
-    _check(not (bits_a == 8 and not a_signed and backend != "torch"),
-           "unsigned 8-bit activation codes (0..255) do not fit the int8 tensor-core kernels; "
-           "use bits <= 7 or the torch backend.")
+    _check_unsigned8(bits_a, a_signed, backend)
     c_out = w_packed.shape[0]
     if out_dtype == torch.int32:
         _check(bias is None and not relu and fp_out is None and requant_qparams is None,
@@ -293,7 +286,7 @@ def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, str
       fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
     n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
     if requant_qparams is not None:
-        return x_codes.new_empty((n, ho, wo, packed_size(c_out, requant_bits)), dtype=torch.uint8)
+        return x_codes.new_empty((n, ho, wo, registry.code_bytes(c_out, requant_bits, backend)), dtype=torch.uint8)
     return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)
 
 

@@ -86,10 +86,6 @@ def quantize_activate(
     return x_slice, codes
 
 
-def conv_out_size(size: int, k: int, stride: int, pad_total: int, dilation: int) -> int:
-    return (size + pad_total - dilation * (k - 1) - 1) // stride + 1
-
-
 def int_conv2d(
     a: torch.Tensor,
     w: torch.Tensor,

@@ -1,0 +1,125 @@
+"""The backend registry: which implementations of the ``hybridops::`` ops exist, where they run.
+
+A backend is a namespace with three functions taking exactly the positional arguments of the
+functions of the same names in :mod:`hybridops.ops.reference` — ``fake_quantize``,
+``quantize_activate`` and ``qconv2d`` — plus the facts the op layer needs about it
+(:class:`BackendSpec`). The backends fill the registry in :mod:`hybridops.ops.backends`, one
+:func:`register_backend` call each; nothing in the op layer names a backend. Loading is deferred
+to first use so that importing hybridops never imports Triton or the compiled extension.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .packing import packed_size
+
+OPS = ("fake_quantize", "quantize_activate", "qconv2d")
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend.
+
+    Attributes:
+        name: what users pass as ``backend=``.
+        load: returns the namespace with the three ops; may raise ImportError (an optional
+            dependency is missing), which makes the backend unavailable with that reason.
+        devices: device types it runs on (``"cpu"``, ``"cuda"``); ``None``: any device.
+        auto_rank: order among the backends ``"auto"`` may pick on a device it runs on (lower
+            first); ``None``: only used when asked for by name.
+        nibble_codes: activation codes of <= 4 bits travel two per byte (the storage format of
+            :mod:`hybridops.ops.packing`); False: one code per byte, the compute format of int8
+            units that consume one code per byte (the CPU's AMX / VNNI).
+        unsigned8: accepts unsigned 8-bit activation codes (0..255); int8 tensor-core kernels
+            cannot (their A operand is signed 8-bit).
+        device_check: an extra ``device -> reason or None`` test (for example the Triton
+            interpreter that lets a CUDA backend run on the CPU).
+        hint: what to do when ``load`` fails (a sentence appended to the reason).
+    """
+
+    name: str
+    load: Callable[[], object]
+    devices: Optional[Tuple[str, ...]] = None
+    auto_rank: Optional[int] = None
+    nibble_codes: bool = True
+    unsigned8: bool = False
+    device_check: Optional[Callable[[torch.device], Optional[str]]] = None
+    hint: str = ""
+
+
+_REGISTRY: Dict[str, BackendSpec] = {}
+
+
+def register_backend(spec: BackendSpec) -> None:
+    """Add a backend (its name must be new)."""
+    if spec.name in _REGISTRY or spec.name == "auto":
+        raise ValueError(f"a backend named {spec.name!r} is already registered.")
+    _REGISTRY[spec.name] = spec
+
+
+def backend_names() -> Tuple[str, ...]:
+    """Every registered backend, in registration order (the reference first)."""
+    return tuple(_REGISTRY)
+
+
+def backend_spec(name: str) -> BackendSpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown backend {name!r}; choose one of {backend_names()} or 'auto'.") from None
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    return backend_spec(name).load()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_error(name: str) -> Optional[str]:
+    try:
+        _load(name)
+    except Exception as e:  # any import-time failure makes the backend unavailable, with its reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def unavailable_reason(name: str, device) -> Optional[str]:
+    """None when backend ``name`` can run on ``device``, else a sentence that says why not."""
+    device = torch.device(device)
+    if name not in _REGISTRY:
+        return f"unknown backend {name!r}; choose one of {backend_names()} or 'auto'."
+    spec = _REGISTRY[name]
+    err = _load_error(name)
+    if err:
+        return f"the {name} backend failed to load ({err})" + (f"; {spec.hint}" if spec.hint else ".")
+    if spec.device_check is not None:
+        return spec.device_check(device)
+    if spec.devices is not None and device.type not in spec.devices:
+        where = " or ".join(d.upper() for d in spec.devices)
+        return f"the {name} backend runs on {where} tensors, got a tensor on {device}."
+    return None
+
+
+def auto_candidates(device) -> Tuple[str, ...]:
+    """Backends ``"auto"`` may pick on ``device``, best first (availability not yet checked)."""
+    device = torch.device(device)
+    ranked = [s for s in _REGISTRY.values() if s.auto_rank is not None
+              and (s.devices is None or device.type in s.devices)]
+    return tuple(s.name for s in sorted(ranked, key=lambda s: s.auto_rank))
+
+
+def implementation(name: str, op: str):
+    """Backend ``name``'s function for ``op`` (loading the backend on first use)."""
+    reason = _load_error(name)
+    if reason:
+        raise RuntimeError(unavailable_reason(name, "cpu"))
+    return getattr(_load(name), op)
+
+
+def code_bytes(channels: int, bits: int, backend: str) -> int:
+    """Bytes per pixel of ``channels`` activation codes in ``backend``'s code format."""
+    return packed_size(channels, bits) if backend_spec(backend).nibble_codes else channels
