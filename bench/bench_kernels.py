@@ -52,7 +52,7 @@ def make_layer(s: ConvShape, bits_w: int, bits_a: int, keep: float, device, back
     x = torch.relu(torch.randn(s.n, s.c_in, s.h, s.w, device=device))
     hyb = ho.HybridConv2d.from_float(conv, bits_w, bits_a, True, keep)
     hyb.calibrate(x)
-    return conv, ho.DeployedConv2d(hyb.eval(), backend), x
+    return conv, ho.deploy_layer(hyb.eval(), backend), x
 
 
 def naive_int8(a_codes: torch.Tensor, w_codes: torch.Tensor, s: ConvShape, scale: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ def test_bench_deployed_hybrid_layer(benchmark, backend):
     hyb = ho.HybridConv2d.from_float(conv, keep=0.25)
     hyb.calibrate(x)
     hyb.eval()
-    layer = ho.DeployedConv2d(hyb, backend)
+    layer = ho.deploy_layer(hyb, backend)
     with torch.no_grad():
         y = benchmark(lambda: layer(x))
         expected = hyb(x)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from .deployed import DeployedConv2d, DeployedLinear
-from .layers import HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
+from .layers import HYBRID_LAYERS, LINEAR_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
 
 FP_BITS = 32
 
@@ -123,15 +123,15 @@ def _describe(m: nn.Module):
     if isinstance(m, HYBRID_LAYERS):
         q, p = m.quant, m.pruned
         geo = _geometry(q)
-        kept = int(p.gate.keep_mask().sum())
+        kept = int(p.gate.kept_mask().sum())
         return ("hybrid",) + geo + ((q.aq.bits if q.aq is not None else FP_BITS, q.wq.bits), (geo[0], kept))
     if isinstance(m, QUANT_LAYERS):
         return ("quant",) + _geometry(m) + ((m.aq.bits if m.aq is not None else FP_BITS, m.wq.bits), None)
     if isinstance(m, PRUNED_LAYERS):
         geo = _geometry(m)
         gate = getattr(m, "input_gate", None)  # set by HybridNetwork where pruning compounds
-        c_in = int(gate.keep_mask().sum()) if gate is not None else geo[0]
-        return ("pruned",) + geo + (None, (c_in, int(m.gate.keep_mask().sum())))
+        c_in = int(gate.kept_mask().sum()) if gate is not None else geo[0]
+        return ("pruned",) + geo + (None, (c_in, int(m.gate.kept_mask().sum())))
     if isinstance(m, (DeployedConv2d, DeployedLinear)):
         conv = isinstance(m, DeployedConv2d)
         g = m.groups if conv else 1
@@ -171,10 +171,12 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
     order: List[str] = []
     hooks = []
 
-    def hook_for(name: str, desc):
+    def hook_for(name: str, desc, linear: bool):
         def hook(mod, inp, out):
             kind, c_in, c_out, k2, qbits, pruned = desc
-            positions = out.numel() // max(1, out.shape[1] if out.dim() == 4 else out.shape[-1])
+            # A conv's output channels are NCHW's axis 1; a linear layer's are the last axis, whatever
+            # the rank (a Linear on channels-last (N, H, W, C) input has N*H*W positions).
+            positions = out.numel() // max(1, out.shape[-1] if linear else out.shape[1])
             key = name
             for prefix in ("quant_net.", "pruned_net."):
                 if name.startswith(prefix):
@@ -206,7 +208,8 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
             inside_hybrid.update(id(sub) for sub in m.modules() if sub is not m)
         desc = _describe(m)
         if desc is not None:
-            hooks.append(m.register_forward_hook(hook_for(name, desc)))
+            linear = isinstance(m, (nn.Linear, DeployedLinear) + LINEAR_LAYERS)
+            hooks.append(m.register_forward_hook(hook_for(name, desc, linear)))
     with torch.no_grad():
         probe(torch.randn(*input_shape, device=device, dtype=dtype))
     for h in hooks:

@@ -1,87 +1,201 @@
 """Deployed (inference / online-update) layers that run on the packed integer kernels.
 
-:func:`hybridops.deploy_` replaces every trainable hybrid, quantized or pruned layer by a
-:class:`DeployedConv2d` or :class:`DeployedLinear`:
+A deployed layer is built from its geometry and its format alone — like ``nn.Conv2d`` from its
+arguments — and holds, as buffers and parameters:
 
-* the quantized branch becomes packed integer weights ``(C_out, KH, KW, packed C_in/g)``, one
-  fp32 ``scale`` per output channel (``out_scale / (levels_a * levels_w)``) and the bias; its
-  input quantizer becomes frozen ``qparams = [alpha, beta]``;
-* the pruned branch keeps only its kept output channels (``fp_weight`` of ``K_p`` rows and their
-  index map ``fp_idx``), and only the input channels it reads (``fp_in_idx``): the dropped
-  channels cost nothing.
+* the quantized branch: packed integer weights ``w_packed (C_out, KH, KW, packed C_in/g)``
+  (:mod:`hybridops.ops.packing`), one fp32 ``scale`` per output channel
+  (``out_scale / (levels_a * levels_w)``), the fp32 ``bias``, and the frozen input quantizer
+  ``in_qparams = [alpha, beta]``;
+* the pruned full-precision branch: only its kept output channels — ``fp_weight`` (``K_p`` rows),
+  ``fp_bias``, and two index maps: ``fp_out_idx`` (the output channel each kept row adds into) and
+  ``fp_in_idx`` (the input channels the branch reads, gathered by the quantize-activate pass;
+  ``None`` when it reads the whole input).
 
-Forward for a quantized input: one fused quantize-activate pass writes the packed codes and the
-float slice the pruned branch reads, the pruned branch runs as a float conv on that slice, and
-the integer conv adds its output into the right channels in its epilogue. Only ``fp_weight`` and
-``fp_bias`` are trainable (the online update); the quantized branch is frozen integer data with no
-straight-through path, so gradients reach a layer's input through its pruned branch only (a
-layer that kept no channels passes none): put the layers to fine-tune after, not before, such
-layers — as the paper's online update does with the last classification layer.
-When the first layer keeps its input in full precision, both branches are float convolutions of
-the same input and are merged into one convolution with ``dequant(W_q) + scatter(W_p)``.
+:func:`hybridops.deploy_` fills them from a trained layer (:func:`hybridops.conversion.deploy_layer`);
+:func:`hybridops.load_deployed_` rebuilds a deployed model from its ``state_dict`` alone.
+
+The forward path is chosen when the format is set, not on every call:
+
+* ``"hybrid"`` (quantized input): one fused quantize-activate pass writes the activation codes and
+  the float slice the pruned branch reads; the pruned branch runs as a float conv on that slice;
+  the integer conv adds its output into the kept channels in its epilogue;
+* ``"codes"``: the input is already codes, written by the producing layer's epilogue (a chain of
+  quantized layers never writes float activations; see :mod:`hybridops.fusion`);
+* ``"merged"`` (full-precision input, as the first layer of the paper's networks): both branches
+  are float convs of the same input, merged into one with ``dequant(W_q) + scatter(W_p)``;
+* ``"fp_only"``: no quantized branch.
+
+Only ``fp_weight`` and ``fp_bias`` are trainable (the online update); the quantized branch is frozen
+integer data with no straight-through path, so gradients reach a layer's input through its pruned
+branch only (a layer that kept no channels passes none): put the layers to fine-tune after, not
+before, such layers — as the paper's online update does with the last classification layer.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 
 from .ops import custom_ops
-from .ops.packing import levels, pack_weight, unpack_weight
+from .ops.packing import check_bits, levels, packed_size, unpack_weight
+from .ops.registry import code_bytes
+
+FORMAT_VERSION = 1
+PATHS = ("hybrid", "codes", "merged", "fp_only")
 
 
 class _DeployedBase(nn.Module):
-    """State shared by deployed conv and linear layers."""
+    """State and behaviour shared by deployed conv and linear layers.
 
-    def _init_from(self, quant, pruned, backend: str, in_idx: Optional[torch.Tensor]):
-        ref = quant if quant is not None else pruned
-        w = ref.weight.detach()
-        self.out_channels = w.shape[0]
+    Subclasses set the geometry, then call :meth:`_init_format`."""
+
+    in_channels: int
+    out_channels: int
+    groups: int = 1
+
+    def _init_format(self, kernel_numel: Tuple[int, int], bias: bool, bits_w: Optional[int], bits_a: Optional[int],
+                     a_signed: bool, fp_out_channels: int, fp_in_channels: Optional[int], fp_bias: bool,
+                     backend: str, device, dtype) -> None:
+        if bits_w is not None:
+            check_bits(bits_w, "bits_w")
+        if bits_a is not None:
+            check_bits(bits_a, "bits_a")
+            if bits_w is None:
+                raise ValueError("bits_a is the quantized branch's input format; a layer without a quantized branch "
+                                 "(bits_w=None) takes bits_a=None.")
+        if not 0 <= fp_out_channels <= self.out_channels:
+            raise ValueError(f"fp_out_channels (kept channels of the pruned branch) must lie in [0, "
+                             f"{self.out_channels}], got {fp_out_channels}.")
+        if bits_w is None and fp_out_channels == 0:
+            raise ValueError("a deployed layer needs a quantized branch (bits_w) or kept full-precision channels.")
+        if fp_in_channels is not None and (self.groups != 1 or not 0 < fp_in_channels <= self.in_channels):
+            raise ValueError(f"fp_in_channels (input channels read by the pruned branch) applies to ungrouped layers "
+                             f"and must lie in [1, {self.in_channels}], got {fp_in_channels} with groups={self.groups}.")
+        self.bits_w, self.bits_a, self.a_signed = bits_w, bits_a, bool(a_signed) if bits_a is not None else False
         self.backend = backend
-        self.has_quant = quant is not None
-        self.quantized_input = quant is not None and quant.aq is not None
-        dev = w.device
-        if quant is not None:
-            codes = quant.wq.codes(quant.weight)[0].to(torch.int8)
-            w4 = codes if codes.dim() == 4 else codes.view(*codes.shape, 1, 1)
-            self.bits_w = quant.wq.bits
-            self.register_buffer("w_packed", pack_weight(w4, self.bits_w))
-            lw = levels(self.bits_w, True)
-            if self.quantized_input:
-                self.bits_a, self.a_signed = quant.aq.bits, quant.aq.signed
-                self.register_buffer("in_qparams", quant.aq.qparams().detach().clone())
-                la = quant.aq.levels
-                self.register_buffer("scale", (quant.out_scale.detach().float() / (la * lw)).contiguous())
-            else:
-                # Full-precision input: the quantized branch is dequant(W_q) = codes * out_scale / lw.
-                self.bits_a, self.a_signed = 0, False
-                self.register_buffer("scale", (quant.out_scale.detach().float() / lw).contiguous())
-            self.register_buffer("bias", None if quant.bias is None else quant.bias.detach().float().clone())
+        kh, kw = kernel_numel
+        cin_g = self.in_channels // self.groups
+        if bits_w is not None:
+            self.register_buffer("w_packed", torch.zeros((self.out_channels, kh, kw, packed_size(cin_g, bits_w)),
+                                                         dtype=torch.uint8, device=device))
+            self.register_buffer("scale", torch.ones(self.out_channels, dtype=torch.float32, device=device))
+            self.register_buffer("bias", torch.zeros(self.out_channels, dtype=torch.float32, device=device)
+                                 if bias else None)
         else:
+            self.register_buffer("w_packed", None)
+            self.register_buffer("scale", None)
             self.register_buffer("bias", None)
-        fp_bias = None
-        if pruned is not None:
-            idx = pruned.gate.kept_indices().to(dev)
-            fw = pruned.weight.detach().index_select(0, idx)
-            if pruned.bias is not None:
-                fp_bias = pruned.bias.detach().index_select(0, idx)
-        else:
-            idx = torch.zeros(0, dtype=torch.long, device=dev)
-            fw = w.new_zeros((0, *w.shape[1:]))
-        self.register_buffer("fp_idx", idx)
-        self.fp_weight = nn.Parameter(fw.clone())
-        self.fp_bias = None if fp_bias is None else nn.Parameter(fp_bias.clone())
-        # Input channels the pruned branch reads (all, unless its producer was pruned too).
-        self.register_buffer("fp_in_idx", in_idx)
-        # Set by hybridops.fusion when a following BatchNorm / ReLU moves into the epilogue, and
-        # when this layer and a quantized consumer pass packed codes instead of floats.
-        self.fused_bn = False
+        self.register_buffer("in_qparams", torch.tensor([1.0, 0.0], device=device) if bits_a is not None else None)
+        k_p = fp_out_channels
+        # The pruned branch of a grouped conv keeps arbitrary output channels, so it runs as a grouped
+        # conv with one group per kept channel, over the input channels of that channel's group
+        # (gathered by the quantize-activate pass); an ungrouped branch reads fp_in_channels channels.
+        fp_cin = cin_g if self.groups > 1 else (fp_in_channels or self.in_channels)
+        self.fp_weight = nn.Parameter(torch.zeros((k_p, fp_cin, kh, kw), device=device, dtype=dtype))
+        self.fp_bias = nn.Parameter(torch.zeros(k_p, device=device, dtype=dtype)) if (fp_bias and k_p) else None
+        self.register_buffer("fp_out_idx", torch.arange(k_p, device=device))
+        n_read = k_p * cin_g if (self.groups > 1 and k_p) else fp_in_channels
+        self.register_buffer("fp_in_idx", None if n_read is None else torch.arange(n_read, device=device))
+        # The pruned branch reading every input channel from a non-NHWC input still goes through
+        # the slice (the epilogue reads its output per pixel): the identity map, made once.
+        self.register_buffer("_all_in_idx", torch.arange(self.in_channels, device=device), persistent=False)
+        # Deploy-time fusion (hybridops.fusion) edits these: a ReLU moved into the epilogue, the
+        # requantization of the output for a chained consumer, and the names of the model's modules
+        # it replaced by nn.Identity, as [qualified name, type name] pairs (so that load_deployed_ can
+        # rebuild the model's structure).
         self.relu = False
-        self.codes_input = False
         self.register_buffer("out_qparams", None)
-        self.out_bits, self.out_signed = 4, False
+        self.out_bits: Optional[int] = None
+        self.out_signed = False
+        self.codes_input = False
+        self.absorbed: List[List[str]] = []
+        self._select_path()
+
+    # ------------------------------------------------------------------ format and state
+    @property
+    def has_quant(self) -> bool:
+        return self.bits_w is not None
+
+    @property
+    def quantized_input(self) -> bool:
+        return self.bits_a is not None
+
+    @property
+    def kept_channels(self) -> int:
+        return int(self.fp_weight.shape[0])
+
+    @property
+    def fused_bn(self) -> bool:
+        return any(kind.startswith("BatchNorm") for _, kind in self.absorbed)
+
+    def _select_path(self) -> None:
+        if not self.has_quant:
+            self.path = "fp_only"
+        elif not self.quantized_input:
+            self.path = "merged"
+        else:
+            self.path = "codes" if self.codes_input else "hybrid"
+
+    def set_codes_input_(self) -> None:
+        """Take packed codes in this layer's input format instead of floats (the producer
+        re-quantizes in its epilogue). Only for an integer layer without a pruned branch."""
+        if self.path != "hybrid" or self.kept_channels:
+            raise ValueError("only a quantized-input layer without a full-precision branch can take codes as input.")
+        self.codes_input = True
+        self._select_path()
+
+    def set_output_codes_(self, qparams: torch.Tensor, bits: int, signed: bool) -> None:
+        """Re-quantize the output in the epilogue to the codes of a chained consumer's input."""
+        if self.path not in ("hybrid", "codes") or self.kept_channels:
+            raise ValueError("only an integer layer without a full-precision branch can hand codes to its consumer "
+                             "(a pruned branch must stay trainable, which needs float outputs).")
+        check_bits(bits, "out_bits")
+        self.out_qparams = qparams.detach().float().clone().to(self.scale.device)
+        self.out_bits, self.out_signed = int(bits), bool(signed)
+
+    def format_state(self) -> dict:
+        """Everything besides tensors that a saved deployed layer needs to be rebuilt (the
+        constructor's arguments and the fusion state)."""
+        return {"format_version": FORMAT_VERSION, "kind": self._kind, "init": self._init_args(), "relu": self.relu,
+                "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed,
+                "absorbed": list(self.absorbed)}
+
+    def get_extra_state(self) -> dict:
+        return self.format_state()
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("format_version") != FORMAT_VERSION or state.get("kind") != self._kind:
+            raise ValueError(f"the saved layer is a {state.get('kind')!r} of format {state.get('format_version')}, "
+                             f"not a {self._kind!r} of format {FORMAT_VERSION}: save and load with the same hybridops.")
+        # Fusion edited the model around this layer (modules replaced by nn.Identity): loading into
+        # an existing deployed model cannot redo or undo that, so its fusion must match.
+        mine = self.format_state()
+        for key in ("relu", "codes_input", "absorbed", "out_bits", "out_signed"):
+            if state[key] != mine[key]:
+                raise ValueError(f"the saved layer has {key}={state[key]!r} but this one has {mine[key]!r}: deploy_ "
+                                 "both models with the same fuse setting, or rebuild the model from the checkpoint "
+                                 "with hybridops.load_deployed_.")
+        if state["init"] != mine["init"]:
+            raise ValueError(f"the saved layer was built with {state['init']} but this one with {mine['init']}; "
+                             "rebuild the model from the checkpoint with hybridops.load_deployed_.")
+
+    @classmethod
+    def from_format_state(cls, state: dict, out_qparams: Optional[torch.Tensor] = None, backend: str = "torch",
+                          device=None, dtype=None) -> "_DeployedBase":
+        """An empty layer (values to be loaded) in the saved format, fusion state included.
+        ``out_qparams``: the saved requantization parameters, for a layer that hands codes on."""
+        layer = cls(**state["init"], backend=backend, device=device, dtype=dtype)
+        layer.relu = bool(state["relu"])
+        layer.absorbed = [list(pair) for pair in state["absorbed"]]
+        if state["codes_input"]:
+            layer.set_codes_input_()
+        if out_qparams is not None:
+            layer.set_output_codes_(out_qparams, state["out_bits"], state["out_signed"])
+        return layer
 
     _FP32_BUFFERS = ("scale", "bias", "in_qparams", "out_qparams")
 
@@ -102,125 +216,100 @@ class _DeployedBase(nn.Module):
         if not x.dtype.is_floating_point:
             raise ValueError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
 
-    def _merged_weight_and_bias(self, dtype: torch.dtype):
-        """For a full-precision input both branches are float ops on the same input, so they merge
-        into one: ``dequant(W_q) + scatter(W_p)`` and ``bias + scatter(fp_bias)`` (differentiable
-        in the FP branch's parameters)."""
-        w = self.dequantized_weight().to(dtype)
-        if self.kept_channels:
-            fw = self.fp_weight.to(dtype)
-            if self.fp_in_idx is not None and getattr(self, "groups", 1) == 1:
-                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
-            w = w.index_add(0, self.fp_idx, fw)
-        b = None if self.bias is None else self.bias.to(dtype)
-        if self.fp_bias is not None:
-            b = (b if b is not None else w.new_zeros(self.out_channels)).index_add(0, self.fp_idx, self.fp_bias.to(dtype))
-        return w, b
-
-    # The code format is state: a model deployed from a differently calibrated copy (say, one
-    # whose input was unsigned) must take the saved format along with the saved codes.
-    def get_extra_state(self) -> dict:
-        return {"bits_w": getattr(self, "bits_w", 0), "bits_a": self.bits_a if self.has_quant else 0,
-                "a_signed": self.a_signed if self.has_quant else False, "fused_bn": self.fused_bn, "relu": self.relu,
-                "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed}
-
-    def set_extra_state(self, state: dict) -> None:
-        if self.has_quant:
-            if int(state["bits_w"]) != self.bits_w:
-                raise ValueError(f"the saved layer has {state['bits_w']}-bit weights but this one has "
-                                 f"{self.bits_w}; deploy a model built with the same HybridConfig before loading.")
-            self.bits_a, self.a_signed = int(state["bits_a"]), bool(state["a_signed"])
-        # Fusion edited the model around this layer (modules replaced by nn.Identity): loading
-        # cannot redo or undo that, so a checkpoint must come from a model fused the same way.
-        for flag in ("fused_bn", "relu", "codes_input"):
-            if flag in state and bool(state[flag]) != getattr(self, flag):
-                raise ValueError(f"the saved layer has {flag}={bool(state[flag])} but this one has "
-                                 f"{getattr(self, flag)}: deploy_ both models with the same fuse setting.")
-        self.out_bits = int(state.get("out_bits", self.out_bits))
-        self.out_signed = bool(state.get("out_signed", self.out_signed))
-
-    @property
-    def kept_channels(self) -> int:
-        return int(self.fp_idx.numel())
-
     def dequantized_weight(self) -> torch.Tensor:
         """``codes * scale * levels_a``: the float weight of the quantized branch as it acts on the
         input's own scale (test and inspection helper; the kernels never materialise it)."""
-        cin_g = self._in_per_group()
-        codes = unpack_weight(self.w_packed, self.bits_w, cin_g).float()
+        codes = unpack_weight(self.w_packed, self.bits_w, self.in_channels // self.groups).float()
         la = levels(self.bits_a, self.a_signed) if self.quantized_input else 1
         return codes * (self.scale * la).view(-1, 1, 1, 1)
 
+    def _merged_weight_and_bias(self, dtype: torch.dtype):
+        """For a full-precision input both branches are float ops on the same input, so they merge
+        into one: ``dequant(W_q) + scatter(W_p)`` and ``bias + scatter(fp_bias)`` (differentiable
+        in the pruned branch's parameters). 4-D weights, for linear layers too."""
+        w = _DeployedBase.dequantized_weight(self).to(dtype)
+        if self.kept_channels:
+            fw = self.fp_weight.to(dtype)
+            if self.fp_in_idx is not None and self.groups == 1:
+                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
+            w = w.index_add(0, self.fp_out_idx, fw)
+        b = None if self.bias is None else self.bias.to(dtype)
+        if self.fp_bias is not None:
+            b = (b if b is not None else w.new_zeros(self.out_channels)).index_add(0, self.fp_out_idx,
+                                                                                  self.fp_bias.to(dtype))
+        return w, b
+
+    def _int_conv(self, codes: torch.Tensor, fp_out: Optional[torch.Tensor], stride, padding, dilation, groups,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+        """NHWC: the float output, or codes when this layer feeds a chained consumer."""
+        rq = self.out_qparams is not None
+        return custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
+                                  self.scale, self.bias, stride, padding, dilation, groups, self.relu,
+                                  fp_out, self.fp_out_idx if fp_out is not None else None, self.out_qparams,
+                                  # requant_bits / requant_signed are read only with requant_qparams
+                                  self.out_bits if rq else 8, self.out_signed, out_dtype, self.backend)
+
     def extra_repr(self) -> str:
-        q = (f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}" if self.quantized_input
-             else ("w%d, a=fp" % self.bits_w if self.has_quant else "fp only"))
+        q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",
+             "codes": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'} codes in",
+             "merged": f"w{self.bits_w}, a=fp", "fp_only": "fp only"}[self.path]
         fused = "+".join(name for name, on in (("bn", self.fused_bn), ("relu", self.relu),
                                                ("requant", self.out_qparams is not None)) if on)
         return (f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}"
-                f"{', epilogue=' + fused if fused else ''}{', codes in' if self.codes_input else ''}, "
-                f"backend={self.backend!r}")
+                f"{', epilogue=' + fused if fused else ''}, backend={self.backend!r}")
 
 
 class DeployedConv2d(_DeployedBase):
-    """A deployed hybrid / quantized / pruned ``Conv2d``. Input and output are ``(N, C, H, W)``;
-    the output has the memory format ``nn.Conv2d`` would give (channels_last in, channels_last
-    out; contiguous in, contiguous out), and the input's dtype."""
+    """A deployed hybrid / quantized / pruned ``Conv2d``.
 
-    def __init__(self, layer, backend: str, in_idx: Optional[torch.Tensor] = None):
+    Args (geometry as ``nn.Conv2d``; ``padding`` also as ``(top, bottom, left, right)``):
+        bits_w: weight bits of the quantized branch, or None for a layer without one.
+        bits_a: input activation bits, or None for a full-precision input (merged path).
+        a_signed: signed activation codes (inputs that can be negative).
+        fp_out_channels: kept output channels of the pruned branch (0: none).
+        fp_in_channels: input channels the pruned branch reads when its producer was pruned too
+            (None: all); ungrouped layers only.
+        fp_bias: whether the pruned branch has a bias.
+        backend: which kernels run the quantized branch (see :mod:`hybridops.backend`).
+
+    Input and output are ``(N, C, H, W)``; the output has the memory format ``nn.Conv2d`` would
+    give (channels_last in, channels_last out; contiguous in, contiguous out) and the input's dtype.
+    """
+
+    _kind = "conv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1,
+                 padding: Union[int, Sequence[int]] = 0, dilation=1, groups: int = 1, bias: bool = True,
+                 padding_mode: str = "zeros", *, bits_w: Optional[int] = 4, bits_a: Optional[int] = 4,
+                 a_signed: bool = False, fp_out_channels: int = 0, fp_in_channels: Optional[int] = None,
+                 fp_bias: bool = False, backend: str = "torch", device=None, dtype=None):
         super().__init__()
-        from .layers import HybridConv2d, PrunedConv2d, QuantConv2d
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.")
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}.")
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride, self.dilation = _pair(kernel_size), list(_pair(stride)), list(_pair(dilation))
+        pad = [padding] * 2 if isinstance(padding, int) else list(padding)
+        self.padding = [pad[0], pad[0], pad[1], pad[1]] if len(pad) == 2 else pad
+        if len(self.padding) != 4 or min(self.padding) < 0:
+            raise ValueError(f"padding must be an int, (ph, pw) or (top, bottom, left, right), got {padding!r}.")
+        self.padding_mode = padding_mode
+        self._init_format(self.kernel_size, bias, bits_w, bits_a, a_signed, fp_out_channels, fp_in_channels, fp_bias,
+                          backend, device, dtype)
 
-        quant = layer.quant if isinstance(layer, HybridConv2d) else (layer if isinstance(layer, QuantConv2d) else None)
-        pruned = layer.pruned if isinstance(layer, HybridConv2d) else (layer if isinstance(layer, PrunedConv2d) else None)
-        self.in_channels, self.kernel_size = layer.in_channels, layer.kernel_size
-        self.stride, self.dilation, self.groups = list(layer.stride), list(layer.dilation), layer.groups
-        self.padding = list(layer.explicit_padding())
-        self.padding_mode = layer.padding_mode
-        self._init_from(quant, pruned, backend, in_idx)
-        self._init_fp_groups()
-
-    def _in_per_group(self) -> int:
-        return self.in_channels // self.groups
-
-    def _init_fp_groups(self) -> None:
-        """The pruned branch of a grouped conv keeps arbitrary output channels, so it runs as a
-        grouped conv with one group per kept channel over the input channels of that channel's
-        original group (gathered by the quantize-activate pass); an ungrouped conv reads
-        ``fp_in_idx`` (all channels unless pruned upstream)."""
-        if self.groups == 1:
-            if self.fp_in_idx is not None:
-                self.fp_weight.data = self.fp_weight.data.index_select(1, self.fp_in_idx)
-            read = self.fp_in_idx if self.fp_in_idx is not None else torch.arange(self.in_channels, device=self.fp_idx.device)
-        else:
-            cin_g, cout_g = self._in_per_group(), self.out_channels // self.groups
-            grp = torch.div(self.fp_idx, cout_g, rounding_mode="floor")
-            read = (grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=grp.device).view(1, -1)).flatten()
-        self.register_buffer("fp_read_idx", read)
+    def _init_args(self) -> dict:
+        return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
+                    stride=list(self.stride), padding=list(self.padding), dilation=list(self.dilation),
+                    groups=self.groups, bias=self.bias is not None, padding_mode=self.padding_mode,
+                    bits_w=self.bits_w, bits_a=self.bits_a, a_signed=self.a_signed,
+                    fp_out_channels=self.kept_channels,
+                    fp_in_channels=None if (self.fp_in_idx is None or self.groups > 1) else int(self.fp_in_idx.numel()),
+                    fp_bias=self.fp_bias is not None)
 
     @property
     def fp_groups(self) -> int:
         return 1 if self.groups == 1 else max(1, self.kept_channels)
-
-    @torch.no_grad()
-    def fold_batchnorm_(self, bn: nn.BatchNorm2d) -> None:
-        """Absorb an eval-mode BatchNorm that follows this layer: ``bn(y) = y * g + shift`` with
-        ``g = gamma / sqrt(var + eps)`` scales the integer epilogue and the pruned branch's rows."""
-        if not (self.has_quant and self.quantized_input):
-            raise ValueError("only a layer with an integer (quantized-input) branch folds a BatchNorm into its epilogue.")
-        if self.relu or self.out_qparams is not None:
-            raise ValueError("a BatchNorm folds in before the epilogue's ReLU / re-quantization, which this layer "
-                             "already has.")
-        if bn.num_features != self.out_channels:
-            raise ValueError(f"the BatchNorm has {bn.num_features} channels, this layer {self.out_channels}.")
-        g = (bn.weight.float() if bn.affine else 1.0) / (bn.running_var.float() + bn.eps).sqrt()
-        shift = (bn.bias.float() if bn.affine else 0.0) - bn.running_mean.float() * g
-        self.scale = self.scale * g
-        self.bias = shift + (self.bias * g if self.bias is not None else 0.0)
-        rows = g.index_select(0, self.fp_idx)
-        self.fp_weight.mul_(rows.view(-1, 1, 1, 1).to(self.fp_weight.dtype))
-        if self.fp_bias is not None:
-            self.fp_bias.mul_(rows.to(self.fp_bias.dtype))
-        self.fused_bn = True
 
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
@@ -233,32 +322,36 @@ class DeployedConv2d(_DeployedBase):
         top, bottom, left, right = self.padding
         return F.pad(x, (left, right, top, bottom), mode=self.padding_mode), [0, 0, 0, 0]
 
-    def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
+    def _float_conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], padding: list,
+                    groups: int) -> torch.Tensor:
         top, bottom, left, right = padding
         if top != bottom or left != right:
-            x_nchw = F.pad(x_nchw, (left, right, top, bottom))
+            x = F.pad(x, (left, right, top, bottom))
             top = left = 0
-        return F.conv2d(x_nchw, self.fp_weight.to(x_nchw.dtype),
-                        None if self.fp_bias is None else self.fp_bias.to(x_nchw.dtype),
-                        self.stride, (top, left), self.dilation, self.fp_groups)
+        return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, groups)
+
+    def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
+        dt = x_nchw.dtype
+        return self._float_conv(x_nchw, self.fp_weight.to(dt), None if self.fp_bias is None else self.fp_bias.to(dt),
+                                padding, self.fp_groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.codes_input:
+        if self.path == "codes":
             return self._from_codes(x)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
         self._check_input(x)
         channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
         x, padding = self._pad_input(x)
-        if not self.has_quant:
-            y = self._fp_only(x, padding)
-        elif not self.quantized_input:
-            y = self._merged_float(x, padding)
-        else:
+        if self.path == "hybrid":
             y = self._hybrid(x, padding)
             if self.out_qparams is not None:
-                return y  # packed NHWC codes for the chained quantized consumer
+                return y  # NHWC codes for the chained quantized consumer
             y = y.permute(0, 3, 1, 2)
+        elif self.path == "merged":
+            y = self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
+        else:
+            y = self._fp_only(x, padding)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
@@ -266,79 +359,64 @@ class DeployedConv2d(_DeployedBase):
         # The quantize pass writes a float NHWC slice when the pruned branch reads a subset or a
         # regrouping of the input channels, or when x is not NHWC already (the epilogue reads the
         # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
-        sliced = kept and (self.groups > 1 or self.fp_in_idx is not None
-                           or not x.is_contiguous(memory_format=torch.channels_last))
-        x_slice, codes = custom_ops.quantize_activate(
-            x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-            self.fp_read_idx if sliced else None, x.dtype, self.backend)
+        sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last))
+        read = self.fp_in_idx if self.fp_in_idx is not None else self._all_in_idx
+        x_slice, codes = custom_ops.quantize_activate(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
+                                                      read if sliced else None, x.dtype, self.backend)
         fp_out = None
         if kept:
             fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2) if sliced else x, padding).permute(0, 2, 3, 1)
-        return self._int_conv(codes, fp_out, padding, x.dtype)
-
-    def _int_conv(self, codes: torch.Tensor, fp_out: Optional[torch.Tensor], padding: list,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-        """NHWC: the float output, or packed codes when this layer feeds a chained consumer."""
-        rq = self.out_qparams is not None
-        return custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
-                                  self.scale, self.bias, self.stride, padding, self.dilation, self.groups, self.relu,
-                                  fp_out, self.fp_idx if fp_out is not None else None, self.out_qparams,
-                                  self.out_bits if rq else 4, self.out_signed if rq else False, out_dtype, self.backend)
+        return self._int_conv(codes, fp_out, self.stride, padding, self.dilation, self.groups, x.dtype)
 
     def _from_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Input already quantized by the producing layer's epilogue (a chain of quantized layers
-        never writes float activations): packed NHWC codes in this layer's input format."""
-        from .ops.packing import packed_size
-
-        if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[3] != packed_size(self.in_channels, self.bits_a):
-            raise ValueError(f"{type(self).__name__} is chained after a quantized layer and expects its packed codes "
-                             f"(N, H, W, {packed_size(self.in_channels, self.bits_a)}) uint8, got {codes.dtype} "
-                             f"{tuple(codes.shape)}.")
-        y = self._int_conv(codes, None, self.padding, self.fp_weight.dtype)
+        """Input already quantized by the producing layer's epilogue: NHWC codes in this layer's
+        input format (packed as the backend's format says)."""
+        width = code_bytes(self.in_channels, self.bits_a, self.backend)
+        if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[3] != width:
+            raise ValueError(f"{type(self).__name__} is chained after a quantized layer and expects its codes "
+                             f"(N, H, W, {width}) uint8, got {codes.dtype} {tuple(codes.shape)}.")
+        y = self._int_conv(codes, None, self.stride, self.padding, self.dilation, self.groups, self.fp_weight.dtype)
         # The chain's original input layout is not known here: return the layout user code is most
         # likely to .view() (contiguous NCHW), in the model's float dtype.
         return y if self.out_qparams is not None else y.permute(0, 3, 1, 2).contiguous()
 
-    def _scatter_fp(self, fp: torch.Tensor, n_out: int) -> torch.Tensor:
-        out = fp.new_zeros((fp.shape[0], n_out, *fp.shape[2:]))
-        return out.index_copy(1, self.fp_idx, fp)
-
     def _fp_only(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        xs = x.index_select(1, self.fp_read_idx) if (self.fp_in_idx is not None or self.groups > 1) else x
-        return self._scatter_fp(self._fp_conv(xs, padding), self.out_channels)
-
-    def _merged_float(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        w, b = self._merged_weight_and_bias(x.dtype)
-        top, bottom, left, right = padding
-        if top != bottom or left != right:
-            x = F.pad(x, (left, right, top, bottom))
-            top = left = 0
-        return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, self.groups)
+        xs = x.index_select(1, self.fp_in_idx) if self.fp_in_idx is not None else x
+        fp = self._fp_conv(xs, padding)
+        return fp.new_zeros((fp.shape[0], self.out_channels, *fp.shape[2:])).index_copy(1, self.fp_out_idx, fp)
 
 
 class DeployedLinear(_DeployedBase):
     """A deployed hybrid / quantized / pruned ``Linear``: a 1x1 convolution on a 1x1 image, so it
-    runs on the same integer kernels. Input ``(..., in_features)``, output ``(..., out_features)``."""
+    runs on the same integer kernels. Arguments as :class:`DeployedConv2d` without the conv
+    geometry. Input ``(..., in_features)`` (the channel axis is the last one, as for
+    ``nn.Linear``), output ``(..., out_features)``."""
 
-    def __init__(self, layer, backend: str, in_idx: Optional[torch.Tensor] = None):
+    _kind = "linear"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, bits_w: Optional[int] = 4,
+                 bits_a: Optional[int] = 4, a_signed: bool = False, fp_out_channels: int = 0,
+                 fp_in_channels: Optional[int] = None, fp_bias: bool = False, backend: str = "torch", device=None,
+                 dtype=None):
         super().__init__()
-        from .layers import HybridLinear, PrunedLinear, QuantLinear
+        self.in_channels, self.out_channels = in_features, out_features
+        self._init_format((1, 1), bias, bits_w, bits_a, a_signed, fp_out_channels, fp_in_channels, fp_bias, backend,
+                          device, dtype)
 
-        quant = layer.quant if isinstance(layer, HybridLinear) else (layer if isinstance(layer, QuantLinear) else None)
-        pruned = layer.pruned if isinstance(layer, HybridLinear) else (layer if isinstance(layer, PrunedLinear) else None)
-        self.in_features = self.in_channels = layer.in_features
-        self._init_from(quant, pruned, backend, in_idx)
-        if in_idx is not None:
-            self.fp_weight.data = self.fp_weight.data.index_select(1, in_idx)
-        self.register_buffer("fp_read_idx", in_idx if in_idx is not None
-                             else torch.arange(self.in_features, device=self.fp_idx.device))
+    @property
+    def in_features(self) -> int:
+        return self.in_channels
 
     @property
     def out_features(self) -> int:
         return self.out_channels
 
-    def _in_per_group(self) -> int:
-        return self.in_features
+    def _init_args(self) -> dict:
+        return dict(in_features=self.in_features, out_features=self.out_features, bias=self.bias is not None,
+                    bits_w=self.bits_w, bits_a=self.bits_a, a_signed=self.a_signed,
+                    fp_out_channels=self.kept_channels,
+                    fp_in_channels=None if self.fp_in_idx is None else int(self.fp_in_idx.numel()),
+                    fp_bias=self.fp_bias is not None)
 
     def _geometry_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -352,26 +430,27 @@ class DeployedLinear(_DeployedBase):
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        kept = self.kept_channels > 0
         fb = None if self.fp_bias is None else self.fp_bias.to(x.dtype)
-        if not self.has_quant:
+        fw = self.fp_weight.flatten(1).to(x.dtype)
+        if self.path == "fp_only":
             xs = x2 if self.fp_in_idx is None else x2.index_select(1, self.fp_in_idx)
-            fp = F.linear(xs, self.fp_weight.to(x.dtype), fb)
-            y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_idx, fp)
-        elif not self.quantized_input:
-            y = F.linear(x2, *self._merged_weight_and_bias(x.dtype))
+            fp = F.linear(xs, fw, fb)
+            y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_out_idx, fp)
+        elif self.path == "merged":
+            w, b = self._merged_weight_and_bias(x.dtype)
+            y = F.linear(x2, w.flatten(1), b)
         else:
-            read = self.fp_read_idx
+            kept = self.kept_channels > 0
             sliced = kept and self.fp_in_idx is not None  # else the pruned branch reads x itself
             x_slice, codes = custom_ops.quantize_activate(
                 x2.reshape(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                read if sliced else None, x.dtype, self.backend)
+                self.fp_in_idx if sliced else None, x.dtype, self.backend)
             fp_out = None
             if kept:
-                fp_in = x_slice.view(-1, read.numel()) if sliced else x2
-                fp_out = F.linear(fp_in, self.fp_weight.to(x.dtype), fb).view(-1, 1, 1, self.kept_channels)
-            y = custom_ops.qconv2d(codes, self.w_packed, self.in_features, self.bits_a, self.a_signed, self.bits_w,
-                                   self.scale, self.bias, [1, 1], [0, 0, 0, 0], [1, 1], 1, False, fp_out,
-                                   self.fp_idx if kept else None, None, 4, False, x.dtype, self.backend)
-            y = y.view(-1, self.out_features)
+                fp_in = x_slice.view(-1, self.fp_in_idx.numel()) if sliced else x2
+                fp_out = F.linear(fp_in, fw, fb).view(-1, 1, 1, self.kept_channels)
+            y = self._int_conv(codes, fp_out, [1, 1], [0, 0, 0, 0], [1, 1], 1, x.dtype).view(-1, self.out_features)
         return y.reshape(*lead, self.out_features)
+
+
+DEPLOYED_LAYERS = (DeployedConv2d, DeployedLinear)

@@ -1,4 +1,4 @@
-"""Epilogue fusion and code chaining at deploy time (DESIGN.md section 3, op 2).
+"""Epilogue fusion and code chaining at deploy time (docs/kernels.md).
 
 A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer: the
 BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and into the rows of
@@ -20,10 +20,36 @@ from __future__ import annotations
 from collections import Counter
 from typing import List
 
+import torch
 import torch.nn as nn
 
 from .deployed import DeployedConv2d
 from .graph import set_submodule, trace
+
+
+@torch.no_grad()
+def fold_batchnorm_into_(layer: DeployedConv2d, bn: nn.BatchNorm2d) -> None:
+    """Absorb an eval-mode BatchNorm that follows ``layer``: ``bn(y) = y * g + shift`` with
+    ``g = gamma / sqrt(var + eps)`` scales the integer epilogue's ``scale`` and ``bias`` and the
+    pruned branch's rows."""
+    if layer.path not in ("hybrid", "codes"):
+        raise ValueError("only a layer with an integer (quantized-input) branch folds a BatchNorm into its epilogue.")
+    if layer.relu or layer.out_qparams is not None:
+        raise ValueError("a BatchNorm folds in before the epilogue's ReLU / re-quantization, which this layer "
+                         "already has.")
+    if bn.num_features != layer.out_channels:
+        raise ValueError(f"the BatchNorm has {bn.num_features} channels, the layer {layer.out_channels}.")
+    g = (bn.weight.float() if bn.affine else 1.0) / (bn.running_var.float() + bn.eps).sqrt()
+    shift = (bn.bias.float() if bn.affine else 0.0) - bn.running_mean.float() * g
+    layer.scale.mul_(g)
+    if layer.bias is None:
+        layer.bias = shift.clone()
+    else:
+        layer.bias.mul_(g).add_(shift)
+    rows = g.index_select(0, layer.fp_out_idx)
+    layer.fp_weight.mul_(rows.view(-1, 1, 1, 1).to(layer.fp_weight.dtype))
+    if layer.fp_bias is not None:
+        layer.fp_bias.mul_(rows.to(layer.fp_bias.dtype))
 
 
 def fuse_epilogues_(model: nn.Module) -> List[str]:
@@ -47,7 +73,7 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
     fused = []
     for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if not (isinstance(layer, DeployedConv2d) and layer.has_quant and layer.quantized_input):
+        if not (isinstance(layer, DeployedConv2d) and layer.path == "hybrid"):
             continue
         if uses[node.target] != 1:
             continue  # a layer called twice would fold in the BatchNorm of each call
@@ -57,14 +83,16 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
             bn = modules[bn_node.target]
             if bn.training or bn.running_mean is None:
                 continue  # batch statistics cannot be folded into constants
-            layer.fold_batchnorm_(bn)
+            fold_batchnorm_into_(layer, bn)
             set_submodule(model, bn_node.target, nn.Identity())
+            layer.absorbed.append([bn_node.target, type(bn).__name__])
             parts.append(bn_node.target)
             tail = bn_node
         relu_node = sole_module_user(tail, nn.ReLU)
         if relu_node is not None:
             layer.relu = True
             set_submodule(model, relu_node.target, nn.Identity())
+            layer.absorbed.append([relu_node.target, "ReLU"])
             parts.append(relu_node.target)
         if len(parts) > 1:
             fused.append("+".join(parts))
@@ -72,7 +100,7 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
 
 
 def _integer_conv(m) -> bool:
-    return isinstance(m, DeployedConv2d) and m.has_quant and m.quantized_input
+    return isinstance(m, DeployedConv2d) and m.path in ("hybrid", "codes")
 
 
 def chain_codes_(model: nn.Module) -> List[str]:
@@ -100,10 +128,10 @@ def chain_codes_(model: nn.Module) -> List[str]:
         else:
             continue
         if not (_integer_conv(consumer) and consumer.kept_channels == 0 and consumer.padding_mode == "zeros"
-                and not consumer.codes_input and len(hop.args) == 1 and uses[hop.target] == 1):
-            continue
-        producer.out_qparams = consumer.in_qparams.clone()
-        producer.out_bits, producer.out_signed = consumer.bits_a, consumer.a_signed
-        consumer.codes_input = True
+                and not consumer.codes_input and consumer.backend == producer.backend and len(hop.args) == 1
+                and uses[hop.target] == 1):
+            continue  # (the code format between the two is the backend's: both must run on the same one)
+        producer.set_output_codes_(consumer.in_qparams, consumer.bits_a, consumer.a_signed)
+        consumer.set_codes_input_()
         chained.append(f"{node.target}->{hop.target}")
     return chained

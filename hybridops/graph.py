@@ -8,10 +8,10 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
-from .deployed import DeployedConv2d, DeployedLinear
-from .layers import HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
+from .deployed import DEPLOYED_LAYERS
+from .layers import TRAINABLE_LAYERS
 
-LEAF_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS + (DeployedConv2d, DeployedLinear)
+LEAF_LAYERS = TRAINABLE_LAYERS + DEPLOYED_LAYERS
 
 
 class LayerTracer(fx.Tracer):

@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .config import kept_count
 from .prune import ChannelGate
 from .quant import IntervalQuantizer
 
@@ -79,6 +80,9 @@ class _ConvSpec:
             return F.conv2d(x, w, b, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
+    # The channel axis of the input and output: NCHW's axis 1 (a conv's input is NCHW whatever its
+    # memory format).
+    channel_dim = 1
     _channel_shape = (-1, 1, 1)
     _float_type = nn.Conv2d
 
@@ -110,6 +114,8 @@ class _LinearSpec:
     def _op(self, x, w, b):
         return F.linear(x, w, b)
 
+    # The last axis, as nn.Linear reads it: (N, C), (N, L, C) or channels-last (N, H, W, C) input.
+    channel_dim = -1
     _channel_shape = (-1,)
     _float_type = nn.Linear
 
@@ -189,7 +195,7 @@ class _QuantBase(nn.Module):
             # blow the least-squares scale up by orders of magnitude.
             grid = float(self.aq.levels * self.wq.levels)
             y_q = torch.round(y_q * grid) / grid
-        dims = [d for d in range(y_f.dim()) if d != (1 if y_f.dim() == 4 else y_f.dim() - 1)]
+        dims = [d for d in range(y_f.dim()) if d != self.channel_dim % y_f.dim()]
         num, den = (y_f * y_q).sum(dims), (y_q * y_q).sum(dims)
         fallback = torch.full_like(num, s_a * s_w)
         scale = torch.where(den > 0, num / den.clamp_min(1e-30), fallback)
@@ -282,11 +288,12 @@ def _copy_float(layer, src):
 
 # ----------------------------------------------------------------------------- pruned branch
 class _PrunedBase(nn.Module):
-    def _init_pruned(self, bias, tau, threshold, keep, init_logit, device, dtype):
+    def _init_pruned(self, bias, tau, threshold, kept_mask, init_logit, device, dtype):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        self.gate = ChannelGate(self._weight_shape[0], tau=tau, threshold=threshold, keep=keep, init_logit=init_logit)
+        self.gate = ChannelGate(self._weight_shape[0], tau=tau, threshold=threshold, kept_mask=kept_mask,
+                                init_logit=init_logit)
         self.gate.to(device)
 
     @classmethod
@@ -307,26 +314,26 @@ class _PrunedBase(nn.Module):
 
 class PrunedConv2d(_ConvSpec, _PrunedBase):
     """Full-precision Conv2d whose output channels are gated (eq 13-14). Arguments as
-    ``nn.Conv2d`` plus the gate's ``tau``, ``threshold``, initial ``keep`` mask and ``init_logit``."""
+    ``nn.Conv2d`` plus the gate's ``tau``, ``threshold``, initial ``kept_mask`` and ``init_logit``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: _size_2, stride: _size_2 = 1,
                  padding: Union[str, _size_2] = 0, dilation: _size_2 = 1, groups: int = 1, bias: bool = True,
                  padding_mode: str = "zeros", tau: float = 1.0, threshold: float = 0.5,
-                 keep: Optional[torch.Tensor] = None, init_logit: float = 3.0, device=None, dtype=None):
+                 kept_mask: Optional[torch.Tensor] = None, init_logit: float = 3.0, device=None, dtype=None):
         super().__init__()
         self._init_conv(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, padding_mode)
-        self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
+        self._init_pruned(bias, tau, threshold, kept_mask, init_logit, device, dtype)
 
 
 class PrunedLinear(_LinearSpec, _PrunedBase):
     """Full-precision linear layer whose output features are gated (eq 13-14)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, tau: float = 1.0,
-                 threshold: float = 0.5, keep: Optional[torch.Tensor] = None, init_logit: float = 3.0,
+                 threshold: float = 0.5, kept_mask: Optional[torch.Tensor] = None, init_logit: float = 3.0,
                  device=None, dtype=None):
         super().__init__()
         self._init_linear(in_features, out_features)
-        self._init_pruned(bias, tau, threshold, keep, init_logit, device, dtype)
+        self._init_pruned(bias, tau, threshold, kept_mask, init_logit, device, dtype)
 
 
 # ----------------------------------------------------------------------------- hybrid = sum
@@ -351,7 +358,7 @@ class _HybridBase(nn.Module):
         ``W - effective_weight`` on the ``ceil(keep * C_out)`` channels with the largest residual."""
         self.quant.calibrate(x)
         residual = self.quant.weight - self.quant.effective_weight()
-        n_keep = max(1, math.ceil(self.keep * residual.shape[0]))
+        n_keep = kept_count(self.keep, residual.shape[0])
         norms = residual.flatten(1).norm(dim=1)
         kept = torch.zeros(residual.shape[0], dtype=torch.bool, device=residual.device)
         kept[torch.topk(norms, n_keep).indices] = True
@@ -415,3 +422,5 @@ class HybridLinear(_LinearSpec, _HybridBase):
 QUANT_LAYERS = (QuantConv2d, QuantLinear)
 PRUNED_LAYERS = (PrunedConv2d, PrunedLinear)
 HYBRID_LAYERS = (HybridConv2d, HybridLinear)
+TRAINABLE_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS
+LINEAR_LAYERS = (HybridLinear, QuantLinear, PrunedLinear)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig
-from .convert import calibrate_, deploy_, hybridize_
+from .conversion import calibrate_, deploy_, hybridize_
 from .graph import set_submodule, trace
 from .layers import PRUNED_LAYERS
 
@@ -105,11 +105,11 @@ class HybridNetwork(nn.Module):
         super().__init__()
         config = config if config is not None else HybridConfig()
         self.quant_net = copy.deepcopy(backbone)
-        hybridize_(self.quant_net, config, filter_fn, mode="quant")
+        hybridize_(self.quant_net, config.quant(), filter_fn)
         pruned = copy.deepcopy(backbone).eval()
         fold_batchnorm_(pruned)
         pruned.train(backbone.training)
-        hybridize_(pruned, config, filter_fn, mode="prune")
+        hybridize_(pruned, config.prune(), filter_fn)
         self.pruned_net = pruned
         layers = [m for m in pruned.modules() if isinstance(m, PRUNED_LAYERS)]
         with torch.no_grad():  # the pruned network starts as a zero residual
@@ -135,5 +135,6 @@ class HybridNetwork(nn.Module):
         """Deploy both networks in place: packed integer weights for ``quant_net``, and for
         ``pruned_net`` rows and (compounded) columns of dropped channels removed."""
         deploy_(self.quant_net, backend, fuse=fuse)
+        # (an explicit map, even an empty one, deploys pruned_net as a plain model)
         deploy_(self.pruned_net, backend, self.in_channel_map(), fuse=fuse)
         return self

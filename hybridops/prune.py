@@ -26,12 +26,12 @@ class ChannelGate(nn.Module):
         channels: number of gated channels.
         tau: Gumbel-softmax temperature (> 0).
         threshold: eval/deploy keeps channel i iff ``b[i] >= threshold``.
-        keep: optional initial keep mask (bool, ``(channels,)``); kept channels start at
+        kept_mask: optional initial mask of kept channels (bool, ``(channels,)``); kept channels start at
             ``b = sigmoid(init_logit)``, the others at ``sigmoid(-init_logit)``.
     """
 
     def __init__(self, channels: int, tau: float = 1.0, threshold: float = 0.5,
-                 keep: Optional[torch.Tensor] = None, init_logit: float = 3.0):
+                 kept_mask: Optional[torch.Tensor] = None, init_logit: float = 3.0):
         super().__init__()
         if channels < 1:
             raise ValueError(f"a channel gate needs at least one channel, got {channels}.")
@@ -42,10 +42,10 @@ class ChannelGate(nn.Module):
         self.tau = float(tau)
         self.threshold = float(threshold)
         self.init_logit = float(init_logit)
-        if keep is None:
-            keep = torch.ones(channels, dtype=torch.bool)
+        if kept_mask is None:
+            kept_mask = torch.ones(channels, dtype=torch.bool)
         self.logits = nn.Parameter(torch.zeros(channels))
-        self.reset(keep)
+        self.reset(kept_mask)
         self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
 
@@ -57,9 +57,9 @@ class ChannelGate(nn.Module):
         return state
 
     @torch.no_grad()
-    def reset(self, keep: torch.Tensor) -> None:
+    def reset(self, kept_mask: torch.Tensor) -> None:
         """Start kept channels at ``b = sigmoid(init_logit)`` and the others at its complement."""
-        self.logits.copy_(torch.where(keep.to(self.logits.device), self.init_logit, -self.init_logit))
+        self.logits.copy_(torch.where(kept_mask.to(self.logits.device), self.init_logit, -self.init_logit))
 
     @property
     def channels(self) -> int:
@@ -69,18 +69,18 @@ class ChannelGate(nn.Module):
         """Selection probabilities ``b``."""
         return torch.sigmoid(self.logits)
 
-    def keep_mask(self) -> torch.Tensor:
+    def kept_mask(self) -> torch.Tensor:
         """Deterministic eval/deploy mask ``b >= threshold`` (bool)."""
         return self.probs() >= self.threshold
 
     def kept_indices(self) -> torch.Tensor:
-        return torch.nonzero(self.keep_mask(), as_tuple=False).flatten()
+        return torch.nonzero(self.kept_mask(), as_tuple=False).flatten()
 
     def forward(self) -> torch.Tensor:
         """The mask ``M`` (float, ``(channels,)``) for this step."""
         if not self.training or self.frozen:
             self.soft_mask = None
-            return self.keep_mask().to(self.logits.dtype)
+            return self.kept_mask().to(self.logits.dtype)
         u = torch.rand(2, self.channels, device=self.logits.device).clamp_(1e-10, 1.0 - 1e-7)
         g = -torch.log(-torch.log(u))  # two independent Gumbel(0, 1) draws
         # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
@@ -94,4 +94,4 @@ class ChannelGate(nn.Module):
         return self.soft_mask.sum() if self.soft_mask is not None else self.probs().sum()
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, kept={int(self.keep_mask().sum())}, tau={self.tau}, threshold={self.threshold}"
+        return f"channels={self.channels}, kept={int(self.kept_mask().sum())}, tau={self.tau}, threshold={self.threshold}"

@@ -126,11 +126,15 @@ def test_hybridize_filter_and_modes():
     ho.hybridize_(m2, filter_fn=lambda mod, name: name != "0")
     assert m2[3].quant.aq is not None
     mq = _small_cnn()
-    ho.hybridize_(mq, mode="quant")
+    ho.hybridize_(mq, ho.QuantConfig())
     assert isinstance(mq[0], ho.QuantConv2d) and isinstance(mq[8], ho.QuantLinear)
     mp = _small_cnn()
-    ho.hybridize_(mp, ho.HybridConfig(keep=0.5), mode="prune")
-    assert isinstance(mp[3], ho.PrunedConv2d) and int(mp[3].gate.keep_mask().sum()) == 8
+    ho.hybridize_(mp, ho.PruneConfig(keep=0.5))
+    assert isinstance(mp[3], ho.PrunedConv2d) and int(mp[3].gate.kept_mask().sum()) == 8
+    # prune mode keeps the channels with the largest L1 weight norm, and the output layer whole
+    w = _small_cnn()[3].weight.detach().abs().flatten(1).sum(1)
+    assert torch.equal(mp[3].gate.kept_mask(), w >= w.topk(8).values[-1])
+    assert bool(mp[8].gate.kept_mask().all())
 
 
 def test_hybridize_no_convertible_layer_one_sentence():
@@ -139,10 +143,8 @@ def test_hybridize_no_convertible_layer_one_sentence():
     assert "\n" not in str(e.value) and str(e.value).endswith(".")
     with pytest.raises(ValueError, match="skipped: .*Conv1d is not supported"):
         ho.hybridize_(nn.Sequential(nn.Conv1d(3, 4, 3)))
-    with pytest.raises(TypeError, match="config must be a hybridops.HybridConfig"):
+    with pytest.raises(TypeError, match=r"config must be one of \['QuantConfig', 'PruneConfig', 'HybridConfig'\]"):
         ho.hybridize_(_small_cnn(), {"bits_w": 4})
-    with pytest.raises(ValueError, match="mode must be one of"):
-        ho.hybridize_(_small_cnn(), mode="int8")
 
 
 def test_deploy_and_freeze_errors():
@@ -198,7 +200,7 @@ def _state_bytes(tensors):
 def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only():
     m, x, y, g = _hybrid_small_cnn()
     gates = [mod.pruned.gate for mod in m.modules() if isinstance(mod, (ho.HybridConv2d, ho.HybridLinear))]
-    kept0 = [int(gt.keep_mask().sum()) for gt in gates]
+    kept0 = [int(gt.kept_mask().sum()) for gt in gates]
     assert kept0 == [4, 8, 2]
     opt = torch.optim.Adam(m.parameters(), lr=2e-2)
     m.train()
@@ -212,7 +214,7 @@ def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only
         losses.append(loss.item())
     # L_hyb (eq 16) decreases: mean of the last 5 steps well under the first 5
     assert sum(losses[-5:]) / 5 < 0.85 * sum(losses[:5]) / 5
-    kept1 = [int(gt.keep_mask().sum()) for gt in gates]
+    kept1 = [int(gt.kept_mask().sum()) for gt in gates]
     assert sum(kept1) < sum(kept0), f"no channel was dropped: {kept0} -> {kept1}"
 
     # online update: only the full-precision branch trains
@@ -225,7 +227,7 @@ def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only
     quant_buffers = [b for mod in m.modules() if isinstance(mod, _QuantBase) for b in mod.buffers()]
     before_frozen = _state_bytes(frozen + quant_buffers)
     before_fp = _state_bytes(fp)
-    masks = [gt.keep_mask().clone() for gt in gates]
+    masks = [gt.kept_mask().clone() for gt in gates]
     opt2 = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)  # all params on purpose
     for _ in range(2):
         loss = F.cross_entropy(m(x[:16]), y[:16]) + ho.regularization(m)
@@ -234,7 +236,7 @@ def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only
         opt2.step()
     assert _state_bytes(frozen + quant_buffers) == before_frozen
     assert _state_bytes(fp) != before_fp
-    assert all(torch.equal(gt.keep_mask(), mk) for gt, mk in zip(gates, masks))
+    assert all(torch.equal(gt.kept_mask(), mk) for gt, mk in zip(gates, masks))
     # a frozen gate is deterministic even in train mode
     assert all(gt.soft_mask is None for gt in gates)
 

@@ -44,12 +44,12 @@ def _hybrid(conv_kwargs, keep=0.5, quantize_input=True, relu_input=True, seed=0,
 @pytest.mark.parametrize("quantize_input", [True, False])
 def test_deployed_conv_equals_trainable_eval(case, quantize_input):
     conv, h, x = _hybrid(CONV_CASES[case], quantize_input=quantize_input)
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     with torch.no_grad():
         y_h, y_d, y_f = h(x), d(x), conv(x)
     assert y_d.shape == y_f.shape and y_d.dtype == y_f.dtype
     torch.testing.assert_close(y_d, y_h, atol=ATOL, rtol=RTOL)
-    assert d.kept_channels == h.pruned.gate.keep_mask().sum().item() > 0
+    assert d.kept_channels == h.pruned.gate.kept_mask().sum().item() > 0
     # and an untrained hybrid layer is already close to the float layer it replaces
     assert ((y_h - y_f).norm() / y_f.norm()).item() < 0.15
 
@@ -59,7 +59,7 @@ def test_deployed_signed_input(case):
     # calibration saw negative inputs: signed activation codes (eq 6-7 style)
     conv, h, x = _hybrid(CONV_CASES[case], relu_input=False)
     assert h.quant.aq.signed
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     assert d.a_signed
     with torch.no_grad():
         torch.testing.assert_close(d(x), h(x), atol=ATOL, rtol=RTOL)
@@ -67,24 +67,24 @@ def test_deployed_signed_input(case):
 
 def test_deployed_weights_are_the_quantized_codes():
     conv, h, x = _hybrid(CONV_CASES["stride2_groups"])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     codes = unpack_weight(d.w_packed, 4, 2)
     assert torch.equal(codes.to(torch.int16), h.quant.wq.codes(h.quant.weight)[0])
     assert int(codes.abs().max()) <= 7
     # scale folds out_scale / (levels_a * levels_w)
     torch.testing.assert_close(d.scale, h.quant.out_scale.detach() / (15 * 7))
     kept = h.pruned.gate.kept_indices()
-    assert torch.equal(d.fp_idx, kept)
+    assert torch.equal(d.fp_out_idx, kept)
     assert torch.equal(d.fp_weight.detach(), h.pruned.weight.detach()[kept])
 
 
 def test_deployed_with_no_kept_channel_and_all_kept():
     conv, h, x = _hybrid(CONV_CASES["plain"], keep=1.0)
-    assert h.pruned.gate.keep_mask().all()
+    assert h.pruned.gate.kept_mask().all()
     with torch.no_grad():
-        torch.testing.assert_close(ho.DeployedConv2d(h, "torch")(x), h(x), atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(ho.deploy_layer(h, "torch")(x), h(x), atol=ATOL, rtol=RTOL)
         h.pruned.gate.logits.fill_(-5.0)
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     assert d.kept_channels == 0
     with torch.no_grad():
         torch.testing.assert_close(d(x), h(x), atol=ATOL, rtol=RTOL)
@@ -100,7 +100,7 @@ def test_deployed_linear_equals_trainable(quantize_input, bias):
     x = torch.randn(3, 4, 13).relu()
     h.calibrate(x)
     h.eval()
-    d = ho.DeployedLinear(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     with torch.no_grad():
         y = d(x)
         torch.testing.assert_close(y, h(x), atol=ATOL, rtol=RTOL)
@@ -114,7 +114,7 @@ def test_deployed_linear_equals_trainable(quantize_input, bias):
 @pytest.mark.parametrize("quantize_input", [True, False])
 def test_deployed_output_layout_matches_nn_conv2d(memory_format, quantize_input):
     conv, h, x = _hybrid(CONV_CASES["stride2_groups"], quantize_input=quantize_input)
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     x = x.contiguous(memory_format=memory_format)
     with torch.no_grad():
         y, ref = d(x), conv(x)
@@ -127,7 +127,7 @@ def test_deployed_output_layout_matches_nn_conv2d(memory_format, quantize_input)
 
 def test_deployed_float64_input_keeps_dtype():
     conv, h, x = _hybrid(CONV_CASES["plain"])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     with torch.no_grad():
         y = d(x.double())
     assert y.dtype == torch.float64
@@ -137,7 +137,7 @@ def test_deployed_float64_input_keeps_dtype():
 @pytest.mark.parametrize("case", ["plain", "stride2_groups", "dilation", "reflect", "same_even_kernel"])
 def test_deployed_gradients_only_to_fp_branch(case):
     conv, h, x = _hybrid(CONV_CASES[case])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     assert [n for n, p in d.named_parameters()] == ["fp_weight"]
     assert not any(b.requires_grad for b in d.buffers())
     xd = x.clone().requires_grad_()
@@ -156,7 +156,7 @@ def test_deployed_gradients_only_to_fp_branch(case):
 
 def test_deployed_fp_input_gradient_to_fp_weight():
     conv, h, x = _hybrid(CONV_CASES["depthwise"], quantize_input=False)
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     y = d(x)
     g = torch.randn_like(y)
     (y * g).sum().backward()
@@ -168,7 +168,7 @@ def test_deployed_fp_input_gradient_to_fp_weight():
 
 def test_deployed_online_update_changes_output_through_fp_branch_only():
     conv, h, x = _hybrid(CONV_CASES["plain"])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     packed = d.w_packed.clone()
     opt = torch.optim.SGD(d.parameters(), lr=0.1)
     y0 = d(x).detach()
@@ -178,26 +178,26 @@ def test_deployed_online_update_changes_output_through_fp_branch_only():
     y1 = d(x).detach()
     assert torch.equal(d.w_packed, packed)
     changed = (y1 - y0).abs().flatten(2).amax(-1).amax(0) > 0
-    kept = set(d.fp_idx.tolist())
+    kept = set(d.fp_out_idx.tolist())
     assert all(bool(changed[c]) == (c in kept) for c in range(7))
 
 
 def test_deployed_empty_batch():
     for quantize_input in (True, False):
         conv, h, x = _hybrid(CONV_CASES["stride2_groups"], quantize_input=quantize_input)
-        d = ho.DeployedConv2d(h, "torch")
+        d = ho.deploy_layer(h, "torch")
         x0 = torch.randn(0, 6, 9, 11)
         y = d(x0)
         assert y.shape == conv(x0).shape == (0, 9, 5, 6)
     torch.manual_seed(0)
     lin = ho.HybridLinear.from_float(nn.Linear(5, 3))
     lin.calibrate(torch.rand(4, 5))
-    assert ho.DeployedLinear(lin, "torch")(torch.randn(0, 5)).shape == (0, 3)
+    assert ho.deploy_layer(lin, "torch")(torch.randn(0, 5)).shape == (0, 3)
 
 
 def test_deployed_bad_input():
     conv, h, x = _hybrid(CONV_CASES["plain"])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     with pytest.raises(ValueError, match=r"expects input \(N, 5, H, W\), got \(2, 4, 9, 11\)"):
         d(torch.randn(2, 4, 9, 11))
     with pytest.raises(ValueError, match=r"expects input \(N, 5, H, W\)"):
@@ -213,10 +213,10 @@ def test_nan_input_propagates_through_hybrid_layer():
     # straight-through gradient), and NaN * 0 is NaN, so there every channel at that pixel is NaN;
     # the deployed layer physically removed the dropped channels, which therefore stay finite.
     conv, h, x = _hybrid(CONV_CASES["valid_1x1"], keep=0.5)
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     xn = x.clone()
     xn[0, :, 0, 0] = float("nan")
-    kept = h.pruned.gate.keep_mask()
+    kept = h.pruned.gate.kept_mask()
     with torch.no_grad():
         assert not bool(h.quant(xn).isnan().any())
         y_h, y_d = h(xn), d(xn)
@@ -236,7 +236,7 @@ def test_hybrid_layer_structure_and_residual_start():
     x = torch.rand(2, 4, 8, 8)
     h.calibrate(x)
     assert h.pruned.bias is None and h.quant.bias is not None
-    kept = h.pruned.gate.keep_mask()
+    kept = h.pruned.gate.kept_mask()
     assert int(kept.sum()) == 2  # ceil(0.25 * 8)
     residual = h.quant.weight - h.quant.effective_weight()
     torch.testing.assert_close(h.pruned.weight.detach(), residual)
@@ -275,7 +275,7 @@ def test_memory_format_and_dtype_moves_keep_kernel_buffers_intact():
     """model.to(channels_last / bf16) restrides and casts the float weights, but the packed weights
     stay K-major contiguous and the epilogue scales and quantizer parameters stay fp32."""
     conv, h, x = _hybrid(CONV_CASES["plain"])
-    d = ho.DeployedConv2d(h, "torch")
+    d = ho.deploy_layer(h, "torch")
     scale = d.scale.clone()
     d = d.to(memory_format=torch.channels_last).to(torch.bfloat16)
     assert d.w_packed.is_contiguous() and d.w_packed.dtype == torch.uint8

@@ -64,10 +64,10 @@ def test_hybrid_network_sequential():
     assert err < 0.2  # relative L2 error of the output, 4/4 bits, untrained
     # deploy: rows and (compounded) input columns of dropped channels are removed
     dep = copy.deepcopy(net).deploy_(backend="torch")
-    k0 = int(net.pruned_net[0].gate.keep_mask().sum())
-    k3 = int(net.pruned_net[3].gate.keep_mask().sum())
+    k0 = int(net.pruned_net[0].gate.kept_mask().sum())
+    k3 = int(net.pruned_net[3].gate.kept_mask().sum())
     assert dep.pruned_net[3].fp_weight.shape == (k3, k0, 3, 3)
-    assert dep.pruned_net[7].fp_weight.shape[:2] == (int(net.pruned_net[7].gate.keep_mask().sum()), k3)
+    assert dep.pruned_net[7].fp_weight.shape[:2] == (int(net.pruned_net[7].gate.kept_mask().sum()), k3)
     assert dep.pruned_net[0].fp_weight.shape == (k0, 3, 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(dep(x), y, atol=1e-5, rtol=1e-5)
@@ -117,7 +117,7 @@ def test_hybrid_network_resnet18(resnet_net):
         net.pruned_net.fc.weight.normal_(std=0.01)
         y = net(x)
     dep = copy.deepcopy(net).deploy_(backend="torch")
-    c1 = net.pruned_net.layer1[0].conv1.gate.keep_mask().sum().item()
+    c1 = net.pruned_net.layer1[0].conv1.gate.kept_mask().sum().item()
     assert dep.pruned_net.layer1[0].conv2.fp_weight.shape[1] == c1
     with torch.no_grad():
         torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
@@ -177,7 +177,7 @@ def test_bops_hybrid_network_compounds_pruning():
     assert [row.name for row in r.layers] == ["0", "3", "7"]
     assert all(row.kind == "hybrid" for row in r.layers)
     row = r.layers[1]
-    k0 = int(net.pruned_net[0].gate.keep_mask().sum())
+    k0 = int(net.pruned_net[0].gate.kept_mask().sum())
     assert row.pruned_c_in == k0 == 2
     assert row.pruned == pytest.approx(ho.layer_bops(2, 3, 9, 32, 32) * 64)
     assert 0 < r.rc < 1

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import hybridops as ho
-from hybridops.convert import prune_loss, quant_loss
+from hybridops.losses import prune_loss, quant_loss
 
 
 # ----------------------------------------------------------------------------- ChannelGate
@@ -17,7 +17,7 @@ def test_gate_eval_mask_is_threshold_on_probability():
     g.eval()
     expect = torch.sigmoid(g.logits) >= 0.3  # sigmoid(-0.9) = 0.289 < 0.3 <= sigmoid(-0.8) = 0.310
     assert expect.tolist() == [False, False, True, True, True, True]
-    assert torch.equal(g.keep_mask(), expect)
+    assert torch.equal(g.kept_mask(), expect)
     assert torch.equal(g(), expect.float())
     assert g.kept_indices().tolist() == [2, 3, 4, 5]
     assert g.soft_mask is None
@@ -25,11 +25,11 @@ def test_gate_eval_mask_is_threshold_on_probability():
     torch.testing.assert_close(g.loss(), torch.sigmoid(g.logits).sum())
 
 
-def test_gate_initial_keep_mask():
+def test_gate_initial_kept_mask():
     keep = torch.tensor([True, False, True, False])
-    g = ho.ChannelGate(4, keep=keep, init_logit=2.5)
+    g = ho.ChannelGate(4, kept_mask=keep, init_logit=2.5)
     assert g.logits.tolist() == [2.5, -2.5, 2.5, -2.5]
-    assert torch.equal(g.keep_mask(), keep)
+    assert torch.equal(g.kept_mask(), keep)
     assert g.channels == 4
 
 
@@ -62,7 +62,7 @@ def test_gate_sampling_follows_probabilities():
 
 
 def test_gate_frozen_is_deterministic():
-    g = ho.ChannelGate(5, keep=torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool))
+    g = ho.ChannelGate(5, kept_mask=torch.tensor([1, 0, 1, 0, 1], dtype=torch.bool))
     g.train()
     g.frozen = True
     assert g().tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
@@ -85,7 +85,7 @@ def test_gate_other_bad_args():
 def test_pruned_layer_masks_output_channels():
     torch.manual_seed(0)
     keep = torch.tensor([True, False, True])
-    p = ho.PrunedConv2d(2, 3, 3, padding=1, keep=keep)
+    p = ho.PrunedConv2d(2, 3, 3, padding=1, kept_mask=keep)
     p.eval()
     x = torch.randn(2, 2, 5, 5)
     y = p(x)

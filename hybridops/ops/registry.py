@@ -114,6 +114,7 @@ def auto_candidates(device) -> Tuple[str, ...]:
 
 def implementation(name: str, op: str):
     """Backend ``name``'s function for ``op`` (loading the backend on first use)."""
+    backend_spec(name)  # an unknown name is a ValueError, like any bad argument
     reason = _load_error(name)
     if reason:
         raise RuntimeError(unavailable_reason(name, "cpu"))

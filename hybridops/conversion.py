@@ -1,0 +1,389 @@
+"""Model conversion: swap float layers for trainable hybrid ones (:func:`hybridize_`), calibrate
+them (:func:`calibrate_`), turn trained layers into deployed ones (:func:`deploy_`), and rebuild a
+deployed model from its saved state (:func:`load_deployed_`).
+
+Every in-place swap goes through one module-tree walker (:func:`swap_modules_`); what a layer
+becomes is decided by a handler per config type (:data:`CONVERTERS`).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .backend import resolve_backend
+from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
+from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
+from .fusion import fuse_epilogues_
+from .layers import (HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS, TRAINABLE_LAYERS, HybridConv2d, HybridLinear,
+                     PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase)
+from .ops.packing import levels, pack_weight
+
+FilterFn = Callable[[nn.Module, str], bool]
+Config = Union[HybridConfig, QuantConfig, PruneConfig]
+CONVERTED_LAYERS = TRAINABLE_LAYERS + DEPLOYED_LAYERS
+_FLOAT_LAYERS = (nn.Conv2d, nn.Linear)
+_UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+# ----------------------------------------------------------------------------- the walker
+_KEEP = object()  # visit() result: leave this child alone and do not descend into it
+
+
+def swap_modules_(model: nn.Module, visit: Callable[[nn.Module, str], object]) -> None:
+    """Walk ``model``'s module tree (``named_children``, depth first, in registration order) and
+    replace children in place: ``visit(child, qualified_name)`` returns the replacement module,
+    ``None`` to descend into the child, or :data:`_KEEP` to leave it whole."""
+
+    def walk(parent: nn.Module, prefix: str) -> None:
+        for name, child in list(parent.named_children()):
+            qual = f"{prefix}.{name}" if prefix else name
+            new = visit(child, qual)
+            if new is None:
+                walk(child, qual)
+            elif new is not _KEEP:
+                setattr(parent, name, new)
+
+    walk(model, "")
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode for one pass, then every submodule's own mode back (a BatchNorm the user froze
+    inside a training model stays frozen)."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _run(model: nn.Module, example_inputs) -> None:
+    model(*example_inputs) if isinstance(example_inputs, (tuple, list)) else model(example_inputs)
+
+
+# ----------------------------------------------------------------------------- hybridize_
+@dataclass
+class ConversionReport:
+    """What :func:`hybridize_` did: the config, converted layer names, and skipped ones with the reason."""
+
+    config: Config
+    converted: List[str] = field(default_factory=list)
+    skipped: List[Tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"hybridize_ ({type(self.config).__name__}): converted {len(self.converted)} layers, "
+                 f"skipped {len(self.skipped)}"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped]
+        return "\n".join(lines)
+
+
+def _gate_kwargs(config) -> dict:
+    return dict(tau=config.tau, threshold=config.gate_threshold, init_logit=config.gate_init_logit)
+
+
+def _set_regularisers(quant: _QuantBase, config: QuantConfig) -> None:
+    quant.normalize = config.normalize
+    quant.reg_targets = (config.mu0, config.sigma0)
+
+
+def _convert_hybrid(module: nn.Module, config: HybridConfig, quantize_input: bool, is_output: bool) -> nn.Module:
+    cls = HybridConv2d if isinstance(module, nn.Conv2d) else HybridLinear
+    new = cls.from_float(module, config.bits_w, config.bits_a, quantize_input, config.keep, **_gate_kwargs(config))
+    _set_regularisers(new.quant, config)
+    return new
+
+
+def _convert_quant(module: nn.Module, config: QuantConfig, quantize_input: bool, is_output: bool) -> nn.Module:
+    cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+    new = cls.from_float(module, config.bits_w, config.bits_a, quantize_input)
+    _set_regularisers(new, config)
+    return new
+
+
+def _convert_pruned(module: nn.Module, config: PruneConfig, quantize_input: bool, is_output: bool) -> nn.Module:
+    n = module.weight.shape[0]
+    kept_mask = torch.zeros(n, dtype=torch.bool)
+    if is_output and config.keep_output_layer:
+        kept_mask[:] = True
+    else:
+        # Importance: the channels with the largest L1 weight norm carry most of the output.
+        kept_mask[torch.topk(module.weight.detach().abs().flatten(1).sum(1), kept_count(config.keep, n)).indices.cpu()] = True
+    cls = PrunedConv2d if isinstance(module, nn.Conv2d) else PrunedLinear
+    return cls.from_float(module, kept_mask=kept_mask, **_gate_kwargs(config))
+
+
+# One handler per config type: (float layer, config, quantize its input?, is the output layer?) -> layer.
+CONVERTERS: Dict[type, Callable[[nn.Module, Config, bool, bool], nn.Module]] = {
+    HybridConfig: _convert_hybrid,
+    QuantConfig: _convert_quant,
+    PruneConfig: _convert_pruned,
+}
+
+
+def _skip_reason(module: nn.Module, name: str, config: Config, filter_fn: Optional[FilterFn]) -> Optional[str]:
+    """None if ``module`` is converted, "" if it is no layer at all (the walker descends into it),
+    else why the layer is skipped."""
+    if isinstance(module, CONVERTED_LAYERS):
+        return "already converted"
+    if type(module) not in _FLOAT_LAYERS:
+        if isinstance(module, _UNSUPPORTED + _FLOAT_LAYERS):
+            return f"{type(module).__name__} is not supported (only nn.Conv2d and nn.Linear are)"
+        return ""
+    if type(module) is nn.Linear and not config.convert_linear:
+        return "config.convert_linear is False"
+    if filter_fn is not None and not filter_fn(module, name):
+        return "excluded by filter_fn"
+    return None
+
+
+@torch.no_grad()
+def _call_order(model: nn.Module, example_inputs) -> List[str]:
+    """Qualified names of the conv / linear layers in the order a forward pass first calls them."""
+    order: List[str] = []
+    layers = _FLOAT_LAYERS + _UNSUPPORTED + CONVERTED_LAYERS
+    hooks = [m.register_forward_pre_hook(lambda mod, args, _n=n: order.append(_n) if _n not in order else None)
+             for n, m in model.named_modules() if isinstance(m, layers)]
+    try:
+        with _eval_mode(model):
+            _run(model, example_inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Optional[FilterFn] = None,
+               example_inputs=None) -> ConversionReport:
+    """Swap every ``nn.Conv2d`` (and ``nn.Linear`` if ``config.convert_linear``) in ``model`` for
+    its converted version, in place.
+
+    Args:
+        model: any module; walked with ``named_children``.
+        config: :class:`HybridConfig` (quantized + pruned branches, eq 5; the default, 4/4 bits,
+            keep 0.25), :class:`QuantConfig` (quantized only) or :class:`PruneConfig` (pruned only).
+        filter_fn: ``filter_fn(module, qualified_name) -> bool``; False leaves the layer alone.
+        example_inputs: a tensor (or tuple of positional inputs) of real data; if given, every
+            converted layer is calibrated on it now (one forward pass in eval mode), and it shows
+            which layer reads the raw input and which writes the output. Otherwise each layer
+            calibrates on its first forward, and module order stands in for call order.
+
+    The layer that reads the model's input keeps its input in full precision when
+    ``config.fp_first_input``. Returns a :class:`ConversionReport`; raises if nothing was
+    convertible.
+    """
+    config = config if config is not None else HybridConfig()
+    handler = CONVERTERS.get(type(config))
+    if handler is None:
+        raise TypeError(f"config must be one of {[t.__name__ for t in CONFIG_TYPES]}, got {type(config).__name__}.")
+    report = ConversionReport(config)
+    reasons = {n: _skip_reason(m, n, config, filter_fn) for n, m in model.named_modules()}
+    candidates = {n for n, why in reasons.items() if why is None}
+    float_layers = [n for n, m in model.named_modules() if isinstance(m, _FLOAT_LAYERS + _UNSUPPORTED)]
+    order = _call_order(model, example_inputs) if example_inputs is not None else float_layers
+    order = [n for n in order if n in set(float_layers)] or float_layers
+    # The first layer to see the raw input (converted or not) is the one that keeps it in full
+    # precision; the output layer is the last one called among those converted.
+    first_layer = order[0] if order else None
+    output_layer = next((n for n in reversed(order) if n in candidates), None)
+
+    def visit(child: nn.Module, qual: str):
+        why = reasons[qual] if qual in reasons else _skip_reason(child, qual, config, filter_fn)
+        if why is None:
+            quantize_input = not (qual == first_layer and getattr(config, "fp_first_input", False))
+            report.converted.append(qual)
+            return handler(child, config, quantize_input, qual == output_layer)
+        if why:
+            report.skipped.append((qual, why))
+            return _KEEP
+        return None
+
+    swap_modules_(model, visit)
+    if not report.converted:
+        raise ValueError(f"hybridize_ found no convertible layer (nn.Conv2d or nn.Linear) in {type(model).__name__}"
+                         + (f"; skipped: {report.skipped}" if report.skipped else "") + ".")
+    if example_inputs is not None:
+        calibrate_(model, example_inputs)
+    return report
+
+
+def quant_layers(model: nn.Module) -> List[_QuantBase]:
+    return [m for m in model.modules() if isinstance(m, _QuantBase)]
+
+
+def pruned_layers(model: nn.Module) -> List[_PrunedBase]:
+    return [m for m in model.modules() if isinstance(m, _PrunedBase)]
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
+    """(Re)calibrate every converted layer on ``example_inputs`` (one eval-mode forward pass):
+    input intervals, per-channel output scales and the pruned branches' residual start."""
+    layers = quant_layers(model)
+    for m in layers:
+        m.calibrated_flag.fill_(0.0)
+        m._calibrated_cache = False
+    with _eval_mode(model):
+        _run(model, example_inputs)
+    missing = [type(m).__name__ for m in layers if not m.calibrated]
+    if missing:
+        raise RuntimeError(f"{len(missing)} converted layers were not reached by the calibration forward pass; "
+                           "pass inputs that run the whole model.")
+    return model
+
+
+# ----------------------------------------------------------------------------- deploy_
+@torch.no_grad()
+def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[torch.Tensor] = None):
+    """The deployed version of one trained hybrid / quantized / pruned layer: builds a
+    :class:`DeployedConv2d` / :class:`DeployedLinear` of the same geometry and packs into it the
+    integer weights and frozen input interval of the quantized branch and the kept rows (and, with
+    ``fp_in_idx``, the read input columns) of the pruned branch.
+
+    ``fp_in_idx``: the input channels the pruned branch reads, when its producer was pruned too
+    (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them."""
+    if isinstance(layer, HYBRID_LAYERS):
+        quant, pruned = layer.quant, layer.pruned
+    elif isinstance(layer, QUANT_LAYERS):
+        quant, pruned = layer, None
+    elif isinstance(layer, PRUNED_LAYERS):
+        quant, pruned = None, layer
+    else:
+        raise TypeError(f"deploy_layer takes a hybrid, quantized or pruned layer, got {type(layer).__name__}.")
+    if quant is not None and not quant.calibrated:
+        raise RuntimeError("deploy_layer needs a calibrated layer: run hybridops.calibrate_ or a forward pass first.")
+    ref = quant if quant is not None else pruned
+    conv = isinstance(layer, (HybridConv2d, QuantConv2d, PrunedConv2d))
+    kept = pruned.gate.kept_indices() if pruned is not None else None
+    groups = layer.groups if conv else 1
+    fmt = dict(bits_w=quant.wq.bits if quant is not None else None,
+               bits_a=quant.aq.bits if (quant is not None and quant.aq is not None) else None,
+               a_signed=bool(quant.aq.signed) if (quant is not None and quant.aq is not None) else False,
+               fp_out_channels=0 if kept is None else int(kept.numel()),
+               fp_in_channels=None if (fp_in_idx is None or groups > 1) else int(fp_in_idx.numel()),
+               fp_bias=pruned is not None and pruned.bias is not None,
+               backend=backend, device=ref.weight.device, dtype=ref.weight.dtype)
+    has_bias = quant is not None and quant.bias is not None  # a pruned-only layer's bias is fp_bias
+    if conv:
+        new = DeployedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                             list(layer.explicit_padding()), layer.dilation, groups, has_bias, layer.padding_mode, **fmt)
+    else:
+        new = DeployedLinear(layer.in_features, layer.out_features, has_bias, **fmt)
+    if quant is not None:
+        codes = quant.wq.codes(quant.weight)[0].to(torch.int8)
+        new.w_packed.copy_(pack_weight(codes if codes.dim() == 4 else codes.view(*codes.shape, 1, 1), quant.wq.bits))
+        lw = levels(quant.wq.bits, True)
+        la = quant.aq.levels if quant.aq is not None else 1  # a float input is not rescaled
+        new.scale.copy_(quant.out_scale.detach().float() / (la * lw))
+        if new.bias is not None:
+            new.bias.copy_(quant.bias.detach().float())
+        if quant.aq is not None:
+            new.in_qparams.copy_(quant.aq.qparams().detach())
+    if kept is not None and kept.numel():
+        w = pruned.weight.detach().index_select(0, kept)
+        w = w if w.dim() == 4 else w.view(*w.shape, 1, 1)
+        new.fp_out_idx.copy_(kept)
+        if groups > 1:
+            cin_g, cout_g = layer.in_channels // groups, layer.out_channels // groups
+            grp = torch.div(kept, cout_g, rounding_mode="floor")
+            new.fp_in_idx.copy_((grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=kept.device)).flatten())
+        elif fp_in_idx is not None:
+            w = w.index_select(1, fp_in_idx.to(w.device))
+            new.fp_in_idx.copy_(fp_in_idx)
+        new.fp_weight.copy_(w)
+        if new.fp_bias is not None:
+            new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
+    new.train(layer.training)
+    return new
+
+
+def deploy_(model: nn.Module, backend: Optional[str] = "auto",
+            in_channel_map: Optional[Mapping[nn.Module, torch.Tensor]] = None, fuse: bool = True) -> nn.Module:
+    """Replace trainable hybrid / quantized / pruned layers by deployed ones, in place
+    (:func:`deploy_layer`), computed by ``backend`` (``"auto"``: the fastest available on the layer's
+    device; or a name from :func:`hybridops.available_backends`).
+
+    A model that deploys itself (:class:`hybridops.HybridNetwork`, whose pruning compounds across
+    layers) is handed to its own ``deploy_``. ``in_channel_map`` maps a pruned layer to the input
+    channels it reads when its producer was pruned too (what that network passes).
+
+    ``fuse``: fold an eval-mode BatchNorm2d and a ReLU that follow a deployed integer conv into its
+    epilogue and chain integer convs through codes (:func:`hybridops.fusion.fuse_epilogues_`).
+    Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
+    """
+    own = getattr(model, "deploy_", None)
+    if own is not None and in_channel_map is None:
+        return own(backend=backend, fuse=fuse)
+    in_channel_map = in_channel_map or {}
+    uncalibrated = [n for n, m in model.named_modules() if isinstance(m, HYBRID_LAYERS + QUANT_LAYERS) and not m.calibrated]
+    if uncalibrated:
+        raise RuntimeError(f"deploy_ needs calibrated layers; {uncalibrated[:3]} are not: call "
+                           "hybridops.calibrate_(model, example_inputs) or run a forward pass first.")
+    count = [0]
+
+    def visit(child: nn.Module, qual: str):
+        if not isinstance(child, TRAINABLE_LAYERS):
+            return None
+        count[0] += 1
+        dev = next(child.parameters()).device
+        return deploy_layer(child, resolve_backend(backend, dev), in_channel_map.get(child))
+
+    swap_modules_(model, visit)
+    if count[0] == 0:
+        raise ValueError("deploy_ found no hybrid, quantized or pruned layer; call hybridize_ first.")
+    if fuse:
+        fuse_epilogues_(model)
+    return model
+
+
+def backends_in_use(model: nn.Module) -> Dict[str, str]:
+    """``{layer name: backend}`` for every deployed layer: which kernels actually run."""
+    return {n: m.backend for n, m in model.named_modules() if isinstance(m, DEPLOYED_LAYERS)}
+
+
+# ----------------------------------------------------------------------------- save / load
+def load_deployed_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], backend: Optional[str] = "auto",
+                   strict: bool = True) -> nn.Module:
+    """Rebuild a deployed model from the ``state_dict`` of one, in place, and load it.
+
+    ``model`` is the float model the deployed one was made from (built fresh, e.g.
+    ``torchvision.models.resnet50()``): every layer the checkpoint holds in deployed form is
+    replaced by a deployed layer built from the saved format (no trainable layer, no calibration
+    data), the modules deploy-time fusion absorbed become ``nn.Identity``, and the state is loaded
+    (``strict`` as in ``load_state_dict``). The outputs equal the saved model's bit for bit on the
+    same backend. ``backend`` as in :func:`deploy_`, per layer device.
+    """
+    records = {key[: -len("._extra_state")]: state for key, state in state_dict.items()
+               if key.endswith("._extra_state") and isinstance(state, dict) and state.get("kind") in ("conv2d", "linear")
+               and "init" in state}
+    if not records:
+        raise ValueError("the state_dict holds no deployed layer (save a model after hybridops.deploy_).")
+    absorbed = []
+    for name, state in records.items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the checkpoint has a deployed layer {name!r} that this model lacks; build the same "
+                             "float model the deployed one was made from.") from None
+        ref = next(iter(old.parameters()), None)
+        dev = ref.device if ref is not None else torch.device("cpu")
+        dtype = state_dict[f"{name}.fp_weight"].dtype
+        cls = DeployedConv2d if state["kind"] == "conv2d" else DeployedLinear
+        new = cls.from_format_state(state, state_dict.get(f"{name}.out_qparams"), resolve_backend(backend, dev), dev,
+                                    dtype)
+        _set_submodule(model, name, new)
+        absorbed += [n for n, _ in state["absorbed"]]
+    for name in absorbed:
+        _set_submodule(model, name, nn.Identity())
+    model.load_state_dict(state_dict, strict=strict)
+    return model
+
+
+def _set_submodule(model: nn.Module, qualname: str, module: nn.Module) -> None:
+    parent_name, _, name = qualname.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, name, module)

@@ -1,0 +1,48 @@
+"""The training losses of the method besides the task loss (eq 10-12, 15, 16)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import _PrunedBase, _QuantBase
+
+
+def quant_loss(model: nn.Module) -> torch.Tensor:
+    """``L_quant = L_qW + L_qA`` (eq 10-12) over the quantized layers with normalisation enabled.
+
+    eq 11, per layer: ``(avg(v) - mu_0)^2 + (std(v) - sigma_0)^2`` with
+    ``v = alpha_W |W| + beta_W`` (un-clamped normalised weights).
+
+    eq 12, per layer with a quantized input, from the input's mean and std in the latest training
+    forward (the tensor the activation quantizer receives stands for ``A_bn``):
+    ``[avg + 2 std - (c_A + d_A)]_+ + [sigma_i - std]_+ + [mu_i - avg]_+`` where the paper's
+    "mu_i, sigma_i determined by (c_A, d_A)" are defined here as ``mu_i = c_A - d_A`` (the lower
+    end of the interval: the mean should not fall into the pruned range) and ``sigma_i = d_A / 2``
+    (the spread should cover at least a quarter of the interval's width ``2 d_A``).
+    """
+    total = None
+    for m in model.modules():
+        if not (isinstance(m, _QuantBase) and m.normalize):
+            continue
+        mu0, sigma0 = m.reg_targets
+        q = m.wq.qparams()
+        v = q[0] * m.weight.abs() + q[1]
+        term = (v.mean() - mu0) ** 2 + (v.std() - sigma0) ** 2
+        if m.aq is not None and m.act_stats is not None:
+            avg, std = m.act_stats
+            c, d = m.aq.c, m.aq.d
+            term = term + torch.relu(avg + 2 * std - (c + d)) + torch.relu(d / 2 - std) + torch.relu((c - d) - avg)
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def prune_loss(model: nn.Module) -> torch.Tensor:
+    """``L_prune = sum_l ||M_bar_l||_1`` (eq 15)."""
+    terms = [m.gate.loss() for m in model.modules() if isinstance(m, _PrunedBase)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def regularization(model: nn.Module, lambda_quant: float = 1e-2, lambda_prune: float = 1e-4) -> torch.Tensor:
+    """``lambda_1 * L_quant + lambda_2 * L_prune``: eq 16 without the task loss. Call it after
+    the forward pass whose statistics it should use."""
+    return lambda_quant * quant_loss(model) + lambda_prune * prune_loss(model)
