@@ -20,7 +20,7 @@ GPU, ``torch.utils.benchmark`` on the CPU):
   per shape carries the reason instead.
 
 Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the measured H100
-ceiling (GPU.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
+ceiling (docs/gpu.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
 ``cudnn_bf16_cl``. Results go to ``--out`` as JSON and CSV with the environment, plus a plot.
 
     python bench/bench_kernels.py --batch 1 32 --bits 4 5 --keep 0.1
@@ -42,8 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hybridops as ho  # noqa: E402
 from common import LAYER_SHAPES, ConvShape, environment, time_ms, write_json  # noqa: E402
 
-INT8_CEILING_TOPS = 1117.0  # Triton int8 GEMM, K-major, H100 (GPU.md)
-COPY_CEILING_GBS = 3000.0   # device-to-device copy, H100 (GPU.md)
+INT8_CEILING_TOPS = 1117.0  # Triton int8 GEMM, K-major, H100 (docs/gpu.md)
+COPY_CEILING_GBS = 3000.0   # device-to-device copy, H100 (docs/gpu.md)
 
 
 def make_layer(s: ConvShape, bits_w: int, bits_a: int, keep: float, device, backend: str):

@@ -1,4 +1,4 @@
-"""Packed low-bit implicit-GEMM convolution with the hybrid epilogue (DESIGN.md section 3, ops 2-3).
+"""Packed low-bit implicit-GEMM convolution with the hybrid epilogue (docs/kernels.md).
 
 GEMM view: ``M = N * Ho * Wo`` output pixels, ``N = C_out``, ``K = KH * KW * C_in/groups``.
 Codes are unpacked in registers to int8 and multiplied on the int8 tensor cores (int32

@@ -15,7 +15,7 @@ from hybridops.ops.packing import levels, packed_size
 
 from ._common import LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes
 
-# 1024 elements per program: measured fastest for this pass on H100 (GPU.md).
+# 1024 elements per program: measured fastest for this pass on H100 (docs/gpu.md).
 _BLOCK = 1024
 
 

@@ -12,7 +12,7 @@ Fresh outputs are poisoned so that elements a kernel forgets to write fail the c
 whole tensors: ``torch.empty`` / ``torch.empty_like`` (the Triton launchers) return NaN / 0xAB
 filled tensors, and on the GPU the caching allocator's free blocks are filled with 0xFF bytes
 first (outputs the C++ extension allocates: NaN in every float dtype, -1 in int32, 255 in uint8).
-bfloat16 runs only on the GPU: the interpreter converts fp32 to bf16 by truncation (GPU.md).
+bfloat16 runs only on the GPU: the interpreter converts fp32 to bf16 by truncation (docs/gpu.md).
 
 Backend-specific tests live in ``test_triton_kernels.py`` and ``test_cuda_kernels.py``.
 """

@@ -2,7 +2,7 @@
 the design relies on, checked in the generated PTX:
 
 * no fused multiply-add anywhere: the quantizer and epilogue must round every fp32 operation like
-  the reference so that codes are bitwise equal (DESIGN.md section 3);
+  the reference so that codes are bitwise equal (docs/kernels.md, exactness rules);
 * the integer conv runs on tensor cores: ``wgmma`` for the large tiles, ``mma.sync`` for the
   small-M (batch-1) tiles.
 

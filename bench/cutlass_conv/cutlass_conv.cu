@@ -49,7 +49,7 @@ constexpr int kAlignIn = 128 / cutlass::sizeof_bits<ElementAct>::value;    // 16
 constexpr int kAlignOut = 128 / cutlass::sizeof_bits<ElementOut>::value;   // 8 bf16 = 16 bytes
 
 // One kernel per CTA tile (M x N x K; K is nested because conv's reduction mode is (C,S,R)).
-// Cluster 1x1x1, the configurations measured in GPU.md.
+// Cluster 1x1x1, the configurations measured in docs/gpu.md.
 template <int TileM, int TileN, int TileK>
 struct S8ConvFprop {
   using TileShape = Shape<Int<TileM>, Int<TileN>, Shape<Int<TileK>>>;
