@@ -80,8 +80,8 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=["hybridops", "hybridops.ops", "hybridops.kernels", "hybridops.tracking"],
-    package_dir={"hybridops": "hybridops", "hybridops.kernels": "kernels"},
+    packages=["hybridops", "hybridops.ops", "hybridops.kernels", "hybridops_tracking"],
+    package_dir={"hybridops": "hybridops", "hybridops.kernels": "kernels", "hybridops_tracking": "apps/tracking"},
     install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "torchvision>=0.26"],
@@ -89,8 +89,10 @@ setup(
         # CUTLASS's C++ headers for the stock CUTLASS conv baseline in bench/cutlass_conv/ (built
         # on demand by bench/bench_kernels.py on Hopper GPUs; not needed by hybridops itself).
         "bench": ["nvidia-cutlass==4.2.0.0"],
+        # The tracking application (apps/tracking, imported as hybridops_tracking); the core needs none of these.
+        "tracking": ["numpy==2.4.6", "tqdm==4.70.1", "matplotlib==3.11.2", "torchvision==0.29.1"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["hybridops-track=hybridops.tracking.cli:main"]},
+    entry_points={"console_scripts": ["hybridops-track=hybridops_tracking.cli:main"]},
 )

@@ -1,4 +1,4 @@
-"""Tests of hybridops.tracking: geometry, box coding, xcorr, metrics, data I/O, the tracker and
+"""Tests of hybridops_tracking: geometry, box coding, xcorr, metrics, data I/O, the tracker and
 its online update, and a tiny end-to-end run. Small models only (CPU, < 2 min)."""
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from hybridops.tracking import boxes as B
-from hybridops.tracking.crop import crop_and_resize
-from hybridops.tracking.data import (SequenceError, SynthConfig, list_sequences, make_synthetic_benchmark,
+from hybridops_tracking import boxes as B
+from hybridops_tracking.crop import crop_and_resize
+from hybridops_tracking.data import (SequenceError, SynthConfig, list_sequences, make_synthetic_benchmark,
                                      read_otb_sequence, synthetic_sequence, write_otb_sequence)
-from hybridops.tracking.metrics import (center_error, overlap, precision_curve, success_curve, summarize)
-from hybridops.tracking.model import ModelConfig, SiamRPNPP, feature_size, xcorr_depthwise
-from hybridops.tracking.targets import anchor_targets, cls_loss, loc_loss
+from hybridops_tracking.metrics import (center_error, overlap, precision_curve, success_curve, summarize)
+from hybridops_tracking.model import ModelConfig, SiamRPNPP, feature_size, xcorr_depthwise
+from hybridops_tracking.targets import anchor_targets, cls_loss, loc_loss
 
 TINY = dict(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
 
@@ -236,7 +236,7 @@ def test_bad_folder_malformed_groundtruth_and_missing_dir(tmp_path):
 
 
 def test_cli_reports_bad_folder_once(tmp_path, capsys):
-    from hybridops.tracking.cli import main
+    from hybridops_tracking.cli import main
     p = _write_seq(tmp_path / "s")
     (p / "groundtruth_rect.txt").unlink()
     assert main(["track", str(p), "--checkpoint", str(tmp_path / "none.pt"), "--quiet"]) == 2
@@ -246,7 +246,7 @@ def test_cli_reports_bad_folder_once(tmp_path, capsys):
 
 # -- tracker (float) --------------------------------------------------------------------------
 def test_tracker_float_outputs_finite_boxes():
-    from hybridops.tracking.tracker import SiamRPNTracker
+    from hybridops_tracking.tracker import SiamRPNTracker
     frames, boxes = synthetic_sequence(SynthConfig(frames=5, width=128, height=96, target_size=(16, 24)), 1)
     t = SiamRPNTracker(tiny_model())
     t.init(frames[0], boxes[0])
@@ -259,7 +259,7 @@ def test_tracker_float_outputs_finite_boxes():
 
 def test_tracker_post_processing_follows_a_planted_peak():
     """With a response peaked at one anchor, the tracker moves to that anchor's decoded box."""
-    from hybridops.tracking.tracker import SiamRPNTracker, TrackParams
+    from hybridops_tracking.tracker import SiamRPNTracker, TrackParams
 
     model = tiny_model()
     cfg = model.config

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import hybridops as ho
-from hybridops.tracking import hybrid
-from hybridops.tracking.checkpoint import load_checkpoint, save_checkpoint
-from hybridops.tracking.data import SynthConfig, synthetic_sequence, write_otb_sequence
-from hybridops.tracking.model import ModelConfig, SiamRPNPP
-from hybridops.tracking.tracker import OnlineConfig, SiamRPNTracker
+from hybridops_tracking import hybrid
+from hybridops_tracking.checkpoint import load_checkpoint, save_checkpoint
+from hybridops_tracking.data import SynthConfig, synthetic_sequence, write_otb_sequence
+from hybridops_tracking.model import ModelConfig, SiamRPNPP
+from hybridops_tracking.tracker import OnlineConfig, SiamRPNTracker
 
 TINY = dict(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
 SYNTH = SynthConfig(frames=12, width=128, height=96, target_size=(16, 24))
@@ -110,7 +110,7 @@ def test_online_update_changes_only_fp_branch_of_last_cls_layers(hybrid_model, f
     # only kept channels may move: the dropped ones stay at their offline values
     for i in range(3):
         layer = model.rpn[i].cls.head[3]
-        dropped = ~layer.pruned.gate.keep_mask()
+        dropped = ~layer.pruned.gate.kept_mask()
         key = f"rpn.{i}.cls.head.3.pruned.weight"
         assert torch.equal(after[key][dropped], before[key][dropped])
     assert [p.requires_grad for p in model.parameters()].count(True) == 3
@@ -155,8 +155,8 @@ def test_checkpoint_round_trip(hybrid_model, tmp_path):
 
 def test_end_to_end_cli_train_and_track(tmp_path):
     """Train a few steps (float, then hybrid from it) and track a short synthetic sequence."""
-    from hybridops.tracking import cli
-    from hybridops.tracking.model import ModelConfig as MC
+    from hybridops_tracking import cli
+    from hybridops_tracking.model import ModelConfig as MC
 
     imgs, boxes = synthetic_sequence(SYNTH, seed=7)
     seq_dir = write_otb_sequence(tmp_path / "seq", imgs, boxes)

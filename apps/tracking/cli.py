@@ -153,7 +153,7 @@ def cmd_compare(args) -> int:
 
 def _command() -> str:
     """The command line as it was typed (console script or ``python -m``)."""
-    prog = "hybridops-track" if Path(sys.argv[0]).name == "hybridops-track" else "python -m hybridops.tracking.cli"
+    prog = "hybridops-track" if Path(sys.argv[0]).name == "hybridops-track" else "python -m hybridops_tracking.cli"
     return prog + " " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 

@@ -6,7 +6,7 @@ Variants (the paper's Tables 2 and 6):
 ``float``       the float SiamRPN++ (baseline)
 ``hybrid``      Q+N+P: quantized + pruned-FP branches, normalisation regularisers on
 ``hybrid_qp``   Q+P: hybrid without the eq 10-12 normalisation (``normalize=False``)
-``quant_qn``    Q+N: quantized-only (``hybridize_(..., mode="quant")``)
+``quant_qn``    Q+N: quantized-only (``hybridize_`` with a ``QuantConfig``)
 ==============  ======================================================================
 
 "Hybrid + online update" is the ``hybrid`` model tracked with an ``OnlineConfig``.
@@ -31,11 +31,12 @@ import torch.nn as nn
 
 import hybridops as ho
 
+# Each hybrid variant: the config type hybridops.hybridize_ dispatches on, and eq 10-12 on/off.
 VARIANTS: Dict[str, Optional[dict]] = {
     "float": None,
-    "hybrid": {"normalize": True, "mode": "hybrid"},
-    "hybrid_qp": {"normalize": False, "mode": "hybrid"},
-    "quant_qn": {"normalize": True, "mode": "quant"},
+    "hybrid": {"normalize": True, "config": ho.HybridConfig},
+    "hybrid_qp": {"normalize": False, "config": ho.HybridConfig},
+    "quant_qn": {"normalize": True, "config": ho.QuantConfig},
 }
 
 LABELS = {
@@ -59,13 +60,17 @@ def filter_for(scope: str) -> Callable[[nn.Module, str], bool]:
 
 
 def hybrid_config(variant: str, **overrides):
-    """The :class:`hybridops.HybridConfig` of ``variant`` (4-bit W/A, keep 0.25 by default)."""
+    """The conversion config of ``variant``: :class:`hybridops.HybridConfig` (4-bit W/A, keep
+    0.25 by default) or, for ``quant_qn``, :class:`hybridops.QuantConfig` (4-bit W/A)."""
     if VARIANTS.get(variant) is None:
         raise ValueError(f"variant {variant!r} is not hybrid; choose one of "
                          f"{[k for k, v in VARIANTS.items() if v]}.")
-    kw = {"bits_w": 4, "bits_a": 4, "keep": 0.25, "normalize": VARIANTS[variant]["normalize"]}
+    spec = VARIANTS[variant]
+    kw = {"bits_w": 4, "bits_a": 4, "normalize": spec["normalize"]}
+    if spec["config"] is ho.HybridConfig:
+        kw["keep"] = 0.25
     kw.update(overrides)
-    return ho.HybridConfig(**kw)
+    return spec["config"](**kw)
 
 
 def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
@@ -76,8 +81,7 @@ def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[T
     them each layer calibrates on its first forward (or a checkpoint's state is loaded later).
     """
     cfg = hybrid_config(variant, **config_overrides)
-    return ho.hybridize_(model, cfg, filter_fn=filter_for(scope), example_inputs=example_inputs,
-                         mode=VARIANTS[variant]["mode"])
+    return ho.hybridize_(model, cfg, filter_fn=filter_for(scope), example_inputs=example_inputs)
 
 
 def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -> torch.Tensor:
@@ -125,6 +129,6 @@ def clone(model: nn.Module) -> nn.Module:
 
 def backbone_bops(model: nn.Module, image_size: int) -> dict:
     """BOPs (eq 17) of the backbone on one ``image_size`` search crop: ``{"baseline", "hybrid",
-    "rc"}`` (RC = hybrid / full-precision BOPs), via :func:`hybridops.count_bops`."""
-    r = ho.count_bops(model.backbone, (1, 3, image_size, image_size))
+    "rc"}`` (RC = hybrid / full-precision BOPs), via :func:`hybridops.bops_report`."""
+    r = ho.bops_report(model.backbone, (1, 3, image_size, image_size))
     return {"baseline": float(r.baseline), "hybrid": float(r.hybrid), "rc": float(r.rc)}

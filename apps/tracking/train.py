@@ -4,7 +4,7 @@ Pairs follow SiamRPN++/pysot: the template is the target with context (``s_z``) 
 the search crop is ``instance/exemplar`` times larger around the target in frame j (|i-j| <=
 ``max_gap``), shifted by up to ``shift`` of the crop and rescaled by up to ``exp(+-scale)``, so
 the target is not always at the centre. Targets are anchor labels and deltas
-(:func:`~hybridops.tracking.targets.anchor_targets`). The loss is eq 16,
+(:func:`~hybridops_tracking.targets.anchor_targets`). The loss is eq 16,
 
     L_hyb = L_track + lambda_1 L_quant + lambda_2 L_prune,
 

@@ -1,7 +1,7 @@
 """Save and load tracker checkpoints (float or hybrid, optionally deployed at load time).
 
 A checkpoint is a dict: ``model_config`` (:class:`ModelConfig` fields), ``variant`` (a key of
-:data:`~hybridops.tracking.hybrid.VARIANTS`), ``scope``, ``hybrid_overrides`` (extra
+:data:`~hybridops_tracking.hybrid.VARIANTS`), ``scope``, ``hybrid_overrides`` (extra
 ``HybridConfig`` fields), ``state_dict`` and free-form ``meta``. Loading
 rebuilds the float model, converts it the same way and loads the state, so no pickled code is
 needed (``torch.load(weights_only=True)``).

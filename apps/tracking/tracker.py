@@ -118,7 +118,7 @@ class SiamRPNTracker:
 
     With ``online`` the model is modified in place: every parameter stops requiring grad except
     the FP branch of the last classification layers, which the updates change. Pass a copy
-    (:func:`hybridops.tracking.hybrid.clone`) to keep the offline model, as ``run_sequence`` does.
+    (:func:`hybridops_tracking.hybrid.clone`) to keep the offline model, as ``run_sequence`` does.
     """
 
     def __init__(self, model: SiamRPNPP, params: Optional[TrackParams] = None,

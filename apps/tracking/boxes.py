@@ -1,6 +1,6 @@
 """Anchors, box encoding/decoding and overlaps for the SiamRPN++ tracker.
 
-Conventions used throughout :mod:`hybridops.tracking`:
+Conventions used throughout :mod:`hybridops_tracking`:
 
 * An image box is ``(x, y, w, h)`` in continuous pixel coordinates: the box covers
   ``[x, x + w) x [y, y + h)`` and its centre is ``(x + w/2, y + h/2)``. OTB ground truth is
