@@ -36,20 +36,55 @@ def save_checkpoint(path: Union[str, Path], model: SiamRPNPP, variant: str = "fl
     return path
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message is one sentence naming the file."""
+
+
+def read_checkpoint(path: Union[str, Path]) -> dict:
+    """The raw checkpoint dict at ``path``; :class:`CheckpointError` when the file is missing or
+    is not a torch file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist.")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
+        raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} holds a {type(ckpt).__name__}, not a checkpoint dict.")
+    return ckpt
+
+
 def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str = "auto",
                     device: Union[str, torch.device] = "cpu") -> SiamRPNPP:
     """Rebuild the model stored at ``path`` on ``device`` (in eval mode); ``deploy`` packs a
-    hybrid one there (``backend="auto"`` picks the fastest kernels for that device)."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    model = SiamRPNPP(ModelConfig(**ckpt["model_config"]))
-    variant = ckpt["variant"]
-    if variant != "float":
-        hybrid.hybridize_tracker(model, variant, scope=ckpt["scope"], **ckpt["hybrid_overrides"])
-    model.load_state_dict(ckpt["state_dict"])
+    hybrid one there (``backend="auto"`` picks the fastest kernels for that device).
+
+    Reads this package's checkpoints and pysot's SiamRPN++ ones (``siamrpn_r50_l234_dwxcorr``
+    layout, see :mod:`.pysot`; loaded as float). Raises :class:`CheckpointError` for a missing or
+    unreadable file and for ``deploy`` of a float model (deploying packs the quantized branch a
+    float model does not have)."""
+    ckpt = read_checkpoint(path)
+    if "model_config" not in ckpt:
+        from .pysot import is_pysot_state_dict, load_pysot_state_dict
+        if not is_pysot_state_dict(ckpt):
+            raise CheckpointError(f"{path} is neither a hybridops-track checkpoint (no 'model_config') nor a "
+                                  "pysot SiamRPN++ state_dict (no 'rpn_head.' keys).")
+        model = load_pysot_state_dict(ckpt)
+        variant = "float"
+    else:
+        model = SiamRPNPP(ModelConfig(**ckpt["model_config"]))
+        variant = ckpt["variant"]
+        if variant != "float":
+            hybrid.hybridize_tracker(model, variant, scope=ckpt["scope"], **ckpt["hybrid_overrides"])
+        model.load_state_dict(ckpt["state_dict"])
     model.to(device).eval()
     model.variant = variant
     if deploy:
         if variant == "float":
-            raise ValueError("deploy=True needs a hybrid checkpoint; this one is float.")
+            raise CheckpointError(f"{path} is a float checkpoint; deploying packs the quantized branch of a hybrid "
+                                  "model (train one with --variant hybrid --init this checkpoint).")
         hybrid.deploy(model, backend)
+    model.deployed = bool(deploy)  # results name deployed runs apart from the hybrid model they came from
     return model

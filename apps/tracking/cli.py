@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .checkpoint import CheckpointError
     from .data import SequenceError
 
     args = build_parser().parse_args(argv)
@@ -235,7 +236,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
-    except SequenceError as e:
+    except (SequenceError, CheckpointError) as e:
+        # A bad folder or checkpoint is the user's input, not a bug: one line, no traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -8,6 +8,7 @@ table, JSON and plots.
 from __future__ import annotations
 
 import dataclasses
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -16,14 +17,29 @@ from typing import Dict, Optional, Union
 import torch
 
 from . import hybrid
-from .benchmark import environment, evaluate, load_sequences, write_results
+from .benchmark import environment, evaluate, write_results
 from .checkpoint import save_checkpoint
-from .data import SynthConfig, make_synthetic_benchmark
+from .data import SequenceError, SynthConfig, make_synthetic_benchmark, read_otb_sequence
 from .model import ModelConfig, SiamRPNPP
 from .tracker import OnlineConfig, TrackParams
 from .train import PairSampler, TrainConfig, train
 
 HYBRID_VARIANTS = ("hybrid", "hybrid_qp", "quant_qn")
+
+
+_SYNTH_ENTRY = re.compile(r"^(synth_\d{3}|synth_config\.txt)$")
+
+
+def _check_synthetic_folder(path: Path) -> None:
+    """``compare --data`` writes its synthetic benchmark into ``path``: refuse a folder that holds
+    anything else (a real data set), so synthetic sequences never land among real ones."""
+    if path.exists() and not path.is_dir():
+        raise SequenceError(f"{path} is not a directory.")
+    other = sorted(p.name for p in path.iterdir() if not _SYNTH_ENTRY.match(p.name)) if path.is_dir() else []
+    if other:
+        raise SequenceError(f"{path} holds other files ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}); "
+                            "compare --data writes its synthetic benchmark there, so give it an empty or new folder "
+                            "(evaluate real sequences with 'hybridops-track evaluate').")
 
 
 def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path]] = None,
@@ -49,9 +65,12 @@ def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path
     if data_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="hybridops_track_")
         data_dir = tmp.name
+    else:
+        _check_synthetic_folder(Path(data_dir))
     try:
-        make_synthetic_benchmark(data_dir, num_sequences, synth, seed=1000 + seed)
-        seqs = load_sequences(data_dir)
+        # Score exactly the sequences generated now, never whatever else the folder holds.
+        paths = make_synthetic_benchmark(data_dir, num_sequences, synth, seed=1000 + seed)
+        seqs = [read_otb_sequence(p) for p in paths]
         model = SiamRPNPP(mc).to(device)
         sampler = PairSampler(mc, model.anchors.cpu(), ft)
         timings = {}

@@ -21,6 +21,9 @@ from torchvision.models.resnet import Bottleneck
 from .boxes import generate_anchors
 
 
+INPUT_FORMATS = ("rgb_normalized", "bgr255")
+
+
 @dataclass
 class ModelConfig:
     """Architecture and crop geometry of the tracker.
@@ -34,6 +37,9 @@ class ModelConfig:
         template_crop: template feature maps wider than this are centre-cropped to it (7).
         stride: total backbone stride (8 after the dilation changes).
         anchor_ratios: aspect ratios ``h / w`` of the anchors.
+        input_format: what the backbone expects (crops always arrive RGB 0-255):
+            ``"rgb_normalized"`` (ours: ``(x - 114) / 58``) or ``"bgr255"`` (pysot's weights: BGR,
+            0-255, no normalisation).
         anchor_scales: anchor scales; ``None`` picks ``round(exemplar / (2 * stride))`` so that
             anchors match a target of typical size in the crop (8 for 127, 4 for 63).
     """
@@ -47,8 +53,11 @@ class ModelConfig:
     stride: int = 8
     anchor_ratios: Tuple[float, ...] = (0.33, 0.5, 1.0, 2.0, 3.0)
     anchor_scales: Optional[Tuple[float, ...]] = None
+    input_format: str = "rgb_normalized"
 
     def __post_init__(self):
+        if self.input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {self.input_format!r}.")
         self.blocks = tuple(int(b) for b in self.blocks)
         self.anchor_ratios = tuple(float(r) for r in self.anchor_ratios)
         if len(self.blocks) != 4 or min(self.blocks) < 1:
@@ -269,7 +278,10 @@ class SiamRPNPP(nn.Module):
         """``img (B, 3, H, W)`` in [0, 255] -> per-level adjusted features ``[(B, neck, h, w)] * 3``."""
         # Fixed input normalisation (ImageNet-like mean/std in 0-255 units) keeps the first conv's
         # activations O(1), which short training runs and activation calibration both need.
-        img = (img - 114.0) / 58.0
+        if self.config.input_format == "bgr255":
+            img = img.flip(1)  # pysot was trained on OpenCV's BGR 0-255 images
+        else:
+            img = (img - 114.0) / 58.0
         return [adj(f, is_template) for adj, f in zip(self.neck, self.backbone(img))]
 
     def last_cls_layers(self) -> List[nn.Module]:
