@@ -70,7 +70,31 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 
+def cpu_extension():
+    """Return (ext_modules, cmdclass) for csrc/cpu/ (hybridops._C_cpu, the onednn backend's own
+    kernels), or empty ones when torch is not importable at build time. Plain C++ (no CUDA, no
+    ISA flags beyond the compiler's default), so it builds on any machine with a C++ compiler.
+    HYBRIDOPS_BUILD_CPU=0 skips it (the onednn backend then reports why it cannot load)."""
+    if os.environ.get("HYBRIDOPS_BUILD_CPU", "1").lower() in ("0", "false", "no", "off"):
+        return [], {}
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    if not sources:
+        return [], {}
+    # -ffp-contract=off: the quantizer must round every fp32 multiply and add separately, as the
+    # reference does (a fused multiply-add would change codes at rounding boundaries).
+    ext = CppExtension(name="hybridops._C_cpu", sources=sources,
+                       extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"])
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
 ext_modules, cmdclass = cuda_extension()
+_cpu_ext, _cpu_cmd = cpu_extension()
+ext_modules = ext_modules + _cpu_ext
+cmdclass = {**_cpu_cmd, **cmdclass}
 
 setup(
     name="hybridops",

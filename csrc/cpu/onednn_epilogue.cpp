@@ -1,0 +1,242 @@
+// CPU kernels of the onednn backend (hybridops._C_cpu): the passes oneDNN's post-ops cannot do
+// bit-exactly.
+//
+// * quantize_activate: one pass over x that writes the u8 activation codes (one code per byte,
+//   code + zero point, NHWC) and the float slice of the kept channels (NHWC);
+// * fake_quantize: code / levels (training path);
+// * epilogue: y = y0 + bias; y[..., idx[j]] += fp[..., j]; relu; then the u8 codes of y
+//   (re-quantization for the next layer) or y in fp32 / bf16. y0 = acc * scale comes from
+//   oneDNN's int8 convolution with fp32 output (one IEEE multiply, equal to the reference's).
+//
+// Exactness: the quantizer arithmetic is the reference's fp32 operation order
+// (hybridops/ops/reference.py: codes_from_qparams) with no fused multiply-add: setup.py builds
+// this file with -ffp-contract=off, and the code spells every rounding step. floor() of the
+// non-negative value u * lv + 0.5 is a truncating conversion (exact for values < 2^31), which
+// vectorises on every x86 ISA (floorf needs SSE4.1). A NaN fails every comparison below and
+// ends as code 0, which is what the reference's nan_to_num gives.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct QP {
+  float alpha, beta, lv;
+  bool is_signed;
+  int zp;
+};
+
+// Code (as a signed int) of the fp32 value t; see reference.codes_from_qparams.
+static inline int code_of(float t, const QP& q) {
+  float mag = q.is_signed ? (t < 0.0f ? -t : t) : t;
+  float u = mag * q.alpha;
+  u = u + q.beta;
+  // clamp(u, 0, 1); a NaN u fails (u > 0) and becomes 0, whose code is 0 (reference: NaN -> 0).
+  u = (u > 0.0f) ? u : 0.0f;
+  u = (u < 1.0f) ? u : 1.0f;
+  float v = u * q.lv;
+  v = v + 0.5f;
+  int c = static_cast<int>(v);  // floor of a non-negative value
+  if (q.is_signed) c = (t > 0.0f) ? c : ((t < 0.0f) ? -c : 0);  // q * sign(t); sign(0) = 0
+  return c;
+}
+
+template <typename T>
+static inline float to_f(T v) { return static_cast<float>(v); }
+
+QP make_qp(const at::Tensor& qparams, int64_t bits, bool is_signed, int64_t zp) {
+  TORCH_CHECK(qparams.dtype() == at::kFloat && qparams.numel() == 2, "qparams must be float32 [alpha, beta].");
+  auto q = qparams.contiguous();
+  const float* p = q.data_ptr<float>();
+  QP r;
+  r.alpha = p[0];
+  r.beta = p[1];
+  r.lv = static_cast<float>(is_signed ? ((1 << (bits - 1)) - 1) : ((1 << bits) - 1));
+  r.is_signed = is_signed;
+  r.zp = static_cast<int>(zp);
+  return r;
+}
+
+// x: (N, C, H, W) float32 or bfloat16, any strides. Returns (slice (N, H, W, K) in slice_dtype
+// (float32 or bfloat16) or an empty tensor, codes uint8 (N, H, W, C)).
+template <typename T>
+void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float* bn_b, bool relu,
+               const int64_t* keep, int64_t nkeep, uint8_t* codes, void* slice, bool slice_bf16) {
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
+  const T* xp = x.data_ptr<T>();
+  const int64_t rows = N * H;
+  // A few rows per task: at batch 1 a layer has only tens of rows and a task must amortise the
+  // thread wake-up.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * C));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    std::vector<float> t(static_cast<size_t>(W * C));  // one row of t, NHWC
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / H, h = r % H;
+      const T* xr = xp + n * sN + h * sH;
+      if (sC == 1) {
+        for (int64_t w = 0; w < W; ++w) {
+          const T* xw = xr + w * sW;
+          float* tw = t.data() + w * C;
+          for (int64_t c = 0; c < C; ++c) tw[c] = to_f(xw[c]);
+        }
+      } else {
+        for (int64_t c = 0; c < C; ++c) {
+          const T* xc = xr + c * sC;
+          for (int64_t w = 0; w < W; ++w) t[w * C + c] = to_f(xc[w * sW]);
+        }
+      }
+      uint8_t* cr = codes + r * W * C;
+      for (int64_t w = 0; w < W; ++w) {
+        float* tw = t.data() + w * C;
+        uint8_t* cw = cr + w * C;
+        // Reference order: t = x * bn_scale; t = t + bn_shift; t = relu(t).
+        if (bn_s) for (int64_t c = 0; c < C; ++c) tw[c] = tw[c] * bn_s[c];
+        if (bn_b) for (int64_t c = 0; c < C; ++c) tw[c] = tw[c] + bn_b[c];
+        // relu keeps NaN (torch.relu(nan) is nan), so the slice carries it like the reference.
+        if (relu) for (int64_t c = 0; c < C; ++c) tw[c] = (tw[c] < 0.0f) ? 0.0f : tw[c];
+        for (int64_t c = 0; c < C; ++c) cw[c] = static_cast<uint8_t>(code_of(tw[c], q) + q.zp);
+      }
+      if (nkeep) {
+        for (int64_t w = 0; w < W; ++w) {
+          const float* tw = t.data() + w * C;
+          if (slice_bf16) {
+            c10::BFloat16* s = static_cast<c10::BFloat16*>(slice) + (r * W + w) * nkeep;
+            for (int64_t j = 0; j < nkeep; ++j) s[j] = c10::BFloat16(tw[keep[j]]);
+          } else {
+            float* s = static_cast<float*>(slice) + (r * W + w) * nkeep;
+            for (int64_t j = 0; j < nkeep; ++j) s[j] = tw[keep[j]];
+          }
+        }
+      }
+    }
+  });
+}
+
+const float* opt_f32(const c10::optional<at::Tensor>& t, at::Tensor& hold) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  hold = t->to(at::kFloat).contiguous();
+  return hold.data_ptr<float>();
+}
+
+std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
+                                          int64_t zp, const c10::optional<at::Tensor>& bn_scale,
+                                          const c10::optional<at::Tensor>& bn_shift, bool relu,
+                                          const c10::optional<at::Tensor>& keep_idx, bool slice_bf16) {
+  TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "quantize_activate kernel: x must be a 4-D float32 or bfloat16 tensor.");
+  const QP q = make_qp(qparams, bits, is_signed, zp);
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  auto codes = at::empty({N, H, W, C}, x.options().dtype(at::kByte));
+  at::Tensor hs, hb, hk;
+  const float* s = opt_f32(bn_scale, hs);
+  const float* b = opt_f32(bn_shift, hb);
+  const int64_t* keep = nullptr;
+  int64_t nkeep = 0;
+  at::Tensor slice;
+  if (keep_idx.has_value() && keep_idx->defined()) {
+    hk = keep_idx->to(at::kLong).contiguous();
+    keep = hk.data_ptr<int64_t>();
+    nkeep = hk.numel();
+    // The slice is gathered through keep_idx: an index outside [0, C) would read out of bounds.
+    for (int64_t j = 0; j < nkeep; ++j) TORCH_CHECK(keep[j] >= 0 && keep[j] < C, "keep_idx must index channels in [0, ", C, ").");
+    slice = at::empty({N, H, W, nkeep}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
+  } else {
+    slice = at::empty({0}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
+  }
+  if (N * H * W * C == 0) return {slice, codes};
+  void* sp = nkeep ? slice.data_ptr() : nullptr;
+  if (x.scalar_type() == at::kFloat)
+    qa_kernel<float>(x, q, s, b, relu, keep, nkeep, codes.data_ptr<uint8_t>(), sp, slice_bf16);
+  else
+    qa_kernel<c10::BFloat16>(x, q, s, b, relu, keep, nkeep, codes.data_ptr<uint8_t>(), sp, slice_bf16);
+  return {slice, codes};
+}
+
+// fake_quantize of a contiguous float32 tensor: code * (1 / levels), in fp32.
+at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fake_quantize kernel: contiguous float32 x.");
+  const QP q = make_qp(qparams, bits, is_signed, 0);
+  auto out = at::empty_like(x);
+  const float inv = 1.0f / q.lv;  // reference: q * (1.0 / levels), the reciprocal rounded to fp32
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, x.numel(), 32768, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) op[i] = static_cast<float>(code_of(xp[i], q)) * inv;
+  });
+  return out;
+}
+
+// y0: fp32 (P, C) contiguous (oneDNN's acc * scale, NHWC). fp: (P, K) float32 / bfloat16,
+// fp_idx: K distinct channels. mode 0: fp32 output written into y0 (returned); 1: bf16; 2: u8
+// codes with rq (re-quantization).
+template <typename F>
+at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const int64_t* idx, int64_t K, bool relu,
+                         int mode, const QP* rq) {
+  const int64_t C = y0.size(-1), P = y0.numel() / std::max<int64_t>(C, 1);
+  at::Tensor out;
+  if (mode == 0) out = y0;
+  else out = at::empty(y0.sizes(), y0.options().dtype(mode == 1 ? at::kBFloat16 : at::kByte));
+  float* yp = y0.data_ptr<float>();
+  void* op = out.data_ptr();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C));
+  at::parallel_for(0, P, grain, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      float* y = yp + p * C;
+      // Reference order: y = acc * scale (done by oneDNN); y = y + bias; y[idx] += fp; relu.
+      if (bias) for (int64_t c = 0; c < C; ++c) y[c] = y[c] + bias[c];
+      if (fp) {
+        const F* f = fp + p * K;
+        for (int64_t j = 0; j < K; ++j) y[idx[j]] = y[idx[j]] + static_cast<float>(f[j]);
+      }
+      if (relu) for (int64_t c = 0; c < C; ++c) y[c] = (y[c] < 0.0f) ? 0.0f : y[c];
+      if (mode == 1) {
+        c10::BFloat16* o = static_cast<c10::BFloat16*>(op) + p * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(y[c]);
+      } else if (mode == 2) {
+        uint8_t* o = static_cast<uint8_t*>(op) + p * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<uint8_t>(code_of(y[c], *rq) + rq->zp);
+      }
+    }
+  });
+  return out;
+}
+
+at::Tensor epilogue(at::Tensor y0, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& fp_out,
+                    const c10::optional<at::Tensor>& fp_idx, bool relu, int64_t mode,
+                    const c10::optional<at::Tensor>& rq_qparams, int64_t rq_bits, bool rq_signed, int64_t rq_zp) {
+  TORCH_CHECK(y0.scalar_type() == at::kFloat && y0.is_contiguous(), "epilogue kernel: y0 must be contiguous float32.");
+  TORCH_CHECK(mode >= 0 && mode <= 2, "epilogue kernel: mode must be 0, 1 or 2.");
+  at::Tensor hb, hf, hi;
+  const float* b = opt_f32(bias, hb);
+  QP rq{};
+  if (mode == 2) {
+    TORCH_CHECK(rq_qparams.has_value(), "epilogue kernel: mode 2 needs qparams.");
+    rq = make_qp(*rq_qparams, rq_bits, rq_signed, rq_zp);
+  }
+  if (fp_out.has_value() && fp_out->defined() && fp_out->numel()) {
+    hi = fp_idx->to(at::kLong).contiguous();
+    const int64_t K = hi.numel();
+    if (fp_out->scalar_type() == at::kBFloat16) {
+      hf = fp_out->contiguous();
+      return epilogue_impl<c10::BFloat16>(y0, b, hf.data_ptr<c10::BFloat16>(), hi.data_ptr<int64_t>(), K, relu,
+                                          static_cast<int>(mode), &rq);
+    }
+    hf = fp_out->to(at::kFloat).contiguous();
+    return epilogue_impl<float>(y0, b, hf.data_ptr<float>(), hi.data_ptr<int64_t>(), K, relu, static_cast<int>(mode),
+                                &rq);
+  }
+  return epilogue_impl<float>(y0, b, nullptr, nullptr, 0, relu, static_cast<int>(mode), &rq);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hybridops CPU kernels for the onednn backend (quantize-activate, fake-quantize, epilogue)";
+  m.def("quantize_activate", &quantize_activate);
+  m.def("fake_quantize_f32", &fake_quantize_f32);
+  m.def("epilogue", &epilogue);
+}

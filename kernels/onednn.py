@@ -1,0 +1,342 @@
+"""The ``onednn`` backend: deployed hybrid layers on the CPU's int8 units through oneDNN.
+
+The integer convolution is oneDNN's u8 x s8 convolution as PyTorch ships it
+(``torch.ops.onednn.qconv_prepack`` / ``qconv2d_pointwise``, the ops PyTorch's own x86 int8 path
+lowers to; AMX-INT8 on Sapphire Rapids, VNNI or plain AVX-512 / AVX2 elsewhere: oneDNN picks the
+ISA, :func:`isa` reports it). The passes oneDNN's post-ops cannot do bit-exactly are small C++
+kernels of ours (``csrc/cpu/``, built as ``hybridops._C_cpu``): the fused quantize-activate and
+the hybrid epilogue (bias, the pruned branch's sum into its kept channels, ReLU,
+re-quantization). Design and measurements: ``docs/cpu_backend.md``.
+
+Code format (``nibble_codes=False`` in the registry): activation codes travel one per byte as
+``uint8 (N, H, W, C)`` NHWC, ``byte = code + zero_point`` with
+
+* unsigned codes (eq 9, ``0 .. 2^b - 1``, including unsigned 8-bit ``0 .. 255``): zero point 0;
+* signed codes (eq 7, ``-(2^(b-1) - 1) .. 2^(b-1) - 1``): zero point ``2^(b-1)``, so the bytes
+  lie in ``1 .. 2^b - 1`` (signed 8-bit: ``1 .. 255``).
+
+oneDNN subtracts the zero point exactly (int32 compensation) and pads with it, so the padded
+border is code 0 as in the reference. Re-quantized outputs use the same format with the next
+layer's zero point. :func:`codes_to_int` / :func:`codes_from_int` convert.
+
+Exactness (asserted by tests/test_onednn.py):
+
+* codes of ``quantize_activate`` and re-quantized codes equal the reference bit for bit
+  (same fp32 operation order, no FMA; oneDNN's fp32 output ``f32(acc) * scale`` is one IEEE
+  multiply like the reference's, and our epilogue adds bias, the FP branch and ReLU in the
+  reference's order);
+* ``out_dtype=torch.int32`` accumulators equal the reference exactly: oneDNN's fp32 output is
+  exact below 2^24, and a reduction whose bound could exceed that is split into input-channel
+  chunks whose partial sums are exact, added in int32;
+* float outputs with ``fp_out`` or ``relu`` computed by our epilogue are bitwise equal to the
+  reference in fp32 (and bf16, which rounds the same fp32 value); the plain float output (no
+  FP branch, no re-quantization) takes bias and ReLU as oneDNN post-ops: tolerance 1 fp32 ulp
+  per add (relative 2^-23 of |acc * scale| + |bias|), asserted at rtol 1e-6 / atol 1e-6.
+
+Weights are reordered once into oneDNN's blocked layout and cached by the packed tensor's
+identity and ``_version`` (a weak reference confirms identity), never per call.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import weakref
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from hybridops.ops import reference
+from hybridops.ops.packing import levels, unpack_weight
+
+try:
+    from hybridops import _C_cpu as _C
+except ImportError as e:  # the backend is unavailable without its kernels; the registry reports this reason
+    raise ImportError(
+        f"the onednn backend needs the compiled CPU kernels hybridops._C_cpu ({e}); reinstall with a C++ compiler: "
+        f"HYBRIDOPS_BUILD_CUDA=0 pip install --no-build-isolation --no-deps -e .") from None
+
+if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+    raise ImportError("this PyTorch build has no oneDNN int8 convolution (torch.ops.onednn.qconv2d_pointwise).")
+
+_qconv = torch.ops.onednn.qconv2d_pointwise.default
+_qprepack = torch.ops.onednn.qconv_prepack.default
+_fconv = torch.ops.mkldnn._convolution_pointwise.default
+
+# fp32 holds every integer below 2^24 exactly: the bound under which oneDNN's fp32 output of an
+# int32 accumulator is the accumulator itself.
+_EXACT_F32 = 1 << 24
+
+
+def zero_point(bits: int, signed: bool) -> int:
+    """The byte that stands for code 0: ``2^(b-1)`` for signed codes, 0 for unsigned ones."""
+    return (1 << (bits - 1)) if signed else 0
+
+
+def codes_to_int(codes_u8: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """This backend's u8 codes -> integer codes (int16)."""
+    return codes_u8.to(torch.int16) - zero_point(bits, signed)
+
+
+def codes_from_int(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """Integer codes -> this backend's u8 codes (one per byte, code + zero point)."""
+    return (codes.to(torch.int16) + zero_point(bits, signed)).to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- caches
+class _IdCache:
+    """Values derived from a tensor, keyed by its identity and ``_version`` (plus an extra key).
+    Keyed by id with a weak reference that confirms identity (tensors cannot be weak dict keys,
+    whose lookups compare keys with ==); entries of freed tensors are dropped by the weakref's
+    callback."""
+
+    def __init__(self):
+        self._d: Dict[tuple, tuple] = {}
+
+    def get(self, t: torch.Tensor, extra: tuple):
+        e = self._d.get((id(t),) + extra)
+        if e is not None and e[0]() is t and e[1] == t._version:
+            return e[2]
+        return None
+
+    def put(self, t: torch.Tensor, extra: tuple, value):
+        key = (id(t),) + extra
+        d = self._d
+        self._d[key] = (weakref.ref(t, lambda _r, k=key: d.pop(k, None)), t._version, value)
+        return value
+
+    def clear(self):
+        self._d.clear()
+
+
+_wcache = _IdCache()   # packed int weights -> oneDNN blocked s8 weights
+_fcache = _IdCache()   # float weights (FP branch) -> oneDNN blocked bf16 / fp32 weights
+_bcache = _IdCache()   # float bias -> bias in the compute dtype
+_zeros: Dict[int, torch.Tensor] = {}  # weight zero points (always 0: symmetric weights)
+_ones: Dict[int, torch.Tensor] = {}
+
+
+def clear_caches() -> None:
+    """Drop every prepacked weight (they are rebuilt on the next call)."""
+    for c in (_wcache, _fcache, _bcache):
+        c.clear()
+
+
+def _zeros_i64(n: int) -> torch.Tensor:
+    z = _zeros.get(n)
+    if z is None:
+        z = _zeros[n] = torch.zeros(n, dtype=torch.int64)
+    return z
+
+
+def _ones_f32(n: int) -> torch.Tensor:
+    z = _ones.get(n)
+    if z is None:
+        z = _ones[n] = torch.ones(n, dtype=torch.float32)
+    return z
+
+
+def _sym_padding(padding: Sequence[int]) -> Tuple[list, Tuple[int, int, int, int]]:
+    """oneDNN's ops take symmetric padding: the common part, and what is left to pad explicitly."""
+    top, bottom, left, right = padding
+    ph, pw = min(top, bottom), min(left, right)
+    return [ph, pw], (top - ph, bottom - ph, left - pw, right - pw)
+
+
+def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, ci0=0, ci1=None):
+    """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group),
+    made once per weight version. The weight scales are passed per call (prepacking does not
+    depend on them), so a BatchNorm folded into ``scale`` later needs no re-pack."""
+    key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, ci0, ci1)
+    p = _wcache.get(w_packed, key)
+    if p is None:
+        w = unpack_weight(w_packed, bits_w, cin_g)
+        if ci1 is not None:
+            w = w[:, ci0:ci1].contiguous()
+        p = _wcache.put(w_packed, key, _qprepack(w, _ones_f32(w.shape[0]), 1.0, zp, list(stride), list(pad_sym),
+                                                 list(dilation), groups, None))
+    return p
+
+
+def _pad_codes(x_nchw: torch.Tensor, extra: Tuple[int, int, int, int], zp: int) -> torch.Tensor:
+    """Asymmetric padding's remainder, padded with the zero point (code 0), channels_last."""
+    t, b, l, r = extra
+    if not any(extra):
+        return x_nchw
+    return F.pad(x_nchw, (l, r, t, b), value=zp).contiguous(memory_format=torch.channels_last)
+
+
+def _int_conv_f32(x_nchw, w_packed, bits_w, cin_g, groups, w_scale, bias, stride, pad_sym, dilation, zp, relu,
+                  out_dtype, ci0=0, ci1=None):
+    pw = _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, ci0, ci1)
+    return _qconv(x_nchw, 1.0, zp, pw, w_scale, _zeros_i64(w_scale.shape[0]), bias, list(stride), list(pad_sym),
+                  list(dilation), groups, 1.0, 0, out_dtype, "relu" if relu else "none", [], "")
+
+
+def _int32_acc(x_nchw, w_packed, in_channels, bits_a, a_signed, bits_w, stride, pad_sym, dilation, groups, zp):
+    """Exact int32 accumulators (NHWC). oneDNN returns fp32 here, exact below 2^24; a larger bound
+    is split along each group's input channels into chunks whose partial sums stay below it."""
+    c_out, kh, kw, _ = w_packed.shape
+    cin_g = in_channels // groups
+    per_ch = levels(bits_a, a_signed) * levels(bits_w, True) * kh * kw
+    chunk = max(1, min(cin_g, (_EXACT_F32 - 1) // max(per_ch, 1)))
+    ones = _ones_f32(c_out)
+    if chunk >= cin_g:
+        y = _int_conv_f32(x_nchw, w_packed, bits_w, cin_g, groups, ones, None, stride, pad_sym, dilation, zp, False,
+                          torch.float32)
+        return y.permute(0, 2, 3, 1).to(torch.int32).contiguous()
+    if per_ch >= _EXACT_F32:
+        raise ValueError(f"a {kh}x{kw} kernel at {bits_a}/{bits_w} bits can exceed 2^24 per input channel; the onednn "
+                         f"backend's int32 output cannot be exact there (use the torch backend).")
+    n, _, h, w = x_nchw.shape
+    xg = x_nchw.view(n, groups, cin_g, h, w)
+    acc = None
+    for c0 in range(0, cin_g, chunk):
+        c1 = min(cin_g, c0 + chunk)
+        xc = xg[:, :, c0:c1].reshape(n, groups * (c1 - c0), h, w).contiguous(memory_format=torch.channels_last)
+        y = _int_conv_f32(xc, w_packed, bits_w, cin_g, groups, ones, None, stride, pad_sym, dilation, zp, False,
+                          torch.float32, c0, c1)
+        part = y.permute(0, 2, 3, 1).to(torch.int32)
+        acc = part if acc is None else acc + part
+    return acc.contiguous()
+
+
+# ----------------------------------------------------------------------------- backend ops
+def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """``code / levels`` of every element (see the reference); fp32 / bf16 / fp16 in our kernel,
+    float64 stays in float64 through the reference (it computes in float64)."""
+    if x.dtype == torch.float64:
+        return reference.fake_quantize(x, qparams, bits, signed)
+    out = _C.fake_quantize_f32(x.to(torch.float32).contiguous(), qparams.to(torch.float32), bits, signed)
+    return out.to(x.dtype).view(x.shape) if x.dtype != torch.float32 else out.view(x.shape)
+
+
+def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, keep_idx=None,
+                      slice_dtype=None):
+    """One pass over ``x (N, C, H, W)`` (any memory format; channels_last reads fastest):
+    ``(x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, C))`` in this backend's code format."""
+    sd = slice_dtype or x.dtype
+    xk = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(torch.float32)
+    slice_bf16 = sd == torch.bfloat16
+    x_slice, codes = _C.quantize_activate(xk, qparams, bits, signed, zero_point(bits, signed), bn_scale, bn_shift,
+                                          relu, keep_idx, slice_bf16)
+    if keep_idx is not None and sd not in (torch.float32, torch.bfloat16):
+        x_slice = x_slice.to(sd)
+    elif keep_idx is None and x_slice.dtype != sd:
+        x_slice = x.new_empty((0,), dtype=sd)
+    return x_slice, codes
+
+
+def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
+            relu=False, fp_out=None, fp_idx=None, requant_qparams=None, requant_bits=4, requant_signed=False,
+            out_dtype=torch.float32):
+    """The integer conv (oneDNN, u8 x s8, int32 accumulation) with the hybrid epilogue; the
+    semantics of :func:`hybridops.ops.reference.qconv2d` on this backend's code format."""
+    zp = zero_point(bits_a, a_signed)
+    cin_g = in_channels // groups
+    pad_sym, extra = _sym_padding(padding)
+    xc = x_codes if x_codes.is_contiguous() else x_codes.contiguous()
+    x = _pad_codes(xc.permute(0, 3, 1, 2), extra, zp)  # NCHW view of NHWC memory: channels_last
+    c_out = w_packed.shape[0]
+    if x.shape[0] == 0:  # empty batch: oneDNN rejects zero-sized tensors
+        from hybridops.ops.geometry import conv_out_hw
+        ho, wo = conv_out_hw(x_codes.shape[1], x_codes.shape[2], w_packed.shape[1], w_packed.shape[2], stride,
+                             padding, dilation)
+        dt = torch.uint8 if requant_qparams is not None else out_dtype
+        return x_codes.new_empty((0, ho, wo, c_out), dtype=dt)
+    if out_dtype == torch.int32:
+        return _int32_acc(x, w_packed, in_channels, bits_a, a_signed, bits_w, stride, pad_sym, dilation, groups, zp)
+    sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
+    sc = sc if sc.is_contiguous() else sc.contiguous()
+    if fp_out is None and requant_qparams is None and out_dtype in (torch.float32, torch.bfloat16):
+        # One oneDNN call: acc * scale + bias, ReLU as a post-op, written in the output dtype.
+        b = None if bias is None else bias.to(torch.float32)
+        y = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, b, stride, pad_sym, dilation, zp, relu, out_dtype)
+        return y.permute(0, 2, 3, 1)
+    # oneDNN: y0 = f32(acc) * scale (exact, one multiply); ours: + bias, + FP branch, ReLU, codes.
+    y0 = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, None, stride, pad_sym, dilation, zp, False,
+                       torch.float32).permute(0, 2, 3, 1)
+    if requant_qparams is not None:
+        return _C.epilogue(y0, bias, fp_out, fp_idx, relu, 2, requant_qparams, requant_bits, requant_signed,
+                           zero_point(requant_bits, requant_signed))
+    mode = 1 if out_dtype == torch.bfloat16 else 0
+    y = _C.epilogue(y0, bias, fp_out, fp_idx, relu, mode, None, 0, False, 0)
+    return y if out_dtype in (torch.float32, torch.bfloat16) else y.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------- the pruned FP branch
+def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+              padding_tblr: Sequence[int], dilation: Sequence[int], groups: int,
+              compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The pruned full-precision branch (inference, no autograd): ``conv2d(x, weight, bias)`` on
+    oneDNN with ``weight`` reordered once into oneDNN's blocked layout, cached by the weight's
+    identity and ``_version`` (an online update's optimizer step bumps the version, so the next
+    call re-packs).
+
+    x: ``(N, C, H, W)`` float32 / bfloat16, best channels_last (the NCHW view of an NHWC slice
+    from :func:`quantize_activate` is exactly that). ``padding_tblr``: (top, bottom, left, right).
+    ``compute_dtype``: float32 or bfloat16 (default ``x.dtype``); bf16 runs on AMX-BF16.
+    Returns ``(N, C_out, Ho, Wo)`` channels_last in ``compute_dtype``: ``.permute(0, 2, 3, 1)`` is
+    the contiguous NHWC ``fp_out`` that :func:`qconv2d` takes.
+    """
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        raise RuntimeError("fp_conv2d is the no-grad inference path (prepacked weights have no autograd); call it "
+                           "under torch.no_grad() or use F.conv2d when training the pruned branch.")
+    dt = compute_dtype or x.dtype
+    if dt not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"fp_conv2d computes in float32 or bfloat16, got {dt}.")
+    pad_sym, extra = _sym_padding(padding_tblr)
+    if x.dtype != dt:
+        x = x.to(dt)
+    if any(extra):
+        t, b, l, r = extra
+        x = F.pad(x, (l, r, t, b))
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)
+    key = (dt, tuple(stride), tuple(pad_sym), tuple(dilation), groups)
+    w = _fcache.get(weight, key)
+    if w is None:
+        w = _fcache.put(weight, key, torch._C._nn.mkldnn_reorder_conv2d_weight(
+            weight.detach().to(dt).contiguous().to_mkldnn(), list(pad_sym), list(stride), list(dilation), groups,
+            None))
+    b = None
+    if bias is not None:
+        b = _bcache.get(bias, (dt,))
+        if b is None:
+            b = _bcache.put(bias, (dt,), bias.detach().to(dt).contiguous())
+    if x.shape[0] == 0:
+        from hybridops.ops.geometry import conv_out_hw
+        ho, wo = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, [pad_sym[0]] * 2 +
+                             [pad_sym[1]] * 2, dilation)
+        return x.new_empty((0, weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
+    return _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "none", [], "")
+
+
+# ----------------------------------------------------------------------------- ISA report
+_isa_cache: Optional[str] = None
+
+
+def isa() -> str:
+    """The oneDNN implementation of a small int8 convolution on this machine, as oneDNN's verbose
+    output names it (for example ``brg_conv_fwd:avx10_1_512_amx``: AMX; ``...avx512_core_vnni``:
+    VNNI); measured once in a subprocess because ONEDNN_VERBOSE is read at start-up."""
+    global _isa_cache
+    if _isa_cache is None:
+        code = ("import torch\n"
+                "w=torch.randint(-7,8,(32,32,3,3),dtype=torch.int8)\n"
+                "p=torch.ops.onednn.qconv_prepack(w,torch.ones(32),1.0,0,[1,1],[1,1],[1,1],1,None)\n"
+                "x=torch.randint(0,15,(1,32,8,8),dtype=torch.uint8).contiguous(memory_format=torch.channels_last)\n"
+                "torch.ops.onednn.qconv2d_pointwise(x,1.0,0,p,torch.ones(32),torch.zeros(32,dtype=torch.int64),None,"
+                "[1,1],[1,1],[1,1],1,1.0,0,torch.float32,'none',[],'')\n")
+        env = dict(os.environ, ONEDNN_VERBOSE="1")
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 timeout=120).stdout
+            m = re.findall(r"exec,cpu,convolution,([^,]+),", out)
+            _isa_cache = m[-1] if m else "unknown (no oneDNN verbose line)"
+        except Exception as e:  # the report says why instead of failing a benchmark
+            _isa_cache = f"unknown ({type(e).__name__})"
+    return _isa_cache
