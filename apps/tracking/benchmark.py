@@ -14,60 +14,125 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hybrid
-from .data import Sequence, list_sequences, read_otb_sequence
-from .metrics import plot_curves, precision_curve, success_curve, summarize
+from .data import Sequence, SequenceError, list_sequences, parse_boxes, read_otb_sequence
+from .metrics import curves, plot_curves, summarize
 from .model import SiamRPNPP
 from .tracker import OnlineConfig, SiamRPNTracker, TrackParams
 
 
 def run_sequence(model: SiamRPNPP, seq: Sequence, params: Optional[TrackParams] = None,
                  online: Optional[OnlineConfig] = None, progress: bool = False) -> Dict:
-    """One-pass evaluation of one sequence (initialised from its first box).
+    """One-pass evaluation of one sequence, initialised from its first valid box.
 
-    Returns ``{"boxes": (N, 4), "scores": (N,), "fps": float, "updates": int}``; frame 0's box
-    is the ground truth, as in OTB. FPS counts tracker time only (cropping, network,
-    post-processing, online updates), not image decoding.
+    Returns ``{"boxes": (N, 4), "scores": (N,), "fps": float, "updates": int, "times": {part: s}}``;
+    the first valid frame's box is the ground truth, as in OTB; frames before it (target absent)
+    get NaN boxes. FPS counts tracker time only (cropping, network, post-processing, online
+    updates), not image decoding; ``times`` splits it (crop, network, post, update, init).
     """
     if online is not None:
         # The online update changes the FP branch: every sequence starts from the offline weights.
         model = hybrid.clone(model)
     tracker = SiamRPNTracker(model, params, online)
-    boxes = np.zeros((len(seq), 4))
-    scores = np.ones(len(seq))
-    elapsed = 0.0
-    for i in tqdm(range(len(seq)), desc=seq.name, disable=not progress, leave=False, dynamic_ncols=True):
+    valid = np.flatnonzero(seq.valid)
+    if valid.size == 0:
+        raise SequenceError(f"{seq.name}: no frame has a visible target to start from.")
+    first = int(valid[0])
+    boxes = np.full((len(seq), 4), np.nan)
+    scores = np.zeros(len(seq))
+    init_time = 0.0
+    for i in tqdm(range(first, len(seq)), desc=seq.name, disable=not progress, leave=False, dynamic_ncols=True):
         img = seq.image(i)
-        t = time.perf_counter()
-        if i == 0:
-            tracker.init(img, seq.boxes[0])
-            boxes[0] = seq.boxes[0]
+        if i == first:
+            t = time.perf_counter()
+            tracker.init(img, seq.boxes[i])
+            init_time = time.perf_counter() - t
+            boxes[i], scores[i] = seq.boxes[i], 1.0
         else:
             boxes[i], scores[i] = tracker.track(img)
-        elapsed += time.perf_counter() - t
-    return {"boxes": boxes, "scores": scores, "fps": len(seq) / max(elapsed, 1e-9), "updates": tracker.updates}
+    times = {**tracker.times, "init": init_time}
+    elapsed = sum(times.values())
+    return {"boxes": boxes, "scores": scores, "fps": (len(seq) - first) / max(elapsed, 1e-9),
+            "updates": tracker.updates, "times": times}
 
 
 def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams] = None,
              online: Optional[OnlineConfig] = None, progress: bool = True, desc: str = "eval") -> Dict:
     """Track every sequence and score it.
 
-    Returns ``{"per_sequence": {name: {precision, success_auc, mean_iou, fps}}, "precision",
-    "success_auc", "fps", "curves": {"success": (21,), "precision": (51,)}, "boxes": {name: (N, 4)}}``
+    Returns ``{"per_sequence": {name: {precision, success_auc, norm_precision, mean_iou, fps}},
+    "precision", "success_auc", "norm_precision", "fps", "ms_per_frame": {part: ms},
+    "curves": {"success": (21,), "precision": (51,), "norm_precision": (51,)}, "boxes": {name: (N, 4)}}``
     with curves and scores averaged over sequences (OTB convention) and FPS over all frames.
     """
-    per, succ, prec, boxes = {}, [], [], {}
-    frames, seconds = 0, 0.0
+    per, boxes, frames, times = {}, {}, 0, {}
     for seq in tqdm(seqs, desc=desc, disable=not progress, dynamic_ncols=True):
         r = run_sequence(model, seq, params, online)
-        per[seq.name] = {**summarize(r["boxes"], seq.boxes), "fps": r["fps"], "updates": r["updates"]}
-        succ.append(success_curve(r["boxes"], seq.boxes))
-        prec.append(precision_curve(r["boxes"], seq.boxes))
+        per[seq.name] = {**summarize(r["boxes"], seq.boxes, seq.valid), "fps": r["fps"], "updates": r["updates"]}
         boxes[seq.name] = r["boxes"]
-        frames += len(seq)
-        seconds += len(seq) / r["fps"]
-    s, p = np.mean(succ, axis=0), np.mean(prec, axis=0)
-    return {"per_sequence": per, "precision": float(p[20]), "success_auc": float(s.mean()),
-            "fps": frames / max(seconds, 1e-9), "curves": {"success": s, "precision": p}, "boxes": boxes}
+        frames += int(np.isfinite(r["boxes"]).all(axis=1).sum())
+        for k, v in r["times"].items():
+            times[k] = times.get(k, 0.0) + v
+    out = score_results(boxes, seqs)
+    out["per_sequence"] = {k: {**out["per_sequence"][k], **per[k]} for k in per}
+    out["fps"] = frames / max(sum(times.values()), 1e-9)
+    out["ms_per_frame"] = {k: 1000 * v / max(frames, 1) for k, v in times.items()}
+    return out
+
+
+def score_results(boxes: Dict[str, np.ndarray], seqs: Seq[Sequence]) -> Dict:
+    """Score predicted ``boxes {seq name: (N, 4)}`` against ``seqs`` (OTB averaging over
+    sequences); the part of :func:`evaluate` that :func:`rescore` reuses on result files."""
+    per, acc = {}, {"success": [], "precision": [], "norm_precision": []}
+    by_name = {s.name: s for s in seqs}
+    for name, b in boxes.items():
+        seq = by_name[name]
+        if len(b) != len(seq):
+            raise SequenceError(f"{name}: {len(b)} result boxes for {len(seq)} frames.")
+        per[name] = summarize(b, seq.boxes, seq.valid)
+        for k, c in curves(b, seq.boxes, seq.valid).items():
+            acc[k].append(c)
+    cs = {k: np.mean(v, axis=0) for k, v in acc.items()}
+    return {"per_sequence": per, "precision": float(cs["precision"][20]), "success_auc": float(cs["success"].mean()),
+            "norm_precision": float(cs["norm_precision"][20]), "curves": cs, "boxes": dict(boxes)}
+
+
+def tracker_name(checkpoint: Union[str, Path], deployed: bool = False, online: bool = False) -> str:
+    """Result-folder and legend name of a run: the checkpoint's stem, ``-deployed`` when its
+    layers were packed, ``-online`` with the online update, so the runs never share a name."""
+    return Path(checkpoint).stem + ("-deployed" if deployed else "") + ("-online" if online else "")
+
+
+def write_tracker_results(results_dir: Union[str, Path], tracker: str, boxes: Dict[str, np.ndarray]) -> Path:
+    """``results_dir/<tracker>/<seq>.txt``, one ``x,y,w,h`` line per frame (pysot / OTB toolkit
+    layout; ``nan`` where the tracker did not run)."""
+    d = Path(results_dir) / tracker
+    d.mkdir(parents=True, exist_ok=True)
+    for name, b in boxes.items():
+        np.savetxt(d / f"{name}.txt", np.asarray(b), fmt="%.4f", delimiter=",")
+    return d
+
+
+def read_tracker_results(tracker_dir: Union[str, Path], seqs: Seq[Sequence]) -> Dict[str, np.ndarray]:
+    """Boxes of one tracker folder for the sequences in ``seqs`` (``<seq>.txt``; commas, tabs or
+    spaces, as other toolkits write them); a missing file is a :class:`SequenceError`."""
+    d = Path(tracker_dir)
+    out = {}
+    for seq in seqs:
+        f = d / f"{seq.name}.txt"
+        if not f.is_file():
+            raise SequenceError(f"{d.name}: no result file {f} for sequence {seq.name}.")
+        out[seq.name] = parse_boxes(f, f"{d.name}/{seq.name}")
+    return out
+
+
+def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Optional[Seq[str]] = None) -> Dict[str, Dict]:
+    """Score every tracker folder of ``results_dir`` (or only ``trackers``) on ``seqs``:
+    ``{tracker: score_results() output}``, ready for :func:`write_results`."""
+    root = Path(results_dir)
+    names = list(trackers) if trackers else sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
+        raise SequenceError(f"{root} holds no tracker result folders (<tracker>/<seq>.txt).")
+    return {n: score_results(read_tracker_results(root / n, seqs), seqs) for n in names}
 
 
 def draw_strip(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], num: int = 6, height: int = 160) -> Path:
@@ -99,8 +164,33 @@ def draw_strip(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], num: in
 
 
 def load_sequences(root: Union[str, Path]) -> List[Sequence]:
-    """Read every sequence folder under ``root`` (see :func:`list_sequences`)."""
+    """Read every OTB-format sequence folder under ``root`` (see :func:`list_sequences`)."""
     return [read_otb_sequence(p) for p in list_sequences(root)]
+
+
+def write_overlay(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], max_side: int = 360,
+                  step: int = 1, fps: float = 15.0) -> Path:
+    """An animated GIF of the tracked sequence: ground truth green, tracker red, frame number
+    and (where given) nothing else; frames scaled so the longer side is ``max_side``, every
+    ``step``-th frame. GIF because Pillow (installed with matplotlib) writes it without ffmpeg."""
+    from PIL import Image, ImageDraw
+
+    tiles = []
+    for i in range(0, len(seq), max(1, step)):
+        im = Image.fromarray(seq.image(i))
+        k = min(1.0, max_side / max(im.width, im.height))
+        im = im.resize((max(1, round(im.width * k)), max(1, round(im.height * k))), Image.BILINEAR)
+        d = ImageDraw.Draw(im)
+        for box, colour in ((seq.boxes[i], (0, 255, 0)), (boxes[i], (255, 0, 0))):
+            if np.isfinite(box).all():
+                x, y, w, h = (float(v) * k for v in box)
+                d.rectangle([x, y, x + w, y + h], outline=colour, width=2)
+        d.text((3, 2), f"#{i + 1}", fill=(255, 255, 0))
+        tiles.append(im.convert("P", palette=Image.ADAPTIVE))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tiles[0].save(path, save_all=True, append_images=tiles[1:], duration=int(1000 / fps), loop=0)
+    return path
 
 
 def environment() -> Dict[str, str]:
@@ -127,17 +217,22 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict) 
         js["results"][k] = {kk: vv for kk, vv in v.items() if kk not in ("curves", "boxes")}
         js["results"][k]["success_curve"] = [round(float(c), 4) for c in v["curves"]["success"]]
         js["results"][k]["precision_curve"] = [round(float(c), 4) for c in v["curves"]["precision"]]
+        if "norm_precision" in v["curves"]:
+            js["results"][k]["norm_precision_curve"] = [round(float(c), 4) for c in v["curves"]["norm_precision"]]
     (out_dir / "results.json").write_text(json.dumps(js, indent=1, default=float) + "\n")
     lines = [f"# {meta.get('title', 'Tracking comparison')}", ""]
     lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()
               if k not in ("title", "plot_title")]
-    lines += ["", "| variant | precision (20 px) | success AUC | FPS | backbone RC (BOPs) | online updates |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "| tracker | precision (20 px) | norm. precision (0.2) | success AUC | FPS | ms/frame crop / net / "
+              "post / update | backbone RC (BOPs) | online updates |", "|---|---|---|---|---|---|---|---|"]
     for k, v in rows.items():
         rc = v.get("rc")
         upd = sum(s.get("updates", 0) for s in v["per_sequence"].values())
-        lines.append(f"| {hybrid.LABELS.get(k, k)} | {v['precision']:.3f} | {v['success_auc']:.3f} | {v['fps']:.1f} | "
-                     f"{'%.3f' % rc if rc is not None else '-'} | {upd} |")
+        ms = v.get("ms_per_frame")
+        split = " / ".join(f"{ms.get(p, 0.0):.1f}" for p in ("crop", "network", "post", "update")) if ms else "-"
+        fps = f"{v['fps']:.1f}" if "fps" in v else "-"
+        lines.append(f"| {hybrid.LABELS.get(k, k)} | {v['precision']:.3f} | {v.get('norm_precision', float('nan')):.3f} | "
+                     f"{v['success_auc']:.3f} | {fps} | {split} | {'%.3f' % rc if rc is not None else '-'} | {upd} |")
     lines += ["", f"![success]({plots['success'].name}) ![precision]({plots['precision'].name})", ""]
     (out_dir / "table.md").write_text("\n".join(lines))
     return {"json": out_dir / "results.json", "table": out_dir / "table.md", **plots}

@@ -7,6 +7,8 @@ Examples::
     hybridops-track train --out hybrid.pt --variant hybrid --init float.pt --steps 60
     hybridops-track track data/synth/synth_000 --checkpoint hybrid.pt --online --out runs/s0
     hybridops-track evaluate data/synth --checkpoint hybrid.pt --out runs/eval
+    hybridops-track evaluate /data/LaSOT --format lasot --checkpoint model.pth --out runs/lasot --skip-bad
+    hybridops-track rescore runs/eval --data data/synth
     hybridops-track compare --out bench/results/tracking
 """
 from __future__ import annotations
@@ -50,6 +52,13 @@ def _add_device(p):
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads (0: torch's default); small models on a shared CPU often run "
                         "faster with 1")
+
+
+def _add_data(p):
+    from .data import FORMATS
+    p.add_argument("--format", choices=FORMATS, default="otb", help="data set layout (default otb)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out sequences that cannot be read (each is reported) instead of stopping")
 
 
 def _add_online(p):
@@ -98,39 +107,87 @@ def cmd_train(args) -> int:
     return 0
 
 
-def cmd_track(args) -> int:
-    from .benchmark import draw_strip, run_sequence
+def _sequences(args, root):
+    from .data import load_dataset
+    skipped = []
+    seqs = load_dataset(root, args.format, skip_bad=args.skip_bad, skipped=skipped)
+    for name, why in skipped:
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return seqs
+
+
+def _load_model(args):
     from .checkpoint import load_checkpoint
-    from .data import read_otb_sequence
+    return load_checkpoint(args.checkpoint, deploy=args.deploy, device=_device(args))
+
+
+def _split(ms: dict) -> str:
+    return ", ".join(f"{k} {ms[k]:.1f}" for k in ("crop", "network", "post", "update") if k in ms) + " ms/frame"
+
+
+def cmd_track(args) -> int:
+    from .benchmark import draw_strip, run_sequence, write_overlay
     from .metrics import summarize
 
-    seq = read_otb_sequence(args.sequence)
-    model = load_checkpoint(args.checkpoint, deploy=args.deploy, device=_device(args))
-    r = run_sequence(model, seq, online=_online(args, model), progress=not args.quiet)
+    seqs = _sequences(args, args.sequence)
+    model = _load_model(args)
+    online = _online(args, model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    np.savetxt(out / f"{seq.name}_boxes.txt", r["boxes"], fmt="%.2f", delimiter=",")
-    draw_strip(seq, r["boxes"], out / f"{seq.name}_strip.png")
-    s = summarize(r["boxes"], seq.boxes)
-    print(f"{seq.name}: {len(seq)} frames, {r['fps']:.1f} FPS, precision {s['precision']:.3f}, "
-          f"success AUC {s['success_auc']:.3f}, online updates {r['updates']}; wrote {out}")
+    for seq in seqs:
+        r = run_sequence(model, seq, online=online, progress=not args.quiet)
+        np.savetxt(out / f"{seq.name}_boxes.txt", r["boxes"], fmt="%.2f", delimiter=",")
+        draw_strip(seq, r["boxes"], out / f"{seq.name}_strip.png")
+        if args.overlay:
+            write_overlay(seq, r["boxes"], out / f"{seq.name}_overlay.gif", step=args.overlay_step)
+        s = summarize(r["boxes"], seq.boxes, seq.valid)
+        n = int(np.isfinite(r["boxes"]).all(axis=1).sum())
+        ms = {k: 1000 * v / max(n, 1) for k, v in r["times"].items()}
+        print(f"{seq.name}: {len(seq)} frames, {r['fps']:.1f} FPS ({_split(ms)}), precision {s['precision']:.3f}, "
+              f"success AUC {s['success_auc']:.3f}, online updates {r['updates']}; wrote {out}")
     return 0
 
 
-def cmd_evaluate(args) -> int:
-    from .benchmark import environment, evaluate, load_sequences, write_results
-    from .checkpoint import load_checkpoint
+def _report(out, rows, meta, quiet=False):
+    from .benchmark import write_results
+    write_results(out, rows, meta)
+    for key, r in rows.items():
+        fps = f"  {r['fps']:.1f} FPS ({_split(r['ms_per_frame'])})" if "fps" in r else ""
+        print(f"{key:28s} precision {r['precision']:.3f}  norm. precision {r['norm_precision']:.3f}  "
+              f"success AUC {r['success_auc']:.3f}{fps}")
 
-    seqs = load_sequences(args.root)
-    model = load_checkpoint(args.checkpoint, deploy=args.deploy, device=_device(args))
+
+def cmd_evaluate(args) -> int:
+    from .benchmark import environment, evaluate, rescore, tracker_name, write_tracker_results
+
+    seqs = _sequences(args, args.root)
+    model = _load_model(args)
     online = _online(args, model)
     r = evaluate(model, seqs, online=online, progress=not args.quiet)
-    key = Path(args.checkpoint).stem + ("+online" if online else "")
-    meta = {"title": f"Evaluation of {args.checkpoint} on {args.root}", "command": _command(), **environment()}
-    write_results(args.out, {key: r}, meta)
-    for name, s in r["per_sequence"].items():
-        print(f"{name:20s} precision {s['precision']:.3f}  success AUC {s['success_auc']:.3f}  {s['fps']:.1f} FPS")
-    print(f"{'overall':20s} precision {r['precision']:.3f}  success AUC {r['success_auc']:.3f}  {r['fps']:.1f} FPS")
+    key = args.name or tracker_name(args.checkpoint, deployed=args.deploy, online=online is not None)
+    write_tracker_results(args.out, key, r["boxes"])
+    if not args.quiet:
+        for name, s in r["per_sequence"].items():
+            print(f"{name:20s} precision {s['precision']:.3f}  success AUC {s['success_auc']:.3f}  {s['fps']:.1f} FPS")
+    # Merge with the other runs already in --out that cover the same sequences (one table/plot).
+    others = [p.name for p in sorted(Path(args.out).iterdir()) if p.is_dir() and p.name != key
+              and all((p / f"{q.name}.txt").is_file() for q in seqs)]
+    rows = {**rescore(args.out, seqs, others), key: r} if others else {key: r}
+    dataset = f"{Path(args.root).name} ({args.format}, {len(seqs)} sequences)"
+    meta = {"title": f"Evaluation on {dataset}", "plot_title": dataset, "command": _command(), **environment()}
+    _report(args.out, rows, meta)
+    return 0
+
+
+def cmd_rescore(args) -> int:
+    from .benchmark import environment, rescore
+
+    seqs = _sequences(args, args.data)
+    rows = rescore(args.results, seqs, args.trackers)
+    dataset = f"{Path(args.data).name} ({args.format}, {len(seqs)} sequences)"
+    meta = {"title": f"Re-scored {args.results} on {dataset}", "plot_title": dataset, "command": _command(),
+            **environment()}
+    _report(args.out or args.results, rows, meta)
     return 0
 
 
@@ -189,16 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_device(p)
     p.set_defaults(fn=cmd_train)
 
-    for name, hlp in (("track", "track one OTB-format sequence"), ("evaluate", "evaluate a folder of sequences")):
+    for name, hlp in (("track", "track the sequence(s) of a folder"), ("evaluate", "evaluate a data set")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("sequence" if name == "track" else "root")
-        p.add_argument("--checkpoint", required=True)
+        p.add_argument("--checkpoint", required=True, help="hybridops-track checkpoint or pysot SiamRPN++ model.pth")
         p.add_argument("--deploy", action="store_true", help="pack the hybrid model (hybridops.deploy_) first")
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--quiet", action="store_true")
+        _add_data(p)
         _add_online(p)
         _add_device(p)
+        if name == "track":
+            p.add_argument("--overlay", action="store_true", help="also write <seq>_overlay.gif (ground truth green, "
+                                                                  "tracker red)")
+            p.add_argument("--overlay-step", type=int, default=1, help="GIF keeps every n-th frame")
+        else:
+            p.add_argument("--name", help="tracker name for the result folder <out>/<name>/ (default: checkpoint "
+                                          "stem, plus -deployed / -online)")
         p.set_defaults(fn=cmd_track if name == "track" else cmd_evaluate)
+
+    p = sub.add_parser("rescore", help="score existing result folders <results>/<tracker>/<seq>.txt (ours or any "
+                                       "toolkit's) and merge them in one table and plot")
+    p.add_argument("results")
+    p.add_argument("--data", required=True, help="the data set the results are for")
+    p.add_argument("--trackers", nargs="+", help="only these tracker folders (default: all)")
+    p.add_argument("--out", help="where table.md, results.json and plots go (default: the results folder)")
+    _add_data(p)
+    p.set_defaults(fn=cmd_rescore)
 
     p = sub.add_parser("compare", help="float vs hybrid variants vs online update on a synthetic benchmark")
     p.add_argument("--out", default="bench/results/tracking")

@@ -3,8 +3,12 @@
 OTB layout (what :func:`read_otb_sequence` reads and :func:`write_otb_sequence` writes)::
 
     Name/
-      groundtruth_rect.txt   one "x,y,w,h" line per frame (commas, tabs or spaces)
-      img/0001.jpg ...       frames in name order (``img/`` may be omitted: images next to the txt)
+      groundtruth_rect.txt   one "x,y,w,h" line per frame (commas, tabs or spaces; a UTF-8 BOM is
+                             ignored); groundtruth_rect.1.txt, .2.txt ... for multi-target folders
+      img/0001.jpg ...       frames in numeric order (``img/`` may be omitted: images next to the txt)
+
+:func:`load_dataset` also reads GOT-10k, LaSOT, VOT (polygons become axis-aligned boxes) and
+UAV123 (NaN rows: target absent); absent frames are kept in the sequence and left out of scoring.
 
 Synthetic sequences (:func:`synthetic_sequence`) are textured rectangles moving smoothly over a
 textured background with scale change, appearance drift (the target's texture blends towards a
@@ -24,6 +28,11 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 GT_NAME = "groundtruth_rect.txt"
+FORMATS = ("otb", "got10k", "lasot", "vot", "uav123")
+
+# OTB sequences whose annotated range does not start at img/0001 (OTB's own sequence list,
+# configSeqs / the toolkits' startFrame): the ground truth's first row is this image.
+OTB_START_FRAMES = {"David": 300, "BlurCar1": 247, "BlurCar3": 3, "BlurCar4": 18}
 
 
 class SequenceError(ValueError):
@@ -35,17 +44,30 @@ class Sequence:
     """One tracking sequence.
 
     Attributes:
-        name: folder name.
+        name: sequence name (folder name; ``Name-k`` for target ``k`` of a multi-target OTB folder).
         frames: ``N`` image paths in display order.
-        boxes: ``(N, 4)`` float64 ground truth ``(x, y, w, h)``.
+        boxes: ``(N, 4)`` float64 ground truth ``(x, y, w, h)``; rows of NaN where the data set
+            marks the target absent (UAV123) or gives no box.
+        absent: ``(N,)`` bool, frames where the target is not visible (NaN rows, GOT-10k's
+            ``absence.label``, LaSOT's full occlusion / out of view); they are not scored.
     """
 
     name: str
     frames: List[Path]
     boxes: np.ndarray
+    absent: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        bad = ~np.isfinite(self.boxes).all(axis=1) | (np.nan_to_num(self.boxes[:, 2:]) <= 0).any(axis=1)
+        self.absent = bad if self.absent is None else (np.asarray(self.absent, bool) | bad)
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    @property
+    def valid(self) -> np.ndarray:
+        """``(N,)`` bool: frames with a visible, usable ground-truth box (scored, trainable)."""
+        return ~self.absent
 
     def image(self, i: int) -> np.ndarray:
         """Frame ``i`` as ``(H, W, 3) uint8`` RGB."""
@@ -56,53 +78,240 @@ class Sequence:
             raise SequenceError(f"{self.name}: cannot read image {self.frames[i]} ({e}).") from None
 
 
-def _parse_groundtruth(path: Path, name: str) -> np.ndarray:
+def _read_text(path: Path, name: str) -> str:
+    try:
+        # utf-8-sig drops a byte-order mark (some OTB / UAV files have one), which would
+        # otherwise make the first number unparsable.
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise SequenceError(f"{name}: {path} is not UTF-8 text.") from None
+
+
+def parse_boxes(path: Path, name: str) -> np.ndarray:
+    """Ground-truth rows of any supported file: ``x,y,w,h`` (OTB, GOT-10k, LaSOT, UAV123 — with
+    commas, tabs or spaces; ``NaN`` for an absent target) or VOT's 8-number polygons
+    ``x1,y1,...,x4,y4``, turned into their axis-aligned bounding rectangle. ``(N, 4)`` float64."""
     rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    for n, line in enumerate(_read_text(path, name).splitlines(), 1):
+        line = line.strip()
+        if not line:
             continue
-        parts = [p for p in re.split(r"[,\s]+", line.strip()) if p]
+        if line.startswith("m"):
+            raise SequenceError(f"{name}: line {n} of {path} is a VOT segmentation mask; only boxes and polygons "
+                                "are supported.")
+        parts = [p for p in re.split(r"[,;\s]+", line) if p]
         try:
             vals = [float(p) for p in parts]
         except ValueError:
             vals = []
-        if len(vals) != 4:
-            raise SequenceError(f"{name}: line {n} of {path} is not four numbers x,y,w,h: {line.strip()!r}.")
-        rows.append(vals)
+        if len(vals) == 4:
+            rows.append(vals)
+        elif len(vals) == 8:
+            xs, ys = np.asarray(vals[0::2]), np.asarray(vals[1::2])
+            rows.append([xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()])
+        else:
+            raise SequenceError(f"{name}: line {n} of {path} is not four numbers x,y,w,h or an 8-number polygon: "
+                                f"{line[:60]!r}.")
     if not rows:
         raise SequenceError(f"{name}: {path} has no boxes.")
     return np.asarray(rows, dtype=np.float64)
 
 
-def read_otb_sequence(path: Union[str, Path], check_images: bool = True) -> Sequence:
-    """Read an OTB-format sequence folder.
+def _parse_groundtruth(path: Path, name: str) -> np.ndarray:
+    return parse_boxes(path, name)
+
+
+def _frame_number(p: Path) -> Optional[int]:
+    m = re.search(r"(\d+)(?!.*\d)", p.stem)
+    return int(m.group(1)) if m else None
+
+
+def sorted_frames(img_dir: Path) -> List[Path]:
+    """Image files of ``img_dir`` in frame order: by the last number in the name, so ``2.jpg``
+    comes before ``10.jpg`` (text order would misalign boxes), then by name."""
+    files = [p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()]
+    return sorted(files, key=lambda p: (_frame_number(p) is None, _frame_number(p) or 0, p.name))
+
+
+def _check_images(name: str, frames: List[Path]) -> None:
+    for f in frames:
+        try:
+            with Image.open(f) as im:
+                im.size  # header parsed: format recognised
+        except (OSError, UnidentifiedImageError) as e:
+            raise SequenceError(f"{name}: cannot read image {f} ({e}).") from None
+
+
+def _match(name: str, frames: List[Path], boxes: np.ndarray, img_dir: Path, gt: Path) -> None:
+    if len(frames) != len(boxes):
+        raise SequenceError(f"{name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}; "
+                            "they must match one to one.")
+
+
+def otb_groundtruth_files(path: Path) -> List[Tuple[Optional[int], Path]]:
+    """``[(target, file)]``: ``[(None, groundtruth_rect.txt)]`` or, for multi-target folders
+    (Jogging, Skating2, Human4), ``[(1, groundtruth_rect.1.txt), (2, ...)]``."""
+    if (path / GT_NAME).is_file():
+        return [(None, path / GT_NAME)]
+    multi = []
+    for p in path.glob("groundtruth_rect.*.txt"):
+        m = re.fullmatch(r"groundtruth_rect\.(\d+)\.txt", p.name)
+        if m:
+            multi.append((int(m.group(1)), p))
+    return sorted(multi)
+
+
+def read_otb_sequence(path: Union[str, Path], check_images: bool = True, target: Optional[int] = None,
+                      start_frame: Optional[int] = None) -> Sequence:
+    """Read an OTB-format sequence folder (``img/`` + ``groundtruth_rect.txt``).
+
+    ``target`` picks ``groundtruth_rect.<target>.txt`` in a multi-target folder (the sequence is
+    then named ``Name-<target>``). Frames are ordered numerically. When there are more images
+    than boxes, the boxes start at image ``start_frame``, by default OTB's own start frame of
+    that sequence (:data:`OTB_START_FRAMES`, e.g. David starts at 300).
 
     Raises :class:`SequenceError` (one sentence) when the folder or its ground truth is missing,
-    a ground-truth line is malformed, the number of images and boxes differ, or (with
+    a ground-truth line is malformed, the number of images and boxes cannot be matched, or (with
     ``check_images``) an image file cannot be opened.
     """
     path = Path(path)
     name = path.name
     if not path.is_dir():
         raise SequenceError(f"{path} is not a directory.")
-    gt = path / GT_NAME
-    if not gt.is_file():
-        raise SequenceError(f"{name}: missing ground truth {gt} (expected one 'x,y,w,h' line per frame).")
+    files = otb_groundtruth_files(path)
+    if not files:
+        raise SequenceError(f"{name}: missing ground truth {path / GT_NAME} (expected one 'x,y,w,h' line per frame).")
+    if target is None and files[0][0] is not None:
+        if len(files) > 1:
+            raise SequenceError(f"{name}: has {len(files)} targets ({', '.join(f.name for _, f in files)}); "
+                                "pick one with target=k (load_dataset reads them all).")
+        target = files[0][0]
+    gt = dict(files)[target] if target is not None and target in dict(files) else None
+    if target is None:
+        gt = files[0][1]
+    elif gt is None:
+        raise SequenceError(f"{name}: no groundtruth_rect.{target}.txt.")
+    seq_name = name if target is None else f"{name}-{target}"
     img_dir = path / "img" if (path / "img").is_dir() else path
-    frames = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    frames = sorted_frames(img_dir)
     if not frames:
         raise SequenceError(f"{name}: no images ({', '.join(IMAGE_EXTS)}) in {img_dir}.")
-    boxes = _parse_groundtruth(gt, name)
-    if len(frames) != len(boxes):
-        raise SequenceError(f"{name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}; "
-                            "they must match one to one.")
+    boxes = parse_boxes(gt, seq_name)
+    if len(frames) > len(boxes):
+        start = start_frame if start_frame is not None else OTB_START_FRAMES.get(name)
+        if start is not None:
+            first = _frame_number(frames[0]) or 1
+            i0 = next((i for i, f in enumerate(frames) if _frame_number(f) == start), start - first)
+            frames = frames[i0:i0 + len(boxes)]
+            if len(frames) != len(boxes):
+                raise SequenceError(f"{seq_name}: {len(boxes)} boxes from frame {start} need images up to "
+                                    f"{start + len(boxes) - 1}, but {img_dir} ends earlier.")
+        else:
+            raise SequenceError(f"{seq_name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}, and the "
+                                "first annotated frame is not known; pass start_frame.")
+    _match(seq_name, frames, boxes, img_dir, gt)
     if check_images:
-        for f in frames:
-            try:
-                with Image.open(f) as im:
-                    im.size  # header parsed: format recognised
-            except (OSError, UnidentifiedImageError) as e:
-                raise SequenceError(f"{name}: cannot read image {f} ({e}).") from None
+        _check_images(seq_name, frames)
+    return Sequence(seq_name, frames, boxes)
+
+
+def _flags(path: Path, n: int, name: str) -> Optional[np.ndarray]:
+    """0/1 per frame from a GOT-10k / LaSOT label file (one per line, or comma-separated)."""
+    if not path.is_file():
+        return None
+    vals = [v for v in re.split(r"[,\s]+", _read_text(path, name).strip()) if v]
+    try:
+        flags = np.asarray([int(float(v)) for v in vals], dtype=bool)
+    except ValueError:
+        raise SequenceError(f"{name}: {path} is not a list of 0/1 flags.") from None
+    if len(flags) != n:
+        raise SequenceError(f"{name}: {path} has {len(flags)} flags for {n} frames.")
+    return flags
+
+
+def read_got10k_sequence(path: Union[str, Path], check_images: bool = True) -> Sequence:
+    """GOT-10k: ``Seq/00000001.jpg ...`` with ``groundtruth.txt`` (``x,y,w,h``) and optional
+    ``absence.label`` (1 = target absent). The test split's one-box files can be tracked only
+    with their first box, so they are refused with that reason."""
+    path = Path(path)
+    name = path.name
+    gt = path / "groundtruth.txt"
+    if not gt.is_file():
+        raise SequenceError(f"{name}: missing ground truth {gt} (GOT-10k layout: images + groundtruth.txt).")
+    frames = sorted_frames(path)
+    boxes = parse_boxes(gt, name)
+    if len(boxes) == 1 and len(frames) > 1:
+        raise SequenceError(f"{name}: groundtruth.txt has only the first box (GOT-10k test split); it cannot be "
+                            "scored locally.")
+    _match(name, frames, boxes, path, gt)
+    if check_images:
+        _check_images(name, frames)
+    return Sequence(name, frames, boxes, _flags(path / "absence.label", len(boxes), name))
+
+
+def read_lasot_sequence(path: Union[str, Path], check_images: bool = True) -> Sequence:
+    """LaSOT: ``cat-k/img/00000001.jpg ...``, ``groundtruth.txt`` (``x,y,w,h``) and
+    ``full_occlusion.txt`` / ``out_of_view.txt`` (comma-separated 0/1; either marks the frame absent)."""
+    path = Path(path)
+    name = path.name
+    gt = path / "groundtruth.txt"
+    if not gt.is_file():
+        raise SequenceError(f"{name}: missing ground truth {gt} (LaSOT layout: img/ + groundtruth.txt).")
+    img_dir = path / "img" if (path / "img").is_dir() else path
+    frames = sorted_frames(img_dir)
+    boxes = parse_boxes(gt, name)
+    _match(name, frames, boxes, img_dir, gt)
+    if check_images:
+        _check_images(name, frames)
+    absent = np.zeros(len(boxes), bool)
+    for f in ("full_occlusion.txt", "out_of_view.txt"):
+        flags = _flags(path / f, len(boxes), name)
+        if flags is not None:
+            absent |= flags
+    return Sequence(name, frames, boxes, absent)
+
+
+def read_vot_sequence(path: Union[str, Path], check_images: bool = True) -> Sequence:
+    """VOT: ``groundtruth.txt`` with one rectangle or 8-number polygon per line (polygons become
+    their axis-aligned bounding box); images in ``color/`` (VOT2016+) or next to the file."""
+    path = Path(path)
+    name = path.name
+    gt = path / "groundtruth.txt"
+    if not gt.is_file():
+        raise SequenceError(f"{name}: missing ground truth {gt} (VOT layout: groundtruth.txt + color/ or images).")
+    img_dir = path / "color" if (path / "color").is_dir() else path
+    frames = sorted_frames(img_dir)
+    boxes = parse_boxes(gt, name)
+    _match(name, frames, boxes, img_dir, gt)
+    if check_images:
+        _check_images(name, frames)
+    return Sequence(name, frames, boxes)
+
+
+def read_uav123_sequence(anno: Union[str, Path], root: Optional[Union[str, Path]] = None,
+                         check_images: bool = True, start_frame: Optional[int] = None) -> Sequence:
+    """UAV123: annotation ``anno/UAV123/<seq>.txt`` (``x,y,w,h``, ``NaN`` rows while the target is
+    absent) and images ``data_seq/UAV123/<seq>/000001.jpg ...``. Sub-sequences that share a folder
+    (``bird1_2`` in ``bird1/``) need ``start_frame``: their range is not in the files."""
+    anno = Path(anno)
+    name = anno.stem
+    root = Path(root) if root is not None else anno.parent.parent.parent
+    boxes = parse_boxes(anno, name)
+    base = root / "data_seq" / "UAV123"
+    img_dir = base / name
+    if not img_dir.is_dir():
+        parent = re.sub(r"_\d+$", "", name)
+        if parent != name and (base / parent).is_dir() and start_frame is not None:
+            img_dir = base / parent
+        else:
+            raise SequenceError(f"{name}: no image folder {img_dir}" + (
+                f"; it is a part of {base / parent}, pass its start_frame" if parent != name else "") + ".")
+    frames = sorted_frames(img_dir)
+    if start_frame is not None:
+        frames = [f for f in frames if (_frame_number(f) or 0) >= start_frame][:len(boxes)]
+    _match(name, frames, boxes, img_dir, anno)
+    if check_images:
+        _check_images(name, frames)
     return Sequence(name, frames, boxes)
 
 
@@ -112,11 +321,71 @@ def list_sequences(root: Union[str, Path]) -> List[Path]:
     root = Path(root)
     if not root.is_dir():
         raise SequenceError(f"{root} is not a directory.")
-    if (root / GT_NAME).is_file():
+    if otb_groundtruth_files(root) or (root / "groundtruth.txt").is_file():
         return [root]
     seqs = sorted(p for p in root.iterdir() if p.is_dir())
     if not seqs:
         raise SequenceError(f"{root} contains no sequence folders.")
+    return seqs
+
+
+def _dataset_jobs(root: Path, fmt: str, check_images: bool):
+    """``[(name, reader)]`` for every sequence of ``root`` in format ``fmt``."""
+    from functools import partial
+    if fmt == "uav123":
+        anno_dir = root / "anno" / "UAV123"
+        if not anno_dir.is_dir():
+            raise SequenceError(f"{root}: no anno/UAV123/ folder (UAV123 layout: anno/UAV123/*.txt + data_seq/UAV123/).")
+        return [(a.stem, partial(read_uav123_sequence, a, root, check_images)) for a in sorted(anno_dir.glob("*.txt"))]
+    readers = {"got10k": read_got10k_sequence, "lasot": read_lasot_sequence, "vot": read_vot_sequence}
+    if fmt == "otb":
+        jobs = []
+        for p in list_sequences(root):
+            files = otb_groundtruth_files(p)
+            targets = [t for t, _ in files] if len(files) > 1 else [files[0][0] if files else None]
+            jobs += [(p.name if t is None else f"{p.name}-{t}",
+                      partial(read_otb_sequence, p, check_images, t)) for t in targets]
+        return jobs
+    if fmt not in readers:
+        raise SequenceError(f"unknown data set format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    if (root / "groundtruth.txt").is_file():
+        folders = [root]
+    else:
+        listed = root / "list.txt"  # GOT-10k and VOT name their sequences in list.txt
+        if listed.is_file():
+            folders = [root / n.strip() for n in _read_text(listed, root.name).splitlines() if n.strip()]
+        else:
+            folders = sorted(p for p in root.iterdir() if p.is_dir())
+            if fmt == "lasot" and folders and not any((p / "groundtruth.txt").is_file() for p in folders):
+                # LaSOT groups sequences by category: root/airplane/airplane-1/...
+                folders = sorted(q for p in folders for q in p.iterdir() if q.is_dir())
+    if not folders:
+        raise SequenceError(f"{root} contains no sequence folders.")
+    return [(p.name, partial(readers[fmt], p, check_images)) for p in folders]
+
+
+def load_dataset(root: Union[str, Path], fmt: str = "otb", skip_bad: bool = False, check_images: bool = True,
+                 skipped: Optional[List[Tuple[str, str]]] = None) -> List[Sequence]:
+    """Every sequence of the data set at ``root`` (a data set folder or one sequence folder).
+
+    ``fmt``: one of :data:`FORMATS`. A sequence that cannot be read raises its one-line
+    :class:`SequenceError`, or with ``skip_bad`` is left out and ``(name, reason)`` appended to
+    ``skipped``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise SequenceError(f"{root} is not a directory.")
+    seqs = []
+    for name, read in _dataset_jobs(root, fmt, check_images):
+        try:
+            seqs.append(read())
+        except SequenceError as e:
+            if not skip_bad:
+                raise
+            if skipped is not None:
+                skipped.append((name, str(e)))
+    if not seqs:
+        raise SequenceError(f"{root}: no readable {fmt} sequence" + (" (all were skipped)." if skip_bad else "."))
     return seqs
 
 

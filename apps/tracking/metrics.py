@@ -7,7 +7,13 @@ Definitions follow the OTB toolkit (Wu et al., 2013/2015) as pysot implements th
   **precision** is the value at 20 px;
 * overlap: IoU of the ``(x, y, w, h)`` boxes (continuous coordinates);
 * success curve: fraction of frames with overlap > t for t in ``linspace(0, 1, 21)``; the
-  reported **success AUC** is the mean of that curve.
+  reported **success AUC** is the mean of that curve;
+* normalised precision (LaSOT / TrackingNet): the centre error measured in units of the ground
+  truth's width and height, curve over t = 0, 0.01, ..., 0.5; reported at 0.2 (pysot's
+  convention), so that it does not depend on the image resolution.
+
+Frames whose ground truth is absent (NaN rows, zero size, a data set's absence flags) are left out
+of every curve, as the GOT-10k / LaSOT toolkits do; pass ``valid`` for the flags.
 """
 from __future__ import annotations
 
@@ -18,6 +24,27 @@ import numpy as np
 
 PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64)
 SUCCESS_THRESHOLDS = np.linspace(0, 1, 21)
+NORM_PRECISION_THRESHOLDS = np.arange(0, 51, dtype=np.float64) / 100
+
+
+def normalized_center_error(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """Centre distance with x divided by the ground truth's width and y by its height, ``(N,)``."""
+    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4), np.asarray(gt, np.float64).reshape(-1, 4)
+    d = (pred[:, :2] + pred[:, 2:] / 2 - gt[:, :2] - gt[:, 2:] / 2) / np.maximum(gt[:, 2:], 1e-12)
+    return np.linalg.norm(d, axis=1)
+
+
+def norm_precision_curve(pred, gt) -> np.ndarray:
+    """``(51,)`` fraction of frames with normalised centre error <= 0, 0.01, ..., 0.5."""
+    e = normalized_center_error(pred, gt)
+    return (e[None, :] <= NORM_PRECISION_THRESHOLDS[:, None]).mean(axis=1)
+
+
+def valid_frames(gt, valid=None) -> np.ndarray:
+    """``(N,)`` bool: ground-truth rows that are finite with positive size (and ``valid``)."""
+    gt = np.asarray(gt, np.float64).reshape(-1, 4)
+    ok = np.isfinite(gt).all(axis=1) & (np.nan_to_num(gt[:, 2:]) > 0).all(axis=1)
+    return ok if valid is None else ok & np.asarray(valid, bool)
 
 
 def overlap(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -52,18 +79,30 @@ def success_curve(pred, gt) -> np.ndarray:
     return (o[None, :] > SUCCESS_THRESHOLDS[:, None]).mean(axis=1)
 
 
-def summarize(pred, gt) -> Dict[str, float]:
-    """``{"precision": P@20px, "success_auc": AUC, "mean_iou": ..}`` for one sequence or a
-    concatenation of sequences (frames weighted equally, as OTB does per sequence)."""
+def curves(pred, gt, valid=None) -> Dict[str, np.ndarray]:
+    """``{"success", "precision", "norm_precision"}`` curves of one sequence over its valid frames."""
+    m = valid_frames(gt, valid)
+    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4)[m], np.asarray(gt, np.float64).reshape(-1, 4)[m]
+    return {"success": success_curve(pred, gt), "precision": precision_curve(pred, gt),
+            "norm_precision": norm_precision_curve(pred, gt)}
+
+
+def summarize(pred, gt, valid=None) -> Dict[str, float]:
+    """``{"precision": P@20px, "success_auc": AUC, "norm_precision": P_norm@0.2, "mean_iou": ..}``
+    for one sequence or a concatenation of sequences (frames weighted equally, as OTB does per
+    sequence), over the frames with a valid ground truth."""
+    m = valid_frames(gt, valid)
+    pred, gt = np.asarray(pred, np.float64).reshape(-1, 4)[m], np.asarray(gt, np.float64).reshape(-1, 4)[m]
     return {
         "precision": float(precision_curve(pred, gt)[20]),
         "success_auc": float(success_curve(pred, gt).mean()),
+        "norm_precision": float(norm_precision_curve(pred, gt)[20]),
         "mean_iou": float(overlap(pred, gt).mean()),
     }
 
 
 def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, Path], title: str = "") -> Dict[str, Path]:
-    """Draw success and precision plots.
+    """Draw success and precision plots (``title``: the data set, shown in both titles).
 
     Args:
         results: ``{label: {"success": (21,), "precision": (51,)}}`` curves averaged over
@@ -96,9 +135,9 @@ def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, P
         ax.grid(alpha=0.3)
         ax.set_title(f"{'Success' if key == 'success' else 'Precision'} plots of OPE{' - ' + title if title else ''}",
                      fontsize=9)
-        ax.legend(fontsize=7, loc="lower left" if key == "success" else "lower right")
-        fig.tight_layout()
+        # Outside the axes: with several runs an inside legend hides the curves' interesting part.
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
         paths[key] = out_dir / f"{key}_plot.png"
-        fig.savefig(paths[key])
+        fig.savefig(paths[key], bbox_inches="tight")
         plt.close(fig)
     return paths
