@@ -85,7 +85,8 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune,
-                     num_sequences=args.num_sequences, seq_frames=args.seq_frames)
+                     num_sequences=args.num_sequences, seq_frames=args.seq_frames,
+                     shift=args.shift, scale=args.scale, blur=args.blur, flip=args.flip, max_gap=args.max_gap)
     if args.init:
         model = load_checkpoint(args.init)
         if getattr(model, "variant", "float") != "float":
@@ -93,7 +94,11 @@ def cmd_train(args) -> int:
     else:
         model = SiamRPNPP(_model_config(args))
     model.to(_device(args))
-    sampler = PairSampler(model.config, model.anchors.cpu(), tc)
+    real = _sequences(args, args.data) if args.data else None
+    if real is not None:
+        print(f"training on {len(real)} sequence(s) from {args.data} ({args.format}, "
+              f"{sum(int(q.valid.sum()) for q in real)} frames with a visible target)")
+    sampler = PairSampler(model.config, model.anchors.cpu(), tc, sequences=real)
     reg = None
     if args.variant != "float":
         example = tuple(t.to(_device(args)) for t in sampler.sample(8)[:2])
@@ -227,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ext", choices=("jpg", "png"), default="jpg")
     p.set_defaults(fn=cmd_synth)
 
-    p = sub.add_parser("train", help="offline training on synthetic pairs (L_hyb for hybrid variants)")
+    p = sub.add_parser("train", help="offline training on synthetic or real pairs (L_hyb for hybrid variants)")
     p.add_argument("--out", required=True, help="checkpoint path")
     p.add_argument("--variant", default="float", choices=("float", "hybrid", "hybrid_qp", "quant_qn"))
     p.add_argument("--init", help="float checkpoint to start from (e.g. to derive a hybrid variant)")
@@ -239,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lambda-quant", type=float, default=1e-3)
     p.add_argument("--lambda-prune", type=float, default=1e-5)
+    p.add_argument("--data", help="train on the real sequences of this data set (default: synthetic sequences)")
+    _add_data(p)
+    p.add_argument("--shift", type=float, default=0.25, help="max search-crop shift, fraction of the crop")
+    p.add_argument("--scale", type=float, default=0.18, help="max log-scale jitter of the search crop")
+    p.add_argument("--blur", type=float, default=0.0, help="probability of blurring the search crop (pysot: 0.2)")
+    p.add_argument("--flip", type=float, default=0.0, help="probability of mirroring a pair")
+    p.add_argument("--max-gap", type=int, default=20, help="largest template/search frame distance")
     p.add_argument("--num-sequences", type=int, default=24, help="synthetic training sequences")
     p.add_argument("--seq-frames", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)

@@ -1,4 +1,4 @@
-"""Short offline training on synthetic template/search pairs.
+"""Short offline training on template/search pairs from synthetic or real sequences.
 
 Pairs follow SiamRPN++/pysot: the template is the target with context (``s_z``) from frame i,
 the search crop is ``instance/exemplar`` times larger around the target in frame j (|i-j| <=
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .crop import crop_and_resize, to_tensor
-from .data import SynthConfig, synthetic_sequence
+from .data import Sequence, SynthConfig, synthetic_sequence
 from .model import ModelConfig, SiamRPNPP
 from .targets import anchor_targets, track_loss
 
@@ -40,6 +40,9 @@ class TrainConfig:
         shift: maximal search-crop shift as a fraction of the crop side (pysot: 64/255).
         scale: maximal log-scale jitter of the search crop (pysot: 0.18).
         context_amount: context around the target for the crop size.
+        blur: probability of blurring the search crop (pysot: 0.2 for ResNet-50 SiamRPN++), a
+            Gaussian of random width up to 2 px, for motion blur in real video.
+        flip: probability of mirroring a pair horizontally (template and search together).
     """
 
     steps: int = 300
@@ -54,6 +57,8 @@ class TrainConfig:
     shift: float = 0.25
     scale: float = 0.18
     context_amount: float = 0.5
+    blur: float = 0.0
+    flip: float = 0.0
     seed: int = 0
     synth: SynthConfig = field(default_factory=SynthConfig)
 
@@ -64,20 +69,45 @@ class TrainConfig:
             self.synth = SynthConfig(**self.synth)
 
 
+class _LazyFrames:
+    """Frames of a real :class:`~.data.Sequence`, decoded on first use and then kept (as uint8,
+    a quarter of float32's memory), so that training reads each image from disk once."""
+
+    def __init__(self, seq: Sequence):
+        self.seq, self.cache = seq, {}
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i not in self.cache:
+            self.cache[i] = torch.from_numpy(np.array(self.seq.image(i), copy=True)).permute(2, 0, 1).unsqueeze(0)
+        return self.cache[i].float()
+
+
 class PairSampler:
-    """Draws training batches from a pool of synthetic sequences.
+    """Draws training batches from a pool of sequences: synthetic ones by default, or the real
+    ``sequences`` given (:func:`~.data.load_dataset`), using only frames with a visible target.
 
     ``sample(batch_size)`` returns ``z (B, 3, Ez, Ez)``, ``x (B, 3, Ex, Ex)`` float crops in
     [0, 255], ``label (B, A, S, S)``, ``delta (B, 4, A, S, S)`` and ``weight (B, A, S, S)``.
     """
 
-    def __init__(self, model_config: ModelConfig, anchors: torch.Tensor, config: TrainConfig):
+    def __init__(self, model_config: ModelConfig, anchors: torch.Tensor, config: TrainConfig,
+                 sequences: Optional[List[Sequence]] = None):
         self.mc, self.tc, self.anchors = model_config, config, anchors
-        synth = SynthConfig(**{**asdict(config.synth), "frames": config.seq_frames})
         self.seqs = []
-        for i in range(config.num_sequences):
-            frames, boxes = synthetic_sequence(synth, config.seed + i)
-            self.seqs.append(([to_tensor(f) for f in frames], boxes))
+        if sequences is not None:
+            for seq in sequences:
+                if seq.valid.sum() >= 2:
+                    self.seqs.append((_LazyFrames(seq), seq.boxes, np.flatnonzero(seq.valid)))
+            if not self.seqs:
+                raise ValueError("no training sequence has two frames with a visible target.")
+        else:
+            synth = SynthConfig(**{**asdict(config.synth), "frames": config.seq_frames})
+            for i in range(config.num_sequences):
+                frames, boxes = synthetic_sequence(synth, config.seed + i)
+                self.seqs.append(([to_tensor(f) for f in frames], boxes, np.arange(len(frames))))
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
 
@@ -95,9 +125,11 @@ class PairSampler:
         mc, tc, rng = self.mc, self.tc, self.rng
         zs, xs, labels, deltas, weights = [], [], [], [], []
         for _ in range(batch_size):
-            frames, boxes = self.seqs[rng.integers(len(self.seqs))]
-            i = int(rng.integers(len(frames)))
-            j = int(np.clip(i + rng.integers(-tc.max_gap, tc.max_gap + 1), 0, len(frames) - 1))
+            frames, boxes, valid = self.seqs[rng.integers(len(self.seqs))]
+            a = int(rng.integers(len(valid)))
+            # Template and search from visible frames at most max_gap apart (indices into valid).
+            lo, hi = np.searchsorted(valid, valid[a] - tc.max_gap), np.searchsorted(valid, valid[a] + tc.max_gap, "right")
+            i, j = int(valid[a]), int(valid[rng.integers(lo, hi)])
             bz, bx = boxes[i], boxes[j]
             # Template: small jitter (pysot: 4 px shift, 5 % scale) so the net does not overfit centring.
             s_z = self._s_z(bz) * math.exp(rng.uniform(-0.05, 0.05))
@@ -109,11 +141,26 @@ class PairSampler:
             xs.append(crop_and_resize(frames[j], crop_center, s_x, mc.instance_size))
             k = mc.instance_size / s_x
             gt = torch.tensor([*(cx_target - crop_center) * k, bx[2] * k, bx[3] * k], dtype=torch.float32)
+            if tc.blur > 0 and rng.random() < tc.blur:
+                xs[-1] = _gaussian_blur(xs[-1], rng.uniform(0.5, 2.0))
+            if tc.flip > 0 and rng.random() < tc.flip:
+                zs[-1], xs[-1] = zs[-1].flip(3), xs[-1].flip(3)
+                gt[0] = -gt[0]  # crop coordinates are relative to the centre: mirroring negates x
             label, delta, weight = anchor_targets(self.anchors, gt, generator=self.gen)
             labels.append(label)
             deltas.append(delta)
             weights.append(weight)
         return (torch.cat(zs), torch.cat(xs), torch.stack(labels), torch.stack(deltas), torch.stack(weights))
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(1, 3, H, W)`` with std ``sigma`` px (replicate borders)."""
+    r = max(1, int(math.ceil(2 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sigma) ** 2)
+    k = (k / k.sum()).to(img)
+    x = torch.nn.functional.pad(img, (r, r, r, r), mode="replicate")
+    x = torch.nn.functional.conv2d(x, k.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
 
 
 def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
