@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -208,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-cutlass", action="store_true", help="leave out the stock CUTLASS rows and their build")
     p.add_argument("--device", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--jsonl", default=None,
+                   help="also append each row to this file as soon as its shape is done (the GPU suite reads "
+                        "it, so a stage stopped by its timeout keeps the shapes that finished)")
     a = p.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = a.backends or ho.available_backends(device)
@@ -215,7 +219,11 @@ def main(argv=None) -> int:
     jobs = [(s.with_batch(n), b, k) for s in shapes for n in a.batch for b in a.bits for k in a.keep]
     rows = []
     for s, b, k in tqdm(jobs, desc=f"kernels on {device.type}"):
-        rows += bench_shape(s, b, b, k, device, backends, cutlass=not a.no_cutlass)
+        new = bench_shape(s, b, b, k, device, backends, cutlass=not a.no_cutlass)
+        rows += new
+        if a.jsonl:
+            with open(a.jsonl, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in new)
     tag = torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else "cpu"
     out = Path(a.out or Path(__file__).resolve().parent / "results" / f"{tag}-kernels")
     out.mkdir(parents=True, exist_ok=True)

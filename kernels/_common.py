@@ -54,6 +54,28 @@ def check_device(t: torch.Tensor, name: str) -> None:
         )
 
 
+# CUDA's launch limits: grid x up to 2^31 - 1, y and z up to 65535.
+_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+INT32_MAX = 2**31 - 1
+
+
+def check_grid(grid, kernel: str) -> None:
+    """Refuse a launch grid past CUDA's limits with a sentence saying which axis and why (the
+    driver's own error names neither)."""
+    for axis, (size, limit) in enumerate(zip(grid, _GRID_LIMITS)):
+        if size > limit:
+            raise ValueError(f"{kernel}: launch grid axis {'xyz'[axis]} would be {size} programs, past CUDA's "
+                             f"limit of {limit}; split the batch or the channels into several calls.")
+
+
+def check_int32_span(count: int, what: str) -> None:
+    """The kernels compute offsets inside one image (and pixel indices) in int32, and only the
+    per-image base offsets in int64: refuse inputs where such an offset could overflow."""
+    if count > INT32_MAX:
+        raise ValueError(f"{what} spans {count} elements, past the 2^31 - 1 that the kernels index in int32; "
+                         "use smaller images or batches.")
+
+
 @triton.jit
 def quant_codes(t, alpha, beta, LEVELS: tl.constexpr, SIGNED: tl.constexpr):
     """Integer codes (int32) of ``t`` under eq 6-7 (``SIGNED``) or eq 8-9, in the reference's

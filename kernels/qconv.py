@@ -25,26 +25,20 @@ import triton.language as tl
 from hybridops.ops.packing import levels, packed_size
 from hybridops.ops.geometry import conv_out_size
 
-from ._common import INTERPRET, LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes, unpack_nibble
+from . import tiles
+from ._common import (INTERPRET, LAUNCH_OPTS, cached_index_map, check_device, check_grid, check_int32_span, pack_pairs,
+                      quant_codes, unpack_nibble)
 from .quantize import inverse_index
 
 # Output modes of the epilogue.
 _OUT_INT32, _OUT_FLOAT, _OUT_CODES = 0, 1, 2
 
 
-def _configs():
-    if INTERPRET:
-        # One small tile: autotuning would time every config on the (slow) CPU interpreter.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    # Hopper: large tiles for batched layers; BLOCK_M 16-32 for batch 1 (M = Ho * Wo is small);
-    # BLOCK_K >= 32 because int8 MMA consumes K in multiples of 32.
-    shapes = [
-        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4), (128, 128, 32, 8, 4), (64, 64, 32, 4, 5), (32, 64, 64, 4, 4),
-        (16, 64, 128, 4, 4), (32, 128, 32, 4, 4), (32, 64, 32, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+def _autotune_configs():
+    """The configs ``HYBRIDOPS_AUTOTUNE=1`` times: the shipped tiles (all spill-free); under the
+    interpreter only its own tile (nothing can be timed there)."""
+    pool = (tiles.INTERPRETER_TILE,) if INTERPRET else tiles.SHIPPED
+    return [triton.Config(t.meta(), num_warps=t.num_warps, num_stages=t.num_stages) for t in pool]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -65,10 +59,6 @@ def _byte_plane(row, ok, ch, c_lim, sc):
     return tl.load(row + ch * sc, mask=ok & (ch < c_lim), other=0).to(tl.int8, bitcast=True)
 
 
-# M_BUCKET (M rounded up to a power of two) rather than M keys the tuning: a new batch size or
-# resolution in the same bucket reuses the tuned tile instead of re-timing every config.
-@triton.autotune(configs=_configs(), key=["M_BUCKET", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"],
-                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr, rq_ptr,
@@ -195,6 +185,22 @@ def _qconv_kernel(
                 tl.store(out_rows + co[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
 
 
+# Only with HYBRIDOPS_AUTOTUNE=1 (tiles.autotune_requested). M_BUCKET (M rounded up to a power
+# of two) rather than M keys the tuning: a new batch size or resolution in the same bucket reuses
+# the tuned tile instead of re-timing every config.
+_TUNE_KEY = ["M_BUCKET", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"]
+_qconv_tuned = triton.autotune(configs=_autotune_configs(), key=_TUNE_KEY,
+                               prune_configs_by={"early_config_prune": _prune})(_qconv_kernel)
+# Keys tuned in this process (the autotuner's own cache is internal and differs across Triton
+# versions): a CUDA-graph capture may launch a tuned key (the autotuner then only looks it up)
+# but never time a new one, whose benchmark launches and syncs would break the capture.
+_tuned_keys = set()
+
+
+def _capturing(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def qconv2d(
     x_codes: torch.Tensor,
     w_packed: torch.Tensor,
@@ -247,21 +253,43 @@ def qconv2d(
     m = n * ho * wo
     requant = mode == _OUT_CODES
 
-    def grid(meta):
-        return triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
-
-    _qconv_kernel[grid](
+    x_bytes = h * w * x_codes.shape[3]
+    check_int32_span(x_bytes, "x_codes: one image's codes")
+    check_int32_span(m + 1024, "N * Ho * Wo (output pixels)")  # + the largest BLOCK_M: offs_m is int32
+    if has_fp:
+        check_int32_span(ho * wo * fp.shape[3], "fp_out: one image's pruned-branch output")
+    args = (
         x_codes, w_packed, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
         fp, cached_index_map(fp_idx, c_out, inverse_index) if has_fp else out,
         requant_qparams.contiguous() if requant else out,
         m, triton.next_power_of_2(m), h, w, ho, wo, c_out, cin_g, c_out // groups, row,
         *x_codes.stride(), *w_packed.stride(), *(fp.stride() if has_fp else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw,
+    )
+    const = dict(
         A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, W_NIB=w_nib,
         PLANES=2 if (a_nib or w_nib) else 1, OUT_MODE=mode, HAS_BIAS=mode != _OUT_INT32 and bias is not None,
         HAS_FP=has_fp, RELU=mode != _OUT_INT32 and relu,
         RQ_LEVELS=levels(requant_bits, requant_signed) if requant else 1, RQ_SIGNED=requant and requant_signed,
         RQ_NIB=requant and requant_bits <= 4,
-        **LAUNCH_OPTS,
     )
+    if tiles.autotune_requested():
+        key = (triton.next_power_of_2(m), c_out, cin_g, c_out // groups, kh, kw, a_nib, w_nib, mode, a_signed,
+               groups == 1 or cin_g % 2 == 0, out.dtype, fp.dtype, scale.dtype,
+               bias.dtype if bias is not None else None)
+        if key not in _tuned_keys and _capturing(x_codes):
+            raise RuntimeError(
+                "hybridops: HYBRIDOPS_AUTOTUNE=1 would autotune the Triton qconv2d kernel for a new shape inside a "
+                "CUDA graph capture, which cannot time kernels. Run the model once before capturing (the tuned "
+                "tile is then reused), or unset HYBRIDOPS_AUTOTUNE to use the shipped tile table.")
+        smallest = min(tiles.SHIPPED, key=lambda t: t.block_m * t.block_n)
+        check_grid((triton.cdiv(m, smallest.block_m), triton.cdiv(c_out, smallest.block_n)), "qconv2d")
+        _qconv_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"]))](
+            *args, **const, **LAUNCH_OPTS)
+        _tuned_keys.add(key)
+        return out
+    t = tiles.pick(m, c_out, INTERPRET)
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
+    check_grid(grid, "qconv2d")
+    _qconv_kernel[grid](*args, **const, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **LAUNCH_OPTS)
     return out

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from hybridops.ops.packing import levels, packed_size
 
-from ._common import LAUNCH_OPTS, cached_index_map, check_device, pack_pairs, quant_codes
+from ._common import LAUNCH_OPTS, cached_index_map, check_device, check_grid, check_int32_span, pack_pairs, quant_codes
 
 # 1024 elements per program: measured fastest for this pass on H100 (docs/gpu.md).
 _BLOCK = 1024
@@ -56,6 +56,7 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     # One flat pass over storage needs x in out's element order; only non-dense views get copied.
     src = x if x.stride() == out.stride() else torch.empty_like(out).copy_(x)
     grid = (triton.cdiv(x.numel(), _BLOCK),)
+    check_grid(grid, "fake_quantize")  # offsets are int64 in the kernel: only the grid can overflow
     _fake_quantize_kernel[grid](src, out, qparams.contiguous(), x.numel(), LEVELS=levels(bits, signed), INV_LEVELS=1.0 / levels(bits, signed),
                                 SIGNED=signed, F64=x.dtype == torch.float64, BLOCK=_BLOCK, **LAUNCH_OPTS)
     return out
@@ -213,6 +214,10 @@ def quantize_activate(
     block_p = _BLOCK // block_c
     c_tiles = triton.cdiv(c, block_c)
     grid = (triton.cdiv(h * w, block_p), n, c_tiles + triton.cdiv(kp, block_c))
+    # One program row per image (grid y) and per channel tile (z); offsets inside an image are
+    # int32 in the kernel (the image's base offset is int64).
+    check_grid(grid, "quantize_activate")
+    check_int32_span((h * w - 1) * abs(sxp) + (c - 1) * abs(x.stride(1)) + 1, "x: one image")
     _quantize_activate_kernel[grid](
         x, codes, x_slice if has_slice else codes, qparams.contiguous(),
         bn_scale.contiguous() if bn_scale is not None else x, bn_shift.contiguous() if bn_shift is not None else x,

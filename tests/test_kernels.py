@@ -56,24 +56,8 @@ def poison_cuda_allocator(device) -> None:
     del blocks
 
 
-@pytest.fixture(scope="module")
-def _two_triton_qconv_tiles():
-    """On a GPU, Triton tunes qconv2d over two tiles only (a wgmma one and a small-M mma.sync
-    one): every new shape key would otherwise compile and time all configs. (The interpreter has
-    a single config anyway.)"""
-    if DEVICE.type != "cuda" or backend_unavailable_reason("triton", DEVICE) is not None:
-        yield
-        return
-    from hybridops.kernels import qconv
-
-    configs = qconv._qconv_kernel.configs
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(qconv._qconv_kernel, "configs", [configs[0], configs[-1]])
-        yield
-
-
 @pytest.fixture(params=["triton", pytest.param("cuda", marks=pytest.mark.gpu)])
-def backend(request, monkeypatch, _two_triton_qconv_tiles):
+def backend(request, monkeypatch):
     """The kernel backend under test (skipped where it cannot run), with poisoned allocations."""
     reason = backend_unavailable_reason(request.param, DEVICE)
     if reason is not None:

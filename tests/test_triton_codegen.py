@@ -4,7 +4,9 @@ the design relies on, checked in the generated PTX:
 * no fused multiply-add anywhere: the quantizer and epilogue must round every fp32 operation like
   the reference so that codes are bitwise equal (docs/kernels.md, exactness rules);
 * the integer conv runs on tensor cores: ``wgmma`` for the large tiles, ``mma.sync`` for the
-  small-M (batch-1) tiles.
+  small-M (batch-1) tiles;
+* every shipped tile of ``kernels/tiles.py`` compiles without register spills in every kernel
+  variant (``ptxas -v`` on the PTX, the same ptxas Triton uses): a spilling tile is not shipped.
 
 Compilation needs Triton's real compiler, not the interpreter that the rest of the CPU test run
 uses, so it runs in a subprocess without TRITON_INTERPRET.
@@ -12,10 +14,52 @@ uses, so it runs in a subprocess without TRITON_INTERPRET.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
+
+
+# Variant families of the qconv kernel (constexpr choices of kernels/qconv.py's launcher):
+# packed / one-byte / mixed operands, byte-aligned or mid-byte groups, and the three epilogues.
+SPILL_VARIANTS = {
+    "nib_requant": (dict(A_NIB=True, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=2), "*u8"),
+    "nib_unaligned_bf16": (dict(A_NIB=True, A_ALIGNED=False, W_NIB=True, PLANES=2, OUT_MODE=1), "*bf16"),
+    "nib_int32": (dict(A_NIB=True, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=0), "*i32"),
+    "byte_int32": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=False, PLANES=1, OUT_MODE=0), "*i32"),
+    "byte_requant": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=False, PLANES=1, OUT_MODE=2), "*u8"),
+    "a8w4_bf16": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=1), "*bf16"),
+}
+
+
+def _ptxas() -> str:
+    """The ptxas Triton compiles with (its bundled one), else the one on PATH."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            tool = get_ptxas(90)
+        except TypeError:  # Triton versions whose get_ptxas takes no architecture
+            tool = get_ptxas()
+        return tool.path if hasattr(tool, "path") else tool[0]
+    except (ImportError, AttributeError):
+        return shutil.which("ptxas")
+
+
+def ptxas_usage(ptx_src: str) -> int:
+    """Spill-store bytes of one PTX kernel, from ``ptxas -v`` for sm_90a (Triton's own flags for
+    Hopper: no FMA contraction, since the kernels are compiled with enable_fp_fusion=False)."""
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx_src)
+        run = subprocess.run([_ptxas(), "-v", "--fmad=false", "--gpu-name=sm_90a", src, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, check=True)
+    m = re.search(r"(\d+) bytes spill stores", run.stderr)
+    assert m, run.stderr
+    return int(m.group(1))
 
 
 def _compile_all() -> list:
@@ -25,6 +69,7 @@ def _compile_all() -> list:
 
     import hybridops.kernels.qconv as C
     import hybridops.kernels.quantize as Q
+    import hybridops.kernels.tiles as T
 
     def ptx(jf, sig, consts, **opts):
         full = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in jf.arg_names}
@@ -44,17 +89,23 @@ def _compile_all() -> list:
     out.append({"kernel": "quantize_activate", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
     sig = {"x_ptr": "*u8", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
            "slot_ptr": "*i32", "rq_ptr": "*fp32"}
-    configs = C._configs()
-    for cfg in (configs[0], configs[-3]):  # a large tile and a small-M tile
+    shipped = T.SHIPPED
+    for t in (shipped[0], shipped[-1]):  # the largest tile (wgmma) and the smallest-M one (mma.sync)
         for a_nib, w_nib, mode, dst in ((True, True, 2, "*u8"), (True, True, 1, "*bf16"), (False, False, 0, "*i32")):
             consts = dict(A_NIB=a_nib, A_SIGNED=False, A_ALIGNED=True, W_NIB=w_nib, PLANES=2 if a_nib else 1,
                           OUT_MODE=mode, HAS_BIAS=True, HAS_FP=True, RELU=True, RQ_LEVELS=15, RQ_SIGNED=False,
-                          RQ_NIB=True, **cfg.kwargs)
-            p = ptx(C._qconv_kernel.fn, dict(sig, out_ptr=dst), consts, num_warps=cfg.num_warps,
-                    num_stages=cfg.num_stages)
+                          RQ_NIB=True, **t.meta())
+            p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
             mma = "wgmma" if "wgmma" in p else ("mma.sync" if "mma.sync" in p else "none")
-            out.append({"kernel": f"qconv {cfg.kwargs} nib={a_nib} mode={mode}", "block_m": cfg.kwargs["BLOCK_M"],
+            out.append({"kernel": f"qconv {t.name} nib={a_nib} mode={mode}", "block_m": t.block_m,
                         "fma": len(re.findall(r"\bfma\.rn", p)), "mma": mma})
+    # Spills: every shipped tile in every variant family the launcher can specialise to.
+    for t in shipped:
+        for name, (v, dst) in SPILL_VARIANTS.items():
+            consts = dict(A_SIGNED=False, HAS_BIAS=v["OUT_MODE"] != 0, HAS_FP=v["OUT_MODE"] != 0,
+                          RELU=v["OUT_MODE"] != 0, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True, **v, **t.meta())
+            p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+            out.append({"kernel": f"qconv {t.name} {name}", "spill": ptxas_usage(p)})
     return out
 
 
@@ -65,11 +116,18 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(results) == 9
-    for r in results:
+    from hybridops.kernels import tiles
+
+    ptx_checks = [r for r in results if "fma" in r]
+    spills = [r for r in results if "spill" in r]
+    assert len(ptx_checks) == 9
+    for r in ptx_checks:
         assert r["fma"] == 0, r
         if r["mma"] is not None:
             assert r["mma"] == ("wgmma" if r["block_m"] >= 64 else "mma.sync"), r
+    assert len(spills) == len(tiles.SHIPPED) * len(SPILL_VARIANTS)
+    spilling = [r for r in spills if r["spill"] != 0]
+    assert not spilling, f"shipped tiles that spill registers on sm_90 (drop them from kernels/tiles.py): {spilling}"
 
 
 if __name__ == "__main__":

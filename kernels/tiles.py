@@ -1,0 +1,106 @@
+"""The shipped tile table of the Triton qconv2d kernel: one config per shape, no autotuning.
+
+A cold process compiles one kernel per layer (per specialisation), not one per candidate tile:
+autotuning 11 configs per new shape cost roughly 200-350 compiles for a cold ResNet-50, more
+than the GPU time a verification run has (issue 11, GPU.md). :func:`pick` chooses from
+:data:`SHIPPED` by the problem's size; ``HYBRIDOPS_AUTOTUNE=1`` in the environment makes the
+launcher time all of :data:`SHIPPED` instead (``kernels/qconv.py``), which is refused inside a
+CUDA-graph capture for a shape not tuned before it.
+
+Every shipped config compiles for sm_90 with **zero register spills** in every kernel variant
+(packed / one-byte / mixed operands, unaligned groups, int32 / float / re-quantizing epilogues),
+checked with ``ptxas -v`` on Triton's PTX by ``tests/test_triton_codegen.py``. Configs with
+``BLOCK_K = 64`` and 128-row tiles that were tried spilled 90-1400 bytes (Triton 3.8): the masked
+per-element loads of the packed mainloop and the epilogue's per-element pointers fill the 255
+registers, so they are not shipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, Optional, Tuple
+
+# H100 and H200 both have 132 SMs; the table is written for them (the GPUs of GPU.md).
+SM_COUNT = 132
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One launch config of the qconv2d kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+
+    def meta(self) -> Dict[str, int]:
+        """The constexpr block sizes, as the kernel takes them."""
+        return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+
+
+# Largest first. BLOCK_K >= 32 because int8 MMA consumes K in multiples of 32; BLOCK_M >= 64 runs
+# on wgmma, smaller BLOCK_M on mma.sync (checked by the codegen test).
+SHIPPED: Tuple[Tile, ...] = (
+    Tile(64, 64, 32, 4, 4),   # batched layers
+    Tile(32, 64, 32, 4, 4),   # batch 1: M = Ho * Wo of a few hundred to a few thousand pixels
+    Tile(16, 64, 32, 4, 4),   # the smallest M (1x1 images: fully connected layers, late layers)
+)
+
+# The tile of the CPU interpreter, whatever the shape: its cost is per program and per op, so a
+# medium tile runs the test suite fastest; and one config means nothing is tuned there.
+INTERPRETER_TILE = Tile(32, 32, 32, 4, 1)
+
+_forced: Optional[Tile] = None
+
+
+def shipped_names() -> Tuple[str, ...]:
+    return tuple(t.name for t in SHIPPED)
+
+
+def by_name(name: str) -> Tile:
+    for t in SHIPPED + (INTERPRETER_TILE,):
+        if t.name == name:
+            return t
+    raise ValueError(f"unknown tile {name!r}; shipped: {', '.join(shipped_names())}.")
+
+
+@contextlib.contextmanager
+def forced(name: str) -> Iterator[Tile]:
+    """Run every qconv2d launch inside the block on tile ``name`` (the correctness stage of the
+    GPU suite and the tests run each shipped tile this way)."""
+    global _forced
+    previous, _forced = _forced, by_name(name)
+    try:
+        yield _forced
+    finally:
+        _forced = previous
+
+
+def autotune_requested() -> bool:
+    """``HYBRIDOPS_AUTOTUNE=1``: time the shipped tiles per shape instead of using :func:`pick`.
+    Read at each launch so that it can be switched in a running process."""
+    return os.environ.get("HYBRIDOPS_AUTOTUNE", "0") == "1"
+
+
+def pick(m: int, c_out: int, interpret: bool = False) -> Tile:
+    """The tile for an implicit GEMM of ``m`` output pixels and ``c_out`` output channels.
+
+    The largest shipped tile that still gives at least two CTAs per SM (so every SM has work and
+    a second CTA hides the first one's latency); when none does (batch-1 layers), the one with
+    the most CTAs, i.e. the smallest. A tile forced by :func:`forced` wins.
+    """
+    if _forced is not None:
+        return _forced
+    if interpret:
+        return INTERPRETER_TILE
+    for t in SHIPPED:
+        ctas = -(-m // t.block_m) * -(-c_out // t.block_n)
+        if ctas >= 2 * SM_COUNT:
+            return t
+    return SHIPPED[-1]
