@@ -189,3 +189,36 @@ def test_pair_sampler_on_real_sequences_uses_visible_frames_and_augments(tmp_pat
     assert torch.isfinite(z).all() and torch.isfinite(x).all() and (label == 1).any(dim=(1, 2, 3)).all()
     assert 2 not in sampler.seqs[0][1 + 1]  # frame 3 (index 2) has no box and is never sampled
     assert len(sampler.seqs[0][0].cache) >= 1  # images were decoded lazily from disk
+
+
+def test_flipped_pairs_keep_labels_on_the_target(tmp_path):
+    """With flip on, the positive anchors still sit where the (mirrored) target is in the crop."""
+    from hybridops_tracking.model import ModelConfig, SiamRPNPP
+    from hybridops_tracking.train import PairSampler, TrainConfig
+
+    seq = tmp_path / "sq"
+    seq.mkdir()
+    rows = []
+    for i in range(4):
+        img = np.zeros((100, 140, 3), np.uint8)
+        x, y = 30 + 15 * i, 40
+        img[y:y + 20, x:x + 20] = 255  # a bright square on black: its crop position is measurable
+        Image.fromarray(img).save(seq / f"{i + 1:08d}.png")
+        rows.append([x, y, 20, 20])
+    (seq / "groundtruth.txt").write_text(_lines(rows))
+    mc = ModelConfig(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
+    anchors = SiamRPNPP(mc).anchors
+    sampler = PairSampler(mc, anchors, TrainConfig(flip=1.0, shift=0.3, scale=0.0, seed=1),
+                          sequences=[read_got10k_sequence(seq)])
+    _, x, label, _, _ = sampler.sample(12)
+    checked = 0
+    for b in range(12):
+        bright = x[b].mean(0) > 128
+        cols = torch.nonzero(bright)[:, 1].float()
+        target_dx = float(cols.mean()) - (mc.instance_size - 1) / 2
+        anchor_dx = float(anchors[0][label[b] == 1].mean())
+        if abs(target_dx) > 6:  # clearly off-centre: the sign must agree
+            assert np.sign(target_dx) == np.sign(anchor_dx), (b, target_dx, anchor_dx)
+            assert abs(target_dx - anchor_dx) < 12
+            checked += 1
+    assert checked >= 3
