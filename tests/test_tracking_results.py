@@ -107,6 +107,8 @@ def test_result_files_rescore_and_merge(tmp_path):
         (res / "other" / f"{s.name}.txt").write_text("\n".join("\t".join(f"{v:g}" for v in b) for b in shifted[s.name]))
     assert (res / "perfect" / "s0.txt").is_file()
     np.testing.assert_allclose(read_tracker_results(res / "perfect", seqs)["s1"], seqs[1].boxes)
+    (res / "overlay").mkdir()  # not a tracker: holds no <seq>.txt
+    (res / "overlay" / "s0_strip.png").write_bytes(b"")
     rows = rescore(res, seqs)
     assert set(rows) == {"perfect", "other"}
     assert rows["perfect"]["precision"] == 1.0 and rows["perfect"]["success_auc"] > 0.95

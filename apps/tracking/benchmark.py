@@ -129,7 +129,11 @@ def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Option
     """Score every tracker folder of ``results_dir`` (or only ``trackers``) on ``seqs``:
     ``{tracker: score_results() output}``, ready for :func:`write_results`."""
     root = Path(results_dir)
-    names = list(trackers) if trackers else sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not root.is_dir():
+        raise SequenceError(f"{root} is not a directory.")
+    # A tracker folder holds result files of these sequences; other folders (overlays, logs) are not runs.
+    names = list(trackers) if trackers else sorted(
+        p.name for p in root.iterdir() if p.is_dir() and any((p / f"{q.name}.txt").is_file() for q in seqs))
     if not names:
         raise SequenceError(f"{root} holds no tracker result folders (<tracker>/<seq>.txt).")
     return {n: score_results(read_tracker_results(root / n, seqs), seqs) for n in names}
