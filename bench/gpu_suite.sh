@@ -161,7 +161,7 @@ stage_bench() {
   backends=$(python -c "import hybridops as ho, torch; d='cuda' if torch.cuda.is_available() else 'cpu'; print(' '.join(b for b in ho.available_backends(d) if b in ('triton', 'cuda')) or 'torch')")
   if [ "$MODE" = dry ]; then
     echo "CPU dry run: one tiny RT-MDNet layer, backends: torch triton (interpreter); cuDNN and CUTLASS columns need a GPU."
-    python bench/bench_kernels.py --device cpu --shapes rtmdnet.fc5 --batch 1 --bits 4 --backends torch triton \
+    python bench/bench_kernels.py --device cpu --shapes rtmdnet.fc6 --batch 1 --bits 4 --backends torch triton \
       --no-cutlass --jsonl "$WORK/kernels.jsonl" --out "$WORK/kernels"
     return $?
   fi

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +110,78 @@ def test_speedup_report_on_cpu(tmp_path):
     assert (tmp_path / "speedup.png").stat().st_size > 1000
     table = format_table(result)
     assert "reference backend" in table and "end to end" in table
+
+
+# ----------------------------------------------------------------------------- the GPU suite
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_suite_summary_reads_partial_results(tmp_path):
+    """The summary is rebuilt after every stage from whatever the stages left, timeouts included."""
+    from gpu.summarize import summarize
+
+    (tmp_path / "mode").write_text("full\n")
+    (tmp_path / "stages.tsv").write_text("env\tok\t2\t10\nbuild\tok\t120\t150\ncorrectness\ttimeout\t90\t90\n")
+    (tmp_path / "correctness-0.jsonl").write_text(
+        json.dumps({"case": "qconv:a", "backend": "cuda", "ok": True, "error": None, "s": 0.1}) + "\n"
+        + json.dumps({"case": "qconv:b", "backend": "triton", "ok": False, "error": "3 of 9 elements differ", "s": 1})
+        + "\n{\"case\": \"cut by the timeo")
+    rows = [{"shape": "resnet50.layer3.3x3.dil2", "batch": 32, "provider": p, "ms": ms}
+            for p, ms in (("cudnn_bf16_cl", 0.0564), ("cutlass_s8_128x128", 0.0588), ("cutlass_s8_64x128", 0.0692),
+                          ("qconv_cuda", 0.0470))]
+    (tmp_path / "kernels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = summarize(tmp_path)
+    lines = text.splitlines()
+    assert lines[0].startswith("hybridops GPU suite (full)")
+    assert any(ln.split()[:2] == ["correctness", "timeout"] for ln in lines)
+    assert "cuda 1 passed, 0 failed; triton 0 passed, 1 failed" in text
+    assert "FAIL triton qconv:b: 3 of 9 elements differ" in text
+    row = next(ln for ln in lines if ln.startswith("resnet50.layer3"))
+    # cuDNN 56.4 us; best CUTLASS 58.8 us (0.96x); ours 47.0 us (1.20x).
+    assert "56.4" in row and "58.8(0.96)" in row and "47.0(1.20)" in row
+    assert "end to end: no results" in text and "sanitizers: no results" in text
+    assert len(lines) <= 40  # one screen
+
+
+def test_gpu_suite_correctness_cases_cover_every_variant():
+    """The correctness stage's case list covers each bit-width pair, output mode, alignment case
+    and shipped Triton tile (what issue 12 asks of stage b)."""
+    from gpu.check_kernels import BITS, MODES, SHAPES, cases
+
+    from hybridops.kernels import tiles
+
+    full = cases("full")
+    conv = [c for c in full if c["kind"] == "qconv"]
+    assert {c["bits"] for c in conv} == set(BITS)
+    assert {c["mode"] for c in conv} == set(MODES)
+    assert {c["tile"] for c in conv} - {None} == set(tiles.shipped_names())
+    cpu_shapes = {s for s, v in SHAPES.items() if not v[-1]}
+    assert {c["shape"] for c in conv} >= cpu_shapes  # odd C_in, mid-byte groups, depthwise, strided, stem
+    assert {c["kind"] for c in full} == {"fake_quantize", "quantize_activate", "qconv"}
+    quick, dry = cases("quick"), cases("dry")
+    assert len(dry) < len(quick) < len(full)
+    assert {c["tile"] for c in dry if c["kind"] == "qconv"} - {None} == set(tiles.shipped_names())
+    assert len({c["id"] for c in full}) == len(full)  # ids are unique (they seed the inputs)
+
+
+@pytest.mark.slow
+def test_gpu_suite_dry_run(tmp_path):
+    """`bash bench/gpu_suite.sh --dry-run` runs every stage's wiring on the CPU in under 2 minutes
+    and exits 0, leaving the summary and the files the device tool brings back."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), SUITE_DIR=str(tmp_path / "work"), TRITON_INTERPRET="1")
+    t = time.time()
+    run = subprocess.run(["bash", str(ROOT / "bench" / "gpu_suite.sh"), "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=150)
+    elapsed = time.time() - t
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
+    assert elapsed < 120, f"the dry run took {elapsed:.0f} s"
+    stages = [ln.split("\t") for ln in (tmp_path / "work" / "stages.tsv").read_text().splitlines()]
+    assert [s[0] for s in stages] == ["env", "build", "correctness", "bench", "e2e", "sanitizer"]
+    assert all(s[1] == "ok" for s in stages), stages
+    results = [json.loads(ln) for ln in (tmp_path / "work" / "correctness-0.jsonl").read_text().splitlines()]
+    assert len(results) >= 30 and all(r["ok"] for r in results) and {r["backend"] for r in results} == {"triton"}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.tgz", "suite.log", "summary.txt"]
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert "correctness: triton" in summary and "0 failed" in summary
+    assert "rtmdnet.fc6" in summary and "CUDA graph: not run (no GPU)" in summary
+    assert run.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary prints last

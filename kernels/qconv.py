@@ -197,6 +197,11 @@ _qconv_tuned = triton.autotune(configs=_autotune_configs(), key=_TUNE_KEY,
 _tuned_keys = set()
 
 
+def _span(shape, strides) -> int:
+    """Elements from the first to one past the last of a strided block."""
+    return 1 + sum((d - 1) * abs(st) for d, st in zip(shape, strides) if d > 0)
+
+
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
@@ -243,6 +248,12 @@ def qconv2d(
         mode, out_dt, row = _OUT_CODES, torch.uint8, packed_size(c_out, requant_bits)
     else:
         mode, out_dt, row = _OUT_FLOAT, out_dtype, c_out
+    # Checked before allocating the output: the kernel indexes pixels (offs_m) and offsets inside
+    # one image in int32, and only the image and output-row bases in int64.
+    check_int32_span(n * ho * wo + 1024, "N * Ho * Wo (output pixels, + one tile)")
+    check_int32_span(_span(x_codes.shape[1:], x_codes.stride()[1:]), "x_codes: one image's codes")
+    if fp_out is not None and out_dtype != torch.int32:
+        check_int32_span(_span(fp_out.shape[1:], fp_out.stride()[1:]), "fp_out: one image's pruned-branch output")
     out = torch.empty((n, ho, wo, row), dtype=out_dt, device=x_codes.device)
     if out.numel() == 0:
         return out
@@ -253,11 +264,6 @@ def qconv2d(
     m = n * ho * wo
     requant = mode == _OUT_CODES
 
-    x_bytes = h * w * x_codes.shape[3]
-    check_int32_span(x_bytes, "x_codes: one image's codes")
-    check_int32_span(m + 1024, "N * Ho * Wo (output pixels)")  # + the largest BLOCK_M: offs_m is int32
-    if has_fp:
-        check_int32_span(ho * wo * fp.shape[3], "fp_out: one image's pruned-branch output")
     args = (
         x_codes, w_packed, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
         fp, cached_index_map(fp_idx, c_out, inverse_index) if has_fp else out,

@@ -427,6 +427,109 @@ def test_qconv2d_random(backend, p):
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
 
 
+# ----------------------------------------------------------------------------- Triton tile table
+def _triton_modules():
+    if backend_unavailable_reason("triton", DEVICE) is not None:
+        pytest.skip(backend_unavailable_reason("triton", DEVICE))
+    from hybridops.kernels import qconv, tiles
+
+    return qconv, tiles
+
+
+def test_tile_table_one_shipped_tile_per_shape():
+    """One tile per shape from the shipped table (so a cold process compiles one kernel per layer):
+    large tiles where they still give two CTAs per SM, the smallest-M tile for batch-1 layers."""
+    _, tiles = _triton_modules()
+    names = set(tiles.shipped_names())
+    # (M = N * Ho * Wo, C_out) of ResNet-50 / RT-MDNet layers at batch 32 and 1 (bench/common.py).
+    batched = [(32 * 28 * 28, 128), (32 * 31 * 31, 256), (32 * 7 * 7, 512), (32 * 51 * 51 // 4, 256)]
+    single = [(28 * 28, 128), (31 * 31, 256), (7 * 7, 512), (1, 512)]
+    for m, c_out in batched + single:
+        t = tiles.pick(m, c_out)
+        assert t.name in names
+        ctas = -(-m // t.block_m) * -(-c_out // t.block_n)
+        assert ctas >= 2 * tiles.SM_COUNT or t == tiles.SHIPPED[-1], (m, c_out, t)
+    assert tiles.pick(32 * 31 * 31, 256) == tiles.SHIPPED[0]
+    assert tiles.pick(31 * 31, 256) == tiles.SHIPPED[-1]
+    assert tiles.pick(31 * 31, 256, interpret=True) == tiles.INTERPRETER_TILE
+    with tiles.forced(tiles.SHIPPED[1].name):
+        assert tiles.pick(32 * 31 * 31, 256) == tiles.SHIPPED[1]
+    assert tiles.pick(32 * 31 * 31, 256) == tiles.SHIPPED[0]
+    with pytest.raises(ValueError, match="unknown tile"):
+        tiles.by_name("m999")
+
+
+@pytest.mark.parametrize("tile_index", [0, 1, 2])
+def test_qconv2d_every_shipped_tile(backend, tile_index):
+    """Each shipped tile, forced, gives the reference's codes and accumulators (aligned groups and
+    a group starting mid-byte)."""
+    if backend != "triton":
+        pytest.skip("the tile table is the triton backend's")
+    _, tiles = _triton_modules()
+    tile = tiles.SHIPPED[tile_index]
+    for cin, cout, groups in ((17, 33, 1), (34, 34, 2)):
+        x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, 3, groups, 4, False, 4, seed=tile_index)
+        scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [cout - 1, 0, 5], torch.float32)
+        args = (x_codes, w_packed, cin, 4, False, 4, scale * 0.3, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
+        ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=make_qparams(0.0, 2.0, False), rq_bits=4)
+        raw = args[:7] + (None,) + args[8:]
+        with tiles.forced(tile.name):
+            got = run_qconv(backend, *args, **ep)
+            acc = run_qconv(backend, *raw, out_dtype=torch.int32)
+        assert_same(got, run_qconv("torch", *args, **ep))
+        assert_same(acc, run_qconv("torch", *raw, out_dtype=torch.int32))
+
+
+def test_qconv2d_autotune_only_when_asked_and_never_in_capture(backend, monkeypatch):
+    """HYBRIDOPS_AUTOTUNE=1 tunes (here, on the interpreter's single config); a new shape inside a
+    CUDA-graph capture is refused with a clear error, a shape tuned before the capture is not."""
+    if backend != "triton":
+        pytest.skip("autotuning is the triton backend's")
+    qconv, _ = _triton_modules()
+    x_codes, w_packed, _ = conv_inputs(1, 16, 5, 5, 8, 3, 1, 4, False, 4, seed=11)
+    args = (x_codes, w_packed, 16, 4, False, 4, torch.ones(8, device=DEVICE), None, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+    ref = run_qconv("torch", *args, out_dtype=torch.int32)
+    monkeypatch.setenv("HYBRIDOPS_AUTOTUNE", "1")
+    monkeypatch.setattr(qconv, "_tuned_keys", set())
+    monkeypatch.setattr(qconv, "_capturing", lambda t: True)
+    with pytest.raises(RuntimeError, match="autotune.*CUDA graph capture.*HYBRIDOPS_AUTOTUNE"):
+        run_qconv(backend, *args, out_dtype=torch.int32)
+    monkeypatch.setattr(qconv, "_capturing", lambda t: False)
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), ref)  # tuned outside the capture
+    assert len(qconv._tuned_keys) == 1
+    monkeypatch.setattr(qconv, "_capturing", lambda t: True)
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), ref)  # same key: looked up, not tuned
+    monkeypatch.delenv("HYBRIDOPS_AUTOTUNE")
+    assert_same(run_qconv(backend, *args, out_dtype=torch.int32), ref)  # the table never tunes
+
+
+def test_launchers_check_grid_and_int32_limits(backend):
+    """Launch grids past CUDA's limits (65535 on y and z) and images whose in-kernel int32 offsets
+    would overflow are refused before any allocation or launch, naming the limit."""
+    if backend != "triton":
+        pytest.skip("the triton launchers' checks")
+    from hybridops.kernels import _common, quantize
+
+    _common.check_grid((2**31 - 1, 65535, 65535), "k")
+    with pytest.raises(ValueError, match="axis y would be 65536 programs, past CUDA's limit of 65535"):
+        _common.check_grid((1, 65536), "k")
+    with pytest.raises(ValueError, match="axis z"):
+        _common.check_grid((1, 1, 70000), "k")
+    # quantize_activate: one program row per image on grid y.
+    x = torch.randn(65536, 2, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="quantize_activate: launch grid axis y"):
+        quantize.quantize_activate(x, make_qparams(0.0, 1.0, False), 4, False)
+    # qconv2d: one image of 2^32 one-byte codes, on the meta device (no memory behind it), which
+    # only the interpreter's device check lets through; the check precedes every allocation.
+    if DEVICE.type == "cuda":
+        return
+    qconv, _ = _triton_modules()
+    big = torch.empty(1, 65536, 65536, 1, dtype=torch.uint8, device="meta")
+    w_packed = torch.zeros(1, 1, 1, 1, dtype=torch.uint8, device="meta")
+    with pytest.raises(ValueError, match="2\\^31 - 1"):
+        qconv.qconv2d(big, w_packed, 1, 8, True, 8, torch.ones(1, device="meta"), None, (1, 1), (0, 0, 0, 0), (1, 1), 1)
+
+
 # ----------------------------------------------------------------------------- opcheck
 def test_opcheck_fake_quantize(backend):
     x = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
