@@ -69,7 +69,9 @@ publish() {
   if [ -n "${OUT:-}" ]; then
     mkdir -p "$OUT"
     cp "$WORK/summary.txt" "$LOG" "$OUT/" 2>/dev/null
-    tar czf "$OUT/results.tgz" -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
+    # Without the CUTLASS build folder (objects and a library: tens of MB, over the 16 MiB a file
+    # the device tool brings back).
+    tar czf "$OUT/results.tgz" --exclude=cutlass-build -C "$(dirname "$WORK")" "$(basename "$WORK")" 2>/dev/null
   fi
 }
 

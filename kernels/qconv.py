@@ -10,6 +10,9 @@ the even channels (low nibbles) then the odd ones (high nibbles), each a ``tl.do
 one is read with the same even/odd split. When both operands are one byte per code, a step is
 ``BLOCK_K`` consecutive channels and a single dot.
 
+Tiles. One config per shape from the shipped table of :mod:`.tiles` (no autotuning unless
+``HYBRIDOPS_AUTOTUNE=1``), so a cold process compiles one kernel per layer specialisation.
+
 Groups. Output-channel tiles are aligned to ``BLOCK_N`` (even, so that re-quantized nibble
 pairs ``2j, 2j+1`` land in one tile and the epilogue writes whole bytes); a tile that straddles
 groups loops over them, masking the weight rows of the other groups.
