@@ -143,6 +143,24 @@ def test_deployed_tracker_online_update(hybrid_model, frames):
             assert torch.equal(m.w_packed, packed[n]), n
 
 
+def test_deployed_tracker_is_traced_and_fused(hybrid_model):
+    """deploy fuses the backbone's BatchNorms into the integer kernels' epilogues (the tracker
+    traces with torch.fx, and the Siamese double call is avoided by deploying the backbone first)
+    without changing the outputs."""
+    import warnings
+    model = hybrid.clone(hybrid_model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'torch.fx could not trace SiamRPNPP' would fail here
+        hybrid.deploy(model, backend="torch")
+    fused = [n for n, m in model.backbone.named_modules() if isinstance(m, ho.DeployedConv2d) and "epilogue=" in repr(m)]
+    assert fused and isinstance(model.backbone.layer1[0].bn1, torch.nn.Identity)
+    z, x = _inputs(1, seed=5)
+    with torch.no_grad():
+        ref, out = hybrid_model(z, x), model(z, x)
+    torch.testing.assert_close(out["cls"], ref["cls"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["loc"], ref["loc"], rtol=1e-4, atol=1e-5)
+
+
 def test_checkpoint_round_trip(hybrid_model, tmp_path):
     path = save_checkpoint(tmp_path / "h.pt", hybrid.clone(hybrid_model), "hybrid")
     loaded = load_checkpoint(path)

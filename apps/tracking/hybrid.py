@@ -90,7 +90,14 @@ def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -
 
 
 def deploy(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`)."""
+    """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`),
+    with the deploy-time BatchNorm/ReLU fusion in the backbone.
+
+    The backbone is deployed on its own first: the Siamese ``forward(z, x)`` calls every backbone
+    layer twice (template and search), and deploy_ fuses only layers called once, so deploying
+    the whole model would leave every BatchNorm as a separate pass. The second call deploys the
+    rest (the classification heads' last layers) and skips what is already deployed."""
+    ho.deploy_(model.backbone, backend=backend)
     ho.deploy_(model, backend=backend)
     return model
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.resnet import Bottleneck
@@ -173,17 +174,23 @@ class AdjustLayer(nn.Module):
     ``forward(x: (N, C_in, H, W)) -> (N, C_out, H', W')``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, crop: int = 7):
+    def __init__(self, in_channels: int, out_channels: int, crop: int = 7, template_size: Optional[int] = None):
         super().__init__()
         self.downsample = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False), nn.BatchNorm2d(out_channels))
         self.crop = crop
+        # The template's feature size is fixed by the config, so the crop is decided here, not
+        # from x.size() in forward: a size test there is control flow torch.fx cannot trace,
+        # and hybridops.deploy_ needs a traced graph to fuse BatchNorm/ReLU into the kernels.
+        self.template_size = template_size
 
     def forward(self, x: torch.Tensor, is_template: bool = False) -> torch.Tensor:
         x = self.downsample(x)
-        if is_template and x.size(3) > self.crop:
-            l = (x.size(3) - self.crop) // 2
-            x = x[:, :, l:l + self.crop, l:l + self.crop]
+        if is_template:
+            size = self.template_size if self.template_size is not None else x.size(3)
+            if size > self.crop:
+                l = (size - self.crop) // 2
+                x = x[:, :, l:l + self.crop, l:l + self.crop]
         return x
 
 
@@ -197,8 +204,10 @@ def xcorr_depthwise(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
         ``(B, C, Hx - Hz + 1, Wx - Wz + 1)``: ``out[b, c] = x[b, c] (*) kernel[b, c]`` (valid,
         correlation, no flip).
     """
-    b, c = kernel.shape[:2]
-    if x.shape[:2] != kernel.shape[:2]:
+    b, c = kernel.size(0), kernel.size(1)
+    # The check is skipped while torch.fx traces (sizes are symbolic there, and a Python `if` on
+    # them cannot be traced); eager calls, which see real shapes, always run it.
+    if not isinstance(x, torch.fx.Proxy) and x.shape[:2] != kernel.shape[:2]:
         raise ValueError(f"xcorr_depthwise: search {tuple(x.shape)} and kernel {tuple(kernel.shape)} "
                          "need the same batch and channel sizes.")
     # Fold the batch into channels so one grouped conv does all B*C correlations.
@@ -232,7 +241,9 @@ class DepthwiseXCorr(nn.Module):
         ``return_hidden`` also the input of the last layer ``(B, hidden, S, S)``."""
         k = self.conv_kernel(kernel)
         s = self.conv_search(search)
-        hidden = self.head[:-1](xcorr_depthwise(s, k))
+        hidden = xcorr_depthwise(s, k)
+        for layer in list(self.head)[:-1]:  # not self.head[:-1]: a new Sequential torch.fx cannot trace
+            hidden = layer(hidden)
         out = self.last(hidden)
         return (out, hidden) if return_hidden else out
 
@@ -263,7 +274,8 @@ class SiamRPNPP(nn.Module):
         self.config = config or ModelConfig()
         c = self.config
         self.backbone = ResNet50Atrous(c.width, c.blocks)
-        self.neck = nn.ModuleList(AdjustLayer(ch, c.neck_channels, c.template_crop) for ch in self.backbone.out_channels)
+        zf = feature_size(c.exemplar_size)
+        self.neck = nn.ModuleList(AdjustLayer(ch, c.neck_channels, c.template_crop, zf) for ch in self.backbone.out_channels)
         self.rpn = nn.ModuleList(DepthwiseRPN(c.anchor_num, c.neck_channels, c.neck_channels)
                                  for _ in self.backbone.out_channels)
         # Learned fusion of the three levels (pysot MultiRPN weighted=True), softmax-normalised.
@@ -297,8 +309,7 @@ class SiamRPNPP(nn.Module):
             cls = cls + cls_w[i] * c
             loc = loc + loc_w[i] * rpn.loc(z, x)
             hidden.append(h)
-        b, _, s, _ = cls.shape
-        a = self.config.anchor_num
+        b, s, a = cls.size(0), cls.size(2), self.config.anchor_num  # size() calls: traceable by torch.fx
         out = {"cls": cls.reshape(b, 2, a, s, s), "loc": loc.reshape(b, 4, a, s, s)}
         if return_hidden:
             out["cls_hidden"] = hidden
