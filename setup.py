@@ -7,7 +7,10 @@ when torch is importable at build time and a CUDA toolkit is found; use
 Environment variables:
   HYBRIDOPS_BUILD_CUDA=0|1   0 skips the CUDA extension; 1 requires it (the build fails loudly
                              instead of silently skipping). Default: build if possible.
-  HYBRIDOPS_CUDA_ARCHS       e.g. "8.0;9.0" (default). Passed as TORCH_CUDA_ARCH_LIST.
+  HYBRIDOPS_CUDA_ARCHS       any of 8.0, 8.6, 8.9, 9.0, 9.0a separated by ";" (default "8.0;9.0", what
+                             CI compiles: sm_80 SASS also runs on 8.6 / 8.9, so CI skips those two
+                             and 9.0a). Passed as TORCH_CUDA_ARCH_LIST.
+  MAX_JOBS                   parallel compile jobs of the ninja build (default: every CPU core).
 """
 import os
 import shutil
@@ -17,6 +20,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
+# Architectures the CUDA extension may be built for (HYBRIDOPS_CUDA_ARCHS): Ampere, Ampere
+# GA10x, Ada, Hopper, and Hopper with its architecture-specific features.
+CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "9.0a")
 
 
 def find_cuda_home():
@@ -55,7 +61,25 @@ def cuda_extension():
             sys.exit("HYBRIDOPS_BUILD_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME).")
         return [], {}
     archs = os.environ.get("HYBRIDOPS_CUDA_ARCHS", "8.0;9.0")
+    arch_list = [a.strip() for a in archs.replace(",", ";").replace(" ", ";").split(";") if a.strip()]
+    unknown = [a for a in arch_list if a not in CUDA_ARCHS]
+    if unknown or not arch_list:
+        sys.exit(f"HYBRIDOPS_CUDA_ARCHS={archs!r}: choose from {', '.join(CUDA_ARCHS)} (separated by ';').")
+    archs = ";".join(arch_list)
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs
+    # ninja compiles the sources in parallel (torch's BuildExtension reads MAX_JOBS); nvcc's
+    # --threads compiles one source's architectures in parallel too.
+    os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
+    ninja = shutil.which("ninja") is not None  # also the pip package's, which it puts on PATH
+    if ninja and "PYTORCH_NVCC" not in os.environ:
+        # nvcc through csrc/nvcc_ptxas_log.sh: ptxas's register / spill report of each source is
+        # kept in build/ptxas/ (tests/test_cuda_kernels.py asserts that shipped kernels do not
+        # spill). A PYTORCH_NVCC set by the user (ccache, say) is left alone.
+        os.environ["HYBRIDOPS_NVCC"] = str(Path(cuda_home) / "bin" / "nvcc")
+        os.environ.setdefault("HYBRIDOPS_PTXAS_LOG_DIR", str(ROOT / "build" / "ptxas"))
+        os.environ["PYTORCH_NVCC"] = str(ROOT / "csrc" / "nvcc_ptxas_log.sh")
+    how = f"ninja, MAX_JOBS={os.environ['MAX_JOBS']}" if ninja else "setuptools, one source at a time (no ninja found)"
+    print(f"hybridops: CUDA extension hybridops._C for {archs}, built with {how}", file=sys.stderr)
     # The kernels use cp.async and mma.sync int8 (sm_80+). No --use_fast_math: the quantizer
     # and epilogue must round every fp32 operation exactly like the reference. No -std flag:
     # torch's BuildExtension adds the C++ standard its own headers need (C++20 for recent torch).
@@ -64,10 +88,10 @@ def cuda_extension():
         sources=sources,
         extra_compile_args={
             "cxx": ["-O3", f'-DHYBRIDOPS_CUDA_ARCHS="{archs}"'],
-            "nvcc": ["-O3", "-lineinfo"],
+            "nvcc": ["-O3", "-lineinfo", f"--threads={len(arch_list)}"],
         },
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=ninja)}
 
 
 def cpu_extension():

@@ -633,6 +633,10 @@ at::Tensor qconv2d_cuda(
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x_codes.get_device()));
   const std::string plan = qconv2d_plan(s.m, cin_g, cout_g, groups, codes_out && requant_bits <= 4, sms);
   if (plan == "direct") {
+    // CUDA's grid limits: x < 2^31 (m < 2^31 is checked above), y <= 65535.
+    TORCH_CHECK(ceil_div(cout, 2 * kDirectPairs) <= 65535, "cuda_qconv2d: ", cout,
+                " output channels need a launch grid y of ", ceil_div(cout, 2 * kDirectPairs),
+                " on the direct path, past CUDA's limit of 65535.");
     const dim3 grid(static_cast<unsigned>(ceil_div(s.m, kDirectPixels)),
                     static_cast<unsigned>(ceil_div(cout, 2 * kDirectPairs)));
     qconv_direct_kernel<<<grid, kDirectPairs * kDirectPixels, 0, stream>>>(s, ep);

@@ -7,6 +7,10 @@ GPU tests are marked ``gpu`` and skipped when the extension or a GPU is missing.
 """
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 from test_kernels import (CONV_CASES, assert_same, conv_case_id, conv_cases, conv_inputs, epilogue_inputs,
@@ -85,6 +89,116 @@ def test_qconv2d_plan(case):
 def test_conv_cases_exercise_every_kernel():
     assert {plan for _, plan in conv_cases()} == set(cuda_ext.build_info()["qconv2d_kernels"])
     assert len(CONV_CASES) == len(conv_cases())
+
+
+# ----------------------------------------------------------------------------- ptxas resource usage
+ROOT = Path(__file__).resolve().parent.parent
+PTXAS_LOG_DIR = Path(os.environ.get("HYBRIDOPS_PTXAS_LOG_DIR", ROOT / "build" / "ptxas"))
+
+# Kernels of the current build that spill, with why they are still shipped. Each entry must
+# still spill (a fixed kernel is taken off this list): issue 12 item 2 (A_SIGNED and bit widths
+# as template parameters, A unpacked once per CTA) is the planned fix for both.
+KNOWN_SPILLS = {
+    # 8-bit activations x 4-bit weights, 128x128 tile: 48 B spill stores at 128 registers (the
+    # A8W4 inner loop keeps both operands' unpack state live). Batched 5-8-bit layers only.
+    ("qconv_mma_kernel", "128,128,2,4,false,true"),
+    # 4-bit activations x 8-bit weights, 64x64 tile: 24 B spill stores.
+    ("qconv_mma_kernel", "64,64,2,2,true,false"),
+}
+
+
+def parse_ptxas_log(text: str):
+    """``ptxas -v`` output -> ``{(kernel, template args, arch): {regs, stack, spill_stores, spill_loads}}``.
+
+    Kernel names are the demangled base names of csrc's kernels; template arguments are read
+    from the Itanium mangling (``ILi128ELi128E...Lb1ELb0EE``) as a comma-separated string."""
+    out = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
+        if m:
+            mangled, arch = m.groups()
+            name = re.search(r"(qconv_\w+?_kernel|fake_quantize_kernel|quantize_activate_kernel)", mangled)
+            targs = re.search(r"_kernelI(.*?)EEv", mangled)
+            args = []
+            if targs:
+                for kind, val in re.findall(r"L([ib])(\d+)E", targs.group(1)):
+                    args.append(("true" if val == "1" else "false") if kind == "b" else val)
+            key = (name.group(1) if name else mangled, ",".join(args), arch)
+            cur = out.setdefault(key, {})
+            continue
+        if cur is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            cur["regs"] = int(m.group(1))
+    return out
+
+
+def test_parse_ptxas_log():
+    log = """ptxas info    : Compiling entry function '_ZN9hybridops43_GLOBAL__N__7d4bd6ec_10_qconv2d_cu_df5db2d416qconv_mma_kernelILi128ELi128ELi2ELi4ELb0ELb1EEEvNS0_9ConvShapeENS0_8EpilogueEb' for 'sm_90'
+ptxas info    : Function properties for _ZN9hybridops...
+    64 bytes stack frame, 48 bytes spill stores, 136 bytes spill loads
+ptxas info    : Used 128 registers, used 1 barriers, 64 bytes cumulative stack size, 1024 bytes smem
+ptxas info    : Compiling entry function '_ZN9hybridops43_GLOBAL__N__7d4bd6ec_10_qconv2d_cu_df5db2d419qconv_direct_kernelENS0_9ConvShapeENS0_8EpilogueE' for 'sm_80'
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 45 registers, used 1 barriers, 512 bytes smem
+"""
+    got = parse_ptxas_log(log)
+    assert got == {("qconv_mma_kernel", "128,128,2,4,false,true", "sm_90"):
+                   dict(stack=64, spill_stores=48, spill_loads=136, regs=128),
+                   ("qconv_direct_kernel", "", "sm_80"): dict(stack=0, spill_stores=0, spill_loads=0, regs=45)}
+
+
+def _ptxas_reports():
+    sources = sorted((ROOT / "csrc").glob("*.cu"))
+    logs = {src: PTXAS_LOG_DIR / f"{src.name}.ptxas.log" for src in sources}
+    missing = [src.name for src, log in logs.items() if not log.exists()]
+    if missing:
+        pytest.skip(f"no ptxas report of {', '.join(missing)} in {PTXAS_LOG_DIR}: the CUDA extension was not built "
+                    "here with setup.py's ninja build (pip install --no-build-isolation -e . with nvcc present)")
+    stale = [src.name for src, log in logs.items() if src.stat().st_mtime > log.stat().st_mtime]
+    if stale:
+        pytest.skip(f"the ptxas reports of {', '.join(stale)} predate their sources; rebuild the extension")
+    return {src.name: parse_ptxas_log(log.read_text()) for src, log in logs.items()}
+
+
+def spill_findings(kernels):
+    """``(unexpected, fixed)``: spilling kernels not in KNOWN_SPILLS, and KNOWN_SPILLS entries
+    that no longer spill on any architecture built."""
+    spilling = {k for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"]}
+    unexpected = sorted(k for k in spilling if k[:2] not in KNOWN_SPILLS)
+    fixed = sorted(k for k in KNOWN_SPILLS if not any(s[:2] == k for s in spilling))
+    return unexpected, fixed
+
+
+def test_spill_findings():
+    clean = dict(stack=16, spill_stores=0, spill_loads=0, regs=64)
+    kernels = {k + ("sm_90",): dict(clean, spill_stores=8) for k in KNOWN_SPILLS}
+    kernels[("qconv_direct_kernel", "", "sm_80")] = clean
+    assert spill_findings(kernels) == ([], [])
+    kernels[("qconv_direct_kernel", "", "sm_90")] = dict(clean, spill_loads=4)
+    assert spill_findings(kernels)[0] == [("qconv_direct_kernel", "", "sm_90")]
+    first = sorted(KNOWN_SPILLS)[0]
+    kernels[first + ("sm_90",)] = clean
+    assert spill_findings(kernels)[1] == [first]
+
+
+def test_built_kernels_do_not_spill():
+    """Reads the resource usage ptxas reported for every kernel of the build (setup.py's nvcc
+    wrapper keeps it) and asserts that no shipped kernel spills registers, except the documented
+    KNOWN_SPILLS; every architecture built is checked."""
+    reports = _ptxas_reports()
+    kernels = {k: v for rep in reports.values() for k, v in rep.items()}
+    names = {k[0] for k in kernels}
+    assert {"qconv_mma_kernel", "qconv_direct_kernel", "quantize_activate_kernel"} <= names, names
+    assert all("spill_stores" in v and "regs" in v for v in kernels.values()), kernels
+    unexpected, fixed = spill_findings(kernels)
+    assert not unexpected, f"kernels that spill registers: {[(k, kernels[k]) for k in unexpected]}"
+    assert not fixed, f"these kernels no longer spill: remove them from KNOWN_SPILLS: {fixed}"
 
 
 # ----------------------------------------------------------------------------- GPU
