@@ -124,6 +124,11 @@ def parse_ptxas_log(text: str):
             if targs:
                 for kind, val in re.findall(r"L([ib])(\d+)E", targs.group(1)):
                     args.append(("true" if val == "1" else "false") if kind == "b" else val)
+                # Type arguments (float, c10::Half, ...) stay mangled after the values, so that
+                # each instantiation keeps its own key.
+                types = re.sub(r"L[ib]\d+E", "", targs.group(1))
+                if types:
+                    args.append(types)
             key = (name.group(1) if name else mangled, ",".join(args), arch)
             cur = out.setdefault(key, {})
             continue
@@ -146,11 +151,16 @@ ptxas info    : Used 128 registers, used 1 barriers, 64 bytes cumulative stack s
 ptxas info    : Compiling entry function '_ZN9hybridops43_GLOBAL__N__7d4bd6ec_10_qconv2d_cu_df5db2d419qconv_direct_kernelENS0_9ConvShapeENS0_8EpilogueE' for 'sm_80'
     0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
 ptxas info    : Used 45 registers, used 1 barriers, 512 bytes smem
+ptxas info    : Compiling entry function '_ZN9hybridops12_GLOBAL__N_120fake_quantize_kernelIN3c104HalfELi4EEEvPKT_PS4_PKfl' for 'sm_90'
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 32 registers, used 1 barriers, 0 bytes smem
 """
     got = parse_ptxas_log(log)
     assert got == {("qconv_mma_kernel", "128,128,2,4,false,true", "sm_90"):
                    dict(stack=64, spill_stores=48, spill_loads=136, regs=128),
-                   ("qconv_direct_kernel", "", "sm_80"): dict(stack=0, spill_stores=0, spill_loads=0, regs=45)}
+                   ("qconv_direct_kernel", "", "sm_80"): dict(stack=0, spill_stores=0, spill_loads=0, regs=45),
+                   ("fake_quantize_kernel", "4,N3c104HalfE", "sm_90"): dict(stack=0, spill_stores=0, spill_loads=0,
+                                                                           regs=32)}
 
 
 def _ptxas_reports():
