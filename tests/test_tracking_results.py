@@ -120,6 +120,20 @@ def test_result_files_rescore_and_merge(tmp_path):
     assert "norm. precision" in (out / "table.md").read_text() and (out / "success_plot.png").stat().st_size > 0
 
 
+def test_merged_runs_keep_speed_and_updates(tmp_path):
+    """evaluate's run_info.json carries FPS, the time split and online updates into re-scored tables."""
+    seqs = _dataset(tmp_path)
+    run = {"fps": 12.5, "ms_per_frame": {"crop": 1.0, "network": 70.0, "post": 0.5, "update": 8.0},
+           "per_sequence": {s.name: {"updates": 3} for s in seqs}}
+    write_tracker_results(tmp_path / "r", "hybrid-online", {s.name: s.boxes for s in seqs}, run=run)
+    row = rescore(tmp_path / "r", seqs)["hybrid-online"]
+    assert row["fps"] == 12.5 and row["ms_per_frame"]["update"] == 8.0
+    assert [v["updates"] for v in row["per_sequence"].values()] == [3, 3]
+    assert cli.main(["rescore", str(tmp_path / "r"), "--data", str(tmp_path / "data")]) == 0
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "| 12.5 | 1.0 / 70.0 / 0.5 / 8.0 |" in table and table.rstrip().splitlines()[-3].endswith("| 6 |")
+
+
 def test_rescore_reports_missing_files_in_one_line(tmp_path, capsys):
     seqs = _dataset(tmp_path)
     write_tracker_results(tmp_path / "r", "t", {seqs[0].name: seqs[0].boxes})

@@ -102,14 +102,36 @@ def tracker_name(checkpoint: Union[str, Path], deployed: bool = False, online: b
     return Path(checkpoint).stem + ("-deployed" if deployed else "") + ("-online" if online else "")
 
 
-def write_tracker_results(results_dir: Union[str, Path], tracker: str, boxes: Dict[str, np.ndarray]) -> Path:
+RUN_INFO = "run_info.json"
+_RUN_KEYS = ("fps", "ms_per_frame", "rc")
+
+
+def write_tracker_results(results_dir: Union[str, Path], tracker: str, boxes: Dict[str, np.ndarray],
+                          run: Optional[Dict] = None) -> Path:
     """``results_dir/<tracker>/<seq>.txt``, one ``x,y,w,h`` line per frame (pysot / OTB toolkit
-    layout; ``nan`` where the tracker did not run)."""
+    layout; ``nan`` where the tracker did not run). ``run`` (an :func:`evaluate` output) adds
+    ``run_info.json`` with its speed and per-sequence online updates, which boxes cannot carry,
+    so that a merged table still shows them."""
     d = Path(results_dir) / tracker
     d.mkdir(parents=True, exist_ok=True)
     for name, b in boxes.items():
         np.savetxt(d / f"{name}.txt", np.asarray(b), fmt="%.4f", delimiter=",")
+    if run is not None:
+        info = {k: run[k] for k in _RUN_KEYS if k in run}
+        info["updates"] = {k: v.get("updates", 0) for k, v in run.get("per_sequence", {}).items()}
+        (d / RUN_INFO).write_text(json.dumps(info, indent=1, default=float) + "\n")
     return d
+
+
+def _with_run_info(tracker_dir: Path, row: Dict) -> Dict:
+    f = tracker_dir / RUN_INFO
+    if f.is_file():
+        info = json.loads(f.read_text())
+        row.update({k: info[k] for k in _RUN_KEYS if k in info})
+        for name, n in info.get("updates", {}).items():
+            if name in row["per_sequence"]:
+                row["per_sequence"][name]["updates"] = n
+    return row
 
 
 def read_tracker_results(tracker_dir: Union[str, Path], seqs: Seq[Sequence]) -> Dict[str, np.ndarray]:
@@ -136,7 +158,7 @@ def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Option
         p.name for p in root.iterdir() if p.is_dir() and any((p / f"{q.name}.txt").is_file() for q in seqs))
     if not names:
         raise SequenceError(f"{root} holds no tracker result folders (<tracker>/<seq>.txt).")
-    return {n: score_results(read_tracker_results(root / n, seqs), seqs) for n in names}
+    return {n: _with_run_info(root / n, score_results(read_tracker_results(root / n, seqs), seqs)) for n in names}
 
 
 def draw_strip(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], num: int = 6, height: int = 160) -> Path:

@@ -170,7 +170,7 @@ def cmd_evaluate(args) -> int:
     online = _online(args, model)
     r = evaluate(model, seqs, online=online, progress=not args.quiet)
     key = args.name or tracker_name(args.checkpoint, deployed=args.deploy, online=online is not None)
-    write_tracker_results(args.out, key, r["boxes"])
+    write_tracker_results(args.out, key, r["boxes"], run=r)
     if not args.quiet:
         for name, s in r["per_sequence"].items():
             print(f"{name:20s} precision {s['precision']:.3f}  success AUC {s['success_auc']:.3f}  {s['fps']:.1f} FPS")
