@@ -222,3 +222,16 @@ def test_flipped_pairs_keep_labels_on_the_target(tmp_path):
             assert abs(target_dx - anchor_dx) < 12
             checked += 1
     assert checked >= 3
+
+
+def test_real_otb_crossing_when_present():
+    """The real OTB sequence shared with this project (tab-separated ground truth), when the
+    machine has it; every other reader test runs on generated fixtures."""
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "otb" / "Crossing"
+    if not root.is_dir():
+        pytest.skip(f"{root} is not on this machine (the generated-fixture tests cover the reader)")
+    s = read_otb_sequence(root)
+    assert len(s) == 120 and s.frames[0].name == "0001.jpg" and s.frames[-1].name == "0120.jpg"
+    np.testing.assert_array_equal(s.boxes[0], [205, 151, 17, 50])
+    assert s.valid.all() and s.image(0).ndim == 3
