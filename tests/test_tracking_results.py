@@ -192,3 +192,26 @@ def test_overlay_gif_has_every_frame_with_boxes(tmp_path):
     green = (rgb[..., 1] > 200) & (rgb[..., 0] < 80) & (rgb[..., 2] < 80)
     red = (rgb[..., 0] > 200) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
     assert green.sum() > 10 and red.sum() > 10
+
+
+def test_pysot_weights_to_hybrid_and_deployed_tracker_from_the_cli(tmp_path):
+    """The user's path from a pysot model.pth: --init it, fine-tune a hybrid with L_hyb, track deployed.
+    (A narrow ResNet in pysot's layout and geometry 127 / 255 stands in for the 400 MB release.)"""
+    torch.manual_seed(0)
+    src = SiamRPNPP(ModelConfig(width=0.125, blocks=(1, 2, 1, 1), neck_channels=16, input_format="bgr255")).eval()
+    pth = tmp_path / "model.pth"
+    torch.save({"state_dict": ours_to_pysot(src.state_dict())}, pth)
+    m = load_checkpoint(pth)
+    assert m.config.blocks == (1, 2, 1, 1) and m.config.width == 0.125 and m.config.exemplar_size == 127
+    frames, boxes = synthetic_sequence(SynthConfig(frames=5, width=128, height=96, target_size=(16, 24)), seed=4)
+    seq = write_otb_sequence(tmp_path / "data" / "seq", frames, boxes)
+    common = ["--steps", "1", "--batch-size", "2", "--max-gap", "2", "--quiet", "--threads", "1"]
+    assert cli.main(["train", "--init", str(pth), "--variant", "hybrid", "--data", str(seq), "--out",
+                     str(tmp_path / "hyb.pt"), *common]) == 0
+    hyb = load_checkpoint(tmp_path / "hyb.pt", deploy=True, backend="torch")
+    assert hyb.config.input_format == "bgr255" and hyb.deployed
+    out = tmp_path / "o"
+    assert cli.main(["track", str(seq), "--checkpoint", str(tmp_path / "hyb.pt"), "--deploy", "--out", str(out),
+                     "--quiet", "--threads", "1"]) == 0
+    pred = np.loadtxt(out / "seq_boxes.txt", delimiter=",")
+    assert pred.shape == (5, 4) and np.isfinite(pred).all()

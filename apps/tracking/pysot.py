@@ -76,13 +76,29 @@ def ours_to_pysot(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
     return out
 
 
+def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
+    """The :class:`ModelConfig` a (renamed) state_dict was built with, read from its shapes:
+    width from ``conv1``, blocks per stage from the layer indices, neck channels from the adjust
+    layers; crops 127 / 255 and BGR 0-255 input as in pysot's ``siamrpn_r50_l234_dwxcorr``."""
+    width = sd["backbone.conv1.weight"].shape[0] / 64
+    blocks = tuple(1 + max(int(k.split(".")[2]) for k in sd if k.startswith(f"backbone.layer{i}."))
+                   for i in range(1, 5))
+    neck = sd["neck.0.downsample.0.weight"].shape[0]
+    anchors = sd["rpn.0.cls.head.3.weight"].shape[0] // 2
+    if anchors != 5:
+        raise KeyError(f"the classification heads predict {anchors} anchors; pysot's SiamRPN++ uses 5 "
+                       "(ratios 0.33, 0.5, 1, 2, 3).")
+    return ModelConfig(width=width, blocks=blocks, neck_channels=neck, input_format="bgr255")
+
+
 def load_pysot_state_dict(ckpt: Mapping, config: ModelConfig = None) -> SiamRPNPP:
-    """A float :class:`SiamRPNPP` with pysot's weights (full ResNet-50, crops 127 / 255, BGR 0-255
-    input unless ``config`` says otherwise). Every tensor of the model must be present, except
-    BN's ``num_batches_tracked`` counters, which older pysot files lack and which no forward uses."""
-    config = config or ModelConfig(input_format="bgr255")
-    model = SiamRPNPP(config)
+    """A float :class:`SiamRPNPP` with pysot's weights (crops 127 / 255, BGR 0-255 input; the
+    architecture read from the tensors, see :func:`config_from_state_dict`, unless ``config``
+    is given). Every tensor of the model must be present, except BN's ``num_batches_tracked``
+    counters, which older pysot files lack and which no forward uses."""
     sd = pysot_to_ours(ckpt)
+    config = config or config_from_state_dict(sd)
+    model = SiamRPNPP(config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
