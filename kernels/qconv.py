@@ -55,11 +55,16 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _byte_plane(row, ok, ch, c_lim, sc):
+def _byte_plane(row, ok, ch, c_lim, sc, K_FULL: tl.constexpr):
     """int8 one-byte codes at channels ``ch (BLOCK_K,)`` of the rows ``row`` (the tile's pixel or
-    weight-tap pointers, ``ok`` their masks); channels ``>= c_lim`` read as zero codes. Returns
-    ``(rows, BLOCK_K)`` when ``row`` is a column, ``(BLOCK_K, rows)`` when it is a row vector."""
-    return tl.load(row + ch * sc, mask=ok & (ch < c_lim), other=0).to(tl.int8, bitcast=True)
+    weight-tap pointers, ``ok`` their masks); channels ``>= c_lim`` read as zero codes, unless
+    ``K_FULL`` says that no K step reaches past ``c_lim``. Returns ``(rows, BLOCK_K)`` when
+    ``row`` is a column, ``(BLOCK_K, rows)`` when it is a row vector."""
+    if K_FULL:
+        mask = ok
+    else:
+        mask = ok & (ch < c_lim)
+    return tl.load(row + ch * sc, mask=mask, other=0).to(tl.int8, bitcast=True)
 
 
 @triton.jit
@@ -71,7 +76,7 @@ def _qconv_kernel(
     A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, W_NIB: tl.constexpr,
     PLANES: tl.constexpr, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
     RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_FULL: tl.constexpr,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out (N, Ho, Wo, OUT_ROW)``.
 
@@ -118,42 +123,51 @@ def _qconv_kernel(
             a_row = (x_img + ih * sxh + iw * sxw)[:, None]
             w_tap = (w_rows + kh * swh + kw * sww)[None, :]
             if PLANES == 1:
-                a = _byte_plane(a_row, a_ok, (c0 + k0 + j)[None, :], c0 + CIN_G, sxc)
-                b = _byte_plane(w_tap, w_ok[None, :], (k0 + j)[:, None], CIN_G, swc)
+                a = _byte_plane(a_row, a_ok, (c0 + k0 + j)[None, :], c0 + CIN_G, sxc, K_FULL)
+                b = _byte_plane(w_tap, w_ok[None, :], (k0 + j)[:, None], CIN_G, swc, K_FULL)
                 acc = tl.dot(a, b, acc, out_dtype=tl.int32)
             else:
-                # Plane p holds the channels k0 + 2j + p of the group.
-                even_ok = (k0 + 2 * j) < CIN_G
-                odd_ok = (k0 + 2 * j + 1) < CIN_G
+                # Plane p holds the channels k0 + 2j + p of the group. K_FULL (C_in / groups a
+                # multiple of the K step): every channel of every step exists, so only the image
+                # border and the tile's rows and columns are masked; the loads then vectorise.
+                if K_FULL:
+                    a_even = a_ok
+                    a_odd = a_ok
+                    w_even = w_ok[None, :]
+                else:
+                    even_ok = (k0 + 2 * j) < CIN_G
+                    odd_ok = (k0 + 2 * j + 1) < CIN_G
+                    a_even = a_ok & even_ok[None, :]
+                    a_odd = a_ok & odd_ok[None, :]
+                    w_even = even_ok[:, None] & w_ok[None, :]
                 if A_NIB:
                     if A_ALIGNED:
                         # The group starts on a byte: one load gives both planes.
-                        v = tl.load(a_row + ((c0 + k0) // 2 + j)[None, :] * sxc, mask=a_ok & even_ok[None, :],
-                                    other=0).to(tl.int32)
+                        v = tl.load(a_row + ((c0 + k0) // 2 + j)[None, :] * sxc, mask=a_even, other=0).to(tl.int32)
                         a0 = unpack_nibble(v, 0, A_SIGNED)
                         a1 = unpack_nibble(v, 4, A_SIGNED)
                     else:
                         # Odd group start: channel c0+k0+2j+p sits in byte (c0+k0+p)//2 + j, at
                         # nibble (c0+k0+p) % 2, the same for the whole plane.
                         cb = c0 + k0
-                        v0 = tl.load(a_row + (cb // 2 + j)[None, :] * sxc, mask=a_ok & even_ok[None, :],
-                                     other=0).to(tl.int32)
-                        v1 = tl.load(a_row + ((cb + 1) // 2 + j)[None, :] * sxc, mask=a_ok & odd_ok[None, :],
-                                     other=0).to(tl.int32)
+                        v0 = tl.load(a_row + (cb // 2 + j)[None, :] * sxc, mask=a_even, other=0).to(tl.int32)
+                        v1 = tl.load(a_row + ((cb + 1) // 2 + j)[None, :] * sxc, mask=a_odd, other=0).to(tl.int32)
                         a0 = unpack_nibble(v0, (cb % 2) * 4, A_SIGNED)
                         a1 = unpack_nibble(v1, ((cb + 1) % 2) * 4, A_SIGNED)
                 else:
-                    a0 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j)[None, :], c0 + CIN_G, sxc)
-                    a1 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j + 1)[None, :], c0 + CIN_G, sxc)
+                    a0 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j)[None, :], c0 + CIN_G, sxc, K_FULL)
+                    a1 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j + 1)[None, :], c0 + CIN_G, sxc, K_FULL)
                 if W_NIB:
-                    v = tl.load(w_tap + (k0 // 2 + j)[:, None] * swc, mask=even_ok[:, None] & w_ok[None, :],
-                                other=0).to(tl.int32)
+                    v = tl.load(w_tap + (k0 // 2 + j)[:, None] * swc, mask=w_even, other=0).to(tl.int32)
                     b0 = unpack_nibble(v, 0, True)
-                    # The pad nibble of an odd C_in/groups must not meet a real activation code.
-                    b1 = tl.where(odd_ok[:, None], unpack_nibble(v, 4, True), 0).to(tl.int8)
+                    if K_FULL:
+                        b1 = unpack_nibble(v, 4, True)
+                    else:
+                        # The pad nibble of an odd C_in/groups must not meet a real activation code.
+                        b1 = tl.where(odd_ok[:, None], unpack_nibble(v, 4, True), 0).to(tl.int8)
                 else:
-                    b0 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j)[:, None], CIN_G, swc)
-                    b1 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j + 1)[:, None], CIN_G, swc)
+                    b0 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j)[:, None], CIN_G, swc, K_FULL)
+                    b1 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j + 1)[:, None], CIN_G, swc, K_FULL)
                 acc = tl.dot(a0, b0, acc, out_dtype=tl.int32)
                 acc = tl.dot(a1, b1, acc, out_dtype=tl.int32)
 
@@ -282,7 +296,9 @@ def qconv2d(
         RQ_LEVELS=levels(requant_bits, requant_signed) if requant else 1, RQ_SIGNED=requant and requant_signed,
         RQ_NIB=requant and requant_bits <= 4,
     )
+    planes = const["PLANES"]
     if tiles.autotune_requested():
+        const["K_FULL"] = cin_g % (max(c.kwargs["BLOCK_K"] for c in _qconv_tuned.configs) * planes) == 0
         key = (triton.next_power_of_2(m), c_out, cin_g, c_out // groups, kh, kw, a_nib, w_nib, mode, a_signed,
                groups == 1 or cin_g % 2 == 0, out.dtype, fp.dtype, scale.dtype,
                bias.dtype if bias is not None else None)
@@ -298,6 +314,7 @@ def qconv2d(
         _tuned_keys.add(key)
         return out
     t = tiles.pick(m, c_out, INTERPRET)
+    const["K_FULL"] = cin_g % (t.block_k * planes) == 0
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")
     _qconv_kernel[grid](*args, **const, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **LAUNCH_OPTS)

@@ -480,6 +480,45 @@ def test_qconv2d_every_shipped_tile(backend, tile_index):
         assert_same(acc, run_qconv("torch", *raw, out_dtype=torch.int32))
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel and records the keyword arguments of its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize("cin,groups,bits", [(128, 1, (4, False, 4)), (128, 2, (4, True, 4)), (64, 1, (5, False, 4)),
+                                             (64, 1, (8, True, 8)), (96, 1, (4, False, 4))])
+def test_qconv2d_full_k_steps(backend, monkeypatch, cin, groups, bits):
+    """C_in per group a multiple of the K step: the Triton launcher drops the channel masks
+    (K_FULL, the pipelined mainloop of test_triton_codegen.py); results stay exact. 96 packed
+    channels are not a multiple of the 64-channel step and keep the masks."""
+    if backend != "triton":
+        pytest.skip("K_FULL is the triton kernel's")
+    qconv, tiles = _triton_modules()
+    spy = _LaunchSpy(qconv._qconv_kernel)
+    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
+    ba, asg, bw = bits
+    cout = 24
+    x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, 3, groups, ba, asg, bw, seed=cin + groups)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
+    args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
+    raw = args[:7] + (None,) + args[8:]
+    ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=make_qparams(0.0, 1.5, False), rq_bits=4)
+    assert_same(run_qconv(backend, *raw, out_dtype=torch.int32), run_qconv("torch", *raw, out_dtype=torch.int32))
+    assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
+    step = tiles.pick(5 * 4, cout, qconv.INTERPRET).block_k * (2 if min(ba, bw) <= 4 else 1)
+    assert [k["K_FULL"] for k in spy.launches] == [(cin // groups) % step == 0] * 2
+    assert spy.launches[0]["K_FULL"] == (cin != 96)
+
+
 def test_qconv2d_autotune_only_when_asked_and_never_in_capture(backend, monkeypatch):
     """HYBRIDOPS_AUTOTUNE=1 tunes (here, on the interpreter's single config); a new shape inside a
     CUDA-graph capture is refused with a clear error, a shape tuned before the capture is not."""

@@ -6,7 +6,14 @@ the design relies on, checked in the generated PTX:
 * the integer conv runs on tensor cores: ``wgmma`` for the large tiles, ``mma.sync`` for the
   small-M (batch-1) tiles;
 * every shipped tile of ``kernels/tiles.py`` compiles without register spills in every kernel
-  variant (``ptxas -v`` on the PTX, the same ptxas Triton uses): a spilling tile is not shipped.
+  variant (``ptxas -v`` on the PTX, the same ptxas Triton uses): a spilling tile is not shipped;
+* with full K steps (``K_FULL``: C_in per group a multiple of the K step, the ResNet-50 and
+  RT-MDNet layers) the packed 4-bit mainloop loads through ``cp.async`` with no single-byte
+  global loads, i.e. it is software-pipelined (issue 11: without it, 24-160 predicated byte loads
+  per thread per step and no pipelining).
+
+The qconv kernel is compiled with the run-time specialisation the JIT applies to contiguous NHWC
+codes of such layers: unit channel strides and 16-divisible pointers, row strides and sizes.
 
 Compilation needs Triton's real compiler, not the interpreter that the rest of the CPU test run
 uses, so it runs in a subprocess without TRITON_INTERPRET.
@@ -32,6 +39,19 @@ SPILL_VARIANTS = {
     "byte_requant": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=False, PLANES=1, OUT_MODE=2), "*u8"),
     "a8w4_bf16": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=1), "*bf16"),
 }
+SPILL_VARIANTS = {k: (dict(v, K_FULL=False), d) for k, (v, d) in SPILL_VARIANTS.items()}
+# Full K steps (C_in per group a multiple of the K step): masks only at the image border.
+SPILL_VARIANTS.update({
+    "nib_requant_kfull": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True), "*u8"),
+    "byte_requant_kfull": (dict(SPILL_VARIANTS["byte_requant"][0], K_FULL=True), "*u8"),
+    "a8w4_bf16_kfull": (dict(SPILL_VARIANTS["a8w4_bf16"][0], K_FULL=True), "*bf16"),
+})
+
+
+# Arguments of the qconv kernel that the JIT marks 16-divisible for a layer such as ResNet-50's
+# layer3 3x3 (C_in = C_out = 256, 31x31, batch 32): pointers, channel counts, byte row strides.
+QCONV_DIV16 = ("x_ptr", "w_ptr", "out_ptr", "scale_ptr", "bias_ptr", "fp_ptr", "slot_ptr", "rq_ptr", "M_BUCKET",
+               "C_OUT", "CIN_G", "COUT_G", "OUT_ROW", "sxn", "sxh", "sxw", "swo", "swh", "sww")
 
 
 def _ptxas() -> str:
@@ -72,8 +92,12 @@ def _compile_all() -> list:
     import hybridops.kernels.tiles as T
 
     def ptx(jf, sig, consts, **opts):
+        if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes
+            consts = dict(consts, sxc=1, swc=1)
         full = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in jf.arg_names}
-        src = ASTSource(jf, full, constexprs=consts)
+        attrs = {(jf.arg_names.index(n),): [["tt.divisibility", 16]] for n in QCONV_DIV16 if n in jf.arg_names
+                 and n not in consts and jf is C._qconv_kernel}
+        src = ASTSource(jf, full, constexprs=consts, attrs=attrs)
         return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False, **opts)).asm["ptx"]
 
     out = []
@@ -94,7 +118,7 @@ def _compile_all() -> list:
         for a_nib, w_nib, mode, dst in ((True, True, 2, "*u8"), (True, True, 1, "*bf16"), (False, False, 0, "*i32")):
             consts = dict(A_NIB=a_nib, A_SIGNED=False, A_ALIGNED=True, W_NIB=w_nib, PLANES=2 if a_nib else 1,
                           OUT_MODE=mode, HAS_BIAS=True, HAS_FP=True, RELU=True, RQ_LEVELS=15, RQ_SIGNED=False,
-                          RQ_NIB=True, **t.meta())
+                          RQ_NIB=True, K_FULL=False, **t.meta())
             p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
             mma = "wgmma" if "wgmma" in p else ("mma.sync" if "mma.sync" in p else "none")
             out.append({"kernel": f"qconv {t.name} nib={a_nib} mode={mode}", "block_m": t.block_m,
@@ -106,6 +130,9 @@ def _compile_all() -> list:
                           RELU=v["OUT_MODE"] != 0, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True, **v, **t.meta())
             p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
             out.append({"kernel": f"qconv {t.name} {name}", "spill": ptxas_usage(p)})
+            if name == "nib_requant_kfull":
+                out.append({"kernel": f"qconv {t.name} {name} loads", "cp_async": len(re.findall(r"cp\.async\.c", p)),
+                            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p))})
     return out
 
 
@@ -120,6 +147,10 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
 
     ptx_checks = [r for r in results if "fma" in r]
     spills = [r for r in results if "spill" in r]
+    loads = [r for r in results if "cp_async" in r]
+    assert len(loads) == len(tiles.SHIPPED)
+    for r in loads:  # the packed mainloop with full K steps is pipelined: vector copies, no byte loads
+        assert r["cp_async"] > 0 and r["byte_loads"] == 0, r
     assert len(ptx_checks) == 9
     for r in ptx_checks:
         assert r["fma"] == 0, r
