@@ -138,23 +138,47 @@ def _ones_f32(n: int) -> torch.Tensor:
     return z
 
 
-def _sym_padding(padding: Sequence[int]) -> Tuple[list, Tuple[int, int, int, int]]:
-    """oneDNN's ops take symmetric padding: the common part, and what is left to pad explicitly."""
+def _geometry(h: int, w: int, kh: int, kw: int, stride, padding, dilation):
+    """The convolution as oneDNN is asked to run it, and what we do around the call.
+
+    oneDNN's ops take symmetric padding; the asymmetric remainder is padded explicitly. Two
+    degenerate geometries are rewritten because oneDNN's AMX int8 convolution (torch 2.14.1's
+    bundled oneDNN) gets them wrong, found by tests/test_onednn.py's fuzz: padding wider than the
+    dilated kernel's reach, or an input smaller than the kernel (outputs that see only padding: wrong
+    values, or a segfault) is padded explicitly; a stride > 1 along a dimension with one output (wrong values) runs
+    with stride 1 and keeps the first output. Returns ``(stride, sym_padding, extra_tblr, (Ho, Wo),
+    crop)``, ``crop`` True when the output must be cut to ``(Ho, Wo)``."""
     top, bottom, left, right = padding
-    ph, pw = min(top, bottom), min(left, right)
-    return [ph, pw], (top - ph, bottom - ph, left - pw, right - pw)
+    reach_h, reach_w = (kh - 1) * dilation[0], (kw - 1) * dilation[1]
+    ph, pw = min(top, bottom, reach_h), min(left, right, reach_w)
+    # An input smaller than the dilated kernel leaves outputs that see only padding (a segfault in
+    # oneDNN here): that dimension's padding is all explicit.
+    ph = 0 if h < reach_h + 1 else ph
+    pw = 0 if w < reach_w + 1 else pw
+    extra = (top - ph, bottom - ph, left - pw, right - pw)
+    ho = (h + top + bottom - reach_h - 1) // stride[0] + 1
+    wo = (w + left + right - reach_w - 1) // stride[1] + 1
+    st = [1 if ho == 1 else stride[0], 1 if wo == 1 else stride[1]]
+    return st, [ph, pw], extra, (ho, wo), st != list(stride)
 
 
-def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, ci0=0, ci1=None):
-    """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group),
-    made once per weight version. The weight scales are passed per call (prepacking does not
-    depend on them), so a BatchNorm folded into ``scale`` later needs no re-pack."""
-    key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, ci0, ci1)
+def _crop(y: torch.Tensor, hw) -> torch.Tensor:
+    return y[:, :, : hw[0], : hw[1]].contiguous(memory_format=torch.channels_last)
+
+
+def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, ci0=0, ci1=None, rows=None):
+    """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group,
+    output channels ``rows[0]:rows[1]`` of each group), made once per weight version. The weight
+    scales are passed per call (prepacking does not depend on them), so a BatchNorm folded into
+    ``scale`` later needs no re-pack."""
+    key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, ci0, ci1, rows)
     p = _wcache.get(w_packed, key)
     if p is None:
         w = unpack_weight(w_packed, bits_w, cin_g)
         if ci1 is not None:
             w = w[:, ci0:ci1].contiguous()
+        if rows is not None:
+            w = w.view(groups, -1, *w.shape[1:])[:, rows[0]:rows[1]].reshape(-1, *w.shape[1:]).contiguous()
         p = _wcache.put(w_packed, key, _qprepack(w, _ones_f32(w.shape[0]), 1.0, zp, list(stride), list(pad_sym),
                                                  list(dilation), groups, None))
     return p
@@ -203,6 +227,19 @@ def _int32_acc(x_nchw, w_packed, in_channels, bits_a, a_signed, bits_w, stride, 
     return acc.contiguous()
 
 
+def _signed_grouped_acc(x_nchw, w_packed, in_channels, bits_a, bits_w, stride, pad_sym, dilation, groups, zp):
+    """Exact int32 accumulators of a convolution of signed codes without a source zero point:
+    torch 2.14.1's oneDNN gets grouped u8 convolutions with a zero point wrong on many shapes, and
+    degenerate geometries with a zero point on a few (found by tests/test_onednn.py's fuzz and a
+    ~4,500-shape sweep), while it was exact on every zero-point-free shape tried. So
+    ``acc = conv(max(a, 0)) - conv(max(-a, 0))``, two unsigned convolutions."""
+    a = x_nchw.to(torch.int16) - zp
+    pos = a.clamp(min=0).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    neg = (-a).clamp(min=0).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    args = (w_packed, in_channels, bits_a, True, bits_w, stride, pad_sym, dilation, groups, 0)
+    return _int32_acc(pos, *args) - _int32_acc(neg, *args)
+
+
 # ----------------------------------------------------------------------------- backend ops
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
     """``code / levels`` of every element (see the reference); fp32 / bf16 / fp16 in our kernel,
@@ -236,28 +273,43 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
     semantics of :func:`hybridops.ops.reference.qconv2d` on this backend's code format."""
     zp = zero_point(bits_a, a_signed)
     cin_g = in_channels // groups
-    pad_sym, extra = _sym_padding(padding)
+    c_out, kh, kw, _ = w_packed.shape
+    stride, pad_sym, extra, out_hw, crop = _geometry(x_codes.shape[1], x_codes.shape[2], kh, kw, list(stride),
+                                                      padding, dilation)
     xc = x_codes if x_codes.is_contiguous() else x_codes.contiguous()
     x = _pad_codes(xc.permute(0, 3, 1, 2), extra, zp)  # NCHW view of NHWC memory: channels_last
-    c_out = w_packed.shape[0]
     if x.shape[0] == 0:  # empty batch: oneDNN rejects zero-sized tensors
-        from hybridops.ops.geometry import conv_out_hw
-        ho, wo = conv_out_hw(x_codes.shape[1], x_codes.shape[2], w_packed.shape[1], w_packed.shape[2], stride,
-                             padding, dilation)
+        ho, wo = out_hw
         dt = torch.uint8 if requant_qparams is not None else out_dtype
         return x_codes.new_empty((0, ho, wo, c_out), dtype=dt)
-    if out_dtype == torch.int32:
-        return _int32_acc(x, w_packed, in_channels, bits_a, a_signed, bits_w, stride, pad_sym, dilation, groups, zp)
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     sc = sc if sc.is_contiguous() else sc.contiguous()
+    # Signed codes on a grouped or rewritten (explicitly padded / restrided) geometry: no zero point.
+    zp_free = bool(zp) and (groups > 1 or crop or any(extra))
+    if out_dtype == torch.int32 or zp_free:
+        if zp_free:
+            acc = _signed_grouped_acc(x, w_packed, in_channels, bits_a, bits_w, stride, pad_sym, dilation, groups, zp)
+        else:
+            acc = _int32_acc(x, w_packed, in_channels, bits_a, a_signed, bits_w, stride, pad_sym, dilation, groups, zp)
+        acc = acc[:, : out_hw[0], : out_hw[1]].contiguous() if crop else acc
+        if out_dtype == torch.int32:
+            return acc
+        y0 = acc.to(torch.float32) * sc  # the reference's f32(acc) * scale
+        return _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
     if fp_out is None and requant_qparams is None and out_dtype in (torch.float32, torch.bfloat16):
         # One oneDNN call: acc * scale + bias, ReLU as a post-op, written in the output dtype.
         b = None if bias is None else bias.to(torch.float32)
         y = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, b, stride, pad_sym, dilation, zp, relu, out_dtype)
-        return y.permute(0, 2, 3, 1)
+        return (_crop(y, out_hw) if crop else y).permute(0, 2, 3, 1)
     # oneDNN: y0 = f32(acc) * scale (exact, one multiply); ours: + bias, + FP branch, ReLU, codes.
     y0 = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, None, stride, pad_sym, dilation, zp, False,
-                       torch.float32).permute(0, 2, 3, 1)
+                       torch.float32)
+    y0 = (_crop(y0, out_hw) if crop else y0).permute(0, 2, 3, 1)
+    return _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
+
+
+def _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype):
+    """Ours, one pass over y0 = f32(acc) * scale (NHWC): + bias, + FP branch, ReLU, codes / float."""
     if requant_qparams is not None:
         return _C.epilogue(y0, bias, fp_out, fp_idx, relu, 2, requant_qparams, requant_bits, requant_signed,
                            zero_point(requant_bits, requant_signed))
@@ -288,7 +340,8 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     dt = compute_dtype or x.dtype
     if dt not in (torch.float32, torch.bfloat16):
         raise ValueError(f"fp_conv2d computes in float32 or bfloat16, got {dt}.")
-    pad_sym, extra = _sym_padding(padding_tblr)
+    stride, pad_sym, extra, out_hw, crop = _geometry(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
+                                                      list(stride), padding_tblr, dilation)
     if x.dtype != dt:
         x = x.to(dt)
     if any(extra):
@@ -308,11 +361,9 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
         if b is None:
             b = _bcache.put(bias, (dt,), bias.detach().to(dt).contiguous())
     if x.shape[0] == 0:
-        from hybridops.ops.geometry import conv_out_hw
-        ho, wo = conv_out_hw(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3], stride, [pad_sym[0]] * 2 +
-                             [pad_sym[1]] * 2, dilation)
-        return x.new_empty((0, weight.shape[0], ho, wo)).contiguous(memory_format=torch.channels_last)
-    return _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "none", [], "")
+        return x.new_empty((0, weight.shape[0], *out_hw)).contiguous(memory_format=torch.channels_last)
+    y = _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "none", [], "")
+    return _crop(y, out_hw) if crop else y
 
 
 # ----------------------------------------------------------------------------- ISA report

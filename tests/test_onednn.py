@@ -1,0 +1,283 @@
+"""The onednn CPU backend against the reference: integers and codes exactly, floats within the
+tolerances stated in kernels/onednn.py (bitwise where our epilogue computes them)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hybridops.ops import custom_ops, registry
+from hybridops.ops import reference as R
+from hybridops.ops.geometry import conv_out_hw
+from hybridops.ops.packing import levels, pack_codes, pack_weight
+
+O = pytest.importorskip("hybridops.kernels.onednn", reason="the onednn backend did not load")
+
+FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _qparams(lo: float, hi: float, signed: bool) -> torch.Tensor:
+    # eq 6 / 8: alpha = 0.5 / d, beta = 0.5 - c * alpha (a random interval [c - d, c + d]).
+    c, d = (lo + hi) / 2, max((hi - lo) / 2, 1e-3)
+    alpha = 0.5 / d
+    return torch.tensor([alpha, 0.5 - c * alpha], dtype=torch.float32)
+
+
+def _ref_codes_of(codes_u8: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
+    """onednn's one-code-per-byte u8 codes -> the reference's packed storage format."""
+    return pack_codes(O.codes_to_int(codes_u8, bits, signed), bits)
+
+
+def test_registry_auto_picks_onednn_on_cpu():
+    assert registry.auto_candidates("cpu")[0] == "onednn"
+    assert registry.unavailable_reason("onednn", "cpu") is None
+    assert registry.code_bytes(7, 4, "onednn") == 7 and registry.code_bytes(7, 4, "torch") == 4
+    assert "conv" in O.isa()  # oneDNN named the convolution implementation it picked
+
+
+def test_zero_point_format():
+    # signed codes shift by 2^(b-1); unsigned codes (8-bit up to 255) are the bytes themselves.
+    c = torch.tensor([-127, 0, 127], dtype=torch.int16)
+    assert O.codes_from_int(c, 8, True).tolist() == [1, 128, 255]
+    assert O.codes_from_int(torch.tensor([0, 255]), 8, False).tolist() == [0, 255]
+    assert torch.equal(O.codes_to_int(O.codes_from_int(c, 8, True), 8, True), c)
+
+
+# ----------------------------------------------------------------------------- quantize_activate
+@FUZZ
+@given(n=st.integers(1, 2), c=st.integers(1, 9), h=st.integers(1, 5), w=st.integers(1, 6), bits=st.integers(2, 8),
+       signed=st.booleans(), relu=st.booleans(), bn=st.booleans(), layout=st.sampled_from(["nchw", "cl", "strided"]),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), nan=st.booleans(),
+       keep=st.booleans(), slice_dt=st.sampled_from([None, torch.float32, torch.bfloat16]), seed=st.integers(0, 99))
+def test_quantize_activate_matches_reference(n, c, h, w, bits, signed, relu, bn, layout, dtype, nan, keep, slice_dt,
+                                             seed):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, h, w + 2, generator=g) * 2).to(dtype)
+    x = x[..., 1:-1] if layout == "strided" else x[..., :w]  # strided: a non-contiguous view
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    if nan:
+        x = x.clone()
+        x[0, 0, 0, 0] = float("nan")
+        x[-1, -1, -1, -1] = float("inf")
+    qp = _qparams(-1.5 if signed else 0.0, 2.0, signed)
+    bs = torch.rand(c, generator=g) + 0.5 if bn else None
+    bb = torch.randn(c, generator=g) if bn else None
+    ki = torch.randperm(c, generator=g)[: max(1, c // 2)] if keep else None
+    s, codes = O.quantize_activate(x, qp, bits, signed, bs, bb, relu, ki, slice_dt)
+    rs, rcodes = R.quantize_activate(x, qp, bits, signed, bs, bb, relu, ki, slice_dt)
+    assert codes.dtype == torch.uint8 and codes.shape == (n, h, w, c)
+    assert torch.equal(_ref_codes_of(codes, bits, signed), rcodes)
+    assert s.dtype == rs.dtype and s.shape == rs.shape
+    assert torch.equal(s.float().nan_to_num(7.0), rs.float().nan_to_num(7.0))  # bitwise, NaN where the reference has it
+
+
+def test_nan_inputs_give_code_zero():
+    x = torch.full((1, 3, 2, 2), float("nan"))
+    for signed in (False, True):
+        _, codes = O.quantize_activate(x, _qparams(0.0, 1.0, signed), 4, signed)
+        assert (O.codes_to_int(codes, 4, signed) == 0).all()
+
+
+def test_fake_quantize_matches_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 17, 5, generator=g) * 3
+    x[0, 0, 0] = float("nan")
+    for dt in (torch.float32, torch.bfloat16, torch.float64):
+        for bits, signed in ((4, True), (8, False), (2, False)):
+            qp = _qparams(-1.0 if signed else 0.0, 2.0, signed)
+            a = O.fake_quantize(x.to(dt), qp, bits, signed)
+            b = R.fake_quantize(x.to(dt), qp, bits, signed)
+            assert a.dtype == dt and torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- qconv2d
+@st.composite
+def conv_cases(draw):
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin_g, cout_g = draw(st.integers(1, 5)), draw(st.integers(1, 4))
+    kh, kw = draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    stride = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    dil = [draw(st.integers(1, 2)), draw(st.integers(1, 2))]
+    pad = [draw(st.integers(0, 2)) for _ in range(4)]
+    h, w = draw(st.integers(1, 7)), draw(st.integers(1, 7))
+    ho, wo = conv_out_hw(h, w, kh, kw, stride, pad, dil)
+    if ho < 1 or wo < 1:
+        h, w, pad = h + (kh - 1) * dil[0], w + (kw - 1) * dil[1], pad
+    return dict(n=draw(st.integers(1, 2)), groups=groups, cin=cin_g * groups, cout=cout_g * groups, kh=kh, kw=kw,
+                stride=stride, dil=dil, pad=pad, h=h, w=w, bits_a=draw(st.integers(2, 8)), a_signed=draw(st.booleans()),
+                bits_w=draw(st.integers(2, 8)), relu=draw(st.booleans()), seed=draw(st.integers(0, 999)),
+                rq_bits=draw(st.integers(2, 8)), rq_signed=draw(st.booleans()),
+                fp_dt=draw(st.sampled_from([torch.float32, torch.bfloat16])))
+
+
+def _conv_inputs(k):
+    g = torch.Generator().manual_seed(k["seed"])
+    la, lw = levels(k["bits_a"], k["a_signed"]), levels(k["bits_w"], True)
+    lo = -la if k["a_signed"] else 0
+    a = torch.randint(lo, la + 1, (k["n"], k["h"], k["w"], k["cin"]), generator=g)
+    wq = torch.randint(-lw, lw + 1, (k["cout"], k["cin"] // k["groups"], k["kh"], k["kw"]), generator=g)
+    u8 = O.codes_from_int(a, k["bits_a"], k["a_signed"])
+    ref = pack_codes(a, k["bits_a"])
+    wp = pack_weight(wq.to(torch.int8), k["bits_w"])
+    scale = (torch.rand(k["cout"], generator=g) + 0.1) / (la * lw)
+    bias = torch.randn(k["cout"], generator=g)
+    return u8, ref, wp, scale, bias, g
+
+
+@FUZZ
+@given(k=conv_cases())
+def test_qconv2d_matches_reference(k):
+    u8, ref, wp, scale, bias, g = _conv_inputs(k)
+    geo = (k["stride"], k["pad"], k["dil"], k["groups"])
+    common = (k["cin"], k["bits_a"], k["a_signed"], k["bits_w"])
+    acc = O.qconv2d(u8, wp, *common, scale, None, *geo, out_dtype=torch.int32)
+    racc = R.qconv2d(ref, wp, *common, scale, None, *geo, out_dtype=torch.int32)
+    assert acc.dtype == torch.int32 and torch.equal(acc, racc)
+    n, ho, wo, cout = racc.shape
+    kept = torch.randperm(cout, generator=g)[: max(1, cout // 3)]
+    fp = torch.randn(n, ho, wo, kept.numel(), generator=g).to(k["fp_dt"])
+    # our epilogue (FP branch summed into kept channels, ReLU): bitwise in fp32 and bf16
+    for dt in (torch.float32, torch.bfloat16):
+        y = O.qconv2d(u8, wp, *common, scale, bias, *geo, k["relu"], fp, kept, out_dtype=dt)
+        ry = R.qconv2d(ref, wp, *common, scale, bias, *geo, k["relu"], fp, kept, out_dtype=dt)
+        assert y.dtype == dt and torch.equal(y, ry)
+    # re-quantized codes for the next layer: exact, in the next layer's zero-point format
+    qp = _qparams(-1.0 if k["rq_signed"] else 0.0, 1.5, k["rq_signed"])
+    for fpo, idx in ((fp, kept), (None, None)):
+        c = O.qconv2d(u8, wp, *common, scale, bias, *geo, k["relu"], fpo, idx, qp, k["rq_bits"], k["rq_signed"])
+        rc = R.qconv2d(ref, wp, *common, scale, bias, *geo, k["relu"], fpo, idx, qp, k["rq_bits"], k["rq_signed"])
+        assert c.shape == (n, ho, wo, cout) and torch.equal(_ref_codes_of(c, k["rq_bits"], k["rq_signed"]), rc)
+    # plain float output: bias and ReLU as oneDNN post-ops (stated tolerance: 1 ulp per add)
+    y = O.qconv2d(u8, wp, *common, scale, bias, *geo, k["relu"])
+    ry = R.qconv2d(ref, wp, *common, scale, bias, *geo, k["relu"])
+    torch.testing.assert_close(y, ry, rtol=1e-6, atol=1e-6)
+
+
+def test_int32_exact_past_2_pow_24():
+    # 8-bit unsigned x 8-bit weights, 3x3 x 256 channels: |acc| can reach 255*127*2304 > 2^24, so
+    # the backend splits the reduction; the accumulators must still be exact.
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(200, 256, (1, 4, 4, 256), generator=g)
+    wq = torch.randint(100, 128, (8, 256, 3, 3), generator=g)
+    wp = pack_weight(wq.to(torch.int8), 8)
+    args = (256, 8, False, 8, torch.ones(8), None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    acc = O.qconv2d(O.codes_from_int(a, 8, False), wp, *args, out_dtype=torch.int32)
+    racc = R.qconv2d(pack_codes(a, 8), wp, *args, out_dtype=torch.int32)
+    assert racc.max() > 2**24 and torch.equal(acc, racc)
+
+
+def test_empty_batch():
+    wp = pack_weight(torch.ones(4, 3, 3, 3, dtype=torch.int8), 4)
+    out = O.qconv2d(torch.zeros(0, 5, 5, 3, dtype=torch.uint8), wp, 3, 4, False, 4, torch.ones(4), None, [1, 1],
+                    [1, 1, 1, 1], [1, 1], 1)
+    assert out.shape == (0, 5, 5, 4)
+    s, codes = O.quantize_activate(torch.zeros(0, 3, 5, 5), _qparams(0, 1, False), 4, False, keep_idx=torch.tensor([1]))
+    assert codes.shape == (0, 5, 5, 3) and s.shape == (0, 5, 5, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts(threads):
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        k = dict(n=2, groups=1, cin=64, cout=32, kh=3, kw=3, stride=[1, 1], dil=[1, 1], pad=[1, 1, 1, 1], h=14, w=14,
+                 bits_a=4, a_signed=False, bits_w=4, seed=threads)
+        u8, ref, wp, scale, bias, g = _conv_inputs(k)
+        geo = ([1, 1], [1, 1, 1, 1], [1, 1], 1)
+        kept = torch.tensor([3, 7, 30])
+        fp = torch.randn(2, 14, 14, 3, generator=g)
+        qp = _qparams(0.0, 2.0, False)
+        c = O.qconv2d(u8, wp, 64, 4, False, 4, scale, bias, *geo, True, fp, kept, qp, 4, False)
+        rc = R.qconv2d(ref, wp, 64, 4, False, 4, scale, bias, *geo, True, fp, kept, qp, 4, False)
+        assert torch.equal(_ref_codes_of(c, 4, False), rc)
+        x = torch.randn(2, 64, 14, 14, generator=g).contiguous(memory_format=torch.channels_last)
+        s, codes = O.quantize_activate(x, qp, 4, False, None, None, True, kept, None)
+        rs, rcodes = R.quantize_activate(x, qp, 4, False, None, None, True, kept, None)
+        assert torch.equal(_ref_codes_of(codes, 4, False), rcodes) and torch.equal(s, rs)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_weight_prepacked_once_and_repacked_after_in_place_change():
+    k = dict(n=1, groups=1, cin=8, cout=4, kh=3, kw=3, stride=[1, 1], dil=[1, 1], pad=[1, 1, 1, 1], h=5, w=5,
+             bits_a=4, a_signed=True, bits_w=4, seed=3)
+    u8, ref, wp, scale, bias, g = _conv_inputs(k)
+    args = (8, 4, True, 4, scale, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
+    n_entries = len(O._wcache._d)
+    first = O._wcache.get(wp, (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, 0, None))
+    O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
+    assert len(O._wcache._d) == n_entries and O._wcache.get(wp, (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, 0, None)) is first
+    wp.copy_(pack_weight(-R.unpack_weight(wp, 4, 8), 4))  # in place: bumps _version, so the cache must re-pack
+    assert torch.equal(O.qconv2d(u8, wp, *args, out_dtype=torch.int32), R.qconv2d(ref, wp, *args, out_dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------- FP branch
+@pytest.mark.parametrize("groups,pad", [(1, [1, 1, 1, 1]), (1, [0, 2, 1, 0]), (3, [1, 1, 0, 0])])
+def test_fp_conv2d(groups, pad):
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(2, 6, 9, 8, generator=g)
+    w = torch.randn(3 * groups, 6 // groups, 3, 3, generator=g)
+    b = torch.randn(3 * groups, generator=g)
+    ref = F.conv2d(F.pad(x, (pad[2], pad[3], pad[0], pad[1])), w, b, 2, 0, 1, groups)
+    with torch.no_grad():
+        y = O.fp_conv2d(x, w, b, [2, 2], pad, [1, 1], groups)
+        assert y.is_contiguous(memory_format=torch.channels_last) and y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
+        # bf16 on AMX-BF16: bf16 inputs and weights, fp32 accumulation, bf16 output
+        yb = O.fp_conv2d(x, w, b, [2, 2], pad, [1, 1], groups, torch.bfloat16)
+        assert yb.dtype == torch.bfloat16
+        torch.testing.assert_close(yb.float(), ref, rtol=3e-2, atol=6e-2)
+        # an online update changes the weight in place: the next call must see the new weight
+        w.mul_(-1)
+        torch.testing.assert_close(O.fp_conv2d(x, w, b, [2, 2], pad, [1, 1], groups), -ref + 2 * b.view(1, -1, 1, 1),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_fp_conv2d_refuses_autograd():
+    w = torch.randn(2, 3, 1, 1, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no-grad"):
+        O.fp_conv2d(torch.randn(1, 3, 4, 4), w, None, [1, 1], [0, 0, 0, 0], [1, 1], 1)
+
+
+# ----------------------------------------------------------------------------- through the custom ops
+def test_custom_ops_dispatch_and_clear_errors():
+    x = torch.randn(1, 5, 4, 4)
+    qp = _qparams(0.0, 2.0, False)
+    s, codes = custom_ops.quantize_activate(x, qp, 4, False, None, None, False, None, None, "onednn")
+    assert codes.shape == (1, 4, 4, 5)  # one code per byte on this backend
+    wp = pack_weight(torch.ones(2, 5, 3, 3, dtype=torch.int8), 4)
+    args = (5, 4, False, 4, torch.ones(2), None, [1, 1], [1, 1, 1, 1], [1, 1], 1, False, None, None, None, 4, False)
+    y = custom_ops.qconv2d(codes, wp, *args, torch.float32, "onednn")
+    assert y.shape == (1, 4, 4, 2)
+    # nibble-packed codes (the storage format) are the wrong input here: one sentence says so
+    with pytest.raises(ValueError, match=r"expected 5 for in_channels=5 at 4 bits"):
+        custom_ops.qconv2d(pack_codes(O.codes_to_int(codes, 4, False), 4), wp, *args, torch.float32, "onednn")
+
+
+def test_deployed_model_matches_torch_backend_and_reloads():
+    import hybridops as ho
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.25), example_inputs=x)
+    model.eval()
+    ref = copy.deepcopy(model)
+    ho.deploy_(model, backend="onednn")
+    ho.deploy_(ref, backend="torch")
+    assert set(ho.backends_in_use(model).values()) == {"onednn"}
+    with torch.no_grad():
+        y, yr = model(x), ref(x)
+        torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+        # saved and loaded into a second model deployed the same way: same outputs
+        fresh = copy.deepcopy(model)
+        for p in fresh.parameters():
+            p.data.zero_()
+        fresh.load_state_dict(model.state_dict())
+        torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
