@@ -29,19 +29,37 @@ struct QP {
   int zp;
 };
 
-// Code (as a signed int) of the fp32 value t; see reference.codes_from_qparams.
-static inline int code_of(float t, const QP& q) {
-  float mag = q.is_signed ? (t < 0.0f ? -t : t) : t;
-  float u = mag * q.alpha;
-  u = u + q.beta;
+// Code (as a signed int) of the fp32 value t; see reference.codes_from_qparams. Scalars by value:
+// the callers' uint8 stores may alias anything, so fields read through a reference would be
+// reloaded per element and block vectorisation.
+template <bool SIGNED>
+static inline int code_v(float t, float alpha, float beta, float lv) {
+  float mag = SIGNED ? (t < 0.0f ? -t : t) : t;
+  float u = mag * alpha;
+  u = u + beta;
   // clamp(u, 0, 1); a NaN u fails (u > 0) and becomes 0, whose code is 0 (reference: NaN -> 0).
   u = (u > 0.0f) ? u : 0.0f;
   u = (u < 1.0f) ? u : 1.0f;
-  float v = u * q.lv;
+  float v = u * lv;
   v = v + 0.5f;
   int c = static_cast<int>(v);  // floor of a non-negative value
-  if (q.is_signed) c = (t > 0.0f) ? c : ((t < 0.0f) ? -c : 0);  // q * sign(t); sign(0) = 0
+  if (SIGNED) c = (t > 0.0f) ? c : ((t < 0.0f) ? -c : 0);  // q * sign(t); sign(0) = 0
   return c;
+}
+
+static inline int code_of(float t, const QP& q) {
+  return q.is_signed ? code_v<true>(t, q.alpha, q.beta, q.lv) : code_v<false>(t, q.alpha, q.beta, q.lv);
+}
+
+// codes[c] = code(t[c]) + zp for a row of n values.
+static void codes_row(const float* __restrict t, uint8_t* __restrict out, int64_t n, const QP& q) {
+  const float a = q.alpha, b = q.beta, lv = q.lv;
+  const int zp = q.zp;
+  if (q.is_signed) {
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<uint8_t>(code_v<true>(t[c], a, b, lv) + zp);
+  } else {
+    for (int64_t c = 0; c < n; ++c) out[c] = static_cast<uint8_t>(code_v<false>(t[c], a, b, lv) + zp);
+  }
 }
 
 template <typename T>
@@ -92,14 +110,13 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
       uint8_t* cr = codes + r * W * C;
       for (int64_t w = 0; w < W; ++w) {
         float* tw = t.data() + w * C;
-        uint8_t* cw = cr + w * C;
         // Reference order: t = x * bn_scale; t = t + bn_shift; t = relu(t).
         if (bn_s) for (int64_t c = 0; c < C; ++c) tw[c] = tw[c] * bn_s[c];
         if (bn_b) for (int64_t c = 0; c < C; ++c) tw[c] = tw[c] + bn_b[c];
         // relu keeps NaN (torch.relu(nan) is nan), so the slice carries it like the reference.
         if (relu) for (int64_t c = 0; c < C; ++c) tw[c] = (tw[c] < 0.0f) ? 0.0f : tw[c];
-        for (int64_t c = 0; c < C; ++c) cw[c] = static_cast<uint8_t>(code_of(tw[c], q) + q.zp);
       }
+      codes_row(t.data(), cr, W * C, q);
       if (nkeep) {
         for (int64_t w = 0; w < W; ++w) {
           const float* tw = t.data() + w * C;
@@ -197,8 +214,7 @@ at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const i
         c10::BFloat16* o = static_cast<c10::BFloat16*>(op) + p * C;
         for (int64_t c = 0; c < C; ++c) o[c] = c10::BFloat16(y[c]);
       } else if (mode == 2) {
-        uint8_t* o = static_cast<uint8_t*>(op) + p * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<uint8_t>(code_of(y[c], *rq) + rq->zp);
+        codes_row(y, static_cast<uint8_t*>(op) + p * C, C, *rq);
       }
     }
   });
