@@ -42,7 +42,7 @@ from torch.nn.modules.utils import _pair
 
 from .ops import custom_ops
 from .ops.packing import check_bits, levels, packed_size, unpack_weight
-from .ops.registry import code_bytes
+from .ops.registry import code_bytes, inference_fp_conv
 
 FORMAT_VERSION = 1
 PATHS = ("hybrid", "codes", "merged", "fp_only")
@@ -77,6 +77,8 @@ class _DeployedBase(nn.Module):
                              f"and must lie in [1, {self.in_channels}], got {fp_in_channels} with groups={self.groups}.")
         self.bits_w, self.bits_a, self.a_signed = bits_w, bits_a, bool(a_signed) if bits_a is not None else False
         self.backend = backend
+        # the backend's prepacked float conv for the pruned branch at inference (None: F.conv2d)
+        self._inference_fp_conv, self._inference_fp_dtypes = inference_fp_conv(backend)
         kh, kw = kernel_numel
         cin_g = self.in_channels // self.groups
         if bits_w is not None:
@@ -98,8 +100,13 @@ class _DeployedBase(nn.Module):
         self.fp_weight = nn.Parameter(torch.zeros((k_p, fp_cin, kh, kw), device=device, dtype=dtype))
         self.fp_bias = nn.Parameter(torch.zeros(k_p, device=device, dtype=dtype)) if (fp_bias and k_p) else None
         self.register_buffer("fp_out_idx", torch.arange(k_p, device=device))
-        n_read = k_p * cin_g if (self.groups > 1 and k_p) else fp_in_channels
-        self.register_buffer("fp_in_idx", None if n_read is None else torch.arange(n_read, device=device))
+        if self.groups > 1 and k_p:
+            # kept channel j (default: output channel j) reads the input channels of its group
+            group = torch.div(torch.arange(k_p, device=device), self.out_channels // self.groups, rounding_mode="floor")
+            fp_in_idx = (group.view(-1, 1) * cin_g + torch.arange(cin_g, device=device)).flatten()
+        else:
+            fp_in_idx = None if fp_in_channels is None else torch.arange(fp_in_channels, device=device)
+        self.register_buffer("fp_in_idx", fp_in_idx)
         # The pruned branch reading every input channel from a non-NHWC input still goes through
         # the slice (the epilogue reads its output per pixel): the identity map, made once.
         self.register_buffer("_all_in_idx", torch.arange(self.in_channels, device=device), persistent=False)
@@ -332,6 +339,11 @@ class DeployedConv2d(_DeployedBase):
 
     def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
         dt = x_nchw.dtype
+        fast = self._inference_fp_conv
+        if fast is not None and dt in self._inference_fp_dtypes and not (torch.is_grad_enabled() and (
+                x_nchw.requires_grad or self.fp_weight.requires_grad)):
+            # inference: weights packed once per version (an online update's step re-packs them)
+            return fast(x_nchw, self.fp_weight, self.fp_bias, self.stride, padding, self.dilation, self.fp_groups)
         return self._float_conv(x_nchw, self.fp_weight.to(dt), None if self.fp_bias is None else self.fp_bias.to(dt),
                                 padding, self.fp_groups)
 
@@ -350,6 +362,7 @@ class DeployedConv2d(_DeployedBase):
             y = y.permute(0, 3, 1, 2)
         elif self.path == "merged":
             y = self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
+            y = F.relu(y) if self.relu else y
         else:
             y = self._fp_only(x, padding)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()

@@ -2,7 +2,9 @@
 
 A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer: the
 BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and into the rows of
-the pruned branch's weights, and the ReLU moves into the integer conv's epilogue. The folded
+the pruned branch's weights, and the ReLU moves into the integer conv's epilogue (a float-input
+layer, the network's first, folds the BatchNorm into the same scales and applies the ReLU after
+its single float conv). The folded
 modules are replaced by ``nn.Identity``, so no separate elementwise pass reads and writes the
 activation after the layer. Only modules used once in the traced graph are replaced (torchvision's
 ResNet blocks call one ``relu`` module several times: that ReLU stays a module of its own), and
@@ -32,8 +34,8 @@ def fold_batchnorm_into_(layer: DeployedConv2d, bn: nn.BatchNorm2d) -> None:
     """Absorb an eval-mode BatchNorm that follows ``layer``: ``bn(y) = y * g + shift`` with
     ``g = gamma / sqrt(var + eps)`` scales the integer epilogue's ``scale`` and ``bias`` and the
     pruned branch's rows."""
-    if layer.path not in ("hybrid", "codes"):
-        raise ValueError("only a layer with an integer (quantized-input) branch folds a BatchNorm into its epilogue.")
+    if layer.path not in ("hybrid", "codes", "merged"):
+        raise ValueError("only a layer with a quantized branch folds a BatchNorm into its scales.")
     if layer.relu or layer.out_qparams is not None:
         raise ValueError("a BatchNorm folds in before the epilogue's ReLU / re-quantization, which this layer "
                          "already has.")
@@ -73,7 +75,8 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
     fused = []
     for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        if not (isinstance(layer, DeployedConv2d) and layer.path == "hybrid"):
+        # integer convs fold into their epilogue; a float-input (merged) conv folds into its weights
+        if not (isinstance(layer, DeployedConv2d) and layer.path in ("hybrid", "merged")):
             continue
         if uses[node.target] != 1:
             continue  # a layer called twice would fold in the BatchNorm of each call

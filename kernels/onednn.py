@@ -38,6 +38,7 @@ identity and ``_version`` (a weak reference confirms identity), never per call.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -48,7 +49,6 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from hybridops.ops import reference
 from hybridops.ops.packing import levels, unpack_weight
 
 try:
@@ -227,6 +227,37 @@ def _int32_acc(x_nchw, w_packed, in_channels, bits_a, a_signed, bits_w, stride, 
     return acc.contiguous()
 
 
+@functools.lru_cache(maxsize=None)
+def pairs_saturate() -> bool:
+    """True where oneDNN's u8 x s8 convolution adds products in pairs into 16 bits with
+    saturation: x86 without VNNI or AMX (AVX2 / AVX-512 without VNNI use ``vpmaddubsw``), where
+    ``255 * 127 + 255 * 127`` does not fit. Measured once with a two-channel 1x1 convolution
+    whose exact result is 64770, so the answer is what this machine's oneDNN does, not a guess
+    from CPU flags."""
+    w = torch.full((1, 2, 1, 1), 127, dtype=torch.int8)
+    packed = _qprepack(w, _ones_f32(1), 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+    x = torch.full((1, 2, 1, 1), 255, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    y = _qconv(x, 1.0, 0, packed, _ones_f32(1), _zeros_i64(1), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+               torch.float32, "none", [], "")
+    return int(y.item()) != 2 * 255 * 127
+
+
+def _may_saturate(bits_a: int, bits_w: int) -> bool:
+    """Whether a pair of (byte, weight) products can leave 16 bits: bytes reach ``2^b - 1``
+    (signed codes are shifted by the zero point), weights ``levels(bits_w)``."""
+    return 2 * ((1 << bits_a) - 1) * levels(bits_w, True) > 32767 and pairs_saturate()
+
+
+def _nibble_split_acc(x_nchw, w_packed, in_channels, bits_w, stride, pad_sym, dilation, groups):
+    """Exact int32 accumulators of unsigned 8-bit codes where pairs of products saturate
+    (:func:`pairs_saturate`): ``acc = 16 * conv(a >> 4) + conv(a & 15)``, two convolutions whose
+    pairs stay far inside 16 bits (2 * 15 * 127)."""
+    hi = (x_nchw >> 4).contiguous(memory_format=torch.channels_last)
+    lo = (x_nchw & 15).contiguous(memory_format=torch.channels_last)
+    args = (w_packed, in_channels, 4, False, bits_w, stride, pad_sym, dilation, groups, 0)
+    return _int32_acc(hi, *args) * 16 + _int32_acc(lo, *args)
+
+
 def _signed_grouped_acc(x_nchw, w_packed, in_channels, bits_a, bits_w, stride, pad_sym, dilation, groups, zp):
     """Exact int32 accumulators of a convolution of signed codes without a source zero point:
     torch 2.14.1's oneDNN gets grouped u8 convolutions with a zero point wrong on many shapes, and
@@ -242,10 +273,8 @@ def _signed_grouped_acc(x_nchw, w_packed, in_channels, bits_a, bits_w, stride, p
 
 # ----------------------------------------------------------------------------- backend ops
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """``code / levels`` of every element (see the reference); fp32 / bf16 / fp16 in our kernel,
-    float64 stays in float64 through the reference (it computes in float64)."""
-    if x.dtype == torch.float64:
-        return reference.fake_quantize(x, qparams, bits, signed)
+    """``code / levels`` of every element (see the reference) for fp32 / bf16 / fp16 ``x``;
+    the registry sends float64 to the reference, which computes in float64."""
     out = _C.fake_quantize_f32(x.to(torch.float32).contiguous(), qparams.to(torch.float32), bits, signed)
     return out.to(x.dtype).view(x.shape) if x.dtype != torch.float32 else out.view(x.shape)
 
@@ -285,10 +314,15 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     sc = sc if sc.is_contiguous() else sc.contiguous()
     # Signed codes on a grouped or rewritten (explicitly padded / restrided) geometry: no zero point.
-    zp_free = bool(zp) and (groups > 1 or crop or any(extra))
-    if out_dtype == torch.int32 or zp_free:
+    # 8-bit codes where oneDNN's pairs of products saturate: signed ones without the zero point
+    # (magnitudes <= 127), unsigned ones split into nibbles.
+    saturating = _may_saturate(bits_a, bits_w)
+    zp_free = bool(zp) and (groups > 1 or crop or any(extra) or saturating)
+    if out_dtype == torch.int32 or zp_free or saturating:
         if zp_free:
             acc = _signed_grouped_acc(x, w_packed, in_channels, bits_a, bits_w, stride, pad_sym, dilation, groups, zp)
+        elif saturating:
+            acc = _nibble_split_acc(x, w_packed, in_channels, bits_w, stride, pad_sym, dilation, groups)
         else:
             acc = _int32_acc(x, w_packed, in_channels, bits_a, a_signed, bits_w, stride, pad_sym, dilation, groups, zp)
         acc = acc[:, : out_hw[0], : out_hw[1]].contiguous() if crop else acc
@@ -319,6 +353,12 @@ def _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, req
 
 
 # ----------------------------------------------------------------------------- the pruned FP branch
+def bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions on this CPU (AVX-512 BF16 / AMX-BF16, or the
+    emulation on AVX-512 BW/VL/DQ / AVX-NE-CONVERT)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
               padding_tblr: Sequence[int], dilation: Sequence[int], groups: int,
               compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -340,6 +380,9 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     dt = compute_dtype or x.dtype
     if dt not in (torch.float32, torch.bfloat16):
         raise ValueError(f"fp_conv2d computes in float32 or bfloat16, got {dt}.")
+    if dt == torch.bfloat16 and not bf16_supported():
+        raise RuntimeError("fp_conv2d in bfloat16 needs a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which this "
+                           "one lacks; compute in float32.")
     stride, pad_sym, extra, out_hw, crop = _geometry(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                                                       list(stride), padding_tblr, dilation)
     if x.dtype != dt:

@@ -16,9 +16,8 @@ import torch
 from test_kernels import (CONV_CASES, assert_same, conv_case_id, conv_cases, conv_inputs, epilogue_inputs,
                           make_qparams, poison_cuda_allocator, run_qconv)
 
-from hybridops import backend
 from hybridops.backend import backend_unavailable_reason
-from hybridops.ops import cuda_ext
+from hybridops.ops import cuda_ext, registry
 
 ops = torch.ops.hybridops
 _EXT_REASON = backend_unavailable_reason("cuda", "cpu")  # None once the extension imports
@@ -53,14 +52,16 @@ def test_stale_extension_message(monkeypatch):
     """A build whose op schemas predate the sources is refused with a sentence saying so."""
     monkeypatch.setattr(cuda_ext, "OPS_VERSION", cuda_ext.OPS_VERSION + 1)
     cuda_ext.load.cache_clear()
-    backend._cuda_ext_import_error.cache_clear()
+    registry._load_error.cache_clear()
+    registry._load.cache_clear()
     try:
         reason = backend_unavailable_reason("cuda", "cuda")
         assert reason is not None and "stale" in reason and "pip install" in reason
     finally:
         monkeypatch.undo()
         cuda_ext.load.cache_clear()
-        backend._cuda_ext_import_error.cache_clear()
+        registry._load_error.cache_clear()
+        registry._load.cache_clear()
     assert backend_unavailable_reason("cuda", "cpu") == "the cuda backend runs on CUDA tensors, got a tensor on cpu."
 
 

@@ -48,10 +48,12 @@ def test_fused_equals_unfused(hybrid_cnn, backend):
     model, x = hybrid_cnn
     plain = ho.deploy_(copy.deepcopy(model), backend, fuse=False)
     fused = ho.deploy_(copy.deepcopy(model), backend)
-    # The first conv keeps its image input in full precision (a float conv, not fused); the others fold.
+    # The first conv keeps its image input in full precision (one float conv) and folds its
+    # BatchNorm into its weights, its ReLU after the conv; the others fold into their epilogues.
     assert [type(m).__name__ for m in fused] == [
-        "DeployedConv2d", "BatchNorm2d", "ReLU", "DeployedConv2d", "Identity", "Identity",
+        "DeployedConv2d", "Identity", "Identity", "DeployedConv2d", "Identity", "Identity",
         "DeployedConv2d", "Identity", "DeployedConv2d", "Identity"]
+    assert fused[0].path == "merged" and fused[0].fused_bn and fused[0].relu
     assert (fused[3].fused_bn, fused[3].relu, fused[6].fused_bn, fused[6].relu, fused[8].relu) == (
         True, True, True, False, True)
     assert "epilogue=bn+relu" in repr(fused[3])

@@ -44,7 +44,18 @@ def _triton_device(device: torch.device):
 
 
 def _onednn_ops():
-    return importlib.import_module("hybridops.kernels.onednn")
+    # needs the compiled CPU kernels (hybridops._C_cpu), which an install without a C++ compiler lacks
+    onednn = importlib.import_module("hybridops.kernels.onednn")
+
+    def fake_quantize(x, qparams, bits, signed):
+        # float64 stays in float64: the reference computes in it, the C++ kernel in fp32
+        impl = reference.fake_quantize if x.dtype == torch.float64 else onednn.fake_quantize
+        return impl(x, qparams, bits, signed)
+
+    return types.SimpleNamespace(fake_quantize=fake_quantize, quantize_activate=onednn.quantize_activate,
+                                 qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d,
+                                 fp_conv_dtypes=(torch.float32, torch.bfloat16) if onednn.bf16_supported()
+                                 else (torch.float32,))
 
 
 register_backend(BackendSpec("torch", load=lambda: reference, unsigned8=True))

@@ -121,6 +121,19 @@ def implementation(name: str, op: str):
     return getattr(_load(name), op)
 
 
+def inference_fp_conv(name: str) -> Tuple[Optional[Callable], Tuple[torch.dtype, ...]]:
+    """Backend ``name``'s float convolution for a deployed layer's pruned branch at inference
+    (weights packed once into the backend's layout; no autograd) and the input dtypes it takes
+    on this machine, or ``(None, ())`` where the backend has none and the branch runs as
+    ``F.conv2d``. Signature: ``fp_conv2d(x (N, C, H, W), weight, bias, stride, padding (top,
+    bottom, left, right), dilation, groups) -> (N, K, Ho, Wo)`` in ``x``'s dtype."""
+    if _load_error(name):
+        return None, ()
+    ns = _load(name)
+    fn = getattr(ns, "fp_conv2d", None)
+    return (fn, tuple(ns.fp_conv_dtypes)) if fn is not None else (None, ())
+
+
 def code_bytes(channels: int, bits: int, backend: str) -> int:
     """Bytes per pixel of ``channels`` activation codes in ``backend``'s code format."""
     return packed_size(channels, bits) if backend_spec(backend).nibble_codes else channels
