@@ -110,8 +110,10 @@ def cpu_extension():
         return [], {}
     # -ffp-contract=off: the quantizer must round every fp32 multiply and add separately, as the
     # reference does (a fused multiply-add would change codes at rounding boundaries).
+    # -fno-trapping-math: lets the compiler turn float comparisons into selects and vectorise the
+    # quantizer (results are unchanged: no code here reads floating-point exception flags).
     ext = CppExtension(name="hybridops._C_cpu", sources=sources,
-                       extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math"])
+                       extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
 
 
@@ -122,7 +124,7 @@ cmdclass = {**_cpu_cmd, **cmdclass}
 
 setup(
     name="hybridops",
-    version="0.1.0",
+    version="0.2.0",
     description="GPU kernels for hybrid low-bit networks (quantized + channel-pruned full-precision branches)",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
     long_description_content_type="text/markdown",
@@ -130,13 +132,15 @@ setup(
     python_requires=">=3.10",
     packages=["hybridops", "hybridops.ops", "hybridops.kernels", "hybridops_tracking"],
     package_dir={"hybridops": "hybridops", "hybridops.kernels": "kernels", "hybridops_tracking": "apps/tracking"},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib"],
+    # the core imports torch alone (Triton, when present, for the triton backend)
+    install_requires=["torch>=2.11"],
     extras_require={
         "test": ["pytest>=8", "pytest-benchmark>=4", "hypothesis>=6", "torchvision>=0.26"],
         "cupy": ["cupy-cuda13x"],
-        # CUTLASS's C++ headers for the stock CUTLASS conv baseline in bench/cutlass_conv/ (built
-        # on demand by bench/bench_kernels.py on Hopper GPUs; not needed by hybridops itself).
-        "bench": ["nvidia-cutlass==4.2.0.0"],
+        # The benchmarks (bench/): progress bars, plots, torchvision models, and CUTLASS's C++
+        # headers for the stock CUTLASS conv baseline in bench/cutlass_conv/ (built on demand by
+        # bench/bench_kernels.py on Hopper GPUs); hybridops itself needs none of them.
+        "bench": ["nvidia-cutlass==4.2.0.0", "tqdm==4.70.1", "matplotlib==3.11.2", "torchvision>=0.26"],
         # The tracking application (apps/tracking, imported as hybridops_tracking); the core needs none of these.
         "tracking": ["numpy==2.4.6", "tqdm==4.70.1", "matplotlib==3.11.2", "torchvision==0.29.1"],
     },

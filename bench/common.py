@@ -42,7 +42,9 @@ def time_ms(fn: Callable[[], object], device: torch.device) -> float:
         return float(do_bench(fn, return_mode="median"))
     from torch.utils.benchmark import Timer
 
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=0.2).median * 1e3
+    # Timer runs on one thread unless told: time with the threads the process was given
+    return Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=0.2).median * 1e3
 
 
 @dataclass(frozen=True)

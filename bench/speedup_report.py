@@ -3,10 +3,13 @@
 For one model: convert a copy with ``hybridize_`` (calibrated on a random batch), deploy it on
 the chosen backend, and time every converted layer and the whole model against the float
 original, in the same process on the same device. On a GPU the baseline is cuDNN bf16
-channels_last (and the deployed model runs in bf16 channels_last); on the CPU both run in fp32
-and the deployed model uses whatever backend resolves there (the ``torch`` reference unless told
-otherwise), which the output says on every line: CPU figures check the harness, they are not
-kernel performance.
+channels_last (and the deployed model runs in bf16 channels_last). On the CPU the deployed model
+runs fp32 channels_last on the backend ``auto`` resolves to (``onednn``: int8 convolutions through
+oneDNN, whose ISA the report names), and end to end it is timed against every float path PyTorch
+offers there — fp32 eager, fp32 / bf16 channels_last, fp32 / bf16 TorchScript-frozen, and with
+``--compile`` ``torch.compile`` with freezing (minutes of compiling on 2 cores) — the fastest of
+which is the baseline, and against torch.ao's x86 int8 model (the peer: int8 with no FP branch).
+Per layer, the float figure is the same layer in fp32 channels_last eager.
 
 Writes ``report.json``, ``layers.csv`` and ``speedup.png`` (predicted vs measured per layer)
 into ``--out`` and prints a table. Example::
@@ -76,11 +79,87 @@ def _peak_activation_bytes(model: nn.Module, x: torch.Tensor) -> Optional[int]:
     return torch.cuda.max_memory_allocated() - base
 
 
+def _cpu_isa() -> str:
+    """oneDNN's int8 convolution implementation on this CPU (AMX, VNNI, AVX2, ...)."""
+    try:
+        import hybridops.kernels.onednn as onednn
+    except ImportError as e:  # the onednn backend's compiled kernels are missing: say so in the report
+        return f"unknown ({e})"
+    return onednn.isa()
+
+
+def _bf16_conv_supported() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _jit_frozen(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    with torch.no_grad():
+        return torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(model, x).eval()))
+
+
+def _torch_ao_int8(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """torch.ao's FX int8 model for the x86 engine, calibrated on ``x``."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.backends.quantized.engine = "x86"
+    prepared = prepare_fx(copy.deepcopy(model).eval(), get_default_qconfig_mapping("x86"), (x,))
+    with torch.no_grad():
+        prepared(x)
+    return convert_fx(prepared)
+
+
+def cpu_baselines(float_model: nn.Module, x32: torch.Tensor, compile_: bool = False) -> Dict[str, dict]:
+    """End-to-end CPU timings of the paths a user would otherwise pick: ``{name: {"ms": ..} or
+    {"skipped": why}}``. Float paths carry ``"float": True``; the fastest of them is the baseline."""
+    out: Dict[str, dict] = {}
+    cl = torch.channels_last
+    xcl = x32.contiguous(memory_format=cl)
+    bf16 = _bf16_conv_supported()
+    no_bf16 = "this CPU has no bf16 convolution in oneDNN (needs AVX-512 BF16 / AMX, or AVX-512 BW/VL/DQ)"
+    paths = [("fp32 eager", lambda: (float_model, x32)),
+             ("fp32 channels_last", lambda: (copy.deepcopy(float_model).to(memory_format=cl), xcl)),
+             ("bf16 channels_last", lambda: (copy.deepcopy(float_model).to(torch.bfloat16, memory_format=cl),
+                                             xcl.to(torch.bfloat16)) if bf16 else no_bf16),
+             ("fp32 TorchScript frozen", lambda: (_jit_frozen(copy.deepcopy(float_model).to(memory_format=cl), xcl),
+                                                  xcl)),
+             ("bf16 TorchScript frozen", lambda: (_jit_frozen(copy.deepcopy(float_model).to(torch.bfloat16,
+                                                                                           memory_format=cl),
+                                                              xcl.to(torch.bfloat16)), xcl.to(torch.bfloat16))
+              if bf16 else no_bf16)]
+    if compile_:
+        for dt in (torch.float32, torch.bfloat16):
+            name = f"{str(dt)[6:].replace('float32', 'fp32')} torch.compile (freezing)"
+            if dt == torch.bfloat16 and not bf16:
+                paths.append((name, lambda: no_bf16))
+                continue
+            paths.append((name, lambda dt=dt: (torch.compile(copy.deepcopy(float_model).to(dt, memory_format=cl),
+                                                              options={"freezing": True}), xcl.to(dt))))
+    for name, make in tqdm(paths, desc="CPU float baselines", leave=False):
+        try:
+            made = make()
+            if isinstance(made, str):
+                out[name] = {"float": True, "skipped": made}
+                continue
+            m, xin = made
+            with torch.no_grad():
+                out[name] = {"float": True, "ms": time_ms(lambda: m(xin), x32.device)}
+        except Exception as e:  # a path PyTorch cannot build for this model is reported, not fatal
+            out[name] = {"float": True, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    try:
+        q = _torch_ao_int8(float_model, x32)
+        with torch.no_grad():
+            out["torch.ao int8 (x86)"] = {"float": False, "ms": time_ms(lambda: q(x32), x32.device)}
+    except Exception as e:  # e.g. a model FX cannot trace
+        out["torch.ao int8 (x86)"] = {"float": False, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    return out
+
+
 def run(model_name: str, batch: int, size: Optional[int], config: ho.HybridConfig, backend: str,
-        out_dir: Path, plot: bool = True, device: Optional[str] = None) -> dict:
+        out_dir: Path, plot: bool = True, device: Optional[str] = None, compile_: bool = False) -> dict:
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    fmt = torch.channels_last if dev.type == "cuda" else torch.contiguous_format
+    fmt = torch.channels_last
     size = size or MODEL_INPUT.get(model_name, 224)
     shape = (batch, 3, size, size)
     torch.manual_seed(0)
@@ -124,13 +203,24 @@ def run(model_name: str, batch: int, size: Optional[int], config: ho.HybridConfi
     with torch.no_grad():
         e2e = {"float_eager_ms": time_ms(lambda: float_model(x), dev),
                "hybrid_eager_ms": time_ms(lambda: hybrid(x), dev)}
+    if dev.type == "cpu":
+        base = cpu_baselines(float_model.to(memory_format=torch.contiguous_format), x32, compile_)
+        timed = {k: v["ms"] for k, v in base.items() if v["float"] and "ms" in v}
+        best = min(timed, key=timed.get)
+        e2e["cpu_baselines"] = base
+        e2e["fastest_float"] = best
+        e2e["fastest_float_ms"] = timed[best]
+        e2e["speedup_vs_fastest_float"] = timed[best] / e2e["hybrid_eager_ms"]
+        ao = base["torch.ao int8 (x86)"].get("ms")
+        e2e["time_vs_torch_ao_int8"] = e2e["hybrid_eager_ms"] / ao if ao else None
     if dev.type == "cuda":
         e2e["float_graph_ms"] = _cuda_graph_ms(float_model, x)
         e2e["hybrid_graph_ms"] = _cuda_graph_ms(hybrid, x)
     result = {
         "environment": environment(),
         "model": model_name, "input_shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-        "baseline": "cuDNN bf16 channels_last" if dev.type == "cuda" else "PyTorch fp32 on the CPU",
+        "baseline": "cuDNN bf16 channels_last" if dev.type == "cuda" else "PyTorch fp32 channels_last on the CPU",
+        "cpu_isa": _cpu_isa() if dev.type == "cpu" else None,
         "backends": backends,
         "config": {k: getattr(config, k) for k in ("bits_w", "bits_a", "keep", "fp_first_input")},
         "untrained_conversion_rel_l2_error": rel_err,
@@ -184,8 +274,10 @@ def format_table(result: dict) -> str:
              f"device {env['device']} | baseline {result['baseline']} | backend {'/'.join(result['backends'])} | "
              f"torch {env['torch']} | {env['date']}"]
     if env["device"] == "cpu":
-        lines.append("NOTE: CPU run: the deployed model uses the reference backend; these timings check the "
-                     "harness and are not kernel performance.")
+        lines.append(f"oneDNN int8 ISA: {result['cpu_isa']}")
+        if result["backends"] == ["torch"]:
+            lines.append("NOTE: the deployed model runs on the reference backend (plain PyTorch): these timings check "
+                         "the harness and are not kernel performance.")
     head = f"{'layer':<28} {'kind':<7} {'A/W':>6} {'kept':>9} {'pred x':>7} {'float ms':>9} {'hybrid ms':>10} {'meas x':>7}"
     lines += [head, "-" * len(head)]
     for r in result["layers"]:
@@ -197,6 +289,15 @@ def format_table(result: dict) -> str:
     lines.append(f"end to end: predicted {result['bops']['predicted_speedup']:.2f}x (RC {result['bops']['rc']:.3f}); "
                  f"eager {e['float_eager_ms']:.3f} ms float vs {e['hybrid_eager_ms']:.3f} ms hybrid "
                  f"= {e['float_eager_ms'] / e['hybrid_eager_ms']:.2f}x")
+    if e.get("cpu_baselines"):
+        lines.append("end to end on the CPU, same run (medians):")
+        for name, b in e["cpu_baselines"].items():
+            fig = f"{b['ms']:9.3f} ms" if "ms" in b else f"skipped: {b['skipped']}"
+            lines.append(f"  {name:<34} {fig}")
+        lines.append(f"  {'deployed hybrid (' + '/'.join(result['backends']) + ')':<34} {e['hybrid_eager_ms']:9.3f} ms")
+        ao = e["time_vs_torch_ao_int8"]
+        lines.append(f"deployed hybrid is {e['speedup_vs_fastest_float']:.2f}x the fastest float path "
+                     f"({e['fastest_float']})" + (f" and takes {ao:.2f}x torch.ao int8's time" if ao else ""))
     if e.get("hybrid_graph_ms"):
         lines.append(f"CUDA graph: {e['float_graph_ms']:.3f} ms float vs {e['hybrid_graph_ms']:.3f} ms hybrid "
                      f"= {e['float_graph_ms'] / e['hybrid_graph_ms']:.2f}x")
@@ -214,7 +315,9 @@ def main(argv=None) -> int:
     p.add_argument("--bits-w", type=int, default=4)
     p.add_argument("--bits-a", type=int, default=4)
     p.add_argument("--keep", type=float, default=0.1, help="FP-branch keep ratio (the paper: 0.05-0.5)")
-    p.add_argument("--backend", default="auto", help="auto, torch, triton or cuda")
+    p.add_argument("--backend", default="auto", help="auto, torch, onednn, triton or cuda")
+    p.add_argument("--compile", action="store_true",
+                   help="CPU: also time torch.compile with freezing as a float baseline (minutes of compiling)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<model>-b<batch>)")
     p.add_argument("--no-plot", action="store_true")
@@ -225,7 +328,7 @@ def main(argv=None) -> int:
     dev = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tag = (torch.cuda.get_device_name().replace(" ", "-") if dev == "cuda" else "cpu")
     out = Path(a.out or os.path.join(Path(__file__).resolve().parent, "results", f"{tag}-{a.model}-b{a.batch}"))
-    result = run(a.model, a.batch, a.size, cfg, a.backend, out, plot=not a.no_plot, device=dev)
+    result = run(a.model, a.batch, a.size, cfg, a.backend, out, plot=not a.no_plot, device=dev, compile_=a.compile)
     print(format_table(result))
     print(f"results written to {out}")
     return 0

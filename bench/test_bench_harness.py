@@ -98,7 +98,7 @@ def test_speedup_report_on_cpu(tmp_path):
     result = run("tiny", 1, 16, cfg, "torch", tmp_path, plot=True, device="cpu")
     n_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in build_model("tiny").modules())
     assert len(result["layers"]) == n_layers
-    assert result["backends"] == ["torch"] and result["baseline"] == "PyTorch fp32 on the CPU"
+    assert result["backends"] == ["torch"] and result["baseline"] == "PyTorch fp32 channels_last on the CPU"
     assert 0 < result["bops"]["rc"] < 1
     for r in result["layers"]:
         assert r["float_ms"] > 0 and r["hybrid_ms"] > 0
@@ -110,6 +110,13 @@ def test_speedup_report_on_cpu(tmp_path):
     assert (tmp_path / "speedup.png").stat().st_size > 1000
     table = format_table(result)
     assert "reference backend" in table and "end to end" in table
+    # every float path a CPU user could pick, and torch.ao's int8 model, timed or skipped with a reason
+    base = result["end_to_end"]["cpu_baselines"]
+    assert {"fp32 eager", "fp32 channels_last", "bf16 channels_last", "fp32 TorchScript frozen",
+            "torch.ao int8 (x86)"} <= set(base)
+    assert all(("ms" in b and b["ms"] > 0) or b["skipped"] for b in base.values())
+    assert result["end_to_end"]["fastest_float_ms"] == min(b["ms"] for b in base.values() if b["float"] and "ms" in b)
+    assert "the fastest float path" in table
 
 
 # ----------------------------------------------------------------------------- the GPU suite
