@@ -2,6 +2,7 @@
 
     python bench/bench_cpu.py layers            # ResNet-50 3x3 layers, batch 1, 1 thread
     python bench/bench_cpu.py models --threads 2 # ResNet-18/50 deployed hybrid vs float / torch.ao int8
+    python bench/bench_cpu.py tracker --threads 2 # the tracker's network per frame, float vs deployed
 
 Medians of many runs, every path measured in the same process (the machines are shared and
 noisy: compare ratios, not absolute times across runs). Writes markdown tables to
@@ -17,7 +18,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torchvision
+from speedup_report import cpu_baselines
+
+import hybridops as ho
+import hybridops.kernels.onednn as O
+from hybridops.ops.packing import pack_weight
 
 OUT = Path(__file__).parent / "results" / "cpu"
 
@@ -38,9 +44,6 @@ R50_3X3 = [(64, 56, 1), (128, 56, 2), (128, 28, 1), (256, 28, 2), (256, 14, 1), 
 
 
 def bench_layers(reps):
-    from hybridops.ops.packing import pack_weight
-    import hybridops.kernels.onednn as O
-
     torch.set_num_threads(1)
     rows = []
     for c, hw, s in R50_3X3:
@@ -86,68 +89,94 @@ def bench_layers(reps):
 
 
 def bench_models(names, threads, reps):
-    import torchvision
-
-    import hybridops as ho
+    """ResNet-18 / -50 end to end: every CPU baseline of the speedup report (same code) and the
+    deployed hybrid model (4/4 bits, keep 0.1, onednn), one table."""
     torch.set_num_threads(threads)
-    lines = [f"# End to end, batch 1, {threads} threads, medians ({datetime.date.today()}, torch {torch.__version__})", "",
+    lines = [f"# End to end, batch 1, {threads} threads, medians ({datetime.date.today()}, torch {torch.__version__}, "
+             f"oneDNN ISA {O.isa()})", "",
              f"Command: `python bench/bench_cpu.py models --threads {threads}`. Deployed hybrid: 4/4 bits, keep 0.1, "
-             "backend onednn, built as the README does. 224x224 input.", "",
-             "| model | path | ms | deployed speedup |", "| --- | --- | --- | --- |"]
+             "backend onednn, fp32 channels_last, built as the README does; 224x224 input. Baselines: "
+             "`bench/speedup_report.py`'s CPU baselines, timed in the same process.", "",
+             "| model | path | ms | deployed hybrid speedup over it |", "| --- | --- | --- | --- |"]
     for name in names:
         torch.manual_seed(0)
         base = getattr(torchvision.models, name)().eval()
         x = torch.randn(1, 3, 224, 224)
-        times = {}
-        with torch.no_grad():
-            times["fp32 eager"] = median_ms(lambda: base(x), reps)
-            cl = copy.deepcopy(base).to(memory_format=torch.channels_last).to(torch.bfloat16)
-            xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-            times["bf16 channels_last eager"] = median_ms(lambda: cl(xb), reps)
-            for dt in (torch.float32, torch.bfloat16):
-                m = copy.deepcopy(base).to(dt).to(memory_format=torch.channels_last)
-                xi = x.to(dt).contiguous(memory_format=torch.channels_last)
-                fr = torch.jit.freeze(torch.jit.trace(m, xi))
-                times[f"{str(dt)[6:]} jit-frozen"] = median_ms(lambda: fr(xi), reps)
-        try:
-            from torch.ao.quantization import get_default_qconfig_mapping
-            from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-            torch.backends.quantized.engine = "x86"
-            q = prepare_fx(copy.deepcopy(base), get_default_qconfig_mapping("x86"), (x,))
-            with torch.no_grad():
-                q(x)
-                q = convert_fx(q)
-                times["torch.ao FX int8 (x86)"] = median_ms(lambda: q(x), reps)
-        except Exception as e:  # reported, not hidden
-            print("torch.ao int8 failed:", e)
         model = copy.deepcopy(base)
         ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
-        model.eval()
-        ho.deploy_(model, backend="onednn")
+        ho.deploy_(model.eval(), backend="onednn")
+        model = model.to(memory_format=torch.channels_last)
         xcl = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            times["deployed hybrid onednn (fp32 in, NCHW)"] = median_ms(lambda: model(x), reps)
-            times["deployed hybrid onednn (fp32 in, channels_last)"] = median_ms(lambda: model(xcl), reps)
-        dep = min(v for k, v in times.items() if k.startswith("deployed"))
-        for k, v in times.items():
-            lines.append(f"| {name} | {k} | {v:.2f} | {v / dep:.2f}x |")
-            print(name, k, f"{v:.2f}", flush=True)
+            dep = median_ms(lambda: model(xcl), reps)
+        for path, b in cpu_baselines(base, x).items():
+            if "ms" in b:
+                lines.append(f"| {name} | {path} | {b['ms']:.2f} | {b['ms'] / dep:.2f}x |")
+            else:
+                lines.append(f"| {name} | {path} | skipped: {b['skipped']} | |")
+        lines.append(f"| {name} | **deployed hybrid (onednn)** | {dep:.2f} | 1.00x |")
+        print("\n".join(lines[-8:]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"models_{threads}t.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def bench_tracker(threads, reps):
+    """The SiamRPN++-style tracker (full ResNet-50, 127 / 255 crops): per-frame network time
+    (search-crop backbone + heads against the cached template), float vs deployed hybrid."""
+    # the tracking application is an optional part of the install ([tracking] extra)
+    import hybridops_tracking.hybrid as H
+    from hybridops_tracking.model import ModelConfig, SiamRPNPP
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = ModelConfig()
+    float_model = SiamRPNPP(cfg).eval()
+    z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size) * 255
+    x = torch.rand(1, 3, cfg.instance_size, cfg.instance_size) * 255
+    hybrid = H.clone(float_model)
+    H.hybridize_tracker(hybrid, "hybrid", example_inputs=(z, x))
+    H.deploy(hybrid.eval(), backend="onednn")
+    rows = []
+    for name, m in (("float fp32", float_model), ("deployed hybrid (onednn)", hybrid)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            mm = copy.deepcopy(m).to(memory_format=fmt)
+            xi, zi = x.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+            mm.template(zi)
+            rows.append((name, "channels_last" if fmt == torch.channels_last else "NCHW",
+                         median_ms(lambda: mm.track(xi), reps)))
+            print(rows[-1], flush=True)
+    best_float = min(t for n, _, t in rows if n.startswith("float"))
+    best_dep = min(t for n, _, t in rows if n.startswith("deployed"))
+    lines = [f"# Tracker network per frame, {threads} threads, medians ({datetime.date.today()}, torch "
+             f"{torch.__version__}, oneDNN ISA {O.isa()})", "",
+             f"Command: `python bench/bench_cpu.py tracker --threads {threads}`. SiamRPN++-style tracker "
+             "(apps/tracking), full ResNet-50, 255x255 search crop, template cached; hybrid: 4/4 bits, keep 0.25 "
+             "(the tracker's default), backbone converted, deployed on onednn. Target (issue): deployed >= 2x the "
+             "float tracker's fps.", "",
+             "| model | layout | ms per frame | fps |", "| --- | --- | --- | --- |"]
+    lines += [f"| {n} | {f} | {t:.2f} | {1e3 / t:.1f} |" for n, f, t in rows]
+    r = best_float / best_dep
+    lines += ["", f"Deployed hybrid: {r:.2f}x the float tracker's fps (best layout each); "
+                  + ("target met." if r >= 2 else f"target missed by {2 / r:.2f}x.")]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"tracker_{threads}t.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["layers", "models"])
+    ap.add_argument("what", choices=["layers", "models", "tracker"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--models", default="resnet18,resnet50")
     a = ap.parse_args()
     if a.what == "layers":
         bench_layers(a.reps)
-    else:
+    elif a.what == "models":
         bench_models(a.models.split(","), a.threads, a.reps)
+    else:
+        bench_tracker(a.threads, a.reps)
 
 
 if __name__ == "__main__":

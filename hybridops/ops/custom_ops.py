@@ -24,23 +24,26 @@ def _impl(op: str, backend: str):
     return registry.implementation(backend, op)
 
 
-def _check(cond: bool, msg: str) -> None:
+def _check(cond: bool, msg) -> None:
+    """Raise ValueError(msg) unless cond; ``msg`` may be a callable building the sentence, so
+    that the per-call checks of a deployed layer format nothing when they pass."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def _check_qparams(qparams: torch.Tensor, like: torch.Tensor, name: str = "qparams") -> None:
     _check(qparams.dtype == torch.float32 and qparams.shape == (2,),
-           f"{name} must be a float32 tensor [alpha, beta] of shape (2,), got {qparams.dtype} {tuple(qparams.shape)}.")
-    _check(qparams.device == like.device, f"{name} is on {qparams.device} but the input is on {like.device}.")
+           lambda: f"{name} must be a float32 tensor [alpha, beta] of shape (2,), got {qparams.dtype} "
+                   f"{tuple(qparams.shape)}.")
+    _check(qparams.device == like.device, lambda: f"{name} is on {qparams.device} but the input is on {like.device}.")
 
 
 def _check_channel_vec(t: Optional[torch.Tensor], n: int, like: torch.Tensor, name: str) -> None:
     if t is None:
         return
-    _check(t.dim() == 1 and t.shape[0] == n, f"{name} must have shape ({n},), got {tuple(t.shape)}.")
-    _check(t.dtype.is_floating_point, f"{name} must be floating point, got {t.dtype}.")
-    _check(t.device == like.device, f"{name} is on {t.device} but the input is on {like.device}.")
+    _check(t.dim() == 1 and t.shape[0] == n, lambda: f"{name} must have shape ({n},), got {tuple(t.shape)}.")
+    _check(t.dtype.is_floating_point, lambda: f"{name} must be floating point, got {t.dtype}.")
+    _check(t.device == like.device, lambda: f"{name} is on {t.device} but the input is on {like.device}.")
 
 
 # Index tensors already validated, with the version they had then: deployed layers pass the same
@@ -60,9 +63,10 @@ def _check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
     if idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # no synchronisation is allowed inside a CUDA graph capture (warm up first)
     lo, hi = int(idx.min()), int(idx.max())
-    _check(0 <= lo and hi < channels, f"{name} must index channels in [0, {channels}), got values in [{lo}, {hi}].")
+    _check(0 <= lo and hi < channels,
+           lambda: f"{name} must index channels in [0, {channels}), got values in [{lo}, {hi}].")
     _check(torch.unique(idx).numel() == idx.numel(),
-           f"{name} must hold distinct channel indices (each kept channel is added once), got repeats.")
+           lambda: f"{name} must hold distinct channel indices (each kept channel is added once), got repeats.")
     if len(_index_checked) > 4096:  # entries of freed tensors only cost memory; drop them now and then
         _index_checked.clear()
     _index_checked[id(idx)] = (weakref.ref(idx), idx._version, channels)
@@ -70,8 +74,8 @@ def _check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
 
 def _check_unsigned8(bits: int, signed: bool, backend: str) -> None:
     _check(not (bits == 8 and not signed and not registry.backend_spec(backend).unsigned8),
-           f"unsigned 8-bit activation codes (0..255) do not fit the {backend} backend's int8 kernels (their "
-           f"activation operand is signed 8-bit); use bits <= 7, or the torch or onednn backend.")
+           lambda: f"unsigned 8-bit activation codes (0..255) do not fit the {backend} backend's int8 kernels (their "
+                   f"activation operand is signed 8-bit); use bits <= 7, or the torch or onednn backend.")
 
 
 # ----------------------------------------------------------------------------- fake_quantize
@@ -79,7 +83,7 @@ def _check_unsigned8(bits: int, signed: bool, backend: str) -> None:
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool, backend: str) -> torch.Tensor:
     """Fake-quantized ``x`` (eq 6-7 if ``signed``, else eq 8-9): ``code / levels``, dtype of x."""
     check_bits(bits)
-    _check(x.dtype in _FLOAT_DTYPES, f"fake_quantize expects a floating-point tensor, got {x.dtype}.")
+    _check(x.dtype in _FLOAT_DTYPES, lambda: f"fake_quantize expects a floating-point tensor, got {x.dtype}.")
     _check_qparams(qparams, x)
     return _impl("fake_quantize", backend)(x, qparams, bits, signed)
 
@@ -131,16 +135,17 @@ def quantize_activate(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
     check_bits(bits)
-    _check(x.dim() == 4, f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
-    _check(x.dtype in _FLOAT_DTYPES, f"quantize_activate expects a floating-point x, got {x.dtype}.")
+    _check(x.dim() == 4, lambda: f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
+    _check(x.dtype in _FLOAT_DTYPES, lambda: f"quantize_activate expects a floating-point x, got {x.dtype}.")
     _check_qparams(qparams, x)
     c = x.shape[1]
     _check_channel_vec(bn_scale, c, x, "bn_scale")
     _check_channel_vec(bn_shift, c, x, "bn_shift")
     if keep_idx is not None:
         _check(keep_idx.dim() == 1 and keep_idx.dtype in (torch.int32, torch.int64),
-               f"keep_idx must be a 1-D int32/int64 index tensor, got {keep_idx.dtype} {tuple(keep_idx.shape)}.")
-        _check(keep_idx.device == x.device, f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
+               lambda: f"keep_idx must be a 1-D int32/int64 index tensor, got {keep_idx.dtype} "
+                       f"{tuple(keep_idx.shape)}.")
+        _check(keep_idx.device == x.device, lambda: f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
     _check_unsigned8(bits, signed, backend)
     return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype)
 
@@ -232,28 +237,31 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
     check_bits(bits_a, "bits_a")
     check_bits(bits_w, "bits_w")
     _check(x_codes.dtype == torch.uint8 and x_codes.dim() == 4,
-           f"x_codes must be packed uint8 codes (N, H, W, packed C), got {x_codes.dtype} {tuple(x_codes.shape)}.")
+           lambda: f"x_codes must be packed uint8 codes (N, H, W, packed C), got {x_codes.dtype} "
+                   f"{tuple(x_codes.shape)}.")
     _check(w_packed.dtype == torch.uint8 and w_packed.dim() == 4,
-           f"w_packed must be packed uint8 weights (C_out, KH, KW, packed C_in/groups), got {w_packed.dtype} "
-           f"{tuple(w_packed.shape)}.")
-    _check(w_packed.device == x_codes.device, f"w_packed is on {w_packed.device} but x_codes is on {x_codes.device}.")
+           lambda: f"w_packed must be packed uint8 weights (C_out, KH, KW, packed C_in/groups), got {w_packed.dtype} "
+                   f"{tuple(w_packed.shape)}.")
+    _check(w_packed.device == x_codes.device,
+           lambda: f"w_packed is on {w_packed.device} but x_codes is on {x_codes.device}.")
     _check(groups >= 1 and in_channels % groups == 0 and w_packed.shape[0] % groups == 0,
-           f"groups={groups} must divide in_channels={in_channels} and C_out={w_packed.shape[0]}.")
+           lambda: f"groups={groups} must divide in_channels={in_channels} and C_out={w_packed.shape[0]}.")
     code_bytes = registry.code_bytes(in_channels, bits_a, backend)
     _check(x_codes.shape[3] == code_bytes,
-           f"x_codes has {x_codes.shape[3]} bytes per pixel, expected {code_bytes} for "
-           f"in_channels={in_channels} at {bits_a} bits (NHWC packed layout).")
+           lambda: f"x_codes has {x_codes.shape[3]} bytes per pixel, expected {code_bytes} for "
+                   f"in_channels={in_channels} at {bits_a} bits (NHWC packed layout).")
     _check(w_packed.shape[3] == packed_size(in_channels // groups, bits_w),
-           f"w_packed has {w_packed.shape[3]} bytes per tap, expected {packed_size(in_channels // groups, bits_w)} "
-           f"for {in_channels // groups} input channels per group at {bits_w} bits.")
-    _check(len(stride) == 2 and min(stride) >= 1, f"stride must be two positive ints, got {list(stride)}.")
-    _check(len(dilation) == 2 and min(dilation) >= 1, f"dilation must be two positive ints, got {list(dilation)}.")
+           lambda: f"w_packed has {w_packed.shape[3]} bytes per tap, expected "
+                   f"{packed_size(in_channels // groups, bits_w)} for {in_channels // groups} input channels per group at {bits_w} bits.")
+    _check(len(stride) == 2 and min(stride) >= 1, lambda: f"stride must be two positive ints, got {list(stride)}.")
+    _check(len(dilation) == 2 and min(dilation) >= 1,
+           lambda: f"dilation must be two positive ints, got {list(dilation)}.")
     _check(len(padding) == 4 and min(padding) >= 0,
-           f"padding must be four non-negative ints (top, bottom, left, right), got {list(padding)}.")
+           lambda: f"padding must be four non-negative ints (top, bottom, left, right), got {list(padding)}.")
     _, ho, wo, _ = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
     _check(ho >= 1 and wo >= 1,
-           f"the convolution has an empty output ({ho}x{wo}): input {x_codes.shape[1]}x{x_codes.shape[2]} is "
-           f"smaller than the dilated kernel after padding.")
+           lambda: f"the convolution has an empty output ({ho}x{wo}): input {x_codes.shape[1]}x{x_codes.shape[2]} is "
+                   f"smaller than the dilated kernel after padding.")
     _check_unsigned8(bits_a, a_signed, backend)
     c_out = w_packed.shape[0]
     if out_dtype == torch.int32:
@@ -261,18 +269,18 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
                "out_dtype=torch.int32 returns raw accumulators; bias, relu, fp_out and requantization need a "
                "float out_dtype.")
     else:
-        _check(out_dtype in _FLOAT_DTYPES, f"out_dtype must be int32 or a float dtype, got {out_dtype}.")
+        _check(out_dtype in _FLOAT_DTYPES, lambda: f"out_dtype must be int32 or a float dtype, got {out_dtype}.")
     _check_channel_vec(scale, c_out, x_codes, "scale")
     _check_channel_vec(bias, c_out, x_codes, "bias")
     _check((fp_out is None) == (fp_idx is None), "fp_out and fp_idx must be given together.")
     if fp_out is not None:
         n, ho_, wo_, _ = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
         _check(fp_idx.dim() == 1 and fp_idx.dtype in (torch.int32, torch.int64),
-               f"fp_idx must be a 1-D int32/int64 index tensor, got {fp_idx.dtype} {tuple(fp_idx.shape)}.")
+               lambda: f"fp_idx must be a 1-D int32/int64 index tensor, got {fp_idx.dtype} {tuple(fp_idx.shape)}.")
         _check(tuple(fp_out.shape) == (n, ho_, wo_, fp_idx.shape[0]),
-               f"fp_out must have shape {(n, ho_, wo_, fp_idx.shape[0])} (NHWC, kept channels), got "
+               lambda: f"fp_out must have shape {(n, ho_, wo_, fp_idx.shape[0])} (NHWC, kept channels), got "
                f"{tuple(fp_out.shape)}.")
-        _check(fp_out.dtype in _FLOAT_DTYPES, f"fp_out must be floating point, got {fp_out.dtype}.")
+        _check(fp_out.dtype in _FLOAT_DTYPES, lambda: f"fp_out must be floating point, got {fp_out.dtype}.")
         _check(fp_out.device == x_codes.device and fp_idx.device == x_codes.device,
                "fp_out and fp_idx must be on the same device as x_codes.")
         _check_channel_index(fp_idx, "fp_idx", c_out)
