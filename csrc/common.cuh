@@ -26,7 +26,7 @@ __host__ __device__ __forceinline__ int quant_levels(int bits, bool is_signed) {
 
 // Integer code of t as a float (eq 6-7 if signed, else eq 8-9), in the reference's order:
 // mag = |t| or t; u = clamp(mag * alpha + beta, 0, 1); q = floor(u * levels + 0.5); q *= sign(t).
-// The clamp is written with comparisons so that NaN propagates like torch.clamp.
+// A NaN input ends as code 0, the reference's nan_to_num result (see the clamp below).
 template <typename T>
 __device__ __forceinline__ T quant_code(T t, T alpha, T beta, T lv, bool is_signed) {
   T mag = is_signed ? fabs(t) : t;

@@ -1,7 +1,7 @@
 """The ``hybridops::`` custom ops: argument checks, backend dispatch, fake (meta) kernels, autograd.
 
-Every op takes a ``backend`` string (``torch``, ``triton`` or ``cuda``) already resolved by the
-caller (:func:`hybridops.backend.resolve_backend`), so the backend that ran is never a guess.
+Every op takes a ``backend`` string (a name from the registry, :mod:`hybridops.ops.backends`:
+``torch``, ``triton``, ``cuda``, ``onednn``) already resolved by the caller (:func:`hybridops.backend.resolve_backend`), so the backend that ran is never a guess.
 The fake implementations compute output shapes only, so ``torch.compile`` and CUDA graphs can
 trace through the ops.
 """
