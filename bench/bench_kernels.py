@@ -3,8 +3,11 @@
 Providers, all timed in one process on one device (medians of ``triton.testing.do_bench`` on a
 GPU, ``torch.utils.benchmark`` on the CPU):
 
-* ``cudnn_bf16_cl``   ``F.conv2d`` in bf16 channels_last (the baseline to beat);
+* ``cudnn_bf16_cl``   ``F.conv2d`` in bf16 channels_last (the baseline to beat on a GPU);
 * ``cudnn_fp32``      ``F.conv2d`` in fp32 with TF32 off;
+* on the CPU: ``torch_fp32_cpu`` (eager ``F.conv2d``), ``onednn_fp32_prepacked`` and
+  ``onednn_bf16_prepacked`` (oneDNN with weights packed once; bf16 where the CPU has it): the
+  fastest of them is the baseline there;
 * ``naive_int8``      what a user would write: unfold + ``torch._int_mm`` + scale (CUDA only);
 * ``qconv_<backend>`` our packed low-bit conv alone (codes in, bf16 out);
 * ``hybrid_<backend>`` a whole deployed hybrid layer (quantize-activate, FP branch, int conv with
@@ -21,7 +24,7 @@ GPU, ``torch.utils.benchmark`` on the CPU):
 
 Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the measured H100
 ceiling (docs/gpu.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
-``cudnn_bf16_cl``. Results go to ``--out`` as JSON and CSV with the environment, plus a plot.
+``cudnn_bf16_cl`` (on the CPU: the fastest float row). Results go to ``--out`` as JSON and CSV with the environment, plus a plot.
 
     python bench/bench_kernels.py --batch 1 32 --bits 4 5 --keep 0.1
 """
@@ -47,13 +50,31 @@ INT8_CEILING_TOPS = 1117.0  # Triton int8 GEMM, K-major, H100 (docs/gpu.md)
 COPY_CEILING_GBS = 3000.0   # device-to-device copy, H100 (docs/gpu.md)
 
 
-def make_layer(s: ConvShape, bits_w: int, bits_a: int, keep: float, device, backend: str):
-    """A calibrated, deployed hybrid layer of shape ``s`` and its float twin."""
+def make_layer(s: ConvShape, bits_w: int, bits_a: int, keep: float, device):
+    """A calibrated hybrid layer of shape ``s`` (deployed per backend by the caller), its float
+    twin and an input."""
     conv = nn.Conv2d(s.c_in, s.c_out, s.k, s.stride, s.pad, s.dil, s.groups, bias=False).to(device)
     x = torch.relu(torch.randn(s.n, s.c_in, s.h, s.w, device=device))
     hyb = ho.HybridConv2d.from_float(conv, bits_w, bits_a, True, keep)
     hyb.calibrate(x)
-    return conv, ho.deploy_layer(hyb.eval(), backend), x
+    return conv, hyb.eval(), x
+
+
+def cpu_float_rows(conv: nn.Conv2d, x: torch.Tensor, s: ConvShape):
+    """The float conv on the CPU as a user would run it: eager fp32, and oneDNN with weights
+    packed once (fp32, and bf16 where the CPU has bf16 convolutions): ``[(provider, ms)]``."""
+    out = [("torch_fp32_cpu", time_ms(lambda: conv(x), x.device))]
+    if ho.backend_unavailable_reason("onednn", "cpu") is not None:
+        return out
+    import hybridops.kernels.onednn as onednn  # present: the onednn backend loaded
+
+    xcl = x.contiguous(memory_format=torch.channels_last)
+    geo = ([s.stride] * 2, [s.pad] * 4, [s.dil] * 2, s.groups)
+    out.append(("onednn_fp32_prepacked", time_ms(lambda: onednn.fp_conv2d(xcl, conv.weight, None, *geo), x.device)))
+    if onednn.bf16_supported():
+        xb = xcl.to(torch.bfloat16)
+        out.append(("onednn_bf16_prepacked", time_ms(lambda: onednn.fp_conv2d(xb, conv.weight, None, *geo), x.device)))
+    return out
 
 
 def naive_int8(a_codes: torch.Tensor, w_codes: torch.Tensor, s: ConvShape, scale: torch.Tensor) -> torch.Tensor:
@@ -126,7 +147,7 @@ def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: tor
         r["speedup_vs_bf16"] = (ref_ms / ms) if ref_ms else None
         return r
 
-    conv, layer, x = make_layer(s, bits_w, bits_a, keep, device, backends[0])
+    conv, hyb, x = make_layer(s, bits_w, bits_a, keep, device)
     ref_ms = None
     with torch.no_grad():
         if device.type == "cuda":
@@ -146,11 +167,13 @@ def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: tor
                 if cutlass:
                     rows += cutlass_rows(s, codes, wcodes, sc, row, ref_ms, device)
         else:
-            ref_ms = time_ms(lambda: conv(x), device)
-            rows.append(row("torch_fp32_cpu", ref_ms, ref_ms))
+            floats = cpu_float_rows(conv, x, s)
+            ref_ms = min(ms for _, ms in floats)  # the fastest float path is the baseline
+            rows += [row(name, ms, ref_ms) for name, ms in floats]
         for be in backends:
-            layer.backend = be
-            xin = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+            layer = ho.deploy_layer(hyb, be)
+            xin = x.to(torch.bfloat16) if device.type == "cuda" else x
+            xin = xin.contiguous(memory_format=torch.channels_last)
             layer_dt = layer.to(xin.dtype)
             rows.append(row(f"hybrid_{be}", time_ms(lambda: layer_dt(xin), device), ref_ms))
             _, codes_p = ho.ops.quantize_activate(xin, layer.in_qparams, bits_a, layer.a_signed, None, None, False,
