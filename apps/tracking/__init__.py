@@ -5,9 +5,11 @@ OnHybSiamRPN++ online update of the classification head's full-precision branch.
 Modules: :mod:`.model` (network), :mod:`.boxes` (anchors, box coding), :mod:`.tracker`
 (post-processing, online update), :mod:`.data` (OTB, GOT-10k, LaSOT, VOT, UAV123 readers; synthetic sequences), :mod:`.pysot` (pysot
 SiamRPN++ checkpoints), :mod:`.train`
-(offline training with L_hyb), :mod:`.metrics` (OTB precision/success), :mod:`.benchmark` and
+(offline training with L_hyb), :mod:`.metrics` (OTB precision/success), :mod:`.attributes`
+(per-attribute results from OTB / pysot attribute files), :mod:`.benchmark` and
 :mod:`.compare` (evaluation, the variant table), :mod:`.cli` (``hybridops-track``).
 """
+from .attributes import OTB_ATTRIBUTES, attribute_groups, load_attributes, read_attribute_file
 from .boxes import center_iou, decode, encode, generate_anchors
 from .benchmark import evaluate, rescore, run_sequence, write_overlay, write_tracker_results
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -28,5 +30,5 @@ __all__ = [
     "train", "VARIANTS", "hybridize_tracker", "online_parameters", "save_checkpoint", "load_checkpoint",
     "CheckpointError", "FORMATS", "load_dataset", "read_got10k_sequence", "read_lasot_sequence", "read_vot_sequence",
     "read_uav123_sequence", "norm_precision_curve", "evaluate", "rescore", "run_sequence", "write_overlay",
-    "write_tracker_results",
+    "write_tracker_results", "OTB_ATTRIBUTES", "attribute_groups", "load_attributes", "read_attribute_file",
 ]

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import hybrid
+from .attributes import describe as describe_attribute, label as attribute_label, score_groups
 from .data import Sequence, SequenceError, list_sequences, parse_boxes, read_otb_sequence
 from .metrics import curves, plot_curves, summarize
 from .model import SiamRPNPP
@@ -56,13 +57,16 @@ def run_sequence(model: SiamRPNPP, seq: Sequence, params: Optional[TrackParams] 
 
 
 def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams] = None,
-             online: Optional[OnlineConfig] = None, progress: bool = True, desc: str = "eval") -> Dict:
+             online: Optional[OnlineConfig] = None, progress: bool = True, desc: str = "eval",
+             attributes: Optional[Dict[str, List[str]]] = None) -> Dict:
     """Track every sequence and score it.
 
     Returns ``{"per_sequence": {name: {precision, success_auc, norm_precision, mean_iou, fps}},
     "precision", "success_auc", "norm_precision", "fps", "ms_per_frame": {part: ms},
     "curves": {"success": (21,), "precision": (51,), "norm_precision": (51,)}, "boxes": {name: (N, 4)}}``
-    with curves and scores averaged over sequences (OTB convention) and FPS over all frames.
+    with curves and scores averaged over sequences (OTB convention) and FPS over all frames;
+    with ``attributes`` (``{attribute: [sequence, ...]}``, see :mod:`.attributes`) also
+    ``"by_attribute"`` (:func:`score_results`).
     """
     per, boxes, frames, times = {}, {}, 0, {}
     for seq in tqdm(seqs, desc=desc, disable=not progress, dynamic_ncols=True):
@@ -72,28 +76,35 @@ def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams
         frames += int(np.isfinite(r["boxes"]).all(axis=1).sum())
         for k, v in r["times"].items():
             times[k] = times.get(k, 0.0) + v
-    out = score_results(boxes, seqs)
+    out = score_results(boxes, seqs, attributes)
     out["per_sequence"] = {k: {**out["per_sequence"][k], **per[k]} for k in per}
     out["fps"] = frames / max(sum(times.values()), 1e-9)
     out["ms_per_frame"] = {k: 1000 * v / max(frames, 1) for k, v in times.items()}
     return out
 
 
-def score_results(boxes: Dict[str, np.ndarray], seqs: Seq[Sequence]) -> Dict:
+def score_results(boxes: Dict[str, np.ndarray], seqs: Seq[Sequence],
+                  attributes: Optional[Dict[str, List[str]]] = None) -> Dict:
     """Score predicted ``boxes {seq name: (N, 4)}`` against ``seqs`` (OTB averaging over
-    sequences); the part of :func:`evaluate` that :func:`rescore` reuses on result files."""
-    per, acc = {}, {"success": [], "precision": [], "norm_precision": []}
+    sequences); the part of :func:`evaluate` that :func:`rescore` reuses on result files.
+
+    ``attributes`` (``{attribute: [sequence, ...]}``, :func:`.attributes.attribute_groups`) adds
+    ``"by_attribute": {attribute: {"sequences": n, "precision", "success_auc", "norm_precision",
+    "curves"}}``, each averaged over that attribute's sequences."""
+    per, seq_curves = {}, {}
     by_name = {s.name: s for s in seqs}
     for name, b in boxes.items():
         seq = by_name[name]
         if len(b) != len(seq):
             raise SequenceError(f"{name}: {len(b)} result boxes for {len(seq)} frames.")
         per[name] = summarize(b, seq.boxes, seq.valid)
-        for k, c in curves(b, seq.boxes, seq.valid).items():
-            acc[k].append(c)
-    cs = {k: np.mean(v, axis=0) for k, v in acc.items()}
-    return {"per_sequence": per, "precision": float(cs["precision"][20]), "success_auc": float(cs["success"].mean()),
-            "norm_precision": float(cs["norm_precision"][20]), "curves": cs, "boxes": dict(boxes)}
+        seq_curves[name] = curves(b, seq.boxes, seq.valid)
+    cs = {k: np.mean([c[k] for c in seq_curves.values()], axis=0) for k in ("success", "precision", "norm_precision")}
+    out = {"per_sequence": per, "precision": float(cs["precision"][20]), "success_auc": float(cs["success"].mean()),
+           "norm_precision": float(cs["norm_precision"][20]), "curves": cs, "boxes": dict(boxes)}
+    if attributes:
+        out["by_attribute"] = score_groups(seq_curves, attributes)
+    return out
 
 
 def tracker_name(checkpoint: Union[str, Path], deployed: bool = False, online: bool = False) -> str:
@@ -147,9 +158,11 @@ def read_tracker_results(tracker_dir: Union[str, Path], seqs: Seq[Sequence]) -> 
     return out
 
 
-def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Optional[Seq[str]] = None) -> Dict[str, Dict]:
+def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Optional[Seq[str]] = None,
+            attributes: Optional[Dict[str, List[str]]] = None) -> Dict[str, Dict]:
     """Score every tracker folder of ``results_dir`` (or only ``trackers``) on ``seqs``:
-    ``{tracker: score_results() output}``, ready for :func:`write_results`."""
+    ``{tracker: score_results() output}`` (per attribute too, given ``attributes``), ready for
+    :func:`write_results`."""
     root = Path(results_dir)
     if not root.is_dir():
         raise SequenceError(f"{root} is not a directory.")
@@ -158,7 +171,8 @@ def rescore(results_dir: Union[str, Path], seqs: Seq[Sequence], trackers: Option
         p.name for p in root.iterdir() if p.is_dir() and any((p / f"{q.name}.txt").is_file() for q in seqs))
     if not names:
         raise SequenceError(f"{root} holds no tracker result folders (<tracker>/<seq>.txt).")
-    return {n: _with_run_info(root / n, score_results(read_tracker_results(root / n, seqs), seqs)) for n in names}
+    return {n: _with_run_info(root / n, score_results(read_tracker_results(root / n, seqs), seqs, attributes))
+            for n in names}
 
 
 def draw_strip(seq: Sequence, boxes: np.ndarray, path: Union[str, Path], num: int = 6, height: int = 160) -> Path:
@@ -231,20 +245,41 @@ def environment() -> Dict[str, str]:
     }
 
 
-def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict) -> Dict[str, Path]:
+def _curves_json(cs: Dict[str, np.ndarray]) -> Dict[str, List[float]]:
+    return {f"{k}_curve": [round(float(c), 4) for c in cs[k]] for k in ("success", "precision", "norm_precision")
+            if k in cs}
+
+
+ATTRIBUTE_DIR = "attributes"
+
+
+def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict,
+                  attributes: Optional[Dict[str, List[str]]] = None) -> Dict[str, Path]:
     """Write ``results.json``, ``table.md`` and the success/precision plots for ``rows``
-    (``{variant: evaluate() output + extra columns}``)."""
+    (``{variant: evaluate() output + extra columns}``).
+
+    With ``attributes`` (``{attribute: [sequence, ...]}``, the groups the rows'
+    ``by_attribute`` scores were computed on) also the per-attribute tables in ``table.md``,
+    ``attributes`` in ``results.json`` and ``attributes/<ATTR>_{success,precision}_plot.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    plots = plot_curves({hybrid.LABELS.get(k, k): v["curves"] for k, v in rows.items()}, out_dir,
-                        title=meta.get("plot_title", ""))
+    labels = {k: hybrid.LABELS.get(k, k) for k in rows}
+    colors = {labels[k]: f"C{i % 10}" for i, k in enumerate(rows)}  # one colour per tracker in every plot
+    plots = plot_curves({labels[k]: v["curves"] for k, v in rows.items()}, out_dir,
+                        title=meta.get("plot_title", ""), colors=colors)
+    groups = {a: names for a, names in (attributes or {}).items()
+              if any(a in v.get("by_attribute", {}) for v in rows.values())}
+    attr_plots = _attribute_plots(out_dir / ATTRIBUTE_DIR, rows, groups, labels, colors, meta.get("plot_title", ""))
     js = {"meta": meta, "results": {}}
+    if groups:
+        js["attributes"] = {a: {"name": describe_attribute(a), "sequences": names} for a, names in groups.items()}
     for k, v in rows.items():
-        js["results"][k] = {kk: vv for kk, vv in v.items() if kk not in ("curves", "boxes")}
-        js["results"][k]["success_curve"] = [round(float(c), 4) for c in v["curves"]["success"]]
-        js["results"][k]["precision_curve"] = [round(float(c), 4) for c in v["curves"]["precision"]]
-        if "norm_precision" in v["curves"]:
-            js["results"][k]["norm_precision_curve"] = [round(float(c), 4) for c in v["curves"]["norm_precision"]]
+        js["results"][k] = {kk: vv for kk, vv in v.items() if kk not in ("curves", "boxes", "by_attribute")}
+        js["results"][k].update(_curves_json(v["curves"]))
+        if "by_attribute" in v:
+            js["results"][k]["by_attribute"] = {
+                a: {**{kk: vv for kk, vv in r.items() if kk != "curves"}, **_curves_json(r["curves"])}
+                for a, r in v["by_attribute"].items()}
     (out_dir / "results.json").write_text(json.dumps(js, indent=1, default=float) + "\n")
     lines = [f"# {meta.get('title', 'Tracking comparison')}", ""]
     lines += [f"- {k}: `{v}`" if k == "command" else f"- {k}: {v}" for k, v in meta.items()
@@ -260,5 +295,52 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict) 
         lines.append(f"| {hybrid.LABELS.get(k, k)} | {v['precision']:.3f} | {v.get('norm_precision', float('nan')):.3f} | "
                      f"{v['success_auc']:.3f} | {fps} | {split} | {'%.3f' % rc if rc is not None else '-'} | {upd} |")
     lines += ["", f"![success]({plots['success'].name}) ![precision]({plots['precision'].name})", ""]
+    if groups:
+        lines += _attribute_tables(rows, groups, labels, attr_plots)
     (out_dir / "table.md").write_text("\n".join(lines))
-    return {"json": out_dir / "results.json", "table": out_dir / "table.md", **plots}
+    return {"json": out_dir / "results.json", "table": out_dir / "table.md", **plots,
+            **{f"{a}_{k}": p for a, ps in attr_plots.items() for k, p in ps.items()}}
+
+
+def _attribute_plots(d: Path, rows, groups, labels, colors, title) -> Dict[str, Dict[str, Path]]:
+    """Success and precision plots of every attribute in ``d``; plots of attributes that are no
+    longer there (an earlier run of the folder) are removed so the folder matches the table."""
+    out = {}
+    for a, names in groups.items():
+        res = {labels[k]: v["by_attribute"][a]["curves"] for k, v in rows.items() if a in v.get("by_attribute", {})}
+        n = max(v["by_attribute"][a]["sequences"] for k, v in rows.items() if a in v.get("by_attribute", {}))
+        d_ = describe_attribute(a)
+        head = f"{a}{' (' + d_ + ')' if d_ else ''}, {n} sequence{'s' if n != 1 else ''}"
+        out[a] = plot_curves(res, d, title=f"{title}\n{head}" if title else head, prefix=f"{a}_", colors=colors)
+    if d.is_dir():
+        keep = {p.name for ps in out.values() for p in ps.values()}
+        for p in d.glob("*_plot.png"):
+            if p.name not in keep and (p.name.endswith("_success_plot.png") or p.name.endswith("_precision_plot.png")):
+                p.unlink()
+    return out
+
+
+def _attribute_tables(rows, groups, labels, plots) -> List[str]:
+    """Markdown: success AUC and precision per attribute (rows) and tracker (columns), best in bold."""
+    keys = list(rows)
+    lines = ["## Per attribute", "",
+             "Each attribute's scores are averaged over the sequences that have it (count in brackets; a sequence "
+             "counts in every attribute it has).", ""]
+    for metric, head in (("success_auc", "Success AUC"), ("precision", "Precision (20 px)")):
+        lines += [f"### {head} by attribute", "", "| attribute | " + " | ".join(labels[k] for k in keys) + " |",
+                  "|---" * (len(keys) + 1) + "|"]
+        for a in groups:
+            vals = [rows[k].get("by_attribute", {}).get(a, {}).get(metric) for k in keys]
+            n = max(rows[k]["by_attribute"][a]["sequences"] for k in keys if a in rows[k].get("by_attribute", {}))
+            shown = [f"{v:.3f}" for v in vals if v is not None]
+            best = max(shown, key=float)
+            tie = len(set(shown)) == 1  # nothing to point out when every tracker scores the same
+            cells = ["-" if v is None else (f"**{v:.3f}**" if not tie and f"{v:.3f}" == best else f"{v:.3f}")
+                     for v in vals]
+            lines.append(f"| {attribute_label(a, n)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["Plots per attribute:", ""]
+    lines += [f"- {a}: [success]({ATTRIBUTE_DIR}/{ps['success'].name}), "
+              f"[precision]({ATTRIBUTE_DIR}/{ps['precision'].name})" for a, ps in plots.items()]
+    lines.append("")
+    return lines

@@ -9,6 +9,7 @@ Examples::
     hybridops-track evaluate data/synth --checkpoint hybrid.pt --out runs/eval
     hybridops-track evaluate /data/LaSOT --format lasot --checkpoint model.pth --out runs/lasot --skip-bad
     hybridops-track rescore runs/eval --data data/synth
+    hybridops-track rescore runs/otb --data /data/OTB100 --attrs /data/OTB100/OTB100.json
     hybridops-track compare --out bench/results/tracking
 """
 from __future__ import annotations
@@ -59,6 +60,14 @@ def _add_data(p):
     p.add_argument("--format", choices=FORMATS, default="otb", help="data set layout (default otb)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out sequences that cannot be read (each is reported) instead of stopping")
+
+
+def _add_attrs(p):
+    p.add_argument("--attrs", metavar="FILE",
+                   help="per-attribute results from this file: pysot's data set JSON (OTB100.json, its 'attr' "
+                        "lists) or an OTB toolkit attr_list.txt ('Name<TAB>IV, SV, ...'); default: each "
+                        "sequence's attrs.txt, then such a JSON or attr_list.txt in the data folder")
+    p.add_argument("--no-attrs", action="store_true", help="no per-attribute results even where attributes exist")
 
 
 def _add_online(p):
@@ -153,22 +162,43 @@ def cmd_track(args) -> int:
     return 0
 
 
-def _report(out, rows, meta, quiet=False):
+def _attributes(args, root, seqs):
+    """``(groups, meta line)``: the sequences of each attribute (``--attrs`` or files found with
+    the data), or ``({}, None)`` when there are none."""
+    from .attributes import attribute_groups, load_attributes
+    if getattr(args, "no_attrs", False):
+        return {}, None
+    sources = []
+    tags = load_attributes(seqs, root, args.attrs, sources=sources)
+    groups = attribute_groups(tags, [s.name for s in seqs])
+    if not groups:
+        return {}, None
+    line = (f"{len(groups)} attributes for {len(tags)} of {len(seqs)} sequences, from {', '.join(sources)}: "
+            + ", ".join(f"{a} {len(n)}" for a, n in groups.items()))
+    print(f"attributes: {line}")
+    return groups, line
+
+
+def _report(out, rows, meta, quiet=False, attributes=None):
     from .benchmark import write_results
-    write_results(out, rows, meta)
+    write_results(out, rows, meta, attributes=attributes)
     for key, r in rows.items():
         fps = f"  {r['fps']:.1f} FPS ({_split(r['ms_per_frame'])})" if "fps" in r else ""
         print(f"{key:28s} precision {r['precision']:.3f}  norm. precision {r['norm_precision']:.3f}  "
               f"success AUC {r['success_auc']:.3f}{fps}")
+    if attributes:
+        print(f"per-attribute tables ({len(attributes)} attributes) in {Path(out) / 'table.md'}, plots in "
+              f"{Path(out) / 'attributes'}")
 
 
 def cmd_evaluate(args) -> int:
     from .benchmark import environment, evaluate, rescore, tracker_name, write_tracker_results
 
     seqs = _sequences(args, args.root)
+    groups, attr_line = _attributes(args, args.root, seqs)  # before tracking: a bad --attrs fails at once
     model = _load_model(args)
     online = _online(args, model)
-    r = evaluate(model, seqs, online=online, progress=not args.quiet)
+    r = evaluate(model, seqs, online=online, progress=not args.quiet, attributes=groups)
     key = args.name or tracker_name(args.checkpoint, deployed=args.deploy, online=online is not None)
     write_tracker_results(args.out, key, r["boxes"], run=r)
     if not args.quiet:
@@ -177,10 +207,11 @@ def cmd_evaluate(args) -> int:
     # Merge with the other runs already in --out that cover the same sequences (one table/plot).
     others = [p.name for p in sorted(Path(args.out).iterdir()) if p.is_dir() and p.name != key
               and all((p / f"{q.name}.txt").is_file() for q in seqs)]
-    rows = {**rescore(args.out, seqs, others), key: r} if others else {key: r}
+    rows = {**rescore(args.out, seqs, others, attributes=groups), key: r} if others else {key: r}
     dataset = f"{Path(args.root).name} ({args.format}, {len(seqs)} sequences)"
-    meta = {"title": f"Evaluation on {dataset}", "plot_title": dataset, "command": _command(), **environment()}
-    _report(args.out, rows, meta)
+    meta = {"title": f"Evaluation on {dataset}", "plot_title": dataset, "command": _command(), **environment(),
+            **({"attributes": attr_line} if attr_line else {})}
+    _report(args.out, rows, meta, attributes=groups)
     return 0
 
 
@@ -188,11 +219,12 @@ def cmd_rescore(args) -> int:
     from .benchmark import environment, rescore
 
     seqs = _sequences(args, args.data)
-    rows = rescore(args.results, seqs, args.trackers)
+    groups, attr_line = _attributes(args, args.data, seqs)
+    rows = rescore(args.results, seqs, args.trackers, attributes=groups)
     dataset = f"{Path(args.data).name} ({args.format}, {len(seqs)} sequences)"
     meta = {"title": f"Re-scored {args.results} on {dataset}", "plot_title": dataset, "command": _command(),
-            **environment()}
-    _report(args.out or args.results, rows, meta)
+            **environment(), **({"attributes": attr_line} if attr_line else {})}
+    _report(args.out or args.results, rows, meta, attributes=groups)
     return 0
 
 
@@ -275,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             p.add_argument("--name", help="tracker name for the result folder <out>/<name>/ (default: checkpoint "
                                           "stem, plus -deployed / -online)")
+            _add_attrs(p)
         p.set_defaults(fn=cmd_track if name == "track" else cmd_evaluate)
 
     p = sub.add_parser("rescore", help="score existing result folders <results>/<tracker>/<seq>.txt (ours or any "
@@ -284,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trackers", nargs="+", help="only these tracker folders (default: all)")
     p.add_argument("--out", help="where table.md, results.json and plots go (default: the results folder)")
     _add_data(p)
+    _add_attrs(p)
     p.set_defaults(fn=cmd_rescore)
 
     p = sub.add_parser("compare", help="float vs hybrid variants vs online update on a synthetic benchmark")

@@ -18,7 +18,7 @@ of every curve, as the GOT-10k / LaSOT toolkits do; pass ``valid`` for the flags
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import numpy as np
 
@@ -101,13 +101,18 @@ def summarize(pred, gt, valid=None) -> Dict[str, float]:
     }
 
 
-def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, Path], title: str = "") -> Dict[str, Path]:
+def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, Path], title: str = "",
+                prefix: str = "", colors: Optional[Dict[str, str]] = None) -> Dict[str, Path]:
     """Draw success and precision plots (``title``: the data set, shown in both titles).
 
     Args:
         results: ``{label: {"success": (21,), "precision": (51,)}}`` curves averaged over
             sequences.
-        out_dir: folder for ``success_plot.png`` and ``precision_plot.png``.
+        out_dir: folder for ``<prefix>success_plot.png`` and ``<prefix>precision_plot.png``.
+        title: the data set (and, for a per-attribute plot, the attribute); may hold a newline.
+        prefix: file name prefix (``"IV_"`` for the per-attribute plots).
+        colors: ``{label: matplotlib colour}``, so that a tracker keeps its colour across the
+            overall and the per-attribute plots (default: matplotlib's cycle in score order).
     Returns:
         the two paths.
     """
@@ -127,7 +132,8 @@ def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, P
         order = sorted(results, key=lambda k: -score(results[k][key]))
         for label in order:
             c = results[label][key]
-            ax.plot(xs, c, lw=1.8, label=f"{label} [{name} {score(c):.3f}]")
+            ax.plot(xs, c, lw=1.8, label=f"{label} [{name} {score(c):.3f}]",
+                    **({"color": colors[label]} if colors and label in colors else {}))
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_xlim(xs[0], xs[-1])
@@ -137,7 +143,7 @@ def plot_curves(results: Dict[str, Dict[str, np.ndarray]], out_dir: Union[str, P
                      fontsize=9)
         # Outside the axes: with several runs an inside legend hides the curves' interesting part.
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
-        paths[key] = out_dir / f"{key}_plot.png"
+        paths[key] = out_dir / f"{prefix}{key}_plot.png"
         fig.savefig(paths[key], bbox_inches="tight")
         plt.close(fig)
     return paths
