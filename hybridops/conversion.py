@@ -19,7 +19,8 @@ from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_c
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
 from .fusion import fuse_epilogues_
 from .layers import (HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS, TRAINABLE_LAYERS, HybridConv2d, HybridLinear,
-                     PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase)
+                     PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase,
+                     register_deployed_twin_factory)
 from .ops.packing import levels, pack_weight
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -45,6 +46,9 @@ def swap_modules_(model: nn.Module, visit: Callable[[nn.Module, str], object]) -
             if new is None:
                 walk(child, qual)
             elif new is not _KEEP:
+                # the replacement takes the replaced module's mode: a model put in eval mode
+                # before conversion stays in eval mode (no sampled gates, no batch statistics)
+                new.train(child.training)
                 setattr(parent, name, new)
 
     walk(model, "")
@@ -300,6 +304,10 @@ def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[t
             new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
     new.train(layer.training)
     return new
+
+
+# eval-mode forwards of trainable layers run their deployed twin (hybridops/layers.py)
+register_deployed_twin_factory(lambda layer, backend: deploy_layer(layer, backend).eval())
 
 
 def deploy_(model: nn.Module, backend: Optional[str] = "auto",

@@ -22,13 +22,14 @@ of real inputs: pass ``example_inputs`` to :func:`hybridops.hybridize_`, call
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .backend import resolve_backend
 from .config import kept_count
 from .prune import ChannelGate
 from .quant import IntervalQuantizer
@@ -140,8 +141,70 @@ def _broadcast_from_rank0(tensors) -> None:
             torch.distributed.broadcast(t.data, src=0)
 
 
+# ----------------------------------------------------------------------------- eval = deployed
+# The packing that turns a trainable layer into a deployed one lives with the conversion code
+# (hybridops.conversion.deploy_layer), above this module; it registers itself here at import.
+_deployed_twin_factory: Optional[Callable[[nn.Module, str], nn.Module]] = None
+
+
+def register_deployed_twin_factory(factory: Callable[[nn.Module, str], nn.Module]) -> None:
+    """Set the function that builds a trainable layer's deployed twin (``deploy_layer``)."""
+    global _deployed_twin_factory
+    _deployed_twin_factory = factory
+
+
+class _DeployedArithmetic(nn.Module):
+    """Eval-mode forwards compute what the deployed layer computes.
+
+    The fake-quantized training arithmetic (float convolutions of ``code / levels``) and the
+    deployed kernels (exact integer accumulators times one fp32 scale) agree to float rounding in
+    one layer, but an activation that lands on a rounding boundary gets another code, and deep
+    networks compound those flips (8-11% relative on an untrained ResNet-50). So in eval mode a
+    layer runs its deployed twin — built by :func:`hybridops.deploy_layer` on the backend
+    ``deploy_`` picks by default for the input's device, cached until a parameter or buffer
+    changes — and ``deploy_`` changes nothing the model computes (bit for bit on that backend
+    where no BatchNorm is folded). With gradients needed the value is the twin's and the gradient
+    the training arithmetic's (straight-through), so eval-mode fine-tuning keeps working.
+    Training-mode forwards, ``torch.compile`` tracing and layers built before conversion code
+    was imported use the training arithmetic."""
+
+    def _state_key(self, x: torch.Tensor) -> tuple:
+        return (resolve_backend(None, x.device), x.device) + tuple(
+            (id(t), t._version) for t in list(self.parameters()) + list(self.buffers()))
+
+    def _deployed_twin(self, x: torch.Tensor) -> Optional[nn.Module]:
+        key = self._state_key(x)
+        cached = self.__dict__.get("_twin_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            twin = _deployed_twin_factory(self, key[0])
+        except ValueError:
+            twin = None  # nothing to deploy (a pruned layer with no kept channel): zeros either way
+        self.__dict__["_twin_cache"] = (key, twin)
+        return twin
+
+    def __getstate__(self):
+        # the twin is derived state, rebuilt on demand
+        state = dict(super().__getstate__())
+        state.pop("_twin_cache", None)
+        return state
+
+    def _eval_or_train(self, x: torch.Tensor, train_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        if self.training or _deployed_twin_factory is None or torch.compiler.is_compiling() or x.numel() == 0:
+            return train_forward(x)
+        twin = self._deployed_twin(x)
+        if twin is None:
+            return train_forward(x)
+        y = twin(x)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            y_train = train_forward(x)
+            return y.detach() + (y_train - y_train.detach())
+        return y
+
+
 # ----------------------------------------------------------------------------- quantized branch
-class _QuantBase(nn.Module):
+class _QuantBase(_DeployedArithmetic):
     def _init_quant(self, bias, bits_w, bits_a, quantize_input, device, dtype):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
@@ -162,7 +225,7 @@ class _QuantBase(nn.Module):
     def __getstate__(self):
         # act_stats hold the latest training forward's graph (non-leaf tensors): they are not
         # state, and keeping them would make copy.deepcopy / pickling fail after a training step.
-        state = dict(super().__getstate__())
+        state = super().__getstate__()
         state["act_stats"] = None
         return state
 
@@ -244,6 +307,9 @@ class _QuantBase(nn.Module):
         # eq 12 statistics of this forward only: a stale pair would make regularization()
         # backpropagate through a finished step's graph.
         self.act_stats = (x.mean(), x.std()) if (self.normalize and self.training and self.aq is not None) else None
+        return self._eval_or_train(x, self._train_forward)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self._op(self._quant_input(x), self.wq(self.weight, self.backend), None)
         y = y * self.out_scale.view(self._channel_shape).to(y.dtype)
         return y if self.bias is None else y + self.bias.view(self._channel_shape)
@@ -287,7 +353,7 @@ def _copy_float(layer, src):
 
 
 # ----------------------------------------------------------------------------- pruned branch
-class _PrunedBase(nn.Module):
+class _PrunedBase(_DeployedArithmetic):
     def _init_pruned(self, bias, tau, threshold, kept_mask, init_logit, device, dtype):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
@@ -304,6 +370,9 @@ class _PrunedBase(nn.Module):
         return _copy_float(new, layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._eval_or_train(x, self._train_forward)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
         # eq 14: masking the pre-activation equals masking relu(.) because M is 0/1.
         y = self._op(x, self.weight, self.bias)
         return y * self.gate().view(self._channel_shape).to(y.dtype)
@@ -337,7 +406,7 @@ class PrunedLinear(_LinearSpec, _PrunedBase):
 
 
 # ----------------------------------------------------------------------------- hybrid = sum
-class _HybridBase(nn.Module):
+class _HybridBase(_DeployedArithmetic):
     """``quant(x) + pruned(x)``; subclasses set the two branches."""
 
     quant: _QuantBase
@@ -381,7 +450,15 @@ class _HybridBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.calibrated:
             self.calibrate(x)
-        return self.quant(x) + self.pruned(x)
+        if not self.quant.training:
+            self.quant.act_stats = None  # eq 12 statistics belong to training forwards only
+        return self._eval_or_train(x, self._train_forward)
+
+    def _train_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # branches in training mode go through their forward (eq 12 statistics, sampled gates)
+        q = self.quant(x) if self.quant.training else self.quant._train_forward(x)
+        p = self.pruned(x) if self.pruned.training else self.pruned._train_forward(x)
+        return q + p
 
     def extra_repr(self) -> str:
         return f"{self._conv_repr()}, keep={self.keep}"

@@ -32,6 +32,7 @@ RANKS = {
 }
 SAME_RANK_OK = {
     ("layers", "config"), ("layers", "prune"), ("layers", "quant"),  # a layer is built from its quantizer and gate
+    ("layers", "backend"),  # eval-mode forwards run the deployed twin on the default backend
     ("conversion", "fusion"),  # deploy_ fuses epilogues after swapping layers
     ("fusion", "graph"),  # fusion reads the traced graph
 }
