@@ -48,6 +48,19 @@ FORMAT_VERSION = 1
 PATHS = ("hybrid", "codes", "merged", "fp_only")
 
 
+_DISPATCHED = {"quantize_activate": custom_ops.quantize_activate, "qconv2d": custom_ops.qconv2d}
+_DIRECT = {"quantize_activate": custom_ops.quantize_activate_inference, "qconv2d": custom_ops.qconv2d_inference}
+
+
+def _op(name: str):
+    """The op as a custom op (autograd, ``torch.compile``) when gradients or tracing need it, else
+    the same checks and kernel called directly: in eager inference the dispatcher's cost is a
+    sizeable part of a small layer's time on the CPU."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return _DISPATCHED[name]
+    return _DIRECT[name]
+
+
 class _DeployedBase(nn.Module):
     """State and behaviour shared by deployed conv and linear layers.
 
@@ -250,7 +263,7 @@ class _DeployedBase(nn.Module):
                   out_dtype: torch.dtype) -> torch.Tensor:
         """NHWC: the float output, or codes when this layer feeds a chained consumer."""
         rq = self.out_qparams is not None
-        return custom_ops.qconv2d(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
+        return _op("qconv2d")(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
                                   self.scale, self.bias, stride, padding, dilation, groups, self.relu,
                                   fp_out, self.fp_out_idx if fp_out is not None else None, self.out_qparams,
                                   # requant_bits / requant_signed are read only with requant_qparams
@@ -374,7 +387,7 @@ class DeployedConv2d(_DeployedBase):
         # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
         sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last))
         read = self.fp_in_idx if self.fp_in_idx is not None else self._all_in_idx
-        x_slice, codes = custom_ops.quantize_activate(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
+        x_slice, codes = _op("quantize_activate")(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
                                                       read if sliced else None, x.dtype, self.backend)
         fp_out = None
         if kept:
@@ -455,7 +468,7 @@ class DeployedLinear(_DeployedBase):
         else:
             kept = self.kept_channels > 0
             sliced = kept and self.fp_in_idx is not None  # else the pruned branch reads x itself
-            x_slice, codes = custom_ops.quantize_activate(
+            x_slice, codes = _op("quantize_activate")(
                 x2.reshape(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
                 self.fp_in_idx if sliced else None, x.dtype, self.backend)
             fp_out = None

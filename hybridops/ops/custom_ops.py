@@ -120,20 +120,10 @@ fake_quantize.register_autograd(_fake_quantize_backward, setup_context=_fake_qua
 
 
 # ----------------------------------------------------------------------------- quantize_activate
-@torch.library.custom_op("hybridops::quantize_activate", mutates_args=())
-def quantize_activate(
-    x: torch.Tensor,
-    qparams: torch.Tensor,
-    bits: int,
-    signed: bool,
-    bn_scale: Optional[torch.Tensor],
-    bn_shift: Optional[torch.Tensor],
-    relu: bool,
-    keep_idx: Optional[torch.Tensor],
-    slice_dtype: Optional[torch.dtype],
-    backend: str,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
+def quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend):
+    """:func:`quantize_activate` outside the dispatcher: the same checks and backend kernel with
+    no autograd and no tracing, for eager inference (deployed layers call it under
+    ``torch.no_grad()``; the dispatcher's own cost is tens of microseconds per call)."""
     check_bits(bits)
     _check(x.dim() == 4, lambda: f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
     _check(x.dtype in _FLOAT_DTYPES, lambda: f"quantize_activate expects a floating-point x, got {x.dtype}.")
@@ -148,6 +138,24 @@ def quantize_activate(
         _check(keep_idx.device == x.device, lambda: f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
     _check_unsigned8(bits, signed, backend)
     return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype)
+
+
+@torch.library.custom_op("hybridops::quantize_activate", mutates_args=())
+def quantize_activate(
+    x: torch.Tensor,
+    qparams: torch.Tensor,
+    bits: int,
+    signed: bool,
+    bn_scale: Optional[torch.Tensor],
+    bn_shift: Optional[torch.Tensor],
+    relu: bool,
+    keep_idx: Optional[torch.Tensor],
+    slice_dtype: Optional[torch.dtype],
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
+    return quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype,
+                                       backend)
 
 
 @quantize_activate.register_fake
@@ -200,6 +208,17 @@ def qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation) -> Tuple[int
     return n, ho, wo, c_out
 
 
+def qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
+                      backend):
+    """:func:`qconv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
+    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend)
+    return _impl("qconv2d", backend)(
+        x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
+        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+
+
 @torch.library.custom_op("hybridops::qconv2d", mutates_args=())
 def qconv2d(
     x_codes: torch.Tensor,
@@ -225,11 +244,9 @@ def qconv2d(
 ) -> torch.Tensor:
     """Packed low-bit implicit-GEMM convolution with the hybrid epilogue; see
     :func:`hybridops.ops.reference.qconv2d` for the exact semantics."""
-    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend)
-    return _impl("qconv2d", backend)(
-        x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
-        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+    return qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                             dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed,
+                             out_dtype, backend)
 
 
 def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
