@@ -6,7 +6,7 @@ channel-pruned full-precision network (Gumbel-softmax channel gates), after Jung
 (IJCAI 2022). Importing this package touches no GPU and compiles nothing.
 
 Layers of the package, imports flowing one way (docs/design.md): this API -> conversion
-(``conversion``, ``network``, ``fusion``, ``losses``, ``online``, ``bops``) -> layers
+(``conversion``, ``network``, ``fusion``, ``losses``, ``online``, ``bops``, ``training``) -> layers
 (``layers``, ``deployed``, ``quant``, ``prune``) -> ops (``ops/``: custom ops, reference, registry)
 -> kernels (``hybridops.kernels``, ``hybridops._C``).
 """
@@ -22,12 +22,13 @@ from .network import HybridNetwork, find_pruned_producers, fold_batchnorm_
 from .online import fp_parameters, freeze_quantized_
 from .prune import ChannelGate
 from .quant import IntervalQuantizer, fake_quantize, interval_hat, quantize_codes
+from .training import param_groups
 
 __version__ = "0.2.0"
 
 __all__ = [
     "HybridConfig", "QuantConfig", "PruneConfig", "hybridize_", "calibrate_", "regularization", "quant_loss",
-    "prune_loss", "freeze_quantized_", "fp_parameters", "deploy_", "deploy_layer", "load_deployed_",
+    "prune_loss", "param_groups", "freeze_quantized_", "fp_parameters", "deploy_", "deploy_layer", "load_deployed_",
     "backends_in_use", "ConversionReport",
     "HybridConv2d", "HybridLinear", "QuantConv2d", "QuantLinear", "PrunedConv2d", "PrunedLinear",
     "DeployedConv2d", "DeployedLinear", "HybridNetwork", "fold_batchnorm_", "find_pruned_producers",

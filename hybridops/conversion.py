@@ -224,15 +224,47 @@ def pruned_layers(model: nn.Module) -> List[_PrunedBase]:
     return [m for m in model.modules() if isinstance(m, _PrunedBase)]
 
 
+def _untrained_training_batchnorms(model: nn.Module) -> List[nn.Module]:
+    """BatchNorms in training mode that have never tracked a batch: the next forward normalises with
+    batch statistics, and their running statistics are the defaults (mean 0, variance 1)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+            and m.track_running_stats and m.num_batches_tracked is not None and int(m.num_batches_tracked) == 0]
+
+
+@contextlib.contextmanager
+def _batch_statistics(batchnorms: List[nn.Module]):
+    """``batchnorms`` normalise with batch statistics for one pass; their running buffers are restored."""
+    saved = [(m, {k: v.clone() for k, v in m.named_buffers(recurse=False)}) for m in batchnorms]
+    for m in batchnorms:
+        m.train()
+    try:
+        yield
+    finally:
+        for m, buffers in saved:
+            for k, v in buffers.items():
+                getattr(m, k).copy_(v)
+
+
 @torch.no_grad()
 def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
     """(Re)calibrate every converted layer on ``example_inputs`` (one eval-mode forward pass):
-    input intervals, per-channel output scales and the pruned branches' residual start."""
+    input intervals, per-channel output scales and the pruned branches' residual start.
+
+    A BatchNorm in training mode that has never tracked a batch (a freshly built model about to be
+    trained) normalises with the batch's statistics in this pass, as the training forwards will; its
+    running buffers stay unchanged. In eval mode its default running statistics would pass the
+    activations through unnormalised: in a randomly initialised ResNet-50 they grow to ~100 by
+    layer4 while training normalises them to ~1, so intervals fitted in eval mode map every training
+    activation of the deep layers to code 0, those convs output a per-channel constant, and the
+    training BatchNorm after them divides a zero variance by ``sqrt(eps)``: the gradient grows ~300x
+    per such layer (NaN at the second SGD step at 64x64 input). Trained or eval-mode BatchNorms use
+    their running statistics (what the deployed model computes)."""
     layers = quant_layers(model)
     for m in layers:
         m.calibrated_flag.fill_(0.0)
         m._calibrated_cache = False
-    with _eval_mode(model):
+    fresh = _untrained_training_batchnorms(model)
+    with _eval_mode(model), _batch_statistics(fresh):
         _run(model, example_inputs)
     missing = [type(m).__name__ for m in layers if not m.calibrated]
     if missing:

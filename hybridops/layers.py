@@ -210,7 +210,7 @@ class _QuantBase(_DeployedArithmetic):
         self.bias = nn.Parameter(torch.zeros(self._weight_shape[0], device=device, dtype=dtype)) if bias else None
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         self.wq = IntervalQuantizer(bits_w, signed=True, device=device)
-        self.aq = IntervalQuantizer(bits_a, signed=False, device=device) if quantize_input else None
+        self.aq = IntervalQuantizer(bits_a, signed=False, device=device, batched=True) if quantize_input else None
         self.out_scale = nn.Parameter(torch.ones(self._weight_shape[0], device=device))
         # eq 10-12 normalisation (set by hybridize_ from HybridConfig.normalize, mu0, sigma0).
         self.normalize = False

@@ -55,6 +55,19 @@ def quantize_codes(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bits: int,
     return codes_from_qparams(t, qparams(c.detach(), d.detach()), bits, signed), 1.0 / levels(bits, signed)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward (bit-exact, unlike ``x * g + (x - x * g).detach()``), gradient times ``g``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, g: float) -> torch.Tensor:
+        ctx.g = g
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.g, None
+
+
 def fake_quantize(x: torch.Tensor, c: torch.Tensor, d: torch.Tensor, bits: int, signed: bool,
                   backend: str = "torch") -> torch.Tensor:
     """Fake-quantized ``x`` (``codes * scale`` of :func:`quantize_codes`, as float) with the
@@ -90,15 +103,26 @@ class IntervalQuantizer(nn.Module):
             activation quantizer decides at calibration (negative inputs seen -> signed).
         c, d: initial interval centre and width; ``d`` must be positive.
         device: where the parameters live (the layer's device).
+        batched: the first axis of what it quantizes is the batch (an activation quantizer); the
+            gradient scale below then counts the elements of one sample.
+
+    Gradient scaling (LSQ, Esser et al., ICLR 2020): the task gradient of ``c`` and ``log d`` sums
+    the straight-through gradients of every element the quantizer saw, so it grows with the layer
+    (``conv1``'s ``c`` of a ResNet-50 gets ~200x a weight's gradient) and one plain SGD step can move
+    the interval past the weights it covers. The forward multiplies the gradient reaching ``(alpha,
+    beta)`` by ``1 / sqrt(N * levels)`` (``N``: elements of the weight, or of one sample of the
+    activation), as LSQ does for its step size; the values are untouched, so deploy is unaffected.
+    :func:`hybridops.quant_loss` reads :meth:`qparams` directly and keeps its own, unscaled, gradient.
     """
 
-    def __init__(self, bits: int, signed: bool, c: float = 0.5, d: float = 0.5, device=None):
+    def __init__(self, bits: int, signed: bool, c: float = 0.5, d: float = 0.5, device=None, batched: bool = False):
         super().__init__()
         check_bits(bits)
         if not d > 0:
             raise ValueError(f"the quantization interval width d must be positive, got d={d}.")
         self.bits = bits
         self.signed = signed
+        self.batched = batched
         self.c = nn.Parameter(torch.tensor(float(c), device=device))
         self.log_d = nn.Parameter(torch.tensor(math.log(d), device=device))
 
@@ -124,8 +148,16 @@ class IntervalQuantizer(nn.Module):
         self.log_d.fill_(math.log(s / 2))
         return s
 
+    def grad_scale(self, x: torch.Tensor) -> float:
+        """LSQ's ``1 / sqrt(N * levels)`` for quantizing ``x`` (see the class docstring)."""
+        n = x.numel() // max(1, x.shape[0]) if (self.batched and x.dim() > 1) else x.numel()
+        return 1.0 / math.sqrt(max(1, n) * self.levels)
+
     def forward(self, x: torch.Tensor, backend: str = "torch") -> torch.Tensor:
-        return fake_quantize(x, self.c, self.d, self.bits, self.signed, backend)
+        q = self.qparams()
+        if torch.is_grad_enabled() and q.requires_grad:
+            q = _ScaleGrad.apply(q, self.grad_scale(x))
+        return custom_ops.fake_quantize(x, q, self.bits, self.signed, backend)
 
     def codes(self, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
         return quantize_codes(x, self.c, self.d, self.bits, self.signed)

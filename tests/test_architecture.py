@@ -1,6 +1,6 @@
 """The package's layering, checked on the source: imports flow one way,
 
-    hybridops API (__init__, network) -> conversion / fusion / bops / losses / online / graph
+    hybridops API (__init__, network) -> conversion / fusion / bops / losses / online / training / graph
     -> layers / deployed / quant / prune / config / backend -> ops -> kernels
 
 and nothing flows back; kernels read only the op layer's leaf modules (packing, geometry); no
@@ -27,7 +27,7 @@ RANKS = {
     "kernels": 0,
     "ops": 1,
     "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend": 2,
-    "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3,
+    "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3, "training": 3,
     "network": 4, "__init__": 5,
 }
 SAME_RANK_OK = {
