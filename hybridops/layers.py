@@ -21,7 +21,9 @@ of real inputs: pass ``example_inputs`` to :func:`hybridops.hybridize_`, call
 """
 from __future__ import annotations
 
+import functools
 import math
+import weakref
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -204,6 +206,16 @@ class _DeployedArithmetic(nn.Module):
 
 
 # ----------------------------------------------------------------------------- quantized branch
+def _detach_act_stats(layer_ref, forward: int, grad: torch.Tensor) -> None:
+    """Tensor hook on a quantized layer's input: a backward reached it, so the graph its eq 12
+    statistics hang from is freed; keep their values only. A weak reference and a forward count
+    (not the statistics themselves) keep the hook from holding the graph alive or touching the
+    statistics of a later forward."""
+    layer = layer_ref()
+    if layer is not None and layer._act_stats_forward == forward and layer.act_stats is not None:
+        layer.act_stats = tuple(s.detach() for s in layer.act_stats)
+
+
 class _QuantBase(_DeployedArithmetic):
     def _init_quant(self, bias, bits_w, bits_a, quantize_input, device, dtype):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
@@ -216,6 +228,7 @@ class _QuantBase(_DeployedArithmetic):
         self.normalize = False
         self.reg_targets = (0.5, 0.25)
         self.act_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+        self._act_stats_forward = 0  # counts the forwards that recorded act_stats
         self.backend = "torch"
         # A float flag (not bool) so every distributed backend can broadcast it with the buffers.
         self.register_buffer("calibrated_flag", torch.zeros((), device=device))
@@ -306,7 +319,15 @@ class _QuantBase(_DeployedArithmetic):
             self.calibrate(x)
         # eq 12 statistics of this forward only: a stale pair would make regularization()
         # backpropagate through a finished step's graph.
-        self.act_stats = (x.mean(), x.std()) if (self.normalize and self.training and self.aq is not None) else None
+        self.act_stats = None
+        if self.normalize and self.training and self.aq is not None:
+            self.act_stats = (x.mean(), x.std())
+            self._act_stats_forward += 1
+            if x.requires_grad:
+                # They hang from the network's graph through x, and a backward through x frees it:
+                # from then on regularization() reads them detached, so it works both before the
+                # backward (eq 12's gradient also reaches the layers below) and after it.
+                x.register_hook(functools.partial(_detach_act_stats, weakref.ref(self), self._act_stats_forward))
         return self._eval_or_train(x, self._train_forward)
 
     def _train_forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,14 +46,15 @@ class ChannelGate(nn.Module):
             kept_mask = torch.ones(channels, dtype=torch.bool)
         self.logits = nn.Parameter(torch.zeros(channels))
         self.reset(kept_mask)
-        self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward
+        self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward (detached)
+        # its logistic noise g - g': loss() rebuilds M_bar from the logits with it (see loss())
+        self.noise: Optional[torch.Tensor] = None
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
 
     def __getstate__(self):
-        # soft_mask is the latest training forward's M_bar (a non-leaf tensor), not state:
-        # dropping it keeps copy.deepcopy / pickling working after a training step.
+        # soft_mask and noise belong to the latest training forward, not to the gate's state.
         state = dict(super().__getstate__())
-        state["soft_mask"] = None
+        state["soft_mask"] = state["noise"] = None
         return state
 
     @torch.no_grad()
@@ -79,19 +80,27 @@ class ChannelGate(nn.Module):
     def forward(self) -> torch.Tensor:
         """The mask ``M`` (float, ``(channels,)``) for this step."""
         if not self.training or self.frozen:
-            self.soft_mask = None
+            self.soft_mask = self.noise = None
             return self.kept_mask().to(self.logits.dtype)
         u = torch.rand(2, self.channels, device=self.logits.device).clamp_(1e-10, 1.0 - 1e-7)
         g = -torch.log(-torch.log(u))  # two independent Gumbel(0, 1) draws
-        # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
-        m_bar = torch.sigmoid((self.logits + g[0] - g[1]) / self.tau)
-        self.soft_mask = m_bar
+        self.noise = g[0] - g[1]
+        m_bar = self._relaxed()
+        self.soft_mask = m_bar.detach()
         return m_bar + (torch.round(m_bar) - m_bar).detach()
+
+    def _relaxed(self) -> torch.Tensor:
+        # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
+        return torch.sigmoid((self.logits + self.noise) / self.tau)
 
     def loss(self) -> torch.Tensor:
         """``||M_bar||_1`` of the latest training forward (eq 15); ``sum(b)`` (the noise-free
-        value of the relaxation's keep probability) before any training forward or in eval mode."""
-        return self.soft_mask.sum() if self.soft_mask is not None else self.probs().sum()
+        value of the relaxation's keep probability) before any training forward or in eval mode.
+
+        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value), so the loss
+        has a graph of its own: it can be taken before or after the task loss's ``backward()``,
+        which frees the forward's graph."""
+        return self._relaxed().sum() if self.noise is not None else self.probs().sum()
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kept={int(self.kept_mask().sum())}, tau={self.tau}, threshold={self.threshold}"

@@ -165,3 +165,36 @@ def test_resnet50_calibrated_on_untrained_running_statistics_diverges():
     model = _resnet50_hybrid(0, train_mode_at_conversion=False)
     regs = _train(model, 20)
     assert not math.isfinite(regs[-1]) and len(regs) < 20, regs
+
+
+# ----------------------------------------------------------------------------- regularization() and backward()
+def test_regularization_before_and_after_backward():
+    torch.manual_seed(0)
+    model = _small_cnn()
+    ho.hybridize_(model, ho.HybridConfig(keep=0.5), example_inputs=torch.randn(4, 3, 8, 8))
+    model.train()
+    bn, second = model[1], model[3]
+    with torch.no_grad():  # the interval's lower end c - d above the activations: eq 12's third hinge is active
+        second.quant.aq.c.add_(5.0)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    task = F.cross_entropy(model(x), y)
+    reg = ho.regularization(model, 1e-2, 1e-2)
+    # before backward the activation statistics are attached: eq 12 reaches the BatchNorm below
+    g_bn = torch.autograd.grad(reg, bn.weight, retain_graph=True)[0]
+    assert g_bn.abs().sum() > 0
+    task.backward()  # frees the forward's graph
+    reg_after = ho.regularization(model, 1e-2, 1e-2)
+    assert reg_after.item() == pytest.approx(reg.item(), rel=1e-6)
+    model.zero_grad()
+    reg_after.backward()
+    assert bn.weight.grad is None or bn.weight.grad.abs().sum() == 0  # statistics used detached
+    assert second.quant.aq.c.grad.abs() > 0 and second.quant.aq.log_d.grad.abs() > 0
+    assert all(bool((m.gate.logits.grad > 0).all()) for m in model.modules() if isinstance(m, ho.PrunedConv2d))
+    # and in the usual order, once per step, for several steps
+    opt = torch.optim.SGD(ho.param_groups(model, 1e-2), lr=1e-2)
+    for _ in range(3):
+        loss = F.cross_entropy(model(x), y) + ho.regularization(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert math.isfinite(ho.regularization(model).item())  # read again after the step's backward
