@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, sized to the GPU time a verification run gets (GPU.md: 15 minutes of device time
+# The GPU check, sized to the GPU time a verification run gets (docs/gpu.md: 15 minutes of device time
 # per task on a machine that starts bare, at most 10 minutes a command): one script that finishes
 # in 8 minutes including the build, stages in value order, each under its own `timeout`, results
 # written after every stage so that a stage (or the whole command) killed at its limit still

@@ -2,7 +2,7 @@
 
 A cold process compiles one kernel per layer (per specialisation), not one per candidate tile:
 autotuning 11 configs per new shape cost roughly 200-350 compiles for a cold ResNet-50, more
-than the GPU time a verification run has (issue 11, GPU.md). :func:`pick` chooses from
+than the GPU time a verification run has (issue 11, docs/gpu.md). :func:`pick` chooses from
 :data:`SHIPPED` by the problem's size; ``HYBRIDOPS_AUTOTUNE=1`` in the environment makes the
 launcher time all of :data:`SHIPPED` instead (``kernels/qconv.py``), which is refused inside a
 CUDA-graph capture for a shape not tuned before it.
@@ -21,7 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
-# H100 and H200 both have 132 SMs; the table is written for them (the GPUs of GPU.md).
+# H100 and H200 both have 132 SMs; the table is written for them (the GPUs of docs/gpu.md).
 SM_COUNT = 132
 
 

@@ -30,12 +30,14 @@ struct QP {
   int zp;
 };
 
-// Code (as a signed int) of the fp32 value t; see reference.codes_from_qparams. Scalars by value:
-// the callers' uint8 stores may alias anything, so fields read through a reference would be
-// reloaded per element and block vectorisation.
+// Code of the fp32 value t, as a float (an integer below 2^8, exact in fp32); see
+// reference.codes_from_qparams. Spelled with float selects only, so that the row loops below
+// vectorise: -fno-trapping-math (setup.py) lets the compiler if-convert the comparisons into
+// max / min / blend instructions, which changes no result. Scalars by value: the callers' uint8
+// stores may alias anything, so fields read through a reference would be reloaded per element.
 template <bool SIGNED>
-static inline int code_v(float t, float alpha, float beta, float lv) {
-  float mag = SIGNED ? (t < 0.0f ? -t : t) : t;
+static inline float code_v(float t, float alpha, float beta, float lv) {
+  const float mag = SIGNED ? (t < 0.0f ? -t : t) : t;
   float u = mag * alpha;
   u = u + beta;
   // clamp(u, 0, 1); a NaN u fails (u > 0) and becomes 0, whose code is 0 (reference: NaN -> 0).
@@ -43,39 +45,24 @@ static inline int code_v(float t, float alpha, float beta, float lv) {
   u = (u < 1.0f) ? u : 1.0f;
   float v = u * lv;
   v = v + 0.5f;
-  int c = static_cast<int>(v);  // floor of a non-negative value
-  if (SIGNED) c = (t > 0.0f) ? c : ((t < 0.0f) ? -c : 0);  // q * sign(t); sign(0) = 0
-  return c;
+  const float q = static_cast<float>(static_cast<int>(v));  // floor of a non-negative value
+  return SIGNED ? ((t > 0.0f) ? q : ((t < 0.0f) ? -q : 0.0f)) : q;  // q * sign(t); sign(0) = 0
 }
 
-static inline int code_of(float t, const QP& q) {
+static inline float code_of(float t, const QP& q) {
   return q.is_signed ? code_v<true>(t, q.alpha, q.beta, q.lv) : code_v<false>(t, q.alpha, q.beta, q.lv);
 }
 
 // out[c] = code(t[c]) + zp for a row of n values: the hot loop of quantize-activate and of the
-// re-quantizing epilogue. The same arithmetic as code_v, spelled with float selects only (the
-// code is an integer below 2^8, exact in fp32) so that the compiler vectorises it: selects
-// become max / min / blend instructions once -fno-trapping-math (setup.py) lets it if-convert
-// float comparisons, which changes no result. One clone per ISA, chosen at load time: AVX-512,
-// AVX2, or the baseline x86-64 (SSE2).
+// re-quantizing epilogue. One clone per ISA, chosen at load time: AVX-512, AVX2, or the baseline
+// x86-64 (SSE2).
 template <bool SIGNED>
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void codes_row_v(const float* __restrict t, uint8_t* __restrict out, int64_t n, float alpha, float beta, float lv,
                  int zp) {
   const float fzp = static_cast<float>(zp);
-  for (int64_t c = 0; c < n; ++c) {
-    const float x = t[c];
-    const float mag = SIGNED ? (x < 0.0f ? -x : x) : x;
-    float u = mag * alpha;
-    u = u + beta;
-    u = (u > 0.0f) ? u : 0.0f;
-    u = (u < 1.0f) ? u : 1.0f;
-    float v = u * lv;
-    v = v + 0.5f;
-    float q = static_cast<float>(static_cast<int>(v));
-    if (SIGNED) q = (x > 0.0f) ? q : ((x < 0.0f) ? -q : 0.0f);
-    out[c] = static_cast<uint8_t>(static_cast<int>(q + fzp));
-  }
+  for (int64_t c = 0; c < n; ++c)
+    out[c] = static_cast<uint8_t>(static_cast<int>(code_v<SIGNED>(t[c], alpha, beta, lv) + fzp));
 }
 
 static void codes_row(const float* t, uint8_t* out, int64_t n, const QP& q) {
@@ -215,7 +202,7 @@ at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), 32768, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) op[i] = static_cast<float>(code_of(xp[i], q)) * inv;
+    for (int64_t i = a; i < b; ++i) op[i] = code_of(xp[i], q) * inv;
   });
   return out;
 }
