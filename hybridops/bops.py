@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -156,12 +157,17 @@ def _geometry(m):
     return (m.in_features, m.out_features, 1)
 
 
+# HybridNetwork's branch copies of one backbone layer: "branches.<i>.<layer>"
+_BRANCH_PREFIX = re.compile(r"^branches\.\d+\.")
+
+
 def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=torch.float32) -> BopsReport:
     """Run ``model`` once on a random input of ``input_shape`` (on a copy, so lazy calibration
     and gate state of ``model`` are untouched) and count every conv / linear layer's BOPs.
 
-    Layers of a :class:`hybridops.HybridNetwork` are merged by name: ``quant_net.X`` and
-    ``pruned_net.X`` become one hybrid row ``X``.
+    Layers of a :class:`hybridops.HybridNetwork` are merged by name: ``branches.0.X`` and
+    ``branches.1.X`` become one row ``X`` whose BOPs are the sum of both copies' (so a QQ or PP
+    network's RC counts both branches against one baseline).
     """
     probe = copy.deepcopy(model).eval()
     if device is None:
@@ -177,10 +183,7 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
             # A conv's output channels are NCHW's axis 1; a linear layer's are the last axis, whatever
             # the rank (a Linear on channels-last (N, H, W, C) input has N*H*W positions).
             positions = out.numel() // max(1, out.shape[-1] if linear else out.shape[1])
-            key = name
-            for prefix in ("quant_net.", "pruned_net."):
-                if name.startswith(prefix):
-                    key = name[len(prefix):]
+            key = _BRANCH_PREFIX.sub("", name)
             base = layer_bops(c_in, c_out, k2, FP_BITS, FP_BITS) * positions
             q = layer_bops(c_in, c_out, k2, qbits[0], qbits[1]) * positions if qbits else 0.0
             pr = layer_bops(pruned[0], pruned[1], k2, FP_BITS, FP_BITS) * positions if pruned else 0.0
@@ -188,7 +191,8 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
                 pr = base  # an unconverted layer runs in full precision with every channel
             if key in rows:  # the other half of a network-level pair
                 r = rows[key]
-                r.kind, r.quant, r.pruned = "hybrid", r.quant + q, r.pruned + pr
+                r.quant, r.pruned = r.quant + q, r.pruned + pr
+                r.kind = "hybrid" if (r.quant and r.pruned) else r.kind
                 r.bits_a = r.bits_a if r.bits_a is not None else (qbits[0] if qbits else None)
                 r.bits_w = r.bits_w if r.bits_w is not None else (qbits[1] if qbits else None)
                 if pruned:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 from .ops.packing import MAX_BITS, MIN_BITS
 
@@ -41,7 +42,9 @@ class QuantConfig:
         convert_linear: convert ``nn.Linear`` layers too.
         normalize: include eq 10-12 in :func:`hybridops.regularization` ("N" of the ablations).
         mu0, sigma0: eq 11's targets for the mean and standard deviation of the normalised weights
-            ``alpha_W |W| + beta_W``.
+            ``alpha_W |W| + beta_W``; None (default): each layer's own values at calibration. Fixed
+            targets such as 0.5 / 0.25 (the middle of the interval) pushed the calibrated weights
+            (mean ~0.2-0.45) towards more clipping and cost accuracy (docs/design.md, "Normalisation").
     """
 
     bits_w: int = 4
@@ -49,13 +52,13 @@ class QuantConfig:
     fp_first_input: bool = True
     convert_linear: bool = True
     normalize: bool = True
-    mu0: float = 0.5
-    sigma0: float = 0.25
+    mu0: Optional[float] = None
+    sigma0: Optional[float] = None
 
     def __post_init__(self):
         _check_bits("bits_w", self.bits_w)
         _check_bits("bits_a", self.bits_a)
-        if not (0.0 <= self.mu0 <= 1.0 and self.sigma0 >= 0.0):
+        if not ((self.mu0 is None or 0.0 <= self.mu0 <= 1.0) and (self.sigma0 is None or self.sigma0 >= 0.0)):
             raise ValueError(f"mu0 must lie in [0, 1] and sigma0 be non-negative, got mu0={self.mu0!r}, "
                              f"sigma0={self.sigma0!r}.")
 
@@ -69,7 +72,8 @@ class PruneConfig:
             largest L1 weight norm are kept.
         convert_linear: convert ``nn.Linear`` layers too.
         keep_output_layer: the last converted layer (a classifier's head, whose channels are the
-            classes) keeps every channel.
+            classes) keeps every channel for good: its gate is not prunable and
+            :func:`hybridops.prune_loss` leaves it out.
         tau: Gumbel-softmax temperature (eq 13).
         gate_threshold: channels with selection probability below this are dropped at eval and
             deploy time.

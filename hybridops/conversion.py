@@ -119,7 +119,9 @@ def _convert_pruned(module: nn.Module, config: PruneConfig, quantize_input: bool
         # Importance: the channels with the largest L1 weight norm carry most of the output.
         kept_mask[torch.topk(module.weight.detach().abs().flatten(1).sum(1), kept_count(config.keep, n)).indices.cpu()] = True
     cls = PrunedConv2d if isinstance(module, nn.Conv2d) else PrunedLinear
-    return cls.from_float(module, kept_mask=kept_mask, **_gate_kwargs(config))
+    new = cls.from_float(module, kept_mask=kept_mask, **_gate_kwargs(config))
+    new.gate.prunable = not (is_output and config.keep_output_layer)
+    return new
 
 
 # One handler per config type: (float layer, config, quantize its input?, is the output layer?) -> layer.

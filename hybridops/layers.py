@@ -224,9 +224,12 @@ class _QuantBase(_DeployedArithmetic):
         self.wq = IntervalQuantizer(bits_w, signed=True, device=device)
         self.aq = IntervalQuantizer(bits_a, signed=False, device=device, batched=True) if quantize_input else None
         self.out_scale = nn.Parameter(torch.ones(self._weight_shape[0], device=device))
-        # eq 10-12 normalisation (set by hybridize_ from HybridConfig.normalize, mu0, sigma0).
+        # eq 10-12 normalisation (set by hybridize_ from QuantConfig.normalize, mu0, sigma0); a
+        # target of None is the calibrated weights' own value (norm_targets()).
         self.normalize = False
-        self.reg_targets = (0.5, 0.25)
+        self.reg_targets: Tuple[Optional[float], Optional[float]] = (None, None)
+        # mean and std of eq 11's alpha_W |W| + beta_W as calibrated (NaN before calibration)
+        self.register_buffer("calibrated_norm_stats", torch.full((2,), float("nan"), device=device))
         self.act_stats: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self._act_stats_forward = 0  # counts the forwards that recorded act_stats
         self.backend = "torch"
@@ -260,6 +263,8 @@ class _QuantBase(_DeployedArithmetic):
         """Fit the input interval to ``x`` and the per-channel output scale to the float layer
         (least squares of ``op(hat_q(x), hat_q(W))`` against ``op(x, W)``, per channel)."""
         s_w = self.wq.calibrate(self.weight)
+        v = self.wq.qparams()[0] * self.weight.abs() + self.wq.qparams()[1]
+        self.calibrated_norm_stats.copy_(torch.stack([v.mean(), v.std() if v.numel() > 1 else v.new_zeros(())]))
         s_a = 1.0
         if self.aq is not None:
             s_a = self.aq.calibrate(x, signed=bool((x < 0).any()))
@@ -305,6 +310,15 @@ class _QuantBase(_DeployedArithmetic):
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.aq is None else self.aq(x, self.backend)
+
+    def norm_targets(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """eq 11's ``(mu_0, sigma_0)``: :attr:`reg_targets`, where one is None the calibrated
+        weights' own value; None while such a layer is not calibrated."""
+        mu0, sigma0 = self.reg_targets
+        if (mu0 is None or sigma0 is None) and not self.calibrated:
+            return None
+        stats = self.calibrated_norm_stats
+        return (stats[0] if mu0 is None else stats.new_tensor(mu0), stats[1] if sigma0 is None else stats.new_tensor(sigma0))
 
     def effective_weight(self) -> torch.Tensor:
         """The float weight the quantized branch acts as on ``x``:

@@ -1,4 +1,4 @@
-"""Network-level hybrid (eq 3-5): two parallel copies of a backbone, summed at the end.
+"""Network-level hybrid (eq 3-5): parallel copies of a backbone, summed at the end.
 
     A^h = f^q(A0; W^q) + f^p(A0; W^p)                                          (eq 5)
 
@@ -8,6 +8,9 @@ zero-preserving modules such as ReLU or max-pooling) from another pruned layer r
 layer's kept channels, so at deploy time both its output rows and its input columns are sliced.
 The producer/consumer pairs are found by tracing the pruned copy with ``torch.fx``.
 
+The same class builds the paper's Table 3 ablations, a sum of two quantized (QQ) or two pruned
+(PP) copies, from a config per branch.
+
 Initialisation: ``f^q`` starts from the float weights (calibrated), ``f^p`` from the float weights
 with BatchNorm folded into the preceding convolutions (so the gate masks exactly the activation,
 eq 14) and its last layer zeroed, so that ``A^h`` starts equal to ``f^q`` and the full-precision
@@ -16,7 +19,7 @@ network learns the residual.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -24,10 +27,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .config import HybridConfig
-from .conversion import calibrate_, deploy_, hybridize_
+from .config import HybridConfig, PruneConfig, QuantConfig
+from .conversion import Config, calibrate_, deploy_, hybridize_
 from .graph import set_submodule, trace
-from .layers import PRUNED_LAYERS
+from .layers import PRUNED_LAYERS, QUANT_LAYERS
 
 # Modules and functions that map a zero channel to a zero channel, channel for channel.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,
@@ -91,50 +94,107 @@ def find_pruned_producers(model: nn.Module) -> Dict[str, str]:
 
 
 class HybridNetwork(nn.Module):
-    """``quant_net(x) + pruned_net(x)`` (eq 5) built from one float backbone.
+    """A sum of branch networks built from one float backbone (eq 5): by default
+    ``quant_net(x) + pruned_net(x)``, the paper's hybrid.
 
     Args:
-        backbone: a float model (not modified; both branches are deep copies).
-        config: :class:`HybridConfig` (bit widths, initial keep ratio, gate settings).
-        example_inputs: real inputs to calibrate the quantized network on (else lazily).
-        filter_fn: as in :func:`hybridize_`, applied to both copies.
+        backbone: a float model (not modified; every branch is a deep copy).
+        config: :class:`HybridConfig` (bit widths, initial keep ratio, gate settings) for the default
+            pair of branches ``(config.quant(), config.prune())``.
+        example_inputs: real inputs to calibrate the quantized branches on (else lazily).
+        filter_fn: as in :func:`hybridize_`, applied to every branch.
+        branches: instead of ``config``, the branches' configs, each a :class:`QuantConfig` or a
+            :class:`PruneConfig`: the rows of the paper's Table 3 are ``(Q, P)`` (the hybrid),
+            ``(Q, Q)`` and ``(P, P)``; a single config is that branch alone.
+
+    Initialisation: every branch starts from the float weights (a pruned branch with BatchNorm
+    folded, eq 14, and its most important channels kept, see :class:`PruneConfig`). A pruned
+    branch after the first starts as a zero residual (its last layer zeroed): it learns what the
+    branches before it miss. The last layers of the branches that do start from the float model
+    are divided by their number, so that the sum starts at the float model (``(Q, Q)``: each
+    quantized copy carries half of the output).
     """
 
     def __init__(self, backbone: nn.Module, config: Optional[HybridConfig] = None, example_inputs=None,
-                 filter_fn: Optional[Callable] = None):
+                 filter_fn: Optional[Callable] = None, branches: Optional[Sequence[Config]] = None):
         super().__init__()
-        config = config if config is not None else HybridConfig()
-        self.quant_net = copy.deepcopy(backbone)
-        hybridize_(self.quant_net, config.quant(), filter_fn)
-        pruned = copy.deepcopy(backbone).eval()
-        fold_batchnorm_(pruned)
-        pruned.train(backbone.training)
-        hybridize_(pruned, config.prune(), filter_fn)
-        self.pruned_net = pruned
-        layers = [m for m in pruned.modules() if isinstance(m, PRUNED_LAYERS)]
-        with torch.no_grad():  # the pruned network starts as a zero residual
-            layers[-1].weight.zero_()
-            if layers[-1].bias is not None:
-                layers[-1].bias.zero_()
-        self.producers = find_pruned_producers(pruned)
-        for consumer, producer in self.producers.items():
-            # A plain attribute, not a submodule: the gate is owned (and saved) by its producer.
-            object.__setattr__(pruned.get_submodule(consumer), "input_gate", pruned.get_submodule(producer).gate)
+        if branches is not None and config is not None:
+            raise ValueError("pass either config (the quantized + pruned hybrid) or branches, not both.")
+        if branches is None:
+            config = config if config is not None else HybridConfig()
+            if not isinstance(config, HybridConfig):
+                raise TypeError(f"config must be a HybridConfig (for other branch sets pass branches=), "
+                                f"got {type(config).__name__}.")
+            branches = (config.quant(), config.prune())
+        branches = tuple(branches)
+        bad = [type(b).__name__ for b in branches if type(b) not in (QuantConfig, PruneConfig)]
+        if not branches or bad:
+            raise TypeError(f"branches must be a non-empty sequence of QuantConfig / PruneConfig, got {bad or 'none'}.")
+        self.configs = branches
+        nets = []
+        for i, cfg in enumerate(branches):
+            net = copy.deepcopy(backbone)
+            if isinstance(cfg, PruneConfig):
+                net.eval()
+                fold_batchnorm_(net)
+                net.train(backbone.training)
+            hybridize_(net, cfg, filter_fn)
+            nets.append(net)
+        residual = [i > 0 and isinstance(cfg, PruneConfig) for i, cfg in enumerate(branches)]
+        share = 1.0 / sum(not r for r in residual)
+        for net, is_residual in zip(nets, residual):
+            layers = [m for m in net.modules() if isinstance(m, QUANT_LAYERS + PRUNED_LAYERS)]
+            if not layers:
+                raise ValueError("the backbone has no layer to convert (nn.Conv2d / nn.Linear accepted by filter_fn).")
+            with torch.no_grad():
+                for p in (layers[-1].weight, layers[-1].bias):
+                    if p is not None:
+                        p.mul_(0.0 if is_residual else share)
+        self.branches = nn.ModuleList(nets)
+        # {consumer: producer} of each pruned branch (empty for a quantized one)
+        self.producers = [find_pruned_producers(net) if isinstance(cfg, PruneConfig) else {}
+                          for net, cfg in zip(nets, branches)]
+        for net, pairs in zip(nets, self.producers):
+            for consumer, producer in pairs.items():
+                # A plain attribute, not a submodule: the gate is owned (and saved) by its producer.
+                object.__setattr__(net.get_submodule(consumer), "input_gate", net.get_submodule(producer).gate)
         if example_inputs is not None:
-            calibrate_(self.quant_net, example_inputs)
+            for net, cfg in zip(nets, branches):
+                if isinstance(cfg, QuantConfig):
+                    calibrate_(net, example_inputs)
+
+    def _first(self, kind: type) -> nn.Module:
+        for net, cfg in zip(self.branches, self.configs):
+            if isinstance(cfg, kind):
+                return net
+        # not AttributeError: nn.Module.__getattr__ would replace the message by a generic one
+        raise ValueError(f"this HybridNetwork has no {'quantized' if kind is QuantConfig else 'pruned'} branch.")
+
+    @property
+    def quant_net(self) -> nn.Module:
+        """The (first) quantized branch."""
+        return self._first(QuantConfig)
+
+    @property
+    def pruned_net(self) -> nn.Module:
+        """The (first) pruned branch."""
+        return self._first(PruneConfig)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_net(x) + self.pruned_net(x)
+        out = self.branches[0](x)
+        for net in self.branches[1:]:
+            out = out + net(x)
+        return out
 
-    def in_channel_map(self) -> Dict[nn.Module, torch.Tensor]:
-        """``{pruned layer: input channels it reads}`` from its producer's kept channels."""
-        return {self.pruned_net.get_submodule(c): self.pruned_net.get_submodule(p).gate.kept_indices()
-                for c, p in self.producers.items()}
+    def in_channel_map(self, branch: int) -> Dict[nn.Module, torch.Tensor]:
+        """``{pruned layer: input channels it reads}`` of branch ``branch``, from its producers' kept channels."""
+        net = self.branches[branch]
+        return {net.get_submodule(c): net.get_submodule(p).gate.kept_indices() for c, p in self.producers[branch].items()}
 
     def deploy_(self, backend: Optional[str] = "auto", fuse: bool = True) -> "HybridNetwork":
-        """Deploy both networks in place: packed integer weights for ``quant_net``, and for
-        ``pruned_net`` rows and (compounded) columns of dropped channels removed."""
-        deploy_(self.quant_net, backend, fuse=fuse)
-        # (an explicit map, even an empty one, deploys pruned_net as a plain model)
-        deploy_(self.pruned_net, backend, self.in_channel_map(), fuse=fuse)
+        """Deploy every branch in place: packed integer weights for a quantized branch, and for a
+        pruned one rows and (compounded) columns of dropped channels removed."""
+        for i, net in enumerate(self.branches):
+            # (an explicit map, even an empty one, deploys the branch as a plain model)
+            deploy_(net, backend, self.in_channel_map(i), fuse=fuse)
         return self

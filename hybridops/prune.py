@@ -50,6 +50,9 @@ class ChannelGate(nn.Module):
         # its logistic noise g - g': loss() rebuilds M_bar from the logits with it (see loss())
         self.noise: Optional[torch.Tensor] = None
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
+        # False for a classifier's output layer (PruneConfig.keep_output_layer): its channels are the
+        # classes, so every one is kept and L_prune leaves it out.
+        self.prunable = True
 
     def __getstate__(self):
         # soft_mask and noise belong to the latest training forward, not to the gate's state.
@@ -71,7 +74,9 @@ class ChannelGate(nn.Module):
         return torch.sigmoid(self.logits)
 
     def kept_mask(self) -> torch.Tensor:
-        """Deterministic eval/deploy mask ``b >= threshold`` (bool)."""
+        """Deterministic eval/deploy mask ``b >= threshold`` (bool); all True for a gate that is not prunable."""
+        if not self.prunable:
+            return torch.ones(self.channels, dtype=torch.bool, device=self.logits.device)
         return self.probs() >= self.threshold
 
     def kept_indices(self) -> torch.Tensor:
@@ -79,7 +84,7 @@ class ChannelGate(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """The mask ``M`` (float, ``(channels,)``) for this step."""
-        if not self.training or self.frozen:
+        if not self.training or self.frozen or not self.prunable:
             self.soft_mask = self.noise = None
             return self.kept_mask().to(self.logits.dtype)
         u = torch.rand(2, self.channels, device=self.logits.device).clamp_(1e-10, 1.0 - 1e-7)
@@ -93,14 +98,25 @@ class ChannelGate(nn.Module):
         # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
         return torch.sigmoid((self.logits + self.noise) / self.tau)
 
-    def loss(self) -> torch.Tensor:
-        """``||M_bar||_1`` of the latest training forward (eq 15); ``sum(b)`` (the noise-free
-        value of the relaxation's keep probability) before any training forward or in eval mode.
+    def soft_masks(self) -> torch.Tensor:
+        """``M_bar`` of the latest training forward, per channel; ``b`` (the noise-free value of the
+        relaxation's keep probability) before any training forward or in eval mode.
 
-        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value), so the loss
-        has a graph of its own: it can be taken before or after the task loss's ``backward()``,
-        which frees the forward's graph."""
-        return self._relaxed().sum() if self.noise is not None else self.probs().sum()
+        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value), so it has
+        a graph of its own: a loss on it can be taken before or after the task loss's
+        ``backward()``, which frees the forward's graph."""
+        return self._relaxed() if self.noise is not None else self.probs()
+
+    def loss(self) -> torch.Tensor:
+        """``||M_bar||_1`` (eq 15) of :meth:`soft_masks`."""
+        return self.soft_masks().sum()
+
+    # prunable is state: a saved output layer's gate must stay whole when loaded.
+    def get_extra_state(self) -> dict:
+        return {"prunable": bool(self.prunable)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.prunable = bool(state["prunable"])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, kept={int(self.kept_mask().sum())}, tau={self.tau}, threshold={self.threshold}"

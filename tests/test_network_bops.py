@@ -54,7 +54,7 @@ def test_hybrid_network_sequential():
     assert isinstance(net.pruned_net[1], nn.Identity)  # BN folded in the pruned copy (eq 14)
     # compounding: conv 3 reads conv 0's kept channels (through ReLU), conv 7 reads conv 3's (ReLU, max-pool)
     assert ho.find_pruned_producers(net.pruned_net) == {"3": "0", "7": "3"}
-    assert net.producers == {"3": "0", "7": "3"}
+    assert net.producers == [{}, {"3": "0", "7": "3"}]  # per branch: quantized, pruned
     # the pruned network's last layer starts at zero: A^h = f^q at init, close to the float model
     assert bool((net.pruned_net[7].weight == 0).all())
     with torch.no_grad():
@@ -106,9 +106,9 @@ def test_hybrid_network_resnet18(resnet_net):
     n_pruned = sum(isinstance(m, PRUNED_LAYERS) for m in net.pruned_net.modules())
     assert n_pruned == 21
     # within a basic block conv2 reads conv1's kept channels (BN folded, ReLU); residual sums break chains
-    assert net.producers.get("layer1.0.conv2") == "layer1.0.conv1"
-    assert net.producers.get("layer4.1.conv2") == "layer4.1.conv1"
-    assert "layer2.0.conv1" not in net.producers  # its input is a residual sum
+    assert net.producers[1].get("layer1.0.conv2") == "layer1.0.conv1"
+    assert net.producers[1].get("layer4.1.conv2") == "layer4.1.conv1"
+    assert "layer2.0.conv1" not in net.producers[1]  # its input is a residual sum
     assert net.pruned_net.fc.weight.abs().sum() == 0  # last layer zeroed
     with torch.no_grad():
         y = net(x)
@@ -121,6 +121,63 @@ def test_hybrid_network_resnet18(resnet_net):
     assert dep.pruned_net.layer1[0].conv2.fp_weight.shape[1] == c1
     with torch.no_grad():
         torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
+
+
+def test_branch_sets_qq_pp_q():
+    """The paper's Table 3 rows from one call each; the sum starts at the float model and BOPs
+    count both copies against one baseline."""
+    backbone = _seq_cnn()
+    _randomise_bn(backbone)
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        ref = backbone(x)
+    q, p = ho.QuantConfig(bits_w=5, bits_a=5), ho.PruneConfig(keep=0.5)
+    q_only = ho.HybridNetwork(backbone, branches=[q], example_inputs=x).eval()
+    qq = ho.HybridNetwork(backbone, branches=[q, q], example_inputs=x).eval()
+    pp = ho.HybridNetwork(backbone, branches=[p, p], example_inputs=x).eval()
+    qp = ho.HybridNetwork(backbone, branches=[q, p], example_inputs=x).eval()
+    assert isinstance(qq.branches[1][7], ho.QuantConv2d) and isinstance(pp.branches[0][3], ho.PrunedConv2d)
+    with torch.no_grad():
+        # QQ: each copy carries half of the output (last layers halved), the sum is the float model
+        assert torch.equal(qq.branches[0][7].weight, backbone[7].weight * 0.5)
+        for net in (q_only, qq):
+            assert ((net(x) - ref).norm() / ref.norm()).item() < 0.15
+        # PP: the second copy is a zero residual; the first keeps its largest-L1 channels and the
+        # output layer whole
+        assert bool((pp.branches[1][7].weight == 0).all())
+        assert bool(pp.branches[0][7].gate.kept_mask().all())
+        assert int(pp.branches[0][0].gate.kept_mask().sum()) == 4
+        torch.testing.assert_close(pp(x), pp.branches[0](x))
+    with pytest.raises(ValueError, match="no pruned branch"):
+        qq.pruned_net
+    rc = {name: ho.bops_report(net, (1, 3, 16, 16)).rc for name, net in
+          [("q", q_only), ("qq", qq), ("pp", pp), ("qp", qp)]}
+    assert rc["qq"] == pytest.approx(2 * rc["q"])
+    report = ho.bops_report(qp, (1, 3, 16, 16))
+    assert [r.name for r in report.layers] == ["0", "3", "7"]  # the two copies of a layer merge
+    assert rc["qp"] == pytest.approx(rc["q"] + report.pruned / report.baseline)
+    pp_report = ho.bops_report(pp, (1, 3, 16, 16))
+    assert [r.name for r in pp_report.layers] == ["0", "3", "7"]
+    assert 0.0 < rc["pp"] < 2.0 and pp_report.quant == 0.0
+    # each branch set deploys to the same outputs
+    for net in (qq, pp, qp):
+        with torch.no_grad():
+            net.branches[-1][7].weight.normal_(std=0.1)
+            y = net(x)
+        dep = copy.deepcopy(net).deploy_(backend="torch")
+        with torch.no_grad():
+            torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
+
+
+def test_branch_sets_bad_input():
+    with pytest.raises(ValueError, match="either config"):
+        ho.HybridNetwork(_seq_cnn(), ho.HybridConfig(), branches=[ho.QuantConfig()])
+    with pytest.raises(TypeError, match="QuantConfig / PruneConfig"):
+        ho.HybridNetwork(_seq_cnn(), branches=[ho.HybridConfig()])
+    with pytest.raises(TypeError, match="QuantConfig / PruneConfig"):
+        ho.HybridNetwork(_seq_cnn(), branches=[])
+    with pytest.raises(TypeError, match="must be a HybridConfig"):
+        ho.HybridNetwork(_seq_cnn(), ho.QuantConfig())
 
 
 # ----------------------------------------------------------------------------- BOPs (eq 17)

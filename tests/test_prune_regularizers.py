@@ -118,6 +118,50 @@ def test_prune_loss_is_sum_of_last_soft_masks():
     torch.testing.assert_close(prune_loss(model), sum(torch.sigmoid(g.logits).sum() for g in gates))
 
 
+def test_prune_loss_target_keep_charges_only_channels_over_the_budget():
+    gate_a, gate_b = ho.ChannelGate(8), ho.ChannelGate(4)
+    with torch.no_grad():
+        gate_a.logits.copy_(torch.tensor([9.0, 8.0, 9.5, 8.5, 7.0, 7.5, -9.0, -9.0]))  # ~6 of 8 kept
+        gate_b.logits.fill_(-9.0)  # ~0 of 4 kept
+    model = nn.ModuleList([ho.PrunedLinear(2, 8), ho.PrunedLinear(2, 4)])
+    model[0].gate, model[1].gate = gate_a, gate_b
+    model.eval()
+    # budget 0.5: layer a's 4 largest logits are free, the kept 7.0 and 7.5 pay; layer b is under budget
+    torch.testing.assert_close(prune_loss(model, target_keep=0.5), torch.tensor(2.0), atol=2e-3, rtol=0)
+    torch.testing.assert_close(prune_loss(model), torch.tensor(6.0), atol=2e-3, rtol=0)
+    prune_loss(model, target_keep=0.5).backward()
+    grad = gate_a.logits.grad
+    assert bool((grad[:4] == 0).all()) and bool((grad[4:] > 0).all())
+    assert prune_loss(model, target_keep=0.0).item() == pytest.approx(6.0, abs=2e-3)
+    assert prune_loss(model, target_keep=1.0).item() == 0.0
+    for bad in (-0.1, 1.5, "half"):
+        with pytest.raises(ValueError, match="target_keep"):
+            prune_loss(model, target_keep=bad)
+
+
+def test_output_layer_gate_is_not_prunable():
+    """PruneConfig.keep_output_layer: a classifier's classes are never pruned, whatever L_prune does."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    ho.hybridize_(model, ho.PruneConfig(keep=0.5))
+    head, hidden = model[2].gate, model[0].gate
+    assert not head.prunable and hidden.prunable
+    model.train()
+    model(torch.randn(4, 6))
+    assert head.soft_mask is None and hidden.soft_mask is not None  # the head is not sampled
+    with torch.no_grad():
+        head.logits.fill_(-5.0)
+    assert bool(head.kept_mask().all())
+    prune_loss(model).backward()
+    assert head.logits.grad is None  # left out of L_prune
+    # the flag is state: it survives a state_dict round trip
+    other = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    ho.hybridize_(other, ho.PruneConfig(keep=0.5, keep_output_layer=False))
+    assert other[2].gate.prunable
+    other.load_state_dict(model.state_dict())
+    assert not other[2].gate.prunable
+
+
 # ----------------------------------------------------------------------------- L_quant (eq 11-12)
 def _tiny_quant_linear(quantize_input):
     q = ho.QuantLinear(2, 1, bias=False, quantize_input=quantize_input)
@@ -204,3 +248,30 @@ def test_regularization_combines_eq16_terms():
     assert quant_loss(model).item() > 0 and prune_loss(model).item() > 0
     # a model without hybrid layers has zero regularisation
     assert ho.regularization(nn.Sequential(nn.ReLU())).item() == 0.0
+
+
+def test_eq11_default_targets_are_the_calibrated_weights_own():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    ho.hybridize_(model, ho.QuantConfig(bits_w=3, bits_a=3))
+    assert quant_loss(model).item() == 0.0  # not calibrated yet: left out
+    ho.calibrate_(model, torch.randn(2, 3, 10, 10))
+    model.eval()  # no activation statistics: eq 11 alone
+    assert quant_loss(model).item() == pytest.approx(0.0, abs=1e-10)  # at its targets
+    layer = model[2]
+    mu, sd = layer.norm_targets()
+    q = layer.wq.qparams().detach()
+    v = q[0] * layer.weight.detach().abs() + q[1]
+    assert float(mu) == pytest.approx(float(v.mean()), rel=1e-6) and float(sd) == pytest.approx(float(v.std()), rel=1e-6)
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # drift away from calibration: the loss pulls back
+    assert quant_loss(model).item() > 1e-4
+    # fixed targets (the paper's form) are still available
+    fixed = nn.Sequential(nn.Conv2d(3, 8, 3))
+    ho.hybridize_(fixed, ho.QuantConfig(mu0=0.5, sigma0=0.25), example_inputs=torch.randn(2, 3, 10, 10))
+    assert [float(t) for t in fixed[0].norm_targets()] == [0.5, 0.25]
+    # the calibrated targets are state
+    clone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    ho.hybridize_(clone, ho.QuantConfig(bits_w=3, bits_a=3))
+    clone.load_state_dict(model.state_dict())
+    torch.testing.assert_close(clone[2].calibrated_norm_stats, layer.calibrated_norm_stats)

@@ -87,6 +87,7 @@ def test_regulariser_gradient_of_the_interval_is_not_scaled():
         q.wq.c.fill_(0.5)
         q.wq.log_d.fill_(math.log(0.25))
     q.normalize = True
+    q.reg_targets = (0.5, 0.25)
     ho.quant_loss(q).backward()
     assert q.wq.c.grad.item() == pytest.approx(0.8, rel=1e-5)
 
