@@ -108,25 +108,43 @@ def bench_models(names, threads, reps):
              f"Command: `python bench/bench_cpu.py models --threads {threads}`. Deployed hybrid: 4/4 bits, keep 0.1, "
              "backend onednn, fp32 channels_last, built as the README does; 224x224 input. Baselines: "
              "`bench/speedup_report.py`'s CPU baselines, timed in the same process.", "",
-             "| model | path | ms | deployed hybrid speedup over it |", "| --- | --- | --- | --- |"]
+             "| model | path | ms | best deployed hybrid's speedup over it |", "| --- | --- | --- | --- |"]
+    summary = []
     for name in names:
         torch.manual_seed(0)
         base = getattr(torchvision.models, name)().eval()
         x = torch.randn(1, 3, 224, 224)
-        model = copy.deepcopy(base)
-        ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
-        ho.deploy_(model.eval(), backend="onednn")
-        model = model.to(memory_format=torch.channels_last)
+        trained = copy.deepcopy(base)
+        ho.hybridize_(trained, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
         xcl = x.contiguous(memory_format=torch.channels_last)
-        with torch.no_grad():
-            dep = median_ms(lambda: model(xcl), reps)
-        for path, b in cpu_baselines(base, x).items():
+        deployed = {}
+        fp_dtypes = [None] + ([torch.bfloat16] if O.bf16_supported() else [])
+        for fp_dtype in fp_dtypes:
+            model = ho.deploy_(copy.deepcopy(trained).eval(), backend="onednn", fp_dtype=fp_dtype)
+            model = model.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                deployed[fp_dtype] = median_ms(lambda: model(xcl), reps)
+        dep = min(deployed.values())
+        baselines = cpu_baselines(base, x)
+        for path, b in baselines.items():
             if "ms" in b:
                 lines.append(f"| {name} | {path} | {b['ms']:.2f} | {b['ms'] / dep:.2f}x |")
             else:
                 lines.append(f"| {name} | {path} | skipped: {b['skipped']} | |")
-        lines.append(f"| {name} | **deployed hybrid (onednn)** | {dep:.2f} | 1.00x |")
-        print("\n".join(lines[-8:]), flush=True)
+        for fp_dtype, ms in deployed.items():
+            label = "fp32 FP branch" if fp_dtype is None else "bf16 FP branch (`fp_dtype=torch.bfloat16`)"
+            lines.append(f"| {name} | **deployed hybrid (onednn), {label}** | {ms:.2f} | {dep / ms:.2f}x |")
+        fastest = min((b["ms"], p) for p, b in baselines.items() if "ms" in b and b.get("float"))
+        ao = baselines.get("torch.ao int8 (x86)", {})
+        verdict = [f"{name}: best deployed {dep:.2f} ms is {fastest[0] / dep:.2f}x the fastest float path "
+                   f"({fastest[1]}, target 2x: " + ("met" if fastest[0] / dep >= 2 else
+                                                     f"missed by {2 * dep / fastest[0]:.2f}x") + ")"]
+        if "ms" in ao:
+            verdict.append(f"takes {dep / ao['ms']:.2f}x torch.ao int8's time (target <= 1.25x: " +
+                           ("met" if dep <= 1.25 * ao["ms"] else f"missed by {dep / (1.25 * ao['ms']):.2f}x") + ")")
+        summary.append("; ".join(verdict) + ".")
+        print("\n".join(lines[-10:] + summary[-1:]), flush=True)
+    lines += [""] + summary
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"models_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

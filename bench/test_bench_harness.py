@@ -198,3 +198,34 @@ def test_gpu_suite_dry_run(tmp_path):
     assert "correctness: triton" in summary and "0 failed" in summary
     assert "rtmdnet.fc6" in summary and "CUDA graph: not run (no GPU)" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary prints last
+
+
+def test_ablation_harness_smoke(tmp_path):
+    """bench/ablation.py end to end at toy length: one call per row, paired differences, RC from
+    bops_report, the table and the plot written."""
+    import ablation
+
+    out = ablation.main(["--seeds", "2", "--steps", "3", "--train-size", "256", "--tables", "2", "3",
+                         "--out", str(tmp_path)])
+    rows = {s["row"]: s for s in out["summary"]}
+    assert set(rows) == {"FP", "Q", "Q+N", "Q+N+P", "QQ", "PP"}
+    assert rows["FP"]["rc"] == pytest.approx(1.0)
+    assert rows["QQ"]["rc"] == pytest.approx(2 * rows["Q"]["rc"])  # both copies against one baseline
+    assert rows["Q"]["rc"] < rows["Q+N+P"]["rc"] < 1.0
+    assert rows["Q+N+P"]["seeds"] == 2 and rows["Q+N+P"]["reference"] == "Q+N"
+    table = (tmp_path / "table.md").read_text()
+    assert "## Table 3" in table and "| PP |" in table
+    assert (tmp_path / "ablation.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]["Q"]) == 2 and all(0.0 <= r["acc"] <= 100.0 for r in saved["runs"]["Q"])
+
+
+def test_ablation_data_is_deterministic_and_balanced():
+    import ablation
+
+    x1, y1, t1 = ablation.make_data(500, 3)
+    x2, y2, _ = ablation.make_data(500, 3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    xt, yt, _ = ablation.make_data(200, 4, t1)  # a test set of the same classes
+    assert xt.shape == (200, 3, ablation.IMAGE, ablation.IMAGE) and int(yt.max()) < ablation.CLASSES
+    assert torch.bincount(y1, minlength=ablation.CLASSES).min() > 20

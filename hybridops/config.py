@@ -44,7 +44,7 @@ class QuantConfig:
         mu0, sigma0: eq 11's targets for the mean and standard deviation of the normalised weights
             ``alpha_W |W| + beta_W``; None (default): each layer's own values at calibration. Fixed
             targets such as 0.5 / 0.25 (the middle of the interval) pushed the calibrated weights
-            (mean ~0.2-0.45) towards more clipping and cost accuracy (docs/design.md, "Normalisation").
+            (mean ~0.2-0.45) towards more clipping and cost accuracy (docs/design.md §4).
     """
 
     bits_w: int = 4

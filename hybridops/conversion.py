@@ -277,14 +277,16 @@ def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
 
 # ----------------------------------------------------------------------------- deploy_
 @torch.no_grad()
-def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[torch.Tensor] = None):
+def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[torch.Tensor] = None,
+                 fp_dtype: Optional[torch.dtype] = None):
     """The deployed version of one trained hybrid / quantized / pruned layer: builds a
     :class:`DeployedConv2d` / :class:`DeployedLinear` of the same geometry and packs into it the
     integer weights and frozen input interval of the quantized branch and the kept rows (and, with
     ``fp_in_idx``, the read input columns) of the pruned branch.
 
     ``fp_in_idx``: the input channels the pruned branch reads, when its producer was pruned too
-    (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them."""
+    (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them. ``fp_dtype``: what the
+    pruned branch computes in (:meth:`DeployedConv2d.set_fp_compute_dtype_`)."""
     if isinstance(layer, HYBRID_LAYERS):
         quant, pruned = layer.quant, layer.pruned
     elif isinstance(layer, QUANT_LAYERS):
@@ -336,6 +338,7 @@ def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[t
         new.fp_weight.copy_(w)
         if new.fp_bias is not None:
             new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
+    new.set_fp_compute_dtype_(fp_dtype)
     new.train(layer.training)
     return new
 
@@ -345,7 +348,8 @@ register_deployed_twin_factory(lambda layer, backend: deploy_layer(layer, backen
 
 
 def deploy_(model: nn.Module, backend: Optional[str] = "auto",
-            in_channel_map: Optional[Mapping[nn.Module, torch.Tensor]] = None, fuse: bool = True) -> nn.Module:
+            in_channel_map: Optional[Mapping[nn.Module, torch.Tensor]] = None, fuse: bool = True,
+            fp_dtype: Optional[torch.dtype] = None) -> nn.Module:
     """Replace trainable hybrid / quantized / pruned layers by deployed ones, in place
     (:func:`deploy_layer`), computed by ``backend`` (``"auto"``: the fastest available on the layer's
     device; or a name from :func:`hybridops.available_backends`).
@@ -357,10 +361,14 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
     ``fuse``: fold an eval-mode BatchNorm2d and a ReLU that follow a deployed integer conv into its
     epilogue and chain integer convs through codes (:func:`hybridops.fusion.fuse_epilogues_`).
     Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
+
+    ``fp_dtype``: what the pruned branches compute in; ``torch.bfloat16`` in an fp32 model runs
+    them on the CPU's bf16 units (the onednn backend; measured 1.6-1.7x faster than fp32 on an
+    AVX-512 BF16 CPU, docs/cpu_backend.md), at bf16 rounding of that branch. None: the model's dtype.
     """
     own = getattr(model, "deploy_", None)
     if own is not None and in_channel_map is None:
-        return own(backend=backend, fuse=fuse)
+        return own(backend=backend, fuse=fuse, fp_dtype=fp_dtype)
     in_channel_map = in_channel_map or {}
     uncalibrated = [n for n, m in model.named_modules() if isinstance(m, HYBRID_LAYERS + QUANT_LAYERS) and not m.calibrated]
     if uncalibrated:
@@ -373,7 +381,7 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
             return None
         count[0] += 1
         dev = next(child.parameters()).device
-        return deploy_layer(child, resolve_backend(backend, dev), in_channel_map.get(child))
+        return deploy_layer(child, resolve_backend(backend, dev), in_channel_map.get(child), fp_dtype)
 
     swap_modules_(model, visit)
     if count[0] == 0:

@@ -133,6 +133,8 @@ class _DeployedBase(nn.Module):
         self.out_signed = False
         self.codes_input = False
         self.absorbed: List[List[str]] = []
+        # dtype the pruned branch computes in (None: the input's); set_fp_compute_dtype_
+        self.fp_compute_dtype: Optional[torch.dtype] = None
         self._select_path()
 
     # ------------------------------------------------------------------ format and state
@@ -177,12 +179,29 @@ class _DeployedBase(nn.Module):
         self.out_qparams = qparams.detach().float().clone().to(self.scale.device)
         self.out_bits, self.out_signed = int(bits), bool(signed)
 
+    def set_fp_compute_dtype_(self, dtype: Optional[torch.dtype]) -> None:
+        """Compute the pruned branch in ``dtype`` whatever the model's dtype: ``torch.bfloat16``
+        runs it on a CPU's bf16 units (AVX-512 BF16, AMX) inside an fp32 model, at bf16 rounding of
+        that branch's input and weights; None: in the input's dtype. The quantize pass writes the
+        branch's input slice in ``dtype`` and the epilogue adds its output in fp32."""
+        if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"the full-precision branch computes in float32, bfloat16 or float16 (or None: the "
+                             f"input's dtype), got {dtype!r}.")
+        if dtype is not None and self.backend == "onednn" and dtype not in self._inference_fp_dtypes:
+            raise ValueError(f"the onednn backend on this CPU has no {dtype} convolution (bf16 needs AVX-512 BF16, "
+                             f"AMX or AVX-512 BW/VL/DQ): deploy with fp_dtype=None.")
+        self.fp_compute_dtype = dtype
+
+    def _fp_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.fp_compute_dtype if self.fp_compute_dtype is not None else x.dtype
+
     def format_state(self) -> dict:
         """Everything besides tensors that a saved deployed layer needs to be rebuilt (the
-        constructor's arguments and the fusion state)."""
+        constructor's arguments, the fusion state and the FP branch's compute dtype)."""
         return {"format_version": FORMAT_VERSION, "kind": self._kind, "init": self._init_args(), "relu": self.relu,
                 "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed,
-                "absorbed": list(self.absorbed)}
+                "absorbed": list(self.absorbed),
+                "fp_dtype": None if self.fp_compute_dtype is None else str(self.fp_compute_dtype).split(".")[-1]}
 
     def get_extra_state(self) -> dict:
         return self.format_state()
@@ -202,6 +221,12 @@ class _DeployedBase(nn.Module):
         if state["init"] != mine["init"]:
             raise ValueError(f"the saved layer was built with {state['init']} but this one with {mine['init']}; "
                              "rebuild the model from the checkpoint with hybridops.load_deployed_.")
+        self._load_fp_dtype(state)
+
+    def _load_fp_dtype(self, state: dict) -> None:
+        # (checkpoints written before the option have no "fp_dtype": the input's dtype)
+        name = state.get("fp_dtype")
+        self.set_fp_compute_dtype_(None if name is None else getattr(torch, name))
 
     @classmethod
     def from_format_state(cls, state: dict, out_qparams: Optional[torch.Tensor] = None, backend: str = "torch",
@@ -215,6 +240,7 @@ class _DeployedBase(nn.Module):
             layer.set_codes_input_()
         if out_qparams is not None:
             layer.set_output_codes_(out_qparams, state["out_bits"], state["out_signed"])
+        layer._load_fp_dtype(state)
         return layer
 
     _FP32_BUFFERS = ("scale", "bias", "in_qparams", "out_qparams")
@@ -351,6 +377,7 @@ class DeployedConv2d(_DeployedBase):
         return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, groups)
 
     def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
+        """The pruned branch's conv, in ``x_nchw``'s dtype (the compute dtype, see _hybrid)."""
         dt = x_nchw.dtype
         fast = self._inference_fp_conv
         if fast is not None and dt in self._inference_fp_dtypes and not (torch.is_grad_enabled() and (
@@ -385,10 +412,13 @@ class DeployedConv2d(_DeployedBase):
         # The quantize pass writes a float NHWC slice when the pruned branch reads a subset or a
         # regrouping of the input channels, or when x is not NHWC already (the epilogue reads the
         # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
-        sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last))
+        # A compute dtype other than x's is written by the same pass (the slice in that dtype).
+        fp_dt = self._fp_dtype(x)
+        sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last)
+                           or fp_dt != x.dtype)
         read = self.fp_in_idx if self.fp_in_idx is not None else self._all_in_idx
         x_slice, codes = _op("quantize_activate")(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                                                      read if sliced else None, x.dtype, self.backend)
+                                                      read if sliced else None, fp_dt, self.backend)
         fp_out = None
         if kept:
             fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2) if sliced else x, padding).permute(0, 2, 3, 1)
@@ -408,7 +438,7 @@ class DeployedConv2d(_DeployedBase):
 
     def _fp_only(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         xs = x.index_select(1, self.fp_in_idx) if self.fp_in_idx is not None else x
-        fp = self._fp_conv(xs, padding)
+        fp = self._fp_conv(xs.to(self._fp_dtype(x)), padding).to(x.dtype)
         return fp.new_zeros((fp.shape[0], self.out_channels, *fp.shape[2:])).index_copy(1, self.fp_out_idx, fp)
 
 
@@ -456,11 +486,12 @@ class DeployedLinear(_DeployedBase):
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        fb = None if self.fp_bias is None else self.fp_bias.to(x.dtype)
-        fw = self.fp_weight.flatten(1).to(x.dtype)
+        fp_dt = self._fp_dtype(x)
+        fb = None if self.fp_bias is None else self.fp_bias.to(fp_dt)
+        fw = self.fp_weight.flatten(1).to(fp_dt)
         if self.path == "fp_only":
             xs = x2 if self.fp_in_idx is None else x2.index_select(1, self.fp_in_idx)
-            fp = F.linear(xs, fw, fb)
+            fp = F.linear(xs.to(fp_dt), fw, fb).to(x.dtype)
             y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_out_idx, fp)
         elif self.path == "merged":
             w, b = self._merged_weight_and_bias(x.dtype)
@@ -470,10 +501,10 @@ class DeployedLinear(_DeployedBase):
             sliced = kept and self.fp_in_idx is not None  # else the pruned branch reads x itself
             x_slice, codes = _op("quantize_activate")(
                 x2.reshape(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                self.fp_in_idx if sliced else None, x.dtype, self.backend)
+                self.fp_in_idx if sliced else None, fp_dt, self.backend)
             fp_out = None
             if kept:
-                fp_in = x_slice.view(-1, self.fp_in_idx.numel()) if sliced else x2
+                fp_in = x_slice.view(-1, self.fp_in_idx.numel()) if sliced else x2.to(fp_dt)
                 fp_out = F.linear(fp_in, fw, fb).view(-1, 1, 1, self.kept_channels)
             y = self._int_conv(codes, fp_out, [1, 1], [0, 0, 0, 0], [1, 1], 1, x.dtype).view(-1, self.out_features)
         return y.reshape(*lead, self.out_features)

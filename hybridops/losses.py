@@ -17,7 +17,7 @@ def quant_loss(model: nn.Module) -> torch.Tensor:
     ``v = alpha_W |W| + beta_W`` (un-clamped normalised weights). The targets are
     :class:`hybridops.QuantConfig`'s ``mu0, sigma0``; by default those of the layer's own weights
     at calibration, so eq 11 holds the distribution where calibration put it instead of pushing it
-    to fixed values (the paper's form; docs/design.md, "Normalisation", has the measurement).
+    to fixed values (the paper's form; docs/design.md §4 has the measurement).
     A layer whose targets await calibration is left out.
 
     eq 12, per layer with a quantized input, from the input's mean and std in the latest training
@@ -55,7 +55,7 @@ def prune_loss(model: nn.Module, target_keep: Optional[float] = None) -> torch.T
     (``lambda_prune`` ~1, a gate learning rate ~0.1), each layer ends at its budget or below.
     With eq 15 alone, ``lambda_prune`` trades the kept fraction against the task gradient on the
     gates, which is small while the pruned network's last layer is near its zero start
-    (docs/design.md, "Pruning")."""
+    (docs/design.md §5)."""
     if target_keep is not None and not (isinstance(target_keep, (int, float)) and 0.0 <= target_keep <= 1.0):
         raise ValueError(f"target_keep is a fraction of each layer's channels and must lie in [0, 1], got {target_keep!r}.")
     terms = []

@@ -231,9 +231,12 @@ def test_weight_prepacked_once_and_repacked_after_in_place_change():
     args = (8, 4, True, 4, scale, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
     n_entries = len(O._wcache._d)
-    first = O._wcache.get(wp, (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, 0, None))
+    # packed for the input shape (N, C, H, W): oneDNN picks the blocked layout the conv runs on
+    key = (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, (1, 8, 5, 5), 0, None, None)
+    first = O._wcache.get(wp, key)
+    assert first is not None
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
-    assert len(O._wcache._d) == n_entries and O._wcache.get(wp, (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, 0, None)) is first
+    assert len(O._wcache._d) == n_entries and O._wcache.get(wp, key) is first
     wp.copy_(pack_weight(-R.unpack_weight(wp, 4, 8), 4))  # in place: bumps _version, so the cache must re-pack
     assert torch.equal(O.qconv2d(u8, wp, *args, out_dtype=torch.int32), R.qconv2d(ref, wp, *args, out_dtype=torch.int32))
 
@@ -307,3 +310,54 @@ def test_deployed_model_matches_torch_backend_and_reloads():
             p.data.zero_()
         fresh.load_state_dict(model.state_dict())
         torch.testing.assert_close(fresh(x), y, rtol=0, atol=0)
+
+
+def test_fp_branch_in_bf16_inside_an_fp32_model():
+    """deploy_(fp_dtype=torch.bfloat16): the pruned branch computes in bf16 (the quantize pass writes
+    its slice in bf16), the rest stays fp32; saved and reloaded with the setting."""
+    import io
+
+    import hybridops as ho
+    torchvision = pytest.importorskip("torchvision")
+    if not O.bf16_supported():
+        pytest.skip("this CPU has no bf16 convolution in oneDNN (the option is refused, tested below)")
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(24, 8, 1))
+    x = torch.randn(2, 16, 10, 10).relu().contiguous(memory_format=torch.channels_last)
+    ho.hybridize_(conv, ho.HybridConfig(keep=0.5, fp_first_input=False), example_inputs=x)
+    conv.eval()
+    with torch.no_grad():
+        for m in conv.modules():
+            if isinstance(m, ho.HybridConv2d):
+                m.pruned.weight.normal_(std=0.1)  # a branch that matters
+    fp32 = ho.deploy_(copy.deepcopy(conv), backend="onednn")
+    bf16 = ho.deploy_(copy.deepcopy(conv), backend="onednn", fp_dtype=torch.bfloat16)
+    assert bf16[0].fp_compute_dtype == torch.bfloat16 and fp32[0].fp_compute_dtype is None
+    with torch.no_grad():
+        y32, y16 = fp32[0](x), bf16[0](x)
+        ref16 = ho.deploy_(copy.deepcopy(conv), backend="torch", fp_dtype=torch.bfloat16)[0](x)
+    assert y16.dtype == torch.float32 and not torch.equal(y16, y32)
+    # one layer: bf16 rounding of the branch's input and weights only (~2^-8 relative of that branch)
+    assert ((y16 - y32).norm() / y32.norm()).item() < 1e-2
+    torch.testing.assert_close(y16, ref16, rtol=1e-2, atol=1e-2)  # the reference backend agrees
+    buf = io.BytesIO()
+    torch.save(bf16.state_dict(), buf)
+    buf.seek(0)
+    fresh = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(24, 8, 1))
+    ho.load_deployed_(fresh, torch.load(buf), backend="onednn")
+    assert fresh[0].fp_compute_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), bf16(x))
+
+
+def test_fp_compute_dtype_bad_input(monkeypatch):
+    import hybridops as ho
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+    ho.hybridize_(conv, ho.HybridConfig(keep=0.5, fp_first_input=False), example_inputs=torch.randn(1, 4, 6, 6))
+    dep = ho.deploy_(conv.eval(), backend="onednn")
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        dep[0].set_fp_compute_dtype_(torch.int8)
+    monkeypatch.setattr(dep[0], "_inference_fp_dtypes", (torch.float32,))  # as on a CPU without bf16
+    with pytest.raises(ValueError, match="no torch.bfloat16 convolution"):
+        dep[0].set_fp_compute_dtype_(torch.bfloat16)

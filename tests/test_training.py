@@ -199,3 +199,42 @@ def test_regularization_before_and_after_backward():
         loss.backward()
         opt.step()
         assert math.isfinite(ho.regularization(model).item())  # read again after the step's backward
+
+
+# ----------------------------------------------------------------------------- pruning learns a kept fraction
+def _budget_run(target_keep, steps=120, seed=0):
+    """A network-level hybrid (3-bit quantized + pruned, keep 0.5 at start) of a small CNN trained
+    on a learnable toy task with the channel budget ``target_keep``; returns (kept fraction of the
+    hidden pruned channels, RC)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    proto = torch.randn(4, 3, 12, 12, generator=g)
+    labels = torch.randint(0, 4, (512,), generator=g)
+    x = proto[labels] + 0.8 * torch.randn(512, 3, 12, 12, generator=g)
+    backbone = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                             nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    net = ho.HybridNetwork(backbone, branches=[ho.QuantConfig(bits_w=3, bits_a=3), ho.PruneConfig(keep=0.5)],
+                           example_inputs=x[:64])
+    opt = torch.optim.SGD(ho.param_groups(net, 0.05, gate_lr_mult=4.0), momentum=0.9)
+    net.train()
+    for step in range(steps):
+        idx = torch.randint(0, 512, (32,), generator=g)
+        loss = F.cross_entropy(net(x[idx]), labels[idx]) + ho.regularization(net, 0.0, 1.0, target_keep=target_keep)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hidden = [net.pruned_net[0].gate, net.pruned_net[3].gate]
+    kept = sum(int(gt.kept_mask().sum()) for gt in hidden) / sum(gt.channels for gt in hidden)
+    return kept, ho.bops_report(net, (1, 3, 12, 12)).rc
+
+
+def test_channel_budget_sweep_gives_intermediate_kept_fractions_with_monotone_rc():
+    targets = (0.15, 0.3, 0.4)
+    runs = [_budget_run(t) for t in targets]
+    kept = [k for k, _ in runs]
+    assert all(0.0 < k < 0.5 for k in kept), runs  # every budget lands in between (started at 0.5)
+    assert len(set(kept)) == 3, runs
+    rcs = [rc for _, rc in runs]
+    assert rcs == sorted(rcs) and rcs[0] < rcs[-1], runs
+    for (k, _), t in zip(runs, targets):
+        assert k <= math.ceil(t * 16) / 16, runs  # at or under the budget of ceil(t * C) channels per layer

@@ -3,8 +3,10 @@
 Pairs follow SiamRPN++/pysot: the template is the target with context (``s_z``) from frame i,
 the search crop is ``instance/exemplar`` times larger around the target in frame j (|i-j| <=
 ``max_gap``), shifted by up to ``shift`` of the crop and rescaled by up to ``exp(+-scale)``, so
-the target is not always at the centre. Targets are anchor labels and deltas
-(:func:`~hybridops_tracking.targets.anchor_targets`). The loss is eq 16,
+the target is not always at the centre. A fraction ``neg`` of the pairs are negative (template
+and search from different sequences, pysot's ``DATASET.NEG``). Targets are anchor labels and
+deltas (:func:`~hybridops_tracking.targets.anchor_targets`,
+:func:`~hybridops_tracking.targets.negative_targets`). The loss is eq 16,
 
     L_hyb = L_track + lambda_1 L_quant + lambda_2 L_prune,
 
@@ -21,10 +23,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import hybridops as ho
+
 from .crop import crop_and_resize, to_tensor
 from .data import Sequence, SynthConfig, synthetic_sequence
 from .model import ModelConfig, SiamRPNPP
-from .targets import anchor_targets, track_loss
+from .targets import anchor_targets, negative_targets, track_loss
 
 
 @dataclass
@@ -43,6 +47,15 @@ class TrainConfig:
         blur: probability of blurring the search crop (pysot: 0.2 for ResNet-50 SiamRPN++), a
             Gaussian of random width up to 2 px, for motion blur in real video.
         flip: probability of mirroring a pair horizontally (template and search together).
+        neg: probability of a negative pair (pysot: 0.2, after DaSiamRPN): the template from one
+            sequence, the search crop around the target of another, labelled background near
+            that object and nowhere positive, with no regression loss
+            (:func:`~.targets.negative_targets`). It needs two or more sequences; with one,
+            every pair is positive. 0 gives exactly the pairs of a sampler without negatives.
+        color: probability of pysot's PCA colour augmentation of each crop (template and search
+            drawn separately; pysot: 1.0): a per-crop colour offset along the three principal
+            components of natural-image RGB (:func:`_pca_color`), a few grey levels, mostly
+            brightness.
     """
 
     steps: int = 300
@@ -59,12 +72,17 @@ class TrainConfig:
     context_amount: float = 0.5
     blur: float = 0.0
     flip: float = 0.0
+    neg: float = 0.2
+    color: float = 0.0
     seed: int = 0
     synth: SynthConfig = field(default_factory=SynthConfig)
 
     def __post_init__(self):
         if self.steps < 0 or self.batch_size < 1:
             raise ValueError(f"steps must be >= 0 and batch_size >= 1, got {self.steps}, {self.batch_size}.")
+        for name in ("blur", "flip", "neg", "color"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a probability in [0, 1], got {getattr(self, name)}.")
         if isinstance(self.synth, dict):
             self.synth = SynthConfig(**self.synth)
 
@@ -108,6 +126,8 @@ class PairSampler:
             for i in range(config.num_sequences):
                 frames, boxes = synthetic_sequence(synth, config.seed + i)
                 self.seqs.append(([to_tensor(f) for f in frames], boxes, np.arange(len(frames))))
+        # A negative pair needs a second sequence: one sequence's other frames show the same target.
+        self.neg = config.neg if len(self.seqs) > 1 else 0.0
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
 
@@ -125,12 +145,23 @@ class PairSampler:
         mc, tc, rng = self.mc, self.tc, self.rng
         zs, xs, labels, deltas, weights = [], [], [], [], []
         for _ in range(batch_size):
-            frames, boxes, valid = self.seqs[rng.integers(len(self.seqs))]
+            # Every extra draw sits behind "probability > 0", so neg = color = 0 keeps the stream
+            # of pairs of a sampler without them.
+            k = int(rng.integers(len(self.seqs)))
+            neg = self.neg > 0 and rng.random() < self.neg
+            frames, boxes, valid = self.seqs[k]
             a = int(rng.integers(len(valid)))
-            # Template and search from visible frames at most max_gap apart (indices into valid).
-            lo, hi = np.searchsorted(valid, valid[a] - tc.max_gap), np.searchsorted(valid, valid[a] + tc.max_gap, "right")
-            i, j = int(valid[a]), int(valid[rng.integers(lo, hi)])
-            bz, bx = boxes[i], boxes[j]
+            i = int(valid[a])
+            if neg:
+                other = int(rng.integers(len(self.seqs) - 1))
+                frames_x, boxes_x, valid_x = self.seqs[other + (other >= k)]
+                j = int(valid_x[rng.integers(len(valid_x))])
+            else:
+                # Template and search from visible frames at most max_gap apart (indices into valid).
+                lo = np.searchsorted(valid, valid[a] - tc.max_gap)
+                hi = np.searchsorted(valid, valid[a] + tc.max_gap, "right")
+                frames_x, boxes_x, j = frames, boxes, int(valid[rng.integers(lo, hi)])
+            bz, bx = boxes[i], boxes_x[j]
             # Template: small jitter (pysot: 4 px shift, 5 % scale) so the net does not overfit centring.
             s_z = self._s_z(bz) * math.exp(rng.uniform(-0.05, 0.05))
             cz = bz[:2] + bz[2:] / 2 + rng.uniform(-4, 4, 2) * s_z / mc.exemplar_size
@@ -138,19 +169,41 @@ class PairSampler:
             s_x = self._s_z(bx) * mc.instance_size / mc.exemplar_size * math.exp(rng.uniform(-tc.scale, tc.scale))
             cx_target = bx[:2] + bx[2:] / 2
             crop_center = cx_target + rng.uniform(-tc.shift, tc.shift, 2) * s_x
-            xs.append(crop_and_resize(frames[j], crop_center, s_x, mc.instance_size))
-            k = mc.instance_size / s_x
-            gt = torch.tensor([*(cx_target - crop_center) * k, bx[2] * k, bx[3] * k], dtype=torch.float32)
+            xs.append(crop_and_resize(frames_x[j], crop_center, s_x, mc.instance_size))
+            f = mc.instance_size / s_x
+            gt = torch.tensor([*(cx_target - crop_center) * f, bx[2] * f, bx[3] * f], dtype=torch.float32)
+            if tc.color > 0 and rng.random() < tc.color:
+                zs[-1] = _pca_color(zs[-1], rng)
+            if tc.color > 0 and rng.random() < tc.color:
+                xs[-1] = _pca_color(xs[-1], rng)
             if tc.blur > 0 and rng.random() < tc.blur:
                 xs[-1] = _gaussian_blur(xs[-1], rng.uniform(0.5, 2.0))
             if tc.flip > 0 and rng.random() < tc.flip:
                 zs[-1], xs[-1] = zs[-1].flip(3), xs[-1].flip(3)
                 gt[0] = -gt[0]  # crop coordinates are relative to the centre: mirroring negates x
-            label, delta, weight = anchor_targets(self.anchors, gt, generator=self.gen)
+            targets = negative_targets if neg else anchor_targets
+            label, delta, weight = targets(self.anchors, gt, generator=self.gen)
             labels.append(label)
             deltas.append(delta)
             weights.append(weight)
         return (torch.cat(zs), torch.cat(xs), torch.stack(labels), torch.stack(deltas), torch.stack(weights))
+
+
+# Principal components of natural-image RGB, each scaled by its standard deviation, in grey
+# levels (0-255): pysot's table (STVIR/pysot, pysot/datasets/augmentation.py, Augmentation.rgbVar)
+# read as one component per row, the usual PCA jitter, whose largest component (last row) is
+# brightness. pysot's own code multiplies the table by the coefficients (rgbVar @ a), which puts
+# that component on one channel; rows are used here so that brightness moves all three.
+_PCA_RGB = torch.tensor([[-0.55919361, 0.98062831, -0.41940627],
+                         [1.72091413, 0.19879334, -1.82968581],
+                         [4.64467907, 4.73710203, 4.88324118]])
+
+
+def _pca_color(img: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """``img (1, 3, H, W)`` in [0, 255] shifted by ``sum_k a_k PC_k`` with ``a_k ~ N(0, 1)``
+    (AlexNet-style PCA colour augmentation, as pysot applies it to every training crop)."""
+    offset = torch.from_numpy(rng.standard_normal(3)).float() @ _PCA_RGB
+    return (img - offset.view(1, 3, 1, 1).to(img)).clamp(0, 255)
 
 
 def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -175,8 +228,9 @@ def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
     sampler = sampler or PairSampler(model.config, model.anchors.cpu(), tc)
     # Pairs are cut on the CPU (cheap at these sizes) and moved to the model's device.
     device = next(model.parameters()).device
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    # ho.param_groups: weight decay on weights only, the package's groups for intervals and gates
+    opt = torch.optim.Adam(ho.param_groups(model, tc.lr, tc.weight_decay))
+    params = [p for group in opt.param_groups for p in group["params"]]  # what gets clipped
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, tc.steps // 20)) * 0.5 * (1 + math.cos(math.pi * s / max(1, tc.steps))))
     model.train()
