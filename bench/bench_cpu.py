@@ -3,6 +3,7 @@
     python bench/bench_cpu.py layers            # ResNet-50 3x3 layers, batch 1, 1 thread
     python bench/bench_cpu.py models --threads 2 # ResNet-18/50 deployed hybrid vs float / torch.ao int8
     python bench/bench_cpu.py tracker --threads 2 # the tracker's network per frame, float vs deployed
+    python bench/bench_cpu.py passes --threads 2  # a deployed model's forward split into its passes
 
 Medians of many runs, every path measured in the same process (the machines are shared and
 noisy: compare ratios, not absolute times across runs). Writes markdown tables to
@@ -193,9 +194,89 @@ def bench_tracker(threads, reps):
     print("\n".join(lines))
 
 
+class _TimedKernels:
+    """Wraps the onednn backend's kernel entry points (our C++ quantize and epilogue passes,
+    oneDNN's int8 and float convolutions) with wall-clock timers, so a forward splits into passes;
+    what is left of the forward's time is Python, dispatch and the unconverted modules."""
+
+    PASSES = {"quantize_activate": "quantize-activate (ours)", "epilogue": "epilogue (ours)",
+              "_qconv": "int8 conv (oneDNN)", "_fconv": "FP-branch conv (oneDNN)"}
+
+    def __init__(self):
+        self.ms = dict.fromkeys(self.PASSES.values(), 0.0)
+        self.calls = dict.fromkeys(self.PASSES.values(), 0)
+
+    def _wrap(self, fn, label):
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = fn(*args)
+            self.ms[label] += (time.perf_counter() - t0) * 1e3
+            self.calls[label] += 1
+            return out
+        return timed
+
+    def __enter__(self):
+        self._saved = {"_C": O._C, "_qconv": O._qconv, "_fconv": O._fconv}
+        ext = O._C
+        wrapped = {name: self._wrap(getattr(ext, name), self.PASSES[name]) for name in ("quantize_activate", "epilogue")}
+        # a stand-in for the extension module: the two timed passes, everything else as it is
+        O._C = type("TimedExtension", (), {"__getattr__": lambda _s, n: wrapped.get(n, getattr(ext, n))})()
+        O._qconv = self._wrap(O._qconv, self.PASSES["_qconv"])
+        O._fconv = self._wrap(O._fconv, self.PASSES["_fconv"])
+        return self
+
+    def __exit__(self, *exc):
+        O._C, O._qconv, O._fconv = self._saved["_C"], self._saved["_qconv"], self._saved["_fconv"]
+
+
+def bench_passes(names, threads, reps):
+    """Where a deployed model's time goes: the forward split into its passes (evidence for the
+    docs' account of what limits the end-to-end speed)."""
+    torch.set_num_threads(threads)
+    lines = [f"# Deployed hybrid forward split into passes, batch 1, {threads} threads ({datetime.date.today()}, "
+             f"torch {torch.__version__}, oneDNN ISA {O.isa()})", "",
+             f"Command: `python bench/bench_cpu.py passes --threads {threads}`. 4/4 bits, keep 0.1, onednn, fp32 "
+             "channels_last, 224x224. Per pass: milliseconds per forward summed over the layers (medians over "
+             f"{reps} forwards, wall clock around each kernel call) and calls per forward; 'rest' is the forward's "
+             "median minus the passes: Python, dispatch, pooling, residual adds and other unconverted modules.", "",
+             "| model | pass | ms per forward | share | calls |", "| --- | --- | --- | --- | --- |"]
+    for name in names:
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)().eval()
+        x = torch.randn(1, 3, 224, 224)
+        ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
+        ho.deploy_(model.eval(), backend="onednn")
+        model = model.to(memory_format=torch.channels_last)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        per_pass = {label: [] for label in _TimedKernels.PASSES.values()}
+        totals, calls = [], {}
+        with torch.no_grad():
+            for _ in range(5):
+                model(xcl)
+            for _ in range(reps):
+                with _TimedKernels() as t:
+                    t0 = time.perf_counter()
+                    model(xcl)
+                    totals.append((time.perf_counter() - t0) * 1e3)
+                for label, ms in t.ms.items():
+                    per_pass[label].append(ms)
+                calls = t.calls
+        total = statistics.median(totals)
+        medians = {label: statistics.median(v) for label, v in per_pass.items()}
+        for label, ms in medians.items():
+            lines.append(f"| {name} | {label} | {ms:.2f} | {ms / total:.0%} | {calls[label]} |")
+        rest = total - sum(medians.values())
+        lines.append(f"| {name} | rest | {rest:.2f} | {rest / total:.0%} | |")
+        lines.append(f"| {name} | **forward** | {total:.2f} | 100% | |")
+        print("\n".join(lines[-6:]), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"passes_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["layers", "models", "tracker"])
+    ap.add_argument("what", choices=["layers", "models", "tracker", "passes"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--models", default="resnet18,resnet50")
@@ -204,6 +285,8 @@ def main():
         bench_layers(a.reps)
     elif a.what == "models":
         bench_models(a.models.split(","), a.threads, a.reps)
+    elif a.what == "passes":
+        bench_passes(a.models.split(","), a.threads, a.reps)
     else:
         bench_tracker(a.threads, a.reps)
 

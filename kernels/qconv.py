@@ -77,8 +77,14 @@ def _qconv_kernel(
     PLANES: tl.constexpr, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
     RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_FULL: tl.constexpr,
+    SPLIT_K: tl.constexpr = 1, ITERS_PER_SPLIT=0,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out (N, Ho, Wo, OUT_ROW)``.
+
+    Split-K (``SPLIT_K > 1``, ungrouped convs, ``OUT_MODE`` 0): program ``(m, n, s)`` runs the
+    iterations ``[s * ITERS_PER_SPLIT, (s + 1) * ITERS_PER_SPLIT)`` of the tap x channel-chunk loop
+    and adds its int32 partial sums atomically into ``out`` (zeroed by the launcher); integer sums
+    make the result exact and independent of the order the splits land in.
 
     Input ``x[n, h, w, byte]`` and weights ``w[co, kh, kw, byte]`` are addressed through their
     strides (``sx*``, ``sw*``, in bytes); the pruned branch ``fp[n, ho, wo, j]`` through ``sf*``
@@ -87,6 +93,7 @@ def _qconv_kernel(
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
     img = offs_m // (HO * WO)
@@ -112,7 +119,12 @@ def _qconv_kernel(
         c0 = g * CIN_G
         w_ok = co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G)
         # Taps and channel chunks in one flat loop, so that the compiler pipelines all of it.
-        for it in range(KH * KW * n_chunks):
+        it_lo = 0
+        it_hi = KH * KW * n_chunks
+        if SPLIT_K > 1:
+            it_lo = pid_k * ITERS_PER_SPLIT
+            it_hi = tl.minimum(it_lo + ITERS_PER_SPLIT, it_hi)
+        for it in range(it_lo, it_hi):
             tap = it // n_chunks
             k0 = (it % n_chunks) * K_STEP
             kh = tap // KW
@@ -171,6 +183,24 @@ def _qconv_kernel(
                 acc = tl.dot(a0, b0, acc, out_dtype=tl.int32)
                 acc = tl.dot(a1, b1, acc, out_dtype=tl.int32)
 
+    if SPLIT_K > 1:
+        # int32 offsets (the launcher splits only accumulators of < 2^31 elements) and relaxed
+        # order (the epilogue kernel runs after this launch on the stream): fewer registers.
+        tl.atomic_add(out_ptr + (offs_m * OUT_ROW)[:, None] + co[None, :], acc, mask=m_ok[:, None] & co_ok[None, :],
+                      sem="relaxed")
+    else:
+        _store_epilogue(acc, offs_m, m_ok, img, oh, ow, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr,
+                        rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE, HAS_BIAS, HAS_FP, RELU, RQ_LEVELS, RQ_SIGNED,
+                        RQ_NIB, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_epilogue(acc, offs_m, m_ok, img, oh, ow, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr,
+                    rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_FP: tl.constexpr, RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr,
+                    RQ_NIB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store one tile of int32 accumulators ``acc (BLOCK_M, BLOCK_N)`` (pixels ``offs_m``, output
+    channels ``co`` from ``n0``) as ``OUT_MODE`` says, through the hybrid epilogue."""
     out_rows = out_ptr + offs_m.to(tl.int64)[:, None] * OUT_ROW
     mask = m_ok[:, None] & co_ok[None, :]
     if OUT_MODE == 0:
@@ -200,6 +230,30 @@ def _qconv_kernel(
                          mask=m_ok[:, None] & (jb < OUT_ROW)[None, :])
             else:
                 tl.store(out_rows + co[None, :], (q & 0xFF).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def _split_k_epilogue_kernel(
+    acc_ptr, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr, rq_ptr,
+    M, HO, WO, C_OUT, OUT_ROW, sfn, sfh, sfw, sfk,
+    OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr, RELU: tl.constexpr,
+    RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The epilogue of a split-K convolution: the summed int32 accumulators ``acc (M, C_OUT)`` to
+    ``out`` (float or codes), tile by tile, exactly as the one-pass kernel stores them."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = offs_m < M
+    img = offs_m // (HO * WO)
+    rem = offs_m % (HO * WO)
+    n0 = tl.program_id(1) * BLOCK_N
+    co = n0 + tl.arange(0, BLOCK_N)
+    co_ok = co < C_OUT
+    acc = tl.load(acc_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + co[None, :], mask=m_ok[:, None] & co_ok[None, :],
+                  other=0)
+    _store_epilogue(acc, offs_m, m_ok, img, rem // WO, rem % WO, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr,
+                    slot_ptr, rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE, HAS_BIAS, HAS_FP, RELU, RQ_LEVELS,
+                    RQ_SIGNED, RQ_NIB, BLOCK_M, BLOCK_N)
 
 
 # Only with HYBRIDOPS_AUTOTUNE=1 (tiles.autotune_requested). M_BUCKET (M rounded up to a power
@@ -243,9 +297,11 @@ def qconv2d(
     requant_bits: int = 4,
     requant_signed: bool = False,
     out_dtype: torch.dtype = torch.float32,
+    split_k: Optional[int] = None,
 ) -> torch.Tensor:
     """Packed low-bit convolution with the hybrid epilogue; see
-    :func:`hybridops.ops.reference.qconv2d`.
+    :func:`hybridops.ops.reference.qconv2d`. ``split_k``: K splits (:func:`split_count`; None
+    lets the launcher decide, ungrouped convs only).
 
     x_codes: ``uint8 (N, H, W, packed(C_in))``; w_packed: ``uint8 (C_out, KH, KW,
     packed(C_in/groups))`` (any strides); padding ``(top, bottom, left, right)``.
@@ -317,5 +373,51 @@ def qconv2d(
     const["K_FULL"] = cin_g % (t.block_k * planes) == 0
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")
-    _qconv_kernel[grid](*args, **const, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **LAUNCH_OPTS)
+    iters = kh * kw * triton.cdiv(cin_g, t.block_k * planes)
+    split = split_count(split_k, grid[0] * grid[1], iters, groups)
+    if split > 1:
+        check_int32_span(m * c_out, "N * Ho * Wo * C_out (the split-K accumulator)")
+    if split == 1:
+        _qconv_kernel[grid](*args, **const, **t.meta(), num_warps=t.num_warps, num_stages=t.num_stages, **LAUNCH_OPTS)
+        return out
+    # Split-K: int32 partial sums added atomically into a zeroed accumulator, then the epilogue.
+    per = triton.cdiv(iters, split)
+    split = triton.cdiv(iters, per)  # no empty split
+    acc = out.zero_() if mode == _OUT_INT32 else torch.zeros((n, ho, wo, c_out), dtype=torch.int32,
+                                                             device=x_codes.device)
+    acc_args = (x_codes, w_packed, acc) + args[3:17] + (c_out,) + args[18:]  # OUT_ROW: the int32 row
+    acc_const = dict(const, OUT_MODE=_OUT_INT32, HAS_BIAS=False, HAS_FP=False, RELU=False, RQ_LEVELS=1,
+                     RQ_SIGNED=False, RQ_NIB=False)
+    _qconv_kernel[grid + (split,)](*acc_args, **acc_const, **t.meta(), SPLIT_K=split, ITERS_PER_SPLIT=per,
+                                   num_warps=t.num_warps, num_stages=min(t.num_stages, SPLIT_K_STAGES), **LAUNCH_OPTS)
+    if mode != _OUT_INT32:
+        bm, bn = (t.block_m, t.block_n)
+        _split_k_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(c_out, bn))](
+            acc, out, *args[3:8], m, ho, wo, c_out, row, *(fp.stride() if has_fp else (0, 0, 0, 0)),
+            OUT_MODE=mode, HAS_BIAS=const["HAS_BIAS"], HAS_FP=has_fp, RELU=const["RELU"],
+            RQ_LEVELS=const["RQ_LEVELS"], RQ_SIGNED=const["RQ_SIGNED"], RQ_NIB=const["RQ_NIB"], BLOCK_M=bm, BLOCK_N=bn,
+            num_warps=t.num_warps, **LAUNCH_OPTS)
     return out
+
+
+# Pipeline depth of a split-K launch: the 32x64 batch-1 tile at 4 stages spilled 8 bytes on sm_90
+# with the atomic store (0 at 3 stages, tests/test_triton_codegen.py); a split runs >= 4 iterations.
+SPLIT_K_STAGES = 3
+
+
+def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: int) -> int:
+    """How many K splits a launch of ``tiles_count`` output tiles and ``iters`` K iterations
+    (taps x channel chunks) per tile runs as. ``requested``: a count (capped at ``iters``); None:
+    split only where the tiles alone would leave SMs idle (batch-1 layers launch 28-52 tiles on 132
+    SMs), into enough splits to cover the SMs, each at least 4 iterations long so that the
+    pipelined mainloop still has a loop to overlap; never under the interpreter (nothing to fill)."""
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"split_k must be a positive integer (or None: the launcher decides), got {requested!r}.")
+        if requested > 1 and groups != 1:
+            raise ValueError(f"split_k applies to ungrouped convolutions (a grouped conv's tiles loop over groups), "
+                             f"got split_k={requested} with groups={groups}.")
+        return min(requested, iters)
+    if INTERPRET or groups != 1 or tiles_count >= tiles.SM_COUNT:
+        return 1
+    return max(1, min(triton.cdiv(tiles.SM_COUNT, tiles_count), iters // 4, 16))

@@ -519,6 +519,61 @@ def test_qconv2d_full_k_steps(backend, monkeypatch, cin, groups, bits):
     assert spy.launches[0]["K_FULL"] == (cin != 96)
 
 
+@pytest.mark.parametrize("split", [2, 3, 7])
+@pytest.mark.parametrize("cin,k,bits", [(64, 3, (4, False, 4)), (70, 3, (4, True, 4)), (40, 1, (8, True, 8)),
+                                        (48, 5, (5, False, 4))])
+def test_qconv2d_split_k_is_exact(backend, monkeypatch, split, cin, k, bits):
+    """Split-K (batch-1 layers on a GPU): the tap x channel-chunk loop in ``split`` parts whose
+    int32 partial sums add atomically, then the epilogue kernel: integers equal the reference
+    exactly in every output mode; a split count past the loop's length is capped."""
+    if backend != "triton":
+        pytest.skip("split-K is the triton kernel's")
+    qconv, tiles = _triton_modules()
+    spy = _LaunchSpy(qconv._qconv_kernel)
+    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
+    ba, asg, bw = bits
+    cout = 20
+    x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, k, 1, ba, asg, bw, seed=cin + split)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
+    pad = (k // 2,) * 4
+    args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, [1, 1], list(pad), [1, 1], 1)
+    raw = args[:7] + (None,) + args[8:]
+    ref = run_qconv("torch", *raw, out_dtype=torch.int32)
+    assert_same(qconv.qconv2d(*raw, out_dtype=torch.int32, split_k=split), ref)
+    step = tiles.pick(20, cout, qconv.INTERPRET).block_k * (2 if min(ba, bw) <= 4 else 1)
+    iters = k * k * -(-cin // step)
+    launched = spy.launches[-1]
+    assert launched["SPLIT_K"] == -(-iters // -(-iters // min(split, iters)))  # no empty split
+    assert launched["ITERS_PER_SPLIT"] * launched["SPLIT_K"] >= iters
+    for ep in (dict(relu=True, fp_out=fp_out, fp_idx=fp_idx), dict(requant_qparams=make_qparams(0.0, 1.5, False)),
+               dict(requant_qparams=make_qparams(-1.0, 1.0, True), requant_bits=5, requant_signed=True)):
+        got = qconv.qconv2d(*args, split_k=split, **ep)
+        expect = run_qconv("torch", *args, ep.get("relu", False), ep.get("fp_out"), ep.get("fp_idx"),
+                           ep.get("requant_qparams"), ep.get("requant_bits", 4), ep.get("requant_signed", False))
+        assert_same(got, expect)
+
+
+def test_qconv2d_split_k_choice_and_bad_input(backend):
+    if backend != "triton":
+        pytest.skip("split-K is the triton kernel's")
+    qconv, tiles = _triton_modules()
+    sms = tiles.SM_COUNT
+    if not qconv.INTERPRET:
+        # batch-1 ResNet-50 layer: 28 tiles on 132 SMs, 9 taps x 8 chunks -> split to fill the SMs
+        assert qconv.split_count(None, 28, 72, 1) == min(-(-sms // 28), 72 // 4, 16)
+        assert qconv.split_count(None, 2 * sms, 72, 1) == 1  # enough tiles already
+        assert qconv.split_count(None, 28, 72, 2) == 1  # grouped: never
+        assert qconv.split_count(None, 28, 3, 1) == 1  # too short a loop to split
+    else:
+        assert qconv.split_count(None, 28, 72, 1) == 1  # nothing to fill under the interpreter
+    assert qconv.split_count(5, 28, 3, 1) == 3  # capped at the loop's length
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="split_k must be a positive integer"):
+            qconv.split_count(bad, 28, 72, 1)
+    with pytest.raises(ValueError, match="ungrouped"):
+        qconv.split_count(2, 28, 72, 4)
+
+
 def test_qconv2d_autotune_only_when_asked_and_never_in_capture(backend, monkeypatch):
     """HYBRIDOPS_AUTOTUNE=1 tunes (here, on the interpreter's single config); a new shape inside a
     CUDA-graph capture is refused with a clear error, a shape tuned before the capture is not."""

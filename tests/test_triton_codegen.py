@@ -42,6 +42,8 @@ SPILL_VARIANTS = {
 SPILL_VARIANTS = {k: (dict(v, K_FULL=False), d) for k, (v, d) in SPILL_VARIANTS.items()}
 # Full K steps (C_in per group a multiple of the K step): masks only at the image border.
 SPILL_VARIANTS.update({
+    # split-K (batch-1 layers): int32 partial sums added atomically, the epilogue in its own kernel
+    "nib_split_k": (dict(SPILL_VARIANTS["nib_int32"][0], K_FULL=True, SPLIT_K=4), "*i32"),
     "nib_requant_kfull": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True), "*u8"),
     "byte_requant_kfull": (dict(SPILL_VARIANTS["byte_requant"][0], K_FULL=True), "*u8"),
     "a8w4_bf16_kfull": (dict(SPILL_VARIANTS["a8w4_bf16"][0], K_FULL=True), "*bf16"),
@@ -92,8 +94,8 @@ def _compile_all() -> list:
     import hybridops.kernels.tiles as T
 
     def ptx(jf, sig, consts, **opts):
-        if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes
-            consts = dict(consts, sxc=1, swc=1)
+        if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes, one K split
+            consts = dict(dict(SPLIT_K=1), **consts, sxc=1, swc=1)
         full = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in jf.arg_names}
         attrs = {(jf.arg_names.index(n),): [["tt.divisibility", 16]] for n in QCONV_DIV16 if n in jf.arg_names
                  and n not in consts and jf is C._qconv_kernel}
@@ -128,11 +130,22 @@ def _compile_all() -> list:
         for name, (v, dst) in SPILL_VARIANTS.items():
             consts = dict(A_SIGNED=False, HAS_BIAS=v["OUT_MODE"] != 0, HAS_FP=v["OUT_MODE"] != 0,
                           RELU=v["OUT_MODE"] != 0, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True, **v, **t.meta())
-            p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
+            stages = min(t.num_stages, C.SPLIT_K_STAGES) if v.get("SPLIT_K", 1) > 1 else t.num_stages  # as launched
+            p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=stages)
             out.append({"kernel": f"qconv {t.name} {name}", "spill": ptxas_usage(p)})
+            if name == "nib_split_k":
+                out.append({"kernel": f"qconv {t.name} {name} loads", "cp_async": len(re.findall(r"cp\.async\.c", p)),
+                            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p))})
             if name == "nib_requant_kfull":
                 out.append({"kernel": f"qconv {t.name} {name} loads", "cp_async": len(re.findall(r"cp\.async\.c", p)),
                             "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p))})
+        # the split-K epilogue kernel, in its heaviest mode (re-quantized nibble codes)
+        ep_sig = {"acc_ptr": "*i32", "out_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
+                  "slot_ptr": "*i32", "rq_ptr": "*fp32"}
+        p = ptx(C._split_k_epilogue_kernel, ep_sig,
+                dict(OUT_MODE=2, HAS_BIAS=True, HAS_FP=True, RELU=True, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True,
+                     BLOCK_M=t.block_m, BLOCK_N=t.block_n), num_warps=t.num_warps)
+        out.append({"kernel": f"split-K epilogue {t.name}", "spill": ptxas_usage(p)})
     return out
 
 
@@ -148,7 +161,7 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
     ptx_checks = [r for r in results if "fma" in r]
     spills = [r for r in results if "spill" in r]
     loads = [r for r in results if "cp_async" in r]
-    assert len(loads) == len(tiles.SHIPPED)
+    assert len(loads) == 2 * len(tiles.SHIPPED)  # one K split and split-K
     for r in loads:  # the packed mainloop with full K steps is pipelined: vector copies, no byte loads
         assert r["cp_async"] > 0 and r["byte_loads"] == 0, r
     assert len(ptx_checks) == 9
@@ -156,7 +169,7 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
         assert r["fma"] == 0, r
         if r["mma"] is not None:
             assert r["mma"] == ("wgmma" if r["block_m"] >= 64 else "mma.sync"), r
-    assert len(spills) == len(tiles.SHIPPED) * len(SPILL_VARIANTS)
+    assert len(spills) == len(tiles.SHIPPED) * (len(SPILL_VARIANTS) + 1)  # + the split-K epilogue
     spilling = [r for r in spills if r["spill"] != 0]
     assert not spilling, f"shipped tiles that spill registers on sm_90 (drop them from kernels/tiles.py): {spilling}"
 
