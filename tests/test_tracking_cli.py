@@ -12,6 +12,7 @@ from hybridops_tracking import cli
 from hybridops_tracking.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hybridops_tracking.data import SynthConfig, synthetic_sequence, write_otb_sequence
 from hybridops_tracking.model import ModelConfig, SiamRPNPP
+from hybridops_tracking.pysot import ours_to_pysot
 
 TINY = dict(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
 SYNTH = SynthConfig(frames=6, width=96, height=80, target_size=(14, 20))
@@ -71,6 +72,51 @@ def test_unreadable_checkpoint_and_train_init_errors(seq_dir, tmp_path, capsys):
     _one_error_line(capsys, "does not exist")
     with pytest.raises(CheckpointError, match="float checkpoint"):
         load_checkpoint(save_checkpoint(tmp_path / "f2.pt", SiamRPNPP(ModelConfig(**TINY))), deploy=True)
+
+
+@pytest.mark.parametrize("extra, needle", [({"rpn_head.mask_head.conv.weight": torch.zeros(1)}, "has no counterpart"),
+                                           ({}, "'neck.downsample2.downsample.0.weight', so it is not a complete")])
+def test_pysot_checkpoint_with_unknown_or_missing_keys_is_one_error_line(extra, needle, seq_dir, tmp_path, capsys):
+    """A pysot model.pth with a part this tracker lacks (SiamMask's mask head) or without one it
+    needs: one error line naming the file and the key, for track and for train --init."""
+    sd = {**ours_to_pysot(SiamRPNPP(ModelConfig(**TINY)).state_dict()), **extra}
+    if not extra:
+        sd = {k: v for k, v in sd.items() if not k.startswith("neck.downsample2.")}
+    pth = tmp_path / "model.pth"
+    torch.save({"state_dict": sd}, pth)
+    assert cli.main(["track", str(seq_dir), "--checkpoint", str(pth), "--quiet", "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, str(pth), needle)
+    assert cli.main(["train", "--out", str(tmp_path / "x.pt"), "--init", str(pth), "--steps", "1", "--quiet"]) == 2
+    _one_error_line(capsys, str(pth), needle)
+
+
+def test_train_neg_and_color_options(tmp_path, monkeypatch, capsys):
+    """--neg / --color reach the pair sampler; one sequence leaves the pairs positive (said so);
+    a value that is not a probability is an argparse error."""
+    from hybridops_tracking.train import PairSampler
+
+    monkeypatch.setattr(ModelConfig, "small", classmethod(lambda cls, **kw: cls(**TINY)))
+    labels, sample = [], PairSampler.sample
+
+    def spy(self, n):
+        batch = sample(self, n)
+        labels.append(batch[2])
+        return batch
+
+    monkeypatch.setattr(PairSampler, "sample", spy)
+    data = tmp_path / "data"
+    for i in range(2):
+        frames, boxes = synthetic_sequence(SYNTH, seed=20 + i)
+        write_otb_sequence(data / f"s{i}", frames, boxes)
+    common = ["--steps", "1", "--batch-size", "2", "--max-gap", "2", "--quiet", "--threads", "1"]
+    assert cli.main(["train", "--data", str(data), "--neg", "1", "--color", "1", "--out", str(tmp_path / "a.pt"),
+                     *common]) == 0
+    assert labels and not any((lab == 1).any() for lab in labels)
+    assert cli.main(["train", "--data", str(data / "s0"), "--out", str(tmp_path / "b.pt"), *common]) == 0
+    assert "every pair is positive" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--out", str(tmp_path / "c.pt"), "--neg", "1.5"])
+    assert e.value.code == 2 and "not a probability" in capsys.readouterr().err
 
 
 def test_compare_refuses_a_folder_with_other_sequences(seq_dir, tmp_path, capsys):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hybridops_tracking.data import (OTB_START_FRAMES, SequenceError, load_dataset, parse_boxes, read_got10k_sequence,
-                                     read_lasot_sequence, read_otb_sequence, read_uav123_sequence, read_vot_sequence,
-                                     sorted_frames)
+from hybridops_tracking.data import (OTB_FRAME_RANGES, SequenceError, SynthConfig, load_dataset, parse_boxes,
+                                     read_got10k_sequence, read_lasot_sequence, read_otb_sequence, read_uav123_sequence,
+                                     read_vot_sequence, sorted_frames)
 from hybridops_tracking.metrics import summarize
 
 
@@ -42,125 +42,83 @@ def test_otb_numeric_frame_order(tmp_path):
     np.testing.assert_array_equal(s.boxes[9], [9, 19, 5, 6])
 
 
-def test_otb_start_frame_from_sequence_list(tmp_path):
-    """David's ground truth starts at img/0300.jpg (OTB's sequence list)."""
-    assert OTB_START_FRAMES["David"] == 300
-    seq = tmp_path / "David"
-    _images(seq / "img", range(295, 306))
-    (seq / "groundtruth_rect.txt").write_text(_lines(_rows(4)))
-    s = read_otb_sequence(seq)
-    assert [p.name for p in s.frames] == ["0300.jpg", "0301.jpg", "0302.jpg", "0303.jpg"]
+def _touch(folder, numbers, fmt="{:04d}.jpg"):
+    """Empty image files (read with check_images=False): enough for frame ranges of hundreds of frames."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in numbers:
+        (folder / fmt.format(n)).touch()
+    return folder
+
+
+def _otb(root, name, numbers, n_rows):
+    """An OTB folder with images ``numbers`` and ``n_rows`` boxes; row k is ``[k, 2k+1, 5, 6]``."""
+    _touch(root / name / "img", numbers)
+    (root / name / "groundtruth_rect.txt").write_text(_lines(_rows(n_rows)))
+    return root / name
+
+
+def test_otb_frame_ranges_from_sequence_list():
+    """The toolkits' start / end frames (OTB_FRAME_RANGES cites where each comes from)."""
+    assert OTB_FRAME_RANGES["David"] == (300, 770) and OTB_FRAME_RANGES["Tiger1"] == (6, 354)
+    assert OTB_FRAME_RANGES["Football1"] == (1, 74) and OTB_FRAME_RANGES["Freeman3"] == (1, 460)
+    assert OTB_FRAME_RANGES["Freeman4"] == (1, 283) and OTB_FRAME_RANGES["Diving"] == (1, 215)
+    assert OTB_FRAME_RANGES["BlurCar1"] == (247, 988) and OTB_FRAME_RANGES["BlurCar4"] == (18, 397)
+
+
+def test_otb_start_frame_ground_truth_covers_the_range(tmp_path):
+    """David: 770 images, 471 boxes whose first row is img/0300.jpg."""
+    s = read_otb_sequence(_otb(tmp_path, "David", range(1, 771), 471), check_images=False)
+    assert len(s) == 471 and s.frames[0].name == "0300.jpg" and s.frames[-1].name == "0770.jpg"
+    np.testing.assert_array_equal(s.boxes[0], [0, 1, 5, 6])
+    # BlurCar3's images themselves start at 0003.jpg: nothing to cut.
+    s = read_otb_sequence(_otb(tmp_path, "BlurCar3", range(3, 360), 357), check_images=False)
+    assert len(s) == 357 and s.frames[0].name == "0003.jpg"
+
+
+@pytest.mark.parametrize("name, images, end", [("Football1", 81, 74), ("Freeman3", 474, 460),
+                                               ("Freeman4", 297, 283), ("Diving", 231, 215)])
+def test_otb_end_frame_drops_the_images_after_it(tmp_path, name, images, end):
+    """Images past the toolkit's end frame are not part of the sequence, whether the ground truth
+    stops there or not."""
+    s = read_otb_sequence(_otb(tmp_path, name, range(1, images + 1), end), check_images=False)
+    assert len(s) == end and s.frames[-1].name == f"{end:04d}.jpg"
+    np.testing.assert_array_equal(s.boxes[-1], _rows(end)[-1])
+    s = read_otb_sequence(_otb(tmp_path / "full", name, range(1, images + 1), images), check_images=False)
+    assert len(s) == end and s.frames[-1].name == f"{end:04d}.jpg"
+
+
+def test_otb_tiger1_drops_ground_truth_rows_before_the_start(tmp_path):
+    """Tiger1: 354 images and 354 rows; the toolkit tracks from image 6 with rows 6.. (row k is image k)."""
+    s = read_otb_sequence(_otb(tmp_path, "Tiger1", range(1, 355), 354), check_images=False)
+    assert len(s) == 349 and s.frames[0].name == "0006.jpg" and s.frames[-1].name == "0354.jpg"
+    np.testing.assert_array_equal(s.boxes[0], _rows(354)[5])
+    # A copy whose file already starts at image 6 reads the same.
+    t = read_otb_sequence(_otb(tmp_path / "trimmed", "Tiger1", range(1, 355), 349), check_images=False)
+    assert [f.name for f in t.frames] == [f.name for f in s.frames]
+    np.testing.assert_array_equal(t.boxes[0], _rows(1)[0])
+
+
+def test_otb_range_mismatch_and_overrides(tmp_path):
+    # David renumbered 1..471: OTB's range does not fit; refused rather than misaligned.
+    renumbered = _otb(tmp_path, "David", range(1, 472), 471)
+    with pytest.raises(SequenceError, match="fit neither .* pass start_frame and end_frame"):
+        read_otb_sequence(renumbered, check_images=False)
+    assert read_otb_sequence(renumbered, check_images=False, start_frame=1).frames[0].name == "0001.jpg"
     other = tmp_path / "Unknown"
     _images(other / "img", range(1, 6))
     (other / "groundtruth_rect.txt").write_text(_lines(_rows(3)))
     with pytest.raises(SequenceError, match="first annotated frame is not known"):
         read_otb_sequence(other)
     assert [p.name for p in read_otb_sequence(other, start_frame=2).frames] == ["0002.jpg", "0003.jpg", "0004.jpg"]
+    assert [p.name for p in read_otb_sequence(other, end_frame=3).frames] == ["0001.jpg", "0002.jpg", "0003.jpg"]
+    assert abs(int(read_otb_sequence(other, start_frame=2).image(0)[0, 0, 0]) - 2) <= 2  # image 2's pixels
 
 
-def test_otb_multi_target_files(tmp_path):
-    seq = tmp_path / "Jogging"
-    _images(seq / "img", range(1, 4))
-    (seq / "groundtruth_rect.1.txt").write_text(_lines(_rows(3)))
-    (seq / "groundtruth_rect.2.txt").write_text(_lines(_rows(3, offset=50)))
-    seqs = load_dataset(tmp_path, "otb")
-    assert [s.name for s in seqs] == ["Jogging-1", "Jogging-2"]
-    assert seqs[1].boxes[0, 0] == 50 and seqs[0].boxes[0, 0] == 0
-    with pytest.raises(SequenceError, match="has 2 targets"):
-        read_otb_sequence(seq)
-
-
-def test_otb_bom_and_separators(tmp_path):
-    """A UTF-8 BOM, tabs, commas and spaces (mixed, as real OTB files are) all parse."""
-    seq = tmp_path / "Bom"
-    _images(seq / "img", range(1, 4))
-    (seq / "groundtruth_rect.txt").write_bytes(b"\xef\xbb\xbf1\t2\t3\t4\r\n5,6,7,8\n9 10  11 12\n")
-    s = read_otb_sequence(seq)
-    np.testing.assert_array_equal(s.boxes, [[1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]])
-
-
-def test_unknown_format_lines_give_one_line_errors(tmp_path):
-    f = tmp_path / "g.txt"
-    f.write_text("1,2,3\n")
-    with pytest.raises(SequenceError, match=r"line 1 .* not four numbers") as e:
-        parse_boxes(f, "x")
-    assert "\n" not in str(e.value)
-    f.write_text("m1,2,3,4,5,6\n")
-    with pytest.raises(SequenceError, match="segmentation mask"):
-        parse_boxes(f, "x")
-    with pytest.raises(SequenceError, match="unknown data set format"):
-        load_dataset(tmp_path, "kitti")
-
-
-def test_skip_bad_keeps_going_and_reports(tmp_path):
-    good = tmp_path / "Good"
-    _images(good / "img", range(1, 4))
-    (good / "groundtruth_rect.txt").write_text(_lines(_rows(3)))
-    bad = tmp_path / "Bad"
-    _images(bad / "img", range(1, 4))
-    (bad / "groundtruth_rect.txt").write_text(_lines(_rows(2)))
-    with pytest.raises(SequenceError, match="Bad"):
-        load_dataset(tmp_path, "otb")
-    skipped = []
-    seqs = load_dataset(tmp_path, "otb", skip_bad=True, skipped=skipped)
-    assert [s.name for s in seqs] == ["Good"]
-    assert skipped and skipped[0][0] == "Bad" and "first annotated frame" in skipped[0][1]
-
-
-# -- GOT-10k, LaSOT, VOT, UAV123 -----------------------------------------------------------------
-def test_got10k_absence_and_list(tmp_path):
-    root = tmp_path / "val"
-    for name in ("GOT-10k_Val_000001", "GOT-10k_Val_000002"):
-        _images(root / name, range(1, 5), fmt="{:08d}.jpg")
-        (root / name / "groundtruth.txt").write_text(_lines(_rows(4)))
-    (root / "GOT-10k_Val_000001" / "absence.label").write_text("0\n0\n1\n0\n")
-    (root / "list.txt").write_text("GOT-10k_Val_000001\nGOT-10k_Val_000002\n")
-    seqs = load_dataset(root, "got10k")
-    assert [s.name for s in seqs] == ["GOT-10k_Val_000001", "GOT-10k_Val_000002"]
-    assert seqs[0].absent.tolist() == [False, False, True, False] and not seqs[1].absent.any()
-    test_split = tmp_path / "GOT-10k_Test_000001"
-    _images(test_split, range(1, 4), fmt="{:08d}.jpg")
-    (test_split / "groundtruth.txt").write_text("1,2,3,4\n")
-    with pytest.raises(SequenceError, match="only the first box"):
-        read_got10k_sequence(test_split)
-
-
-def test_lasot_category_folders_and_occlusion_flags(tmp_path):
-    seq = tmp_path / "airplane" / "airplane-1"
-    _images(seq / "img", range(1, 5), fmt="{:08d}.jpg")
-    (seq / "groundtruth.txt").write_text(_lines(_rows(4)))
-    (seq / "full_occlusion.txt").write_text("0,1,0,0")
-    (seq / "out_of_view.txt").write_text("0,0,0,1")
-    seqs = load_dataset(tmp_path, "lasot")
-    assert [s.name for s in seqs] == ["airplane-1"]
-    assert seqs[0].absent.tolist() == [False, True, False, True]
-    assert read_lasot_sequence(seq).valid.sum() == 2
-
-
-def test_vot_polygons_become_axis_aligned_boxes(tmp_path):
-    seq = tmp_path / "ball"
-    _images(seq / "color", range(1, 3), fmt="{:08d}.jpg")
-    # A rotated square (diamond) and a plain rectangle line in the same file.
-    (seq / "groundtruth.txt").write_text("10,0,20,10,10,20,0,10\n1,2,3,4\n")
-    s = read_vot_sequence(seq)
-    np.testing.assert_allclose(s.boxes, [[0, 0, 20, 20], [1, 2, 3, 4]])
-
-
-def test_uav123_nan_rows_are_absent_and_not_scored(tmp_path):
-    (tmp_path / "anno" / "UAV123").mkdir(parents=True)
-    _images(tmp_path / "data_seq" / "UAV123" / "car1", range(1, 5), fmt="{:06d}.jpg")
-    (tmp_path / "anno" / "UAV123" / "car1.txt").write_text("1,2,5,6\nNaN,NaN,NaN,NaN\n3,4,5,6\n3,4,5,6\n")
-    seqs = load_dataset(tmp_path, "uav123")
-    s = seqs[0]
-    assert s.name == "car1" and s.absent.tolist() == [False, True, False, False]
-    pred = s.boxes.copy()
-    pred[1] = [500, 500, 5, 5]  # a wrong box on the absent frame must not count
-    assert summarize(pred, s.boxes, s.valid)["precision"] == 1.0
-    with pytest.raises(SequenceError, match="pass its start_frame"):
-        (tmp_path / "anno" / "UAV123" / "car1_2.txt").write_text("1,2,5,6\n")
-        read_uav123_sequence(tmp_path / "anno" / "UAV123" / "car1_2.txt", tmp_path)
-    part = read_uav123_sequence(tmp_path / "anno" / "UAV123" / "car1_2.txt", tmp_path, start_frame=3)
-    assert [p.name for p in part.frames] == ["000003.jpg"]
+def test_load_dataset_applies_the_ranges(tmp_path):
+    _otb(tmp_path, "Football1", range(1, 82), 74)
+    _otb(tmp_path, "Tiger1", range(1, 355), 354)
+    seqs = {s.name: s for s in load_dataset(tmp_path, "otb", check_images=False)}
+    assert len(seqs["Football1"]) == 74 and len(seqs["Tiger1"]) == 349
 
 
 def test_sorted_frames_puts_unnumbered_files_last(tmp_path):
@@ -222,6 +180,104 @@ def test_flipped_pairs_keep_labels_on_the_target(tmp_path):
             assert abs(target_dx - anchor_dx) < 12
             checked += 1
     assert checked >= 3
+
+
+def _flat_sequences(root, values, n=4, size=(96, 80)):
+    """GOT-10k folders whose every image is one grey ``value``: a crop's mean tells its sequence."""
+    seqs = []
+    for v in values:
+        d = root / f"flat{v}"
+        d.mkdir(parents=True)
+        for i in range(1, n + 1):
+            Image.fromarray(np.full((size[1], size[0], 3), v, np.uint8)).save(d / f"{i:08d}.png")
+        (d / "groundtruth.txt").write_text(_lines([[30 + 2 * i, 25, 20, 16] for i in range(n)]))
+        seqs.append(read_got10k_sequence(d))
+    return seqs
+
+
+def _tiny():
+    from hybridops_tracking.model import ModelConfig, SiamRPNPP
+    mc = ModelConfig(width=0.125, blocks=(1, 1, 1, 1), neck_channels=16, exemplar_size=63, instance_size=127)
+    return mc, SiamRPNPP(mc).anchors
+
+
+def test_neg_and_color_zero_keep_the_pairs_of_the_sampler_before_them():
+    """neg=0, color=0: the same pairs, seed for seed, as the sampler had before negative pairs and
+    colour jitter existed (its output on this configuration, recorded before the change)."""
+    from hybridops_tracking.train import PairSampler, TrainConfig
+
+    mc, anchors = _tiny()
+    tc = TrainConfig(num_sequences=3, seq_frames=8, synth=SynthConfig(frames=8, width=96, height=80,
+                     target_size=(14, 20)), blur=0.5, flip=0.5, max_gap=3, seed=5, neg=0.0, color=0.0)
+    z, x, label, _, _ = PairSampler(mc, anchors, tc).sample(6)
+    assert [int(torch.nonzero(lab.flatten() == 1).sum()) for lab in label] == [469, 201, 173, 547, 449, 439]
+    assert [int((lab == 0).sum()) for lab in label] == [62, 63, 63, 61, 62, 62]
+    z_means = [123.758, 122.985, 124.679, 132.692, 124.575, 123.986]
+    x_means = [121.045, 119.817, 120.022, 128.701, 127.212, 120.349]
+    assert [float(t.mean()) for t in z] == pytest.approx(z_means, abs=2e-3)
+    assert [float(t.mean()) for t in x] == pytest.approx(x_means, abs=2e-3)
+
+
+def test_negative_pairs_have_no_positive_anchor_and_no_regression(tmp_path):
+    """neg=1: template and search from different sequences; no positive anchor, at most 16
+    negatives (pysot's AnchorTarget), zero regression weight."""
+    from hybridops_tracking.targets import loc_loss
+    from hybridops_tracking.train import PairSampler, TrainConfig
+
+    mc, anchors = _tiny()
+    seqs = _flat_sequences(tmp_path, (40, 120, 200))
+    sampler = PairSampler(mc, anchors, TrainConfig(neg=1.0, flip=0.5, seed=2), sequences=seqs)
+    z, x, label, delta, weight = sampler.sample(10)
+    for b in range(10):
+        assert not (label[b] == 1).any() and 1 <= int((label[b] == 0).sum()) <= 16
+        assert float(weight[b].abs().sum()) == 0.0 and float(delta[b].abs().sum()) == 0.0
+        assert abs(float(z[b].mean()) - float(x[b].mean())) > 40  # search crop from another sequence
+    assert float(loc_loss(torch.randn_like(delta), delta, weight)) == 0.0
+
+
+def test_negative_targets_sit_around_the_other_object():
+    from hybridops_tracking.boxes import generate_anchors
+    from hybridops_tracking.targets import negative_targets
+
+    anchors = generate_anchors(8, (0.33, 0.5, 1, 2, 3), (8,), 25)  # pysot's 25x25 map, stride 8
+    g = torch.Generator().manual_seed(0)
+    label, _, _ = negative_targets(anchors, torch.tensor([17.0, -30.0, 40, 50]), generator=g)
+    neg = anchors[:2][:, label == 0]
+    assert neg.shape[1] == 16 and not (label == 1).any()
+    assert float((neg[0] - 16).abs().max()) <= 24 and float((neg[1] + 32).abs().max()) <= 24  # 3 cells of 8 px
+    label, _, _ = negative_targets(anchors, torch.tensor([95.0, 95.0, 40, 50]), generator=g)  # at the corner
+    assert float(anchors[0][label == 0].min()) >= 96 - 24 and 1 <= int((label == 0).sum()) <= 16
+
+
+def test_negative_pairs_need_a_second_sequence(tmp_path):
+    """With one sequence neg is off: the pairs equal those of neg=0, all positive."""
+    from hybridops_tracking.train import PairSampler, TrainConfig
+
+    mc, anchors = _tiny()
+    seq = _flat_sequences(tmp_path, (90,))
+    a = PairSampler(mc, anchors, TrainConfig(neg=0.8, seed=4), sequences=seq)
+    b = PairSampler(mc, anchors, TrainConfig(neg=0.0, seed=4), sequences=seq)
+    assert a.neg == 0.0
+    for ta, tb in zip(a.sample(4), b.sample(4)):
+        torch.testing.assert_close(ta, tb, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="neg is a probability"):
+        TrainConfig(neg=1.5)
+
+
+def test_colour_augmentation_shifts_each_crop_by_a_constant(tmp_path):
+    """color=1: pysot's PCA colour jitter moves every pixel of a crop by one RGB offset of a few
+    grey levels (flat grey images stay flat, at another level per crop)."""
+    from hybridops_tracking.train import PairSampler, TrainConfig
+
+    mc, anchors = _tiny()
+    seqs = _flat_sequences(tmp_path, (128,))
+    z, x, *_ = PairSampler(mc, anchors, TrainConfig(color=1.0, seed=0), sequences=seqs).sample(6)
+    for crops in (z, x):
+        flat = crops.flatten(2)
+        assert float((flat - flat.mean(2, keepdim=True)).abs().max()) < 1e-3  # one offset per crop and channel
+        shift = flat.mean(2) - 128
+        assert float(shift.abs().max()) < 40 and float(shift.abs().mean()) > 0.5
+        assert len({round(float(v), 3) for v in shift.flatten()}) == shift.numel()  # drawn per crop and channel
 
 
 def test_real_otb_crossing_when_present():

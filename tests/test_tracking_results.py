@@ -12,7 +12,7 @@ from PIL import Image
 from hybridops_tracking import cli
 from hybridops_tracking.benchmark import (read_tracker_results, rescore, run_sequence, tracker_name, write_overlay,
                                           write_tracker_results)
-from hybridops_tracking.checkpoint import load_checkpoint, save_checkpoint
+from hybridops_tracking.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from hybridops_tracking.crop import crop_and_resize, to_tensor
 from hybridops_tracking.data import SynthConfig, load_dataset, synthetic_sequence, write_otb_sequence
 from hybridops_tracking.metrics import norm_precision_curve, summarize
@@ -83,7 +83,7 @@ def test_pysot_checkpoint_through_load_checkpoint_and_bad_keys(tmp_path):
     sd = ours_to_pysot(full.state_dict())
     sd["rpn_head.mask_head.conv.weight"] = torch.zeros(1)
     torch.save(sd, path)
-    with pytest.raises(KeyError, match="no counterpart"):
+    with pytest.raises(CheckpointError, match="rpn_head.mask_head.conv.weight' has no counterpart"):
         load_checkpoint(path)
 
 
@@ -132,6 +132,32 @@ def test_merged_runs_keep_speed_and_updates(tmp_path):
     assert cli.main(["rescore", str(tmp_path / "r"), "--data", str(tmp_path / "data")]) == 0
     table = (tmp_path / "r" / "table.md").read_text()
     assert "| 12.5 | 1.0 / 70.0 / 0.5 / 8.0 |" in table and table.rstrip().splitlines()[-3].endswith("| 6 |")
+
+
+def test_deployed_run_records_and_names_its_backends(tmp_path):
+    """evaluate on a deployed model records the hybridops backends it ran on; run_info.json keeps
+    them for re-scored tables, and the table, legend and JSON name them. A float run has none."""
+    from hybridops_tracking import hybrid
+    from hybridops_tracking.benchmark import evaluate, run_label, write_results
+
+    seqs = _dataset(tmp_path)
+    torch.manual_seed(0)
+    model = SiamRPNPP(ModelConfig(**TINY)).eval()
+    assert "backends" not in evaluate(model, seqs, progress=False)
+    g = torch.Generator().manual_seed(0)
+    example = (torch.rand(2, 3, 63, 63, generator=g) * 255, torch.rand(2, 3, 127, 127, generator=g) * 255)
+    hybrid.hybridize_tracker(model, "hybrid", example_inputs=example)
+    hybrid.deploy(model.eval(), "torch")
+    r = evaluate(model, seqs, progress=False)
+    assert r["backends"] == ["torch"]
+    write_tracker_results(tmp_path / "r", "hyb-deployed", r["boxes"], run=r)
+    assert json.loads((tmp_path / "r" / "hyb-deployed" / "run_info.json").read_text())["backends"] == ["torch"]
+    row = rescore(tmp_path / "r", seqs)["hyb-deployed"]
+    assert row["backends"] == ["torch"] and run_label("hyb-deployed", row) == "hyb-deployed (torch)"
+    write_results(tmp_path / "t", {"hyb-deployed": row, "float": {**r, "backends": []}}, {"title": "t"})
+    assert "| hyb-deployed (torch) |" in (tmp_path / "t" / "table.md").read_text()
+    assert "| float |" in (tmp_path / "t" / "table.md").read_text()
+    assert json.loads((tmp_path / "t" / "results.json").read_text())["results"]["hyb-deployed"]["backends"] == ["torch"]
 
 
 def test_rescore_reports_missing_files_in_one_line(tmp_path, capsys):

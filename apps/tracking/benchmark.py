@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import hybridops as ho
+
 from . import hybrid
 from .attributes import describe as describe_attribute, label as attribute_label, score_groups
 from .data import Sequence, SequenceError, list_sequences, parse_boxes, read_otb_sequence
@@ -66,7 +68,8 @@ def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams
     "curves": {"success": (21,), "precision": (51,), "norm_precision": (51,)}, "boxes": {name: (N, 4)}}``
     with curves and scores averaged over sequences (OTB convention) and FPS over all frames;
     with ``attributes`` (``{attribute: [sequence, ...]}``, see :mod:`.attributes`) also
-    ``"by_attribute"`` (:func:`score_results`).
+    ``"by_attribute"`` (:func:`score_results`); for a deployed model also ``"backends"``, the
+    sorted hybridops backends its deployed layers ran on (:func:`hybridops.backends_in_use`).
     """
     per, boxes, frames, times = {}, {}, 0, {}
     for seq in tqdm(seqs, desc=desc, disable=not progress, dynamic_ncols=True):
@@ -80,6 +83,9 @@ def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams
     out["per_sequence"] = {k: {**out["per_sequence"][k], **per[k]} for k in per}
     out["fps"] = frames / max(sum(times.values()), 1e-9)
     out["ms_per_frame"] = {k: 1000 * v / max(frames, 1) for k, v in times.items()}
+    backends = sorted(set(ho.backends_in_use(model).values()))
+    if backends:  # a deployed run's speed depends on which kernels ran ("auto" picks per device)
+        out["backends"] = backends
     return out
 
 
@@ -107,6 +113,13 @@ def score_results(boxes: Dict[str, np.ndarray], seqs: Seq[Sequence],
     return out
 
 
+def run_label(key: str, row: Dict) -> str:
+    """Table and legend name of a result row: the variant's label (:data:`.hybrid.LABELS`) or the
+    tracker name, with the hybridops backends of a deployed run, e.g. ``hyb-deployed (onednn)``."""
+    label = hybrid.LABELS.get(key, key)
+    return f"{label} ({', '.join(row['backends'])})" if row.get("backends") else label
+
+
 def tracker_name(checkpoint: Union[str, Path], deployed: bool = False, online: bool = False) -> str:
     """Result-folder and legend name of a run: the checkpoint's stem, ``-deployed`` when its
     layers were packed, ``-online`` with the online update, so the runs never share a name."""
@@ -114,15 +127,15 @@ def tracker_name(checkpoint: Union[str, Path], deployed: bool = False, online: b
 
 
 RUN_INFO = "run_info.json"
-_RUN_KEYS = ("fps", "ms_per_frame", "rc")
+_RUN_KEYS = ("fps", "ms_per_frame", "rc", "backends")
 
 
 def write_tracker_results(results_dir: Union[str, Path], tracker: str, boxes: Dict[str, np.ndarray],
                           run: Optional[Dict] = None) -> Path:
     """``results_dir/<tracker>/<seq>.txt``, one ``x,y,w,h`` line per frame (pysot / OTB toolkit
     layout; ``nan`` where the tracker did not run). ``run`` (an :func:`evaluate` output) adds
-    ``run_info.json`` with its speed and per-sequence online updates, which boxes cannot carry,
-    so that a merged table still shows them."""
+    ``run_info.json`` with its speed, the backends of a deployed run and per-sequence online
+    updates, which boxes cannot carry, so that a merged table still shows them."""
     d = Path(results_dir) / tracker
     d.mkdir(parents=True, exist_ok=True)
     for name, b in boxes.items():
@@ -263,7 +276,7 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict,
     ``attributes`` in ``results.json`` and ``attributes/<ATTR>_{success,precision}_plot.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    labels = {k: hybrid.LABELS.get(k, k) for k in rows}
+    labels = {k: run_label(k, v) for k, v in rows.items()}
     colors = {labels[k]: f"C{i % 10}" for i, k in enumerate(rows)}  # one colour per tracker in every plot
     plots = plot_curves({labels[k]: v["curves"] for k, v in rows.items()}, out_dir,
                         title=meta.get("plot_title", ""), colors=colors)
@@ -292,7 +305,7 @@ def write_results(out_dir: Union[str, Path], rows: Dict[str, Dict], meta: Dict,
         ms = v.get("ms_per_frame")
         split = " / ".join(f"{ms.get(p, 0.0):.1f}" for p in ("crop", "network", "post", "update")) if ms else "-"
         fps = f"{v['fps']:.1f}" if "fps" in v else "-"
-        lines.append(f"| {hybrid.LABELS.get(k, k)} | {v['precision']:.3f} | {v.get('norm_precision', float('nan')):.3f} | "
+        lines.append(f"| {labels[k]} | {v['precision']:.3f} | {v.get('norm_precision', float('nan')):.3f} | "
                      f"{v['success_auc']:.3f} | {fps} | {split} | {'%.3f' % rc if rc is not None else '-'} | {upd} |")
     lines += ["", f"![success]({plots['success'].name}) ![precision]({plots['precision'].name})", ""]
     if groups:

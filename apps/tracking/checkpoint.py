@@ -63,15 +63,18 @@ def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str =
 
     Reads this package's checkpoints and pysot's SiamRPN++ ones (``siamrpn_r50_l234_dwxcorr``
     layout, see :mod:`.pysot`; loaded as float). Raises :class:`CheckpointError` for a missing or
-    unreadable file and for ``deploy`` of a float model (deploying packs the quantized branch a
-    float model does not have)."""
+    unreadable file, a pysot file with parts this tracker lacks, and ``deploy`` of a float model
+    (deploying packs the quantized branch a float model does not have)."""
     ckpt = read_checkpoint(path)
     if "model_config" not in ckpt:
         from .pysot import is_pysot_state_dict, load_pysot_state_dict
         if not is_pysot_state_dict(ckpt):
             raise CheckpointError(f"{path} is neither a hybridops-track checkpoint (no 'model_config') nor a "
                                   "pysot SiamRPN++ state_dict (no 'rpn_head.' keys).")
-        model = load_pysot_state_dict(ckpt)
+        try:
+            model = load_pysot_state_dict(ckpt)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
         variant = "float"
     else:
         model = SiamRPNPP(ModelConfig(**ckpt["model_config"]))

@@ -47,6 +47,16 @@ def _device(args) -> torch.device:
     return torch.device(args.device)
 
 
+def _probability(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a probability in [0, 1]")
+    return v
+
+
 def _add_device(p):
     p.add_argument("--device", default="cpu",
                    help="where the network runs: cpu (default), cuda, cuda:1, or auto (cuda if available)")
@@ -95,7 +105,8 @@ def cmd_train(args) -> int:
     tc = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune,
                      num_sequences=args.num_sequences, seq_frames=args.seq_frames,
-                     shift=args.shift, scale=args.scale, blur=args.blur, flip=args.flip, max_gap=args.max_gap)
+                     shift=args.shift, scale=args.scale, blur=args.blur, flip=args.flip, neg=args.neg,
+                     color=args.color, max_gap=args.max_gap)
     if args.init:
         model = load_checkpoint(args.init)
         if getattr(model, "variant", "float") != "float":
@@ -108,6 +119,8 @@ def cmd_train(args) -> int:
         print(f"training on {len(real)} sequence(s) from {args.data} ({args.format}, "
               f"{sum(int(q.valid.sum()) for q in real)} frames with a visible target)")
     sampler = PairSampler(model.config, model.anchors.cpu(), tc, sequences=real)
+    if tc.neg > 0 and sampler.neg == 0:
+        print("one training sequence: every pair is positive (--neg draws the search crop from another sequence)")
     reg = None
     if args.variant != "float":
         example = tuple(t.to(_device(args)) for t in sampler.sample(8)[:2])
@@ -180,11 +193,11 @@ def _attributes(args, root, seqs):
 
 
 def _report(out, rows, meta, quiet=False, attributes=None):
-    from .benchmark import write_results
+    from .benchmark import run_label, write_results
     write_results(out, rows, meta, attributes=attributes)
     for key, r in rows.items():
         fps = f"  {r['fps']:.1f} FPS ({_split(r['ms_per_frame'])})" if "fps" in r else ""
-        print(f"{key:28s} precision {r['precision']:.3f}  norm. precision {r['norm_precision']:.3f}  "
+        print(f"{run_label(key, r):28s} precision {r['precision']:.3f}  norm. precision {r['norm_precision']:.3f}  "
               f"success AUC {r['success_auc']:.3f}{fps}")
     if attributes:
         print(f"per-attribute tables ({len(attributes)} attributes) in {Path(out) / 'table.md'}, plots in "
@@ -235,9 +248,12 @@ def cmd_compare(args) -> int:
     rows = run_comparison(
         args.out, data_dir=args.data, num_sequences=args.num_sequences, frames=args.frames,
         model_config=_model_config(args),
-        float_train=TrainConfig(steps=args.float_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+        # the synthetic benchmark trains on positive pairs only, as its committed table was made
+        float_train=TrainConfig(steps=args.float_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                                neg=0.0),
         hybrid_train=TrainConfig(steps=args.hybrid_steps, batch_size=args.batch_size, lr=args.hybrid_lr,
-                                 seed=args.seed, lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune),
+                                 seed=args.seed, lambda_quant=args.lambda_quant, lambda_prune=args.lambda_prune,
+                                 neg=0.0),
         online=_online(argparse.Namespace(**{**vars(args), "online": True})),
         scope=args.scope, seed=args.seed, command=_command(), progress=not args.quiet,
         checkpoint_dir=args.checkpoints, device=_device(args))
@@ -280,8 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     p.add_argument("--shift", type=float, default=0.25, help="max search-crop shift, fraction of the crop")
     p.add_argument("--scale", type=float, default=0.18, help="max log-scale jitter of the search crop")
-    p.add_argument("--blur", type=float, default=0.0, help="probability of blurring the search crop (pysot: 0.2)")
-    p.add_argument("--flip", type=float, default=0.0, help="probability of mirroring a pair")
+    p.add_argument("--blur", type=_probability, default=0.0,
+                   help="probability of blurring the search crop (pysot: 0.2)")
+    p.add_argument("--flip", type=_probability, default=0.0, help="probability of mirroring a pair")
+    p.add_argument("--neg", type=_probability, default=0.2,
+                   help="probability of a negative pair: search crop from another sequence, labelled background "
+                        "(pysot: 0.2; needs two or more sequences)")
+    p.add_argument("--color", type=_probability, default=0.0,
+                   help="probability of pysot's PCA colour augmentation of each crop (pysot: 1.0)")
     p.add_argument("--max-gap", type=int, default=20, help="largest template/search frame distance")
     p.add_argument("--num-sequences", type=int, default=24, help="synthetic training sequences")
     p.add_argument("--seq-frames", type=int, default=40)

@@ -57,8 +57,9 @@ def run_comparison(out_dir: Union[str, Path], data_dir: Optional[Union[str, Path
     t0 = time.perf_counter()
     torch.manual_seed(seed)
     mc = model_config or ModelConfig.small()
-    ft = float_train or TrainConfig(steps=400, batch_size=8, seed=seed)
-    ht = hybrid_train or TrainConfig(steps=60, batch_size=8, lr=5e-4, seed=seed)
+    # positive pairs only (neg=0), as the committed synthetic table was made
+    ft = float_train or TrainConfig(steps=400, batch_size=8, seed=seed, neg=0.0)
+    ht = hybrid_train or TrainConfig(steps=60, batch_size=8, lr=5e-4, seed=seed, neg=0.0)
     online = online or OnlineConfig()
     synth = SynthConfig(frames=frames)
     tmp = None

@@ -30,9 +30,18 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 GT_NAME = "groundtruth_rect.txt"
 FORMATS = ("otb", "got10k", "lasot", "vot", "uav123")
 
-# OTB sequences whose annotated range does not start at img/0001 (OTB's own sequence list,
-# configSeqs / the toolkits' startFrame): the ground truth's first row is this image.
-OTB_START_FRAMES = {"David": 300, "BlurCar1": 247, "BlurCar3": 3, "BlurCar4": 18}
+# OTB sequences whose tracked range is not "every image in img/" (OTB's sequence list: the
+# toolkit's startFrame / endFrame), as (first, last) image number. Sources: the benchmark's own
+# python toolkit (jwlim/tracker_benchmark, butil/seq_config.py: David 300-770, Football1 to 74,
+# Freeman3 to 460, Freeman4 to 283), got-10k/toolkit (got10k/datasets/otb.py: the same plus Diving
+# to 215) and pytracking's OTB list (visionml/pytracking, pytracking/evaluation/otbdataset.py:
+# BlurCar1 247-988, BlurCar3 3-359, BlurCar4 18-397, Tiger1 tracked from image 6 with the first 5
+# ground-truth rows dropped, "initOmit"; no other sequence there starts after image 1 or omits rows).
+# The BlurCars' first image files are 0247/0003/0018 themselves, so their range cuts nothing.
+OTB_FRAME_RANGES = {
+    "BlurCar1": (247, 988), "BlurCar3": (3, 359), "BlurCar4": (18, 397), "David": (300, 770),
+    "Diving": (1, 215), "Football1": (1, 74), "Freeman3": (1, 460), "Freeman4": (1, 283), "Tiger1": (6, 354),
+}
 
 
 class SequenceError(ValueError):
@@ -162,13 +171,16 @@ def otb_groundtruth_files(path: Path) -> List[Tuple[Optional[int], Path]]:
 
 
 def read_otb_sequence(path: Union[str, Path], check_images: bool = True, target: Optional[int] = None,
-                      start_frame: Optional[int] = None) -> Sequence:
+                      start_frame: Optional[int] = None, end_frame: Optional[int] = None) -> Sequence:
     """Read an OTB-format sequence folder (``img/`` + ``groundtruth_rect.txt``).
 
     ``target`` picks ``groundtruth_rect.<target>.txt`` in a multi-target folder (the sequence is
-    then named ``Name-<target>``). Frames are ordered numerically. When there are more images
-    than boxes, the boxes start at image ``start_frame``, by default OTB's own start frame of
-    that sequence (:data:`OTB_START_FRAMES`, e.g. David starts at 300).
+    then named ``Name-<target>``). Frames are ordered numerically. The sequence is the images
+    numbered ``start_frame`` to ``end_frame``, by default OTB's range of that sequence
+    (:data:`OTB_FRAME_RANGES`, e.g. David 300-770, Football1 1-74) or every image. The ground
+    truth either covers just that range (David) or has one row per image from the first, and then
+    the rows outside the range are dropped as the toolkit does (Tiger1). Given ``start_frame``
+    alone, with fewer boxes than images, the boxes run from that image on.
 
     Raises :class:`SequenceError` (one sentence) when the folder or its ground truth is missing,
     a ground-truth line is malformed, the number of images and boxes cannot be matched, or (with
@@ -197,22 +209,42 @@ def read_otb_sequence(path: Union[str, Path], check_images: bool = True, target:
     if not frames:
         raise SequenceError(f"{name}: no images ({', '.join(IMAGE_EXTS)}) in {img_dir}.")
     boxes = parse_boxes(gt, seq_name)
-    if len(frames) > len(boxes):
-        start = start_frame if start_frame is not None else OTB_START_FRAMES.get(name)
-        if start is not None:
-            first = _frame_number(frames[0]) or 1
-            i0 = next((i for i, f in enumerate(frames) if _frame_number(f) == start), start - first)
-            frames = frames[i0:i0 + len(boxes)]
-            if len(frames) != len(boxes):
-                raise SequenceError(f"{seq_name}: {len(boxes)} boxes from frame {start} need images up to "
-                                    f"{start + len(boxes) - 1}, but {img_dir} ends earlier.")
-        else:
-            raise SequenceError(f"{seq_name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}, and the "
-                                "first annotated frame is not known; pass start_frame.")
+    start, end = OTB_FRAME_RANGES.get(name, (None, None))
+    start = start_frame if start_frame is not None else start
+    end = end_frame if end_frame is not None else end
+    if start is not None or end is not None:
+        frames, boxes = _otb_range(seq_name, frames, boxes, start, end, img_dir, gt)
+    elif len(frames) > len(boxes):
+        raise SequenceError(f"{seq_name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}, and the "
+                            "first annotated frame is not known; pass start_frame (or end_frame).")
     _match(seq_name, frames, boxes, img_dir, gt)
     if check_images:
         _check_images(seq_name, frames)
     return Sequence(seq_name, frames, boxes)
+
+
+def _otb_range(name: str, frames: List[Path], boxes: np.ndarray, start: Optional[int], end: Optional[int],
+               img_dir: Path, gt: Path) -> Tuple[List[Path], np.ndarray]:
+    """``(frames, boxes)`` of the images numbered ``start..end`` (either may be None: open end);
+    see :func:`read_otb_sequence` for how the ground-truth rows are matched to them."""
+    nums = [_frame_number(f) for f in frames]
+    if None in nums:  # unnumbered files: an image's number is its position
+        nums = list(range(1, len(frames) + 1))
+    # Images past the end frame are not part of the sequence (Football1: 81 images, 74 annotated).
+    stop = sum(n <= end for n in nums) if end is not None else len(frames)
+    i0 = sum(n < start for n in nums[:stop]) if start is not None else 0
+    if len(boxes) == stop - i0:  # the file covers the range only (David: its first row is image 300)
+        return frames[i0:stop], boxes
+    if len(boxes) in (stop, len(frames)) and stop > i0 and (end is None or nums[stop - 1] == end):
+        # One row per image from the first one (Tiger1): the toolkit drops the rows outside the
+        # range. The last image kept must be the end frame, so a renumbered copy is refused, not misaligned.
+        return frames[i0:stop], boxes[i0:stop]
+    if end is None and len(boxes) < stop - i0:  # only the first annotated image is known
+        return frames[i0:i0 + len(boxes)], boxes
+    last = end if end is not None else "the last"
+    raise SequenceError(f"{name}: {len(boxes)} boxes in {gt} fit neither the {stop - i0} images numbered "
+                        f"{start if start is not None else 'the first'} to {last} in {img_dir} nor one per image "
+                        f"from the first; pass start_frame and end_frame if this copy's range differs from OTB's.")
 
 
 def _flags(path: Path, n: int, name: str) -> Optional[np.ndarray]:

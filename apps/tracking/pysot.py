@@ -25,6 +25,7 @@ from typing import Dict, Mapping
 
 import torch
 
+from .checkpoint import CheckpointError
 from .model import ModelConfig, SiamRPNPP
 
 _RULES = [
@@ -50,8 +51,9 @@ def is_pysot_state_dict(ckpt: Mapping) -> bool:
 
 
 def pysot_to_ours(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename a pysot SiamRPN++ state_dict to :class:`SiamRPNPP` keys; raises ``KeyError``
-    naming the first key that belongs to no part we have (a mask/refine head, an UP-channel RPN)."""
+    """Rename a pysot SiamRPN++ state_dict to :class:`SiamRPNPP` keys; raises
+    :class:`~.checkpoint.CheckpointError` naming the first key that belongs to no part we have
+    (a mask/refine head, an UP-channel RPN)."""
     out = {}
     for k, v in _unwrap(state_dict).items():
         for pat, repl in _RULES:
@@ -60,8 +62,8 @@ def pysot_to_ours(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
                 out[repl(m) + k[m.end():]] = v
                 break
         else:
-            raise KeyError(f"pysot key {k!r} has no counterpart in this tracker (only the ResNet-50 l234 "
-                           "depthwise-xcorr SiamRPN++ is supported).")
+            raise CheckpointError(f"pysot key {k!r} has no counterpart in this tracker (only the ResNet-50 l234 "
+                                  "depthwise-xcorr SiamRPN++ is supported).")
     return out
 
 
@@ -80,14 +82,20 @@ def config_from_state_dict(sd: Mapping[str, torch.Tensor]) -> ModelConfig:
     """The :class:`ModelConfig` a (renamed) state_dict was built with, read from its shapes:
     width from ``conv1``, blocks per stage from the layer indices, neck channels from the adjust
     layers; crops 127 / 255 and BGR 0-255 input as in pysot's ``siamrpn_r50_l234_dwxcorr``."""
+    needed = ["backbone.conv1.weight", "neck.0.downsample.0.weight", "rpn.0.cls.head.3.weight",
+              *(f"backbone.layer{i}.0.conv1.weight" for i in range(1, 5))]
+    absent = [k for k in needed if k not in sd]
+    if absent:
+        raise CheckpointError(f"the pysot state_dict has no {next(iter(ours_to_pysot({absent[0]: None})))!r}, so it "
+                              "is not a complete siamrpn_r50_l234_dwxcorr model.")
     width = sd["backbone.conv1.weight"].shape[0] / 64
     blocks = tuple(1 + max(int(k.split(".")[2]) for k in sd if k.startswith(f"backbone.layer{i}."))
                    for i in range(1, 5))
     neck = sd["neck.0.downsample.0.weight"].shape[0]
     anchors = sd["rpn.0.cls.head.3.weight"].shape[0] // 2
     if anchors != 5:
-        raise KeyError(f"the classification heads predict {anchors} anchors; pysot's SiamRPN++ uses 5 "
-                       "(ratios 0.33, 0.5, 1, 2, 3).")
+        raise CheckpointError(f"the classification heads predict {anchors} anchors; pysot's SiamRPN++ uses 5 "
+                              "(ratios 0.33, 0.5, 1, 2, 3).")
     return ModelConfig(width=width, blocks=blocks, neck_channels=neck, input_format="bgr255")
 
 
@@ -102,5 +110,6 @@ def load_pysot_state_dict(ckpt: Mapping, config: ModelConfig = None) -> SiamRPNP
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise KeyError(f"pysot state_dict does not fit the tracker: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        raise CheckpointError(f"the pysot state_dict does not fit the tracker: missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]}.")
     return model.eval()

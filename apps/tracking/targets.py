@@ -45,6 +45,29 @@ def anchor_targets(anchors: torch.Tensor, gt: torch.Tensor, pos_iou: float = 0.6
     return label, delta, weight
 
 
+def negative_targets(anchors: torch.Tensor, gt: torch.Tensor, radius: int = 3, num_neg: int = 16,
+                     generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels of a negative pair, whose search crop shows another sequence's target (pysot's
+    ``AnchorTarget`` with ``neg``, after DaSiamRPN): up to ``num_neg`` random anchors of the
+    score-map cells within ``radius`` cells of that object's centre ``gt`` are negatives, all
+    others are ignored, so that an object is not scored as the target merely for being an object.
+    With no positive anchor there is no regression loss (zero deltas and weights).
+
+    ``anchors``, ``gt`` and the returns as in :func:`anchor_targets`.
+    """
+    gt = gt.to(anchors)
+    col = int((anchors[0, 0, 0] - gt[0]).abs().argmin())  # the cell nearest the object's centre
+    row = int((anchors[1, 0, :, 0] - gt[1]).abs().argmin())
+    a, s = anchors.shape[1], anchors.shape[2]
+    near = torch.zeros(a, s, s, dtype=torch.bool)
+    near[:, max(0, row - radius):row + radius + 1, max(0, col - radius):col + radius + 1] = True
+    neg = torch.nonzero(near.flatten()).flatten()
+    neg = neg[torch.randperm(neg.numel(), generator=generator)[:num_neg]]
+    label = torch.full((a, s, s), -1, dtype=torch.long)
+    label.view(-1)[neg] = 0
+    return label, torch.zeros(anchors.shape), torch.zeros(a, s, s)
+
+
 def cls_loss(cls: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Balanced cross-entropy: ``0.5 * NLL(positives) + 0.5 * NLL(negatives)``.
 
