@@ -135,6 +135,8 @@ class _DeployedBase(nn.Module):
         self.absorbed: List[List[str]] = []
         # dtype the pruned branch computes in (None: the input's); set_fp_compute_dtype_
         self.fp_compute_dtype: Optional[torch.dtype] = None
+        # (key, weight, bias) of the merged path's float conv at inference (_merged_conv)
+        self._merged_cache: Optional[tuple] = None
         self._select_path()
 
     # ------------------------------------------------------------------ format and state
@@ -401,11 +403,30 @@ class DeployedConv2d(_DeployedBase):
                 return y  # NHWC codes for the chained quantized consumer
             y = y.permute(0, 3, 1, 2)
         elif self.path == "merged":
-            y = self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
+            y = self._merged_conv(x, padding)
             y = F.relu(y) if self.relu else y
         else:
             y = self._fp_only(x, padding)
         return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
+
+    def _merged_conv(self, x: torch.Tensor, padding: list) -> torch.Tensor:
+        """Both branches as one float conv (a full-precision input). At inference on a backend with
+        a prepacked float conv, the merged weight is built once per version of the tensors it comes
+        from and packed once: measured on ResNet-18's 7x7 stem (224x224, 2 threads), 0.68 ms
+        against 1.18 ms for F.conv2d plus 0.11 ms to rebuild the weight, with equal results."""
+        fast = self._inference_fp_conv
+        params = [t for t in (self.fp_weight, self.fp_bias) if t is not None and self.kept_channels]
+        training = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
+        if fast is None or x.dtype not in self._inference_fp_dtypes or training:
+            return self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
+        sources = [t for t in (self.w_packed, self.scale, self.bias, self.fp_weight, self.fp_bias, self.fp_out_idx,
+                               self.fp_in_idx) if t is not None]
+        key = (x.dtype,) + tuple((id(t), t._version) for t in sources)
+        if self._merged_cache is None or self._merged_cache[0] != key:
+            with torch.no_grad():
+                self._merged_cache = (key,) + self._merged_weight_and_bias(x.dtype)
+        _, w, b = self._merged_cache
+        return fast(x, w, b, self.stride, padding, self.dilation, self.groups)
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         kept = self.kept_channels > 0

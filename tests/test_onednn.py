@@ -361,3 +361,32 @@ def test_fp_compute_dtype_bad_input(monkeypatch):
     monkeypatch.setattr(dep[0], "_inference_fp_dtypes", (torch.float32,))  # as on a CPU without bf16
     with pytest.raises(ValueError, match="no torch.bfloat16 convolution"):
         dep[0].set_fp_compute_dtype_(torch.bfloat16)
+
+
+def test_merged_stem_packed_once_per_weight_version():
+    """A full-precision-input layer (the stem) runs both branches as one float conv; on this
+    backend at inference its merged weight is built and packed once per version of its sources,
+    with the result of F.conv2d on the merged weight; a changed source rebuilds it."""
+    import hybridops as ho
+
+    torch.manual_seed(0)
+    stem = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 7, stride=2, padding=3))
+    x = torch.randn(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    ho.hybridize_(stem, ho.HybridConfig(keep=0.25), example_inputs=x)
+    dep = ho.deploy_(stem.eval(), backend="onednn")[0]
+    assert dep.path == "merged"
+    with torch.no_grad():
+        w, b = dep._merged_weight_and_bias(torch.float32)
+        expect = F.conv2d(x, w, b, 2, 3)
+        y = dep(x)
+        cached = dep._merged_cache[1]
+        torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
+        assert torch.equal(dep(x), y) and dep._merged_cache[1] is cached  # not rebuilt
+        dep.fp_weight.mul_(2.0)  # an online update of the FP branch: the merged weight follows
+        w2, b2 = dep._merged_weight_and_bias(torch.float32)
+        torch.testing.assert_close(dep(x), F.conv2d(x, w2, b2, 2, 3), rtol=1e-5, atol=1e-5)
+        assert dep._merged_cache[1] is not cached
+    # training through the layer still differentiates the FP branch (F.conv2d path)
+    dep.fp_weight.requires_grad_(True)
+    dep(x).sum().backward()
+    assert dep.fp_weight.grad is not None and dep.fp_weight.grad.abs().sum() > 0
