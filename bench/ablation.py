@@ -13,7 +13,7 @@ regulariser, and measure test accuracy (eval mode) and RC (eq 17, :func:`hybrido
 Differences are paired: row minus its reference row on the same seed, mean and spread over seeds.
 
 Rows (``--bits`` is the bit width of Tables 2-4; the paper's is 4-5; on this task a fine-tuned
-3-bit network loses under a point to the float one, so the default is 2, where it loses ~4):
+3-bit Q+N network loses about a point to the float one, so the default is 2, where it loses ~5):
 
 * Table 2, components: Q, Q+N, Q+N+P (the hybrid);
 * Table 3, two branches: QQ, PP (keep 0.5 each), against Q+N+P;
@@ -159,15 +159,12 @@ def accuracy(net: nn.Module, data) -> float:
 
 
 def kept_fraction(net: nn.Module) -> Optional[float]:
-    """Kept channels over gated channels, output layers excluded (they keep every class)."""
-    gates = [m.gate for m in net.modules() if isinstance(m, ho.layers.PRUNED_LAYERS)]
-    hidden = []
-    for branch in getattr(net, "branches", []):
-        layer_gates = [m.gate for m in branch.modules() if isinstance(m, ho.layers.PRUNED_LAYERS)]
-        hidden += layer_gates[:-1]
+    """Kept channels over prunable gated channels (output layers keep every class and are not
+    prunable); None for a net without gates."""
+    gates = [m.gate for m in net.modules() if isinstance(m, ho.layers.PRUNED_LAYERS) and m.gate.prunable]
     if not gates:
         return None
-    return sum(int(gt.kept_mask().sum()) for gt in hidden) / max(1, sum(gt.channels for gt in hidden))
+    return sum(int(gt.kept_mask().sum()) for gt in gates) / sum(gt.channels for gt in gates)
 
 
 def run_row(row: Row, float_net: nn.Module, train_data, test_data, steps: int, lr: float, seed: int) -> Dict:
@@ -262,10 +259,15 @@ def main(argv=None) -> Dict:
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.steps < 1:
         ap.error("--seeds and --steps must be positive.")
-    table_rows = [r for r in rows(args.bits, args.targets, args.lambdas) if r.table in args.tables or r.name == "FP"]
-    names = {r.name for r in table_rows}
-    missing = {r.reference for r in table_rows if r.reference is not None} - names
-    table_rows = [r for r in rows(args.bits, args.targets, args.lambdas) if r.name in names | missing]
+    every = rows(args.bits, args.targets, args.lambdas)
+    by_name = {r.name: r for r in every}
+    names = {r.name for r in every if r.table in args.tables}
+    while True:  # the rows asked for and every reference row their differences need, transitively
+        needed = {by_name[n].reference for n in names if by_name[n].reference is not None} - names
+        if not needed:
+            break
+        names |= needed
+    table_rows = [r for r in every if r.name in names]
     start = time.time()
     results: Dict[str, List[Dict]] = {r.name: [] for r in table_rows}
     bar = tqdm(total=args.seeds * len(table_rows), desc="ablation rows")

@@ -157,8 +157,6 @@ def _geometry(m):
     return (m.in_features, m.out_features, 1)
 
 
-# HybridNetwork's branch copies of one backbone layer: "branches.<i>.<layer>"
-_BRANCH_PREFIX = re.compile(r"^branches\.\d+\.")
 
 
 def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=torch.float32) -> BopsReport:
@@ -183,7 +181,12 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
             # A conv's output channels are NCHW's axis 1; a linear layer's are the last axis, whatever
             # the rank (a Linear on channels-last (N, H, W, C) input has N*H*W positions).
             positions = out.numel() // max(1, out.shape[-1] if linear else out.shape[1])
-            key = _BRANCH_PREFIX.sub("", name)
+            key = name
+            for prefix in branch_prefixes:
+                m = prefix.match(name)
+                if m:
+                    key = name[:m.start(1)] + name[m.end(1):]
+                    break
             base = layer_bops(c_in, c_out, k2, FP_BITS, FP_BITS) * positions
             q = layer_bops(c_in, c_out, k2, qbits[0], qbits[1]) * positions if qbits else 0.0
             pr = layer_bops(pruned[0], pruned[1], k2, FP_BITS, FP_BITS) * positions if pruned else 0.0
@@ -195,8 +198,8 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
                 r.kind = "hybrid" if (r.quant and r.pruned) else r.kind
                 r.bits_a = r.bits_a if r.bits_a is not None else (qbits[0] if qbits else None)
                 r.bits_w = r.bits_w if r.bits_w is not None else (qbits[1] if qbits else None)
-                if pruned:
-                    r.pruned_c_in, r.pruned_c_out = pruned
+                if pruned:  # a second pruned copy (PP): its kept channels add to the row's
+                    r.pruned_c_in, r.pruned_c_out = max(r.pruned_c_in, pruned[0]), r.pruned_c_out + pruned[1]
                 return
             rows[key] = LayerBops(key, kind, qbits[0] if qbits else (FP_BITS if kind == "float" else None),
                                   qbits[1] if qbits else (FP_BITS if kind == "float" else None), c_in, c_out, k2,
@@ -204,6 +207,10 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
             order.append(key)
         return hook
 
+    # Modules that sum copies of one backbone (hybridops.HybridNetwork, marked by sums_branches)
+    # hold them in ``branches``: "<net>.branches.<i>.<layer>" rows merge into "<net>.<layer>".
+    branch_prefixes = [re.compile("^" + re.escape(n + "." if n else "") + r"(branches\.\d+\.)")
+                       for n, m in probe.named_modules() if getattr(m, "sums_branches", False)]
     inside_hybrid = set()
     for name, m in probe.named_modules():
         if id(m) in inside_hybrid:

@@ -79,6 +79,9 @@ class ConversionReport:
     config: Config
     converted: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
+    # the converted layer that writes the model's output (the last one called, with example
+    # inputs; else the last one registered)
+    output_layer: Optional[str] = None
 
     def __str__(self) -> str:
         lines = [f"hybridize_ ({type(self.config).__name__}): converted {len(self.converted)} layers, "
@@ -197,6 +200,7 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     # precision; the output layer is the last one called among those converted.
     first_layer = order[0] if order else None
     output_layer = next((n for n in reversed(order) if n in candidates), None)
+    report.output_layer = output_layer
 
     def visit(child: nn.Module, qual: str):
         why = reasons[qual] if qual in reasons else _skip_reason(child, qual, config, filter_fn)
@@ -286,7 +290,7 @@ def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[t
 
     ``fp_in_idx``: the input channels the pruned branch reads, when its producer was pruned too
     (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them. ``fp_dtype``: what the
-    pruned branch computes in (:meth:`DeployedConv2d.set_fp_compute_dtype_`)."""
+    pruned branch computes in (:meth:`DeployedConv2d.set_fp_dtype_`)."""
     if isinstance(layer, HYBRID_LAYERS):
         quant, pruned = layer.quant, layer.pruned
     elif isinstance(layer, QUANT_LAYERS):
@@ -338,7 +342,7 @@ def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[t
         new.fp_weight.copy_(w)
         if new.fp_bias is not None:
             new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
-    new.set_fp_compute_dtype_(fp_dtype)
+    new.set_fp_dtype_(fp_dtype)
     new.train(layer.training)
     return new
 

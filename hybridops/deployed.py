@@ -33,6 +33,8 @@ before, such layers — as the paper's online update does with the last classifi
 """
 from __future__ import annotations
 
+import weakref
+
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -133,9 +135,10 @@ class _DeployedBase(nn.Module):
         self.out_signed = False
         self.codes_input = False
         self.absorbed: List[List[str]] = []
-        # dtype the pruned branch computes in (None: the input's); set_fp_compute_dtype_
-        self.fp_compute_dtype: Optional[torch.dtype] = None
-        # (key, weight, bias) of the merged path's float conv at inference (_merged_conv)
+        # dtype the pruned branch computes in (None: the input's); set_fp_dtype_
+        self.fp_dtype: Optional[torch.dtype] = None
+        # (source refs, versions, weight, bias) of the merged path's float conv at inference
+        # (_merged_conv); derived state, never saved or copied
         self._merged_cache: Optional[tuple] = None
         self._select_path()
 
@@ -181,7 +184,7 @@ class _DeployedBase(nn.Module):
         self.out_qparams = qparams.detach().float().clone().to(self.scale.device)
         self.out_bits, self.out_signed = int(bits), bool(signed)
 
-    def set_fp_compute_dtype_(self, dtype: Optional[torch.dtype]) -> None:
+    def set_fp_dtype_(self, dtype: Optional[torch.dtype]) -> None:
         """Compute the pruned branch in ``dtype`` whatever the model's dtype: ``torch.bfloat16``
         runs it on a CPU's bf16 units (AVX-512 BF16, AMX) inside an fp32 model, at bf16 rounding of
         that branch's input and weights; None: in the input's dtype. The quantize pass writes the
@@ -191,11 +194,11 @@ class _DeployedBase(nn.Module):
                              f"input's dtype), got {dtype!r}.")
         if dtype is not None and self.backend == "onednn" and dtype not in self._inference_fp_dtypes:
             raise ValueError(f"the onednn backend on this CPU has no {dtype} convolution (bf16 needs AVX-512 BF16, "
-                             f"AMX or AVX-512 BW/VL/DQ): deploy with fp_dtype=None.")
-        self.fp_compute_dtype = dtype
+                             f"AMX or AVX-512 BW/VL/DQ), so the pruned branch cannot run in it here: use fp_dtype=None.")
+        self.fp_dtype = dtype
 
-    def _fp_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return self.fp_compute_dtype if self.fp_compute_dtype is not None else x.dtype
+    def _branch_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return self.fp_dtype if self.fp_dtype is not None else x.dtype
 
     def format_state(self) -> dict:
         """Everything besides tensors that a saved deployed layer needs to be rebuilt (the
@@ -203,7 +206,7 @@ class _DeployedBase(nn.Module):
         return {"format_version": FORMAT_VERSION, "kind": self._kind, "init": self._init_args(), "relu": self.relu,
                 "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed,
                 "absorbed": list(self.absorbed),
-                "fp_dtype": None if self.fp_compute_dtype is None else str(self.fp_compute_dtype).split(".")[-1]}
+                "fp_dtype": None if self.fp_dtype is None else str(self.fp_dtype).split(".")[-1]}
 
     def get_extra_state(self) -> dict:
         return self.format_state()
@@ -228,7 +231,7 @@ class _DeployedBase(nn.Module):
     def _load_fp_dtype(self, state: dict) -> None:
         # (checkpoints written before the option have no "fp_dtype": the input's dtype)
         name = state.get("fp_dtype")
-        self.set_fp_compute_dtype_(None if name is None else getattr(torch, name))
+        self.set_fp_dtype_(None if name is None else getattr(torch, name))
 
     @classmethod
     def from_format_state(cls, state: dict, out_qparams: Optional[torch.Tensor] = None, backend: str = "torch",
@@ -244,6 +247,11 @@ class _DeployedBase(nn.Module):
             layer.set_output_codes_(out_qparams, state["out_bits"], state["out_signed"])
         layer._load_fp_dtype(state)
         return layer
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_merged_cache"] = None
+        return state
 
     _FP32_BUFFERS = ("scale", "bias", "in_qparams", "out_qparams")
 
@@ -421,12 +429,16 @@ class DeployedConv2d(_DeployedBase):
             return self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
         sources = [t for t in (self.w_packed, self.scale, self.bias, self.fp_weight, self.fp_bias, self.fp_out_idx,
                                self.fp_in_idx) if t is not None]
-        key = (x.dtype,) + tuple((id(t), t._version) for t in sources)
-        if self._merged_cache is None or self._merged_cache[0] != key:
+        versions = (x.dtype,) + tuple(t._version for t in sources)
+        cache = self._merged_cache
+        # weak references confirm the sources are the same tensors (an id alone can be reused after
+        # a device move frees the old ones); in-place updates bump their versions
+        if (cache is None or cache[1] != versions or len(cache[0]) != len(sources)
+                or any(r() is not t for r, t in zip(cache[0], sources))):
             with torch.no_grad():
-                self._merged_cache = (key,) + self._merged_weight_and_bias(x.dtype)
-        _, w, b = self._merged_cache
-        return fast(x, w, b, self.stride, padding, self.dilation, self.groups)
+                cache = self._merged_cache = ([weakref.ref(t) for t in sources], versions,
+                                              *self._merged_weight_and_bias(x.dtype))
+        return fast(x, cache[2], cache[3], self.stride, padding, self.dilation, self.groups)
 
     def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         kept = self.kept_channels > 0
@@ -434,7 +446,7 @@ class DeployedConv2d(_DeployedBase):
         # regrouping of the input channels, or when x is not NHWC already (the epilogue reads the
         # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
         # A compute dtype other than x's is written by the same pass (the slice in that dtype).
-        fp_dt = self._fp_dtype(x)
+        fp_dt = self._branch_dtype(x)
         sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last)
                            or fp_dt != x.dtype)
         read = self.fp_in_idx if self.fp_in_idx is not None else self._all_in_idx
@@ -459,7 +471,7 @@ class DeployedConv2d(_DeployedBase):
 
     def _fp_only(self, x: torch.Tensor, padding: list) -> torch.Tensor:
         xs = x.index_select(1, self.fp_in_idx) if self.fp_in_idx is not None else x
-        fp = self._fp_conv(xs.to(self._fp_dtype(x)), padding).to(x.dtype)
+        fp = self._fp_conv(xs.to(self._branch_dtype(x)), padding).to(x.dtype)
         return fp.new_zeros((fp.shape[0], self.out_channels, *fp.shape[2:])).index_copy(1, self.fp_out_idx, fp)
 
 
@@ -507,7 +519,7 @@ class DeployedLinear(_DeployedBase):
         self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        fp_dt = self._fp_dtype(x)
+        fp_dt = self._branch_dtype(x)
         fb = None if self.fp_bias is None else self.fp_bias.to(fp_dt)
         fw = self.fp_weight.flatten(1).to(fp_dt)
         if self.path == "fp_only":

@@ -34,7 +34,7 @@ from torch.nn.modules.utils import _pair
 from .backend import resolve_backend
 from .config import kept_count
 from .prune import ChannelGate
-from .quant import IntervalQuantizer
+from .quant import IntervalQuantizer, qparams
 
 _size_2 = Union[int, Tuple[int, int]]
 
@@ -216,6 +216,12 @@ def _detach_act_stats(layer_ref, forward: int, grad: torch.Tensor) -> None:
         layer.act_stats = tuple(s.detach() for s in layer.act_stats)
 
 
+def _norm_stats(weight: torch.Tensor, wq_params: torch.Tensor) -> torch.Tensor:
+    """Mean and std of eq 11's ``alpha_W |W| + beta_W``."""
+    v = wq_params[0] * weight.detach().abs().float() + wq_params[1]
+    return torch.stack([v.mean(), v.std() if v.numel() > 1 else v.new_zeros(())])
+
+
 class _QuantBase(_DeployedArithmetic):
     def _init_quant(self, bias, bits_w, bits_a, quantize_input, device, dtype):
         self.weight = nn.Parameter(torch.empty(self._weight_shape, device=device, dtype=dtype))
@@ -263,8 +269,7 @@ class _QuantBase(_DeployedArithmetic):
         """Fit the input interval to ``x`` and the per-channel output scale to the float layer
         (least squares of ``op(hat_q(x), hat_q(W))`` against ``op(x, W)``, per channel)."""
         s_w = self.wq.calibrate(self.weight)
-        v = self.wq.qparams()[0] * self.weight.abs() + self.wq.qparams()[1]
-        self.calibrated_norm_stats.copy_(torch.stack([v.mean(), v.std() if v.numel() > 1 else v.new_zeros(())]))
+        self.calibrated_norm_stats.copy_(_norm_stats(self.weight, self.wq.qparams()))
         s_a = 1.0
         if self.aq is not None:
             s_a = self.aq.calibrate(x, signed=bool((x < 0).any()))
@@ -310,6 +315,18 @@ class _QuantBase(_DeployedArithmetic):
 
     def _quant_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.aq is None else self.aq(x, self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints saved before eq 11's calibrated targets existed: recompute them from the saved
+        # weight and interval (what calibration would have recorded, up to later training).
+        key = prefix + "calibrated_norm_stats"
+        if key not in state_dict and prefix + "weight" in state_dict and prefix + "wq.c" in state_dict:
+            calibrated = float(state_dict.get(prefix + "calibrated_flag", torch.ones(()))) > 0
+            stats = (_norm_stats(state_dict[prefix + "weight"], qparams(state_dict[prefix + "wq.c"],
+                                                                        state_dict[prefix + "wq.log_d"].exp()))
+                     if calibrated else torch.full((2,), float("nan")))
+            state_dict[key] = stats.to(self.calibrated_norm_stats.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def norm_targets(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """eq 11's ``(mu_0, sigma_0)``: :attr:`reg_targets`, where one is None the calibrated

@@ -62,7 +62,7 @@ def prune_loss(model: nn.Module, target_keep: Optional[float] = None) -> torch.T
     for m in model.modules():
         if not (isinstance(m, _PrunedBase) and m.gate.prunable):
             continue
-        soft = m.gate.soft_masks()
+        soft = m.gate.relaxed_mask()
         if target_keep is not None:
             free = torch.topk(m.gate.logits.detach(), kept_count(target_keep, m.gate.channels) if target_keep > 0 else 0).indices
             soft = soft.index_fill(0, free, 0.0)

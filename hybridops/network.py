@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig, PruneConfig, QuantConfig
-from .conversion import Config, calibrate_, deploy_, hybridize_
+from .conversion import Config, deploy_, hybridize_
 from .graph import set_submodule, trace
 from .layers import PRUNED_LAYERS, QUANT_LAYERS
 
@@ -93,6 +93,18 @@ def find_pruned_producers(model: nn.Module) -> Dict[str, str]:
     return pairs
 
 
+@torch.no_grad()
+def _scale_output_(layer: nn.Module, factor: float) -> None:
+    """Multiply a converted layer's output by ``factor``: the weight and bias of a pruned or
+    not yet calibrated quantized layer, the output scale and bias of a calibrated one (its
+    interval then stays fitted to the weights)."""
+    quantized = isinstance(layer, QUANT_LAYERS)
+    first = layer.out_scale if (quantized and layer.calibrated) else layer.weight
+    for p in (first, layer.bias):
+        if p is not None:
+            p.mul_(factor)
+
+
 class HybridNetwork(nn.Module):
     """A sum of branch networks built from one float backbone (eq 5): by default
     ``quant_net(x) + pruned_net(x)``, the paper's hybrid.
@@ -109,11 +121,16 @@ class HybridNetwork(nn.Module):
 
     Initialisation: every branch starts from the float weights (a pruned branch with BatchNorm
     folded, eq 14, and its most important channels kept, see :class:`PruneConfig`). A pruned
-    branch after the first starts as a zero residual (its last layer zeroed): it learns what the
-    branches before it miss. The last layers of the branches that do start from the float model
-    are divided by their number, so that the sum starts at the float model (``(Q, Q)``: each
-    quantized copy carries half of the output).
+    branch after the first starts as a zero residual (its output layer zeroed): it learns what the
+    branches before it miss. The output layers of the branches that do start from the float model
+    have their outputs divided by their number (``(Q, Q)``: each quantized copy carries half), so
+    the sum starts at the float model up to quantization, except that a pruned first branch (PP)
+    starts with only its kept channels. The output layer is the last converted layer called on
+    ``example_inputs`` (the last registered without them).
     """
+
+    # hybridops.bops merges the rows of the copies in self.branches (one backbone layer, one row)
+    sums_branches = True
 
     def __init__(self, backbone: nn.Module, config: Optional[HybridConfig] = None, example_inputs=None,
                  filter_fn: Optional[Callable] = None, branches: Optional[Sequence[Config]] = None):
@@ -132,24 +149,19 @@ class HybridNetwork(nn.Module):
             raise TypeError(f"branches must be a non-empty sequence of QuantConfig / PruneConfig, got {bad or 'none'}.")
         self.configs = branches
         nets = []
-        for i, cfg in enumerate(branches):
+        residual = [i > 0 and isinstance(cfg, PruneConfig) for i, cfg in enumerate(branches)]
+        share = 1.0 / sum(not r for r in residual)
+        for cfg, is_residual in zip(branches, residual):
             net = copy.deepcopy(backbone)
             if isinstance(cfg, PruneConfig):
                 net.eval()
                 fold_batchnorm_(net)
                 net.train(backbone.training)
-            hybridize_(net, cfg, filter_fn)
+            # with example inputs the output layer is the last one called (else the last registered)
+            # and a quantized branch is calibrated now
+            report = hybridize_(net, cfg, filter_fn, example_inputs)
+            _scale_output_(net.get_submodule(report.output_layer), 0.0 if is_residual else share)
             nets.append(net)
-        residual = [i > 0 and isinstance(cfg, PruneConfig) for i, cfg in enumerate(branches)]
-        share = 1.0 / sum(not r for r in residual)
-        for net, is_residual in zip(nets, residual):
-            layers = [m for m in net.modules() if isinstance(m, QUANT_LAYERS + PRUNED_LAYERS)]
-            if not layers:
-                raise ValueError("the backbone has no layer to convert (nn.Conv2d / nn.Linear accepted by filter_fn).")
-            with torch.no_grad():
-                for p in (layers[-1].weight, layers[-1].bias):
-                    if p is not None:
-                        p.mul_(0.0 if is_residual else share)
         self.branches = nn.ModuleList(nets)
         # {consumer: producer} of each pruned branch (empty for a quantized one)
         self.producers = [find_pruned_producers(net) if isinstance(cfg, PruneConfig) else {}
@@ -158,26 +170,27 @@ class HybridNetwork(nn.Module):
             for consumer, producer in pairs.items():
                 # A plain attribute, not a submodule: the gate is owned (and saved) by its producer.
                 object.__setattr__(net.get_submodule(consumer), "input_gate", net.get_submodule(producer).gate)
-        if example_inputs is not None:
-            for net, cfg in zip(nets, branches):
-                if isinstance(cfg, QuantConfig):
-                    calibrate_(net, example_inputs)
 
-    def _first(self, kind: type) -> nn.Module:
-        for net, cfg in zip(self.branches, self.configs):
-            if isinstance(cfg, kind):
-                return net
-        # not AttributeError: nn.Module.__getattr__ would replace the message by a generic one
-        raise ValueError(f"this HybridNetwork has no {'quantized' if kind is QuantConfig else 'pruned'} branch.")
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints of the quantized + pruned network saved before branch sets named its two
+        # copies quant_net / pruned_net.
+        if [type(c) for c in self.configs] == [QuantConfig, PruneConfig]:
+            for old, new in (("quant_net.", "branches.0."), ("pruned_net.", "branches.1.")):
+                for key in [k for k in state_dict if k.startswith(prefix + old)]:
+                    state_dict[prefix + new + key[len(prefix + old):]] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _first(self, kind: type) -> Optional[nn.Module]:
+        return next((net for net, cfg in zip(self.branches, self.configs) if isinstance(cfg, kind)), None)
 
     @property
-    def quant_net(self) -> nn.Module:
-        """The (first) quantized branch."""
+    def quant_net(self) -> Optional[nn.Module]:
+        """The (first) quantized branch; None in a network without one (PP)."""
         return self._first(QuantConfig)
 
     @property
-    def pruned_net(self) -> nn.Module:
-        """The (first) pruned branch."""
+    def pruned_net(self) -> Optional[nn.Module]:
+        """The (first) pruned branch; None in a network without one (QQ, Q alone)."""
         return self._first(PruneConfig)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,10 +204,12 @@ class HybridNetwork(nn.Module):
         net = self.branches[branch]
         return {net.get_submodule(c): net.get_submodule(p).gate.kept_indices() for c, p in self.producers[branch].items()}
 
-    def deploy_(self, backend: Optional[str] = "auto", fuse: bool = True) -> "HybridNetwork":
+    def deploy_(self, backend: Optional[str] = "auto", fuse: bool = True,
+                fp_dtype: Optional[torch.dtype] = None) -> "HybridNetwork":
         """Deploy every branch in place: packed integer weights for a quantized branch, and for a
-        pruned one rows and (compounded) columns of dropped channels removed."""
+        pruned one rows and (compounded) columns of dropped channels removed (``fp_dtype`` as in
+        :func:`hybridops.deploy_`)."""
         for i, net in enumerate(self.branches):
             # (an explicit map, even an empty one, deploys the branch as a plain model)
-            deploy_(net, backend, self.in_channel_map(i), fuse=fuse)
+            deploy_(net, backend, self.in_channel_map(i), fuse=fuse, fp_dtype=fp_dtype)
         return self

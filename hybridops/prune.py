@@ -47,7 +47,7 @@ class ChannelGate(nn.Module):
         self.logits = nn.Parameter(torch.zeros(channels))
         self.reset(kept_mask)
         self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward (detached)
-        # its logistic noise g - g': loss() rebuilds M_bar from the logits with it (see loss())
+        # its logistic noise g - g': relaxed_mask() rebuilds M_bar from the logits with it
         self.noise: Optional[torch.Tensor] = None
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
         # False for a classifier's output layer (PruneConfig.keep_output_layer): its channels are the
@@ -98,18 +98,19 @@ class ChannelGate(nn.Module):
         # log b - log(1 - b) is the logit itself, so eq 13's two-way softmax is one sigmoid.
         return torch.sigmoid((self.logits + self.noise) / self.tau)
 
-    def soft_masks(self) -> torch.Tensor:
+    def relaxed_mask(self) -> torch.Tensor:
         """``M_bar`` of the latest training forward, per channel; ``b`` (the noise-free value of the
         relaxation's keep probability) before any training forward or in eval mode.
 
-        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value), so it has
-        a graph of its own: a loss on it can be taken before or after the task loss's
-        ``backward()``, which frees the forward's graph."""
+        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value as
+        ``soft_mask``, with a graph of its own), so a loss on it can be taken before or after the
+        task loss's ``backward()``, which frees the forward's graph (:func:`hybridops.prune_loss`)."""
         return self._relaxed() if self.noise is not None else self.probs()
 
-    def loss(self) -> torch.Tensor:
-        """``||M_bar||_1`` (eq 15) of :meth:`soft_masks`."""
-        return self.soft_masks().sum()
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints saved before gates had state: every gate was prunable
+        state_dict.setdefault(prefix + "_extra_state", {"prunable": True})
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # prunable is state: a saved output layer's gate must stay whole when loaded.
     def get_extra_state(self) -> dict:

@@ -92,6 +92,8 @@ class _IdCache:
     whose lookups compare keys with ==); entries of freed tensors are dropped by the weakref's
     callback."""
 
+    PER_TENSOR = 8  # derived values kept per tensor (see put)
+
     def __init__(self):
         self._d: Dict[tuple, tuple] = {}
 
@@ -104,7 +106,12 @@ class _IdCache:
     def put(self, t: torch.Tensor, extra: tuple, value):
         key = (id(t),) + extra
         d = self._d
-        self._d[key] = (weakref.ref(t, lambda _r, k=key: d.pop(k, None)), t._version, value)
+        # Entries are per input shape: a model called at many batch sizes or resolutions keeps
+        # only the latest few packings of each tensor (the oldest is dropped; it re-packs if met again).
+        mine = [k for k in d if k[0] == id(t)]
+        for k in mine[: max(0, len(mine) + 1 - self.PER_TENSOR)]:
+            del d[k]
+        d[key] = (weakref.ref(t, lambda _r, k=key: d.pop(k, None)), t._version, value)
         return value
 
     def clear(self):
@@ -166,25 +173,21 @@ def _crop(y: torch.Tensor, hw) -> torch.Tensor:
     return y[:, :, : hw[0], : hw[1]].contiguous(memory_format=torch.channels_last)
 
 
-def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, x_shape, ci0=0, ci1=None,
-                          rows=None):
-    """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group,
-    output channels ``rows[0]:rows[1]`` of each group), made once per weight version and input
-    shape. The weight scales are passed per call (prepacking does not depend on them), so a
+def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, x_shape, ci0=0, ci1=None):
+    """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group),
+    made once per weight version and input shape. The weight scales are passed per call (prepacking does not depend on them), so a
     BatchNorm folded into ``scale`` later needs no re-pack.
 
     Packed for the input shape ``x_shape``: without it oneDNN packs for a generic problem and may
     pick a blocked layout the convolution does not run on; every call then re-orders the weight
     (seen on AVX-512 VNNI: AcdB48a4b packed, AcdB64a4b run, 4.9 ms for a 256x1024 1x1 conv on 14x14
     whose product takes 0.07 ms)."""
-    key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, tuple(x_shape), ci0, ci1, rows)
+    key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, tuple(x_shape), ci0, ci1)
     p = _wcache.get(w_packed, key)
     if p is None:
         w = unpack_weight(w_packed, bits_w, cin_g)
         if ci1 is not None:
             w = w[:, ci0:ci1].contiguous()
-        if rows is not None:
-            w = w.view(groups, -1, *w.shape[1:])[:, rows[0]:rows[1]].reshape(-1, *w.shape[1:]).contiguous()
         p = _wcache.put(w_packed, key, _qprepack(w, _ones_f32(w.shape[0]), 1.0, zp, list(stride), list(pad_sym),
                                                  list(dilation), groups, list(x_shape)))
     return p

@@ -354,6 +354,9 @@ def qconv2d(
     )
     planes = const["PLANES"]
     if tiles.autotune_requested():
+        if split_k not in (None, 1):
+            raise ValueError(f"split_k={split_k!r} is not autotuned: unset HYBRIDOPS_AUTOTUNE to split K, or pass "
+                             "split_k=None.")
         const["K_FULL"] = cin_g % (max(c.kwargs["BLOCK_K"] for c in _qconv_tuned.configs) * planes) == 0
         key = (triton.next_power_of_2(m), c_out, cin_g, c_out // groups, kh, kw, a_nib, w_nib, mode, a_signed,
                groups == 1 or cin_g % 2 == 0, out.dtype, fp.dtype, scale.dtype,
@@ -374,7 +377,8 @@ def qconv2d(
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")
     iters = kh * kw * triton.cdiv(cin_g, t.block_k * planes)
-    split = split_count(split_k, grid[0] * grid[1], iters, groups)
+    sms = torch.cuda.get_device_properties(x_codes.device).multi_processor_count if x_codes.is_cuda else tiles.SM_COUNT
+    split = split_count(split_k, grid[0] * grid[1], iters, groups, sms)
     if split > 1:
         check_int32_span(m * c_out, "N * Ho * Wo * C_out (the split-K accumulator)")
     if split == 1:
@@ -405,12 +409,14 @@ def qconv2d(
 SPLIT_K_STAGES = 3
 
 
-def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: int) -> int:
+def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: int,
+                sms: int = tiles.SM_COUNT) -> int:
     """How many K splits a launch of ``tiles_count`` output tiles and ``iters`` K iterations
-    (taps x channel chunks) per tile runs as. ``requested``: a count (capped at ``iters``); None:
-    split only where the tiles alone would leave SMs idle (batch-1 layers launch 28-52 tiles on 132
-    SMs), into enough splits to cover the SMs, each at least 4 iterations long so that the
-    pipelined mainloop still has a loop to overlap; never under the interpreter (nothing to fill)."""
+    (taps x channel chunks) per tile runs as on a GPU with ``sms`` SMs. ``requested``: a count
+    (capped at ``iters``); None: split only where the tiles alone would leave SMs idle (batch-1
+    layers launch 28-52 tiles on 132 SMs), into enough splits to cover the SMs, each at least 4
+    iterations long so that the pipelined mainloop still has a loop to overlap; never under the
+    interpreter (nothing to fill)."""
     if requested is not None:
         if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
             raise ValueError(f"split_k must be a positive integer (or None: the launcher decides), got {requested!r}.")
@@ -418,6 +424,6 @@ def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: 
             raise ValueError(f"split_k applies to ungrouped convolutions (a grouped conv's tiles loop over groups), "
                              f"got split_k={requested} with groups={groups}.")
         return min(requested, iters)
-    if INTERPRET or groups != 1 or tiles_count >= tiles.SM_COUNT:
+    if INTERPRET or groups != 1 or tiles_count >= sms:
         return 1
-    return max(1, min(triton.cdiv(tiles.SM_COUNT, tiles_count), iters // 4, 16))
+    return max(1, min(triton.cdiv(sms, tiles_count), iters // 4, 16))

@@ -138,8 +138,9 @@ def test_branch_sets_qq_pp_q():
     qp = ho.HybridNetwork(backbone, branches=[q, p], example_inputs=x).eval()
     assert isinstance(qq.branches[1][7], ho.QuantConv2d) and isinstance(pp.branches[0][3], ho.PrunedConv2d)
     with torch.no_grad():
-        # QQ: each copy carries half of the output (last layers halved), the sum is the float model
-        assert torch.equal(qq.branches[0][7].weight, backbone[7].weight * 0.5)
+        # QQ: each copy carries half of the output (the output layers' scales halved after
+        # calibration), the sum is the float model up to quantization
+        torch.testing.assert_close(qq.branches[0](x), 0.5 * q_only(x))
         for net in (q_only, qq):
             assert ((net(x) - ref).norm() / ref.norm()).item() < 0.15
         # PP: the second copy is a zero residual; the first keeps its largest-L1 channels and the
@@ -148,8 +149,7 @@ def test_branch_sets_qq_pp_q():
         assert bool(pp.branches[0][7].gate.kept_mask().all())
         assert int(pp.branches[0][0].gate.kept_mask().sum()) == 4
         torch.testing.assert_close(pp(x), pp.branches[0](x))
-    with pytest.raises(ValueError, match="no pruned branch"):
-        qq.pruned_net
+    assert qq.pruned_net is None and pp.quant_net is None and qp.pruned_net is qp.branches[1]
     rc = {name: ho.bops_report(net, (1, 3, 16, 16)).rc for name, net in
           [("q", q_only), ("qq", qq), ("pp", pp), ("qp", qp)]}
     assert rc["qq"] == pytest.approx(2 * rc["q"])
@@ -159,14 +159,40 @@ def test_branch_sets_qq_pp_q():
     pp_report = ho.bops_report(pp, (1, 3, 16, 16))
     assert [r.name for r in pp_report.layers] == ["0", "3", "7"]
     assert 0.0 < rc["pp"] < 2.0 and pp_report.quant == 0.0
-    # each branch set deploys to the same outputs
+    # each branch set deploys to the same outputs, through its own deploy_ or ho.deploy_
     for net in (qq, pp, qp):
         with torch.no_grad():
             net.branches[-1][7].weight.normal_(std=0.1)
             y = net(x)
-        dep = copy.deepcopy(net).deploy_(backend="torch")
-        with torch.no_grad():
-            torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
+        for dep in (copy.deepcopy(net).deploy_(backend="torch"), ho.deploy_(copy.deepcopy(net), backend="torch")):
+            with torch.no_grad():
+                torch.testing.assert_close(dep(x), y, atol=1e-4, rtol=1e-4)
+    dep = ho.deploy_(copy.deepcopy(qp), backend="torch", fp_dtype=torch.bfloat16)
+    assert dep.branches[1][3].fp_dtype == torch.bfloat16  # ho.deploy_ passes fp_dtype through the network
+
+
+def test_branch_output_layer_by_call_order():
+    """The output layer (halved in QQ, zeroed in a residual pruned branch, kept whole) is the last
+    one called on the example inputs, not the last registered."""
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Conv2d(8, 4, 1)  # registered first, called last
+            self.body = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    backbone = HeadFirst().eval()
+    x = torch.randn(2, 3, 8, 8)
+    qp = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.5), example_inputs=x)
+    assert bool((qp.branches[1].head.weight == 0).all()) and bool(qp.branches[1].body.weight.abs().sum() > 0)
+    assert not qp.branches[1].head.gate.prunable and qp.branches[1].body.gate.prunable
+    qq = ho.HybridNetwork(backbone, branches=[ho.QuantConfig(), ho.QuantConfig()], example_inputs=x)
+    with torch.no_grad():
+        torch.testing.assert_close(qq.branches[0](x), qq.branches[1](x))
+        assert ((qq(x) - backbone(x)).norm() / backbone(x).norm()).item() < 0.2
 
 
 def test_branch_sets_bad_input():
@@ -254,3 +280,44 @@ def test_count_bops_after_training_step():
     m2 = copy.deepcopy(m)
     assert m2[3].quant.act_stats is None and m2[3].pruned.gate.soft_mask is None
     assert m[3].quant.act_stats is not None  # the original keeps them for its regulariser
+
+
+def test_checkpoints_from_before_branch_sets_load():
+    """A state_dict saved before branch sets, calibrated eq 11 targets and gate state (keys
+    quant_net.* / pruned_net.*, no calibrated_norm_stats, no gate _extra_state) loads strictly."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    net = ho.HybridNetwork(_seq_cnn(), ho.HybridConfig(keep=0.5), example_inputs=x)
+    old = {}
+    for k, v in net.state_dict().items():
+        if k.endswith("calibrated_norm_stats") or k.endswith("gate._extra_state"):
+            continue
+        old[k.replace("branches.0.", "quant_net.").replace("branches.1.", "pruned_net.")] = v
+    fresh = ho.HybridNetwork(_seq_cnn(seed=1), ho.HybridConfig(keep=0.5))
+    fresh.load_state_dict(old)
+    stats = fresh.quant_net[3].calibrated_norm_stats
+    torch.testing.assert_close(stats, net.quant_net[3].calibrated_norm_stats)  # recomputed, same weights
+    assert fresh.pruned_net[0].gate.prunable
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(x), net.eval()(x))
+
+
+def test_bops_merge_only_hybrid_network_branches():
+    """Only a HybridNetwork's copies merge: a plain model with a module called `branches` keeps its
+    rows (RC 1 for a float model), and a HybridNetwork nested in a bigger model still merges."""
+    class TwoWay(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.branches = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 3, padding=1)])
+
+        def forward(self, x):
+            return self.branches[0](x) + self.branches[1](x)
+
+    r = ho.bops_report(TwoWay(), (1, 3, 8, 8))
+    assert [row.name for row in r.layers] == ["branches.0", "branches.1"] and r.rc == pytest.approx(1.0)
+    x = torch.randn(2, 3, 16, 16)
+    inner = ho.HybridNetwork(_seq_cnn(), branches=[ho.QuantConfig(), ho.QuantConfig()], example_inputs=x)
+    outer = nn.Sequential(nn.Identity(), inner)
+    rows = [row.name for row in ho.bops_report(outer, (1, 3, 16, 16)).layers]
+    assert rows == ["1.0", "1.3", "1.7"]
+    assert ho.bops_report(outer, (1, 3, 16, 16)).rc == pytest.approx(ho.bops_report(inner, (1, 3, 16, 16)).rc)

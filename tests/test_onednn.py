@@ -232,13 +232,18 @@ def test_weight_prepacked_once_and_repacked_after_in_place_change():
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
     n_entries = len(O._wcache._d)
     # packed for the input shape (N, C, H, W): oneDNN picks the blocked layout the conv runs on
-    key = (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, (1, 8, 5, 5), 0, None, None)
+    key = (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, (1, 8, 5, 5), 0, None)
     first = O._wcache.get(wp, key)
     assert first is not None
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
     assert len(O._wcache._d) == n_entries and O._wcache.get(wp, key) is first
     wp.copy_(pack_weight(-R.unpack_weight(wp, 4, 8), 4))  # in place: bumps _version, so the cache must re-pack
     assert torch.equal(O.qconv2d(u8, wp, *args, out_dtype=torch.int32), R.qconv2d(ref, wp, *args, out_dtype=torch.int32))
+    # one packing per input shape, at most PER_TENSOR of them per weight (many resolutions: bounded)
+    for hw in range(3, 15):
+        xs = torch.randint(0, 16, (1, hw, hw, 8), dtype=torch.uint8)
+        O.qconv2d(xs, wp, *args, out_dtype=torch.int32)
+    assert sum(k[0] == id(wp) for k in O._wcache._d) <= O._IdCache.PER_TENSOR
 
 
 # ----------------------------------------------------------------------------- FP branch
@@ -332,7 +337,7 @@ def test_fp_branch_in_bf16_inside_an_fp32_model():
                 m.pruned.weight.normal_(std=0.1)  # a branch that matters
     fp32 = ho.deploy_(copy.deepcopy(conv), backend="onednn")
     bf16 = ho.deploy_(copy.deepcopy(conv), backend="onednn", fp_dtype=torch.bfloat16)
-    assert bf16[0].fp_compute_dtype == torch.bfloat16 and fp32[0].fp_compute_dtype is None
+    assert bf16[0].fp_dtype == torch.bfloat16 and fp32[0].fp_dtype is None
     with torch.no_grad():
         y32, y16 = fp32[0](x), bf16[0](x)
         ref16 = ho.deploy_(copy.deepcopy(conv), backend="torch", fp_dtype=torch.bfloat16)[0](x)
@@ -345,22 +350,22 @@ def test_fp_branch_in_bf16_inside_an_fp32_model():
     buf.seek(0)
     fresh = torch.nn.Sequential(torch.nn.Conv2d(16, 24, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(24, 8, 1))
     ho.load_deployed_(fresh, torch.load(buf), backend="onednn")
-    assert fresh[0].fp_compute_dtype == torch.bfloat16
+    assert fresh[0].fp_dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), bf16(x))
 
 
-def test_fp_compute_dtype_bad_input(monkeypatch):
+def test_fp_dtype_bad_input(monkeypatch):
     import hybridops as ho
 
     conv = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
     ho.hybridize_(conv, ho.HybridConfig(keep=0.5, fp_first_input=False), example_inputs=torch.randn(1, 4, 6, 6))
     dep = ho.deploy_(conv.eval(), backend="onednn")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        dep[0].set_fp_compute_dtype_(torch.int8)
+        dep[0].set_fp_dtype_(torch.int8)
     monkeypatch.setattr(dep[0], "_inference_fp_dtypes", (torch.float32,))  # as on a CPU without bf16
     with pytest.raises(ValueError, match="no torch.bfloat16 convolution"):
-        dep[0].set_fp_compute_dtype_(torch.bfloat16)
+        dep[0].set_fp_dtype_(torch.bfloat16)
 
 
 def test_merged_stem_packed_once_per_weight_version():
@@ -379,13 +384,13 @@ def test_merged_stem_packed_once_per_weight_version():
         w, b = dep._merged_weight_and_bias(torch.float32)
         expect = F.conv2d(x, w, b, 2, 3)
         y = dep(x)
-        cached = dep._merged_cache[1]
+        cached = dep._merged_cache[2]
         torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
-        assert torch.equal(dep(x), y) and dep._merged_cache[1] is cached  # not rebuilt
+        assert torch.equal(dep(x), y) and dep._merged_cache[2] is cached  # not rebuilt
         dep.fp_weight.mul_(2.0)  # an online update of the FP branch: the merged weight follows
         w2, b2 = dep._merged_weight_and_bias(torch.float32)
         torch.testing.assert_close(dep(x), F.conv2d(x, w2, b2, 2, 3), rtol=1e-5, atol=1e-5)
-        assert dep._merged_cache[1] is not cached
+        assert dep._merged_cache[2] is not cached
     # training through the layer still differentiates the FP branch (F.conv2d path)
     dep.fp_weight.requires_grad_(True)
     dep(x).sum().backward()
