@@ -367,8 +367,11 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
     Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
 
     ``fp_dtype``: what the pruned branches compute in; ``torch.bfloat16`` in an fp32 model runs
-    them on the CPU's bf16 units (the onednn backend; measured 1.6-1.7x faster than fp32 on an
-    AVX-512 BF16 CPU, docs/cpu_backend.md), at bf16 rounding of that branch. None: the model's dtype.
+    them on the CPU's bf16 units (the onednn backend), at bf16 rounding of that branch. Measured on
+    an AVX-512 BF16 CPU: each conv 1.6-1.7x faster than fp32, the whole model slower where the
+    branch reads every input channel (the bf16 copy of the input costs more; docs/cpu_backend.md).
+    Layers with a float input (both branches merged into one conv) compute in the input's dtype.
+    None: the model's dtype.
     """
     own = getattr(model, "deploy_", None)
     if own is not None and in_channel_map is None:
