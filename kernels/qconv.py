@@ -387,6 +387,7 @@ def qconv2d(
     # Split-K: int32 partial sums added atomically into a zeroed accumulator, then the epilogue.
     per = triton.cdiv(iters, split)
     split = triton.cdiv(iters, per)  # no empty split
+    check_grid(grid + (split,), "qconv2d (split-K)")
     acc = out.zero_() if mode == _OUT_INT32 else torch.zeros((n, ho, wo, c_out), dtype=torch.int32,
                                                              device=x_codes.device)
     acc_args = (x_codes, w_packed, acc) + args[3:17] + (c_out,) + args[18:]  # OUT_ROW: the int32 row
