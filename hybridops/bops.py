@@ -37,7 +37,10 @@ def layer_bops(c_in: int, c_out: int, k2: int, bits_a: int, bits_w: int) -> floa
 
 @dataclass
 class LayerBops:
-    """One row of :class:`BopsReport`. BOPs are totals over the forward pass."""
+    """One row of :class:`BopsReport`. BOPs are totals over the forward pass. ``pruned_c_in`` /
+    ``pruned_c_out``: channels the full-precision branch reads / keeps; for a network of several
+    pruned copies (PP) the kept channels are summed over the copies (so they can exceed ``c_out``)
+    and ``pruned_c_in`` is the widest copy's."""
 
     name: str
     kind: str

@@ -79,8 +79,8 @@ class ConversionReport:
     config: Config
     converted: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
-    # the converted layer that writes the model's output (the last one called, with example
-    # inputs; else the last one registered)
+    # the conv / linear layer that writes the model's output, converted or not (the last one
+    # called, with example inputs; else the last one registered)
     output_layer: Optional[str] = None
 
     def __str__(self) -> str:
@@ -199,7 +199,9 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     # The first layer to see the raw input (converted or not) is the one that keeps it in full
     # precision; the output layer is the last one called among those converted.
     first_layer = order[0] if order else None
-    output_layer = next((n for n in reversed(order) if n in candidates), None)
+    # (a head left in float by filter_fn is the output layer all the same: no converted layer
+    # then counts as the output layer)
+    output_layer = order[-1] if order else None
     report.output_layer = output_layer
 
     def visit(child: nn.Module, qual: str):

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig, PruneConfig, QuantConfig
-from .conversion import Config, deploy_, hybridize_
+from .conversion import Config, calibrate_, deploy_, hybridize_
 from .graph import set_submodule, trace
 from .layers import PRUNED_LAYERS, QUANT_LAYERS
 
@@ -95,12 +95,9 @@ def find_pruned_producers(model: nn.Module) -> Dict[str, str]:
 
 @torch.no_grad()
 def _scale_output_(layer: nn.Module, factor: float) -> None:
-    """Multiply a converted layer's output by ``factor``: the weight and bias of a pruned or
-    not yet calibrated quantized layer, the output scale and bias of a calibrated one (its
-    interval then stays fitted to the weights)."""
-    quantized = isinstance(layer, QUANT_LAYERS)
-    first = layer.out_scale if (quantized and layer.calibrated) else layer.weight
-    for p in (first, layer.bias):
+    """Multiply the weight and bias of a (pruned, quantized or float) layer by ``factor``; a
+    quantized layer's interval and output scale follow at its (re)calibration."""
+    for p in (layer.weight, layer.bias):
         if p is not None:
             p.mul_(factor)
 
@@ -158,9 +155,10 @@ class HybridNetwork(nn.Module):
                 fold_batchnorm_(net)
                 net.train(backbone.training)
             # with example inputs the output layer is the last one called (else the last registered)
-            # and a quantized branch is calibrated now
             report = hybridize_(net, cfg, filter_fn, example_inputs)
             _scale_output_(net.get_submodule(report.output_layer), 0.0 if is_residual else share)
+            if isinstance(cfg, QuantConfig) and example_inputs is not None:
+                calibrate_(net, example_inputs)  # refit to the scaled output layer
             nets.append(net)
         self.branches = nn.ModuleList(nets)
         # {consumer: producer} of each pruned branch (empty for a quantized one)

@@ -108,8 +108,10 @@ class ChannelGate(nn.Module):
         return self._relaxed() if self.noise is not None else self.probs()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # checkpoints saved before gates had state: every gate was prunable
-        state_dict.setdefault(prefix + "_extra_state", {"prunable": True})
+        # checkpoints saved before gates had state: every gate was prunable (only where this gate
+        # was saved at all: a partial load leaves a gate it does not hold alone)
+        if prefix + "logits" in state_dict:
+            state_dict.setdefault(prefix + "_extra_state", {"prunable": True})
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # prunable is state: a saved output layer's gate must stay whole when loaded.

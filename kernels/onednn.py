@@ -108,7 +108,7 @@ class _IdCache:
         d = self._d
         # Entries are per input shape: a model called at many batch sizes or resolutions keeps
         # only the latest few packings of each tensor (the oldest is dropped; it re-packs if met again).
-        mine = [k for k in d if k[0] == id(t)]
+        mine = [k for k in d if k[0] == id(t) and k != key]
         for k in mine[: max(0, len(mine) + 1 - self.PER_TENSOR)]:
             del d[k]
         d[key] = (weakref.ref(t, lambda _r, k=key: d.pop(k, None)), t._version, value)

@@ -321,3 +321,37 @@ def test_bops_merge_only_hybrid_network_branches():
     rows = [row.name for row in ho.bops_report(outer, (1, 3, 16, 16)).layers]
     assert rows == ["1.0", "1.3", "1.7"]
     assert ho.bops_report(outer, (1, 3, 16, 16)).rc == pytest.approx(ho.bops_report(inner, (1, 3, 16, 16)).rc)
+
+
+def test_output_layer_left_in_float_and_recalibration():
+    """A head that filter_fn leaves in float is still the output layer: it is what a residual
+    pruned copy zeroes and QQ halves (no inner layer is scaled, no inner gate made unprunable);
+    QQ's halving survives a later calibrate_ (weights are scaled, not the fitted output scale)."""
+    torch.manual_seed(0)
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    keep_head_float = lambda m, name: not isinstance(m, nn.Linear)  # noqa: E731
+    qp = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.5), example_inputs=x, filter_fn=keep_head_float)
+    head = qp.branches[1][6]
+    assert type(head) is nn.Linear and bool((head.weight == 0).all()) and bool((head.bias == 0).all())
+    assert qp.branches[1][2].gate.prunable and qp.branches[1][2].weight.abs().sum() > 0
+    with torch.no_grad():
+        assert float(qp.branches[1](x).abs().max()) == 0.0  # the residual starts at zero
+    qq = ho.HybridNetwork(backbone, branches=[ho.QuantConfig(), ho.QuantConfig()], example_inputs=x,
+                          filter_fn=keep_head_float)
+    with torch.no_grad():
+        ref = backbone(x)
+        before = ((qq(x) - ref).norm() / ref.norm()).item()
+        ho.calibrate_(qq.branches[0], x)
+        ho.calibrate_(qq.branches[1], x)
+        after = ((qq(x) - ref).norm() / ref.norm()).item()
+    assert before < 0.2 and after < 0.2, (before, after)
+
+
+def test_partial_state_dict_leaves_gates_alone():
+    net = ho.HybridNetwork(_seq_cnn(), ho.HybridConfig(keep=0.5), example_inputs=torch.randn(2, 3, 16, 16))
+    assert not net.pruned_net[7].gate.prunable
+    quant_only = {k: v for k, v in net.state_dict().items() if k.startswith("branches.0.")}
+    net.load_state_dict(quant_only, strict=False)
+    assert not net.pruned_net[7].gate.prunable
