@@ -71,8 +71,8 @@ class PruneConfig:
         keep: fraction of output channels kept at the start, in (0, 1]; the channels with the
             largest L1 weight norm are kept.
         convert_linear: convert ``nn.Linear`` layers too.
-        keep_output_layer: the last converted layer (a classifier's head, whose channels are the
-            classes) keeps every channel for good: its gate is not prunable and
+        keep_output_layer: the output layer (the last conv / linear called, a classifier's head,
+            whose channels are the classes), if converted, keeps every channel for good: its gate is not prunable and
             :func:`hybridops.prune_loss` leaves it out.
         tau: Gumbel-softmax temperature (eq 13).
         gate_threshold: channels with selection probability below this are dropped at eval and

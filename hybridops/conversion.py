@@ -79,9 +79,6 @@ class ConversionReport:
     config: Config
     converted: List[str] = field(default_factory=list)
     skipped: List[Tuple[str, str]] = field(default_factory=list)
-    # the conv / linear layer that writes the model's output, converted or not (the last one
-    # called, with example inputs; else the last one registered)
-    output_layer: Optional[str] = None
 
     def __str__(self) -> str:
         lines = [f"hybridize_ ({type(self.config).__name__}): converted {len(self.converted)} layers, "
@@ -167,6 +164,17 @@ def _call_order(model: nn.Module, example_inputs) -> List[str]:
     return order
 
 
+def float_layer_order(model: nn.Module, example_inputs=None) -> List[str]:
+    """Qualified names of ``model``'s float conv / linear layers in the order a forward pass on
+    ``example_inputs`` calls them (registration order without inputs, or for layers never called):
+    the first reads the model's input, the last writes its output."""
+    float_layers = [n for n, m in model.named_modules() if isinstance(m, _FLOAT_LAYERS + _UNSUPPORTED)]
+    if example_inputs is None:
+        return float_layers
+    known = set(float_layers)
+    return [n for n in _call_order(model, example_inputs) if n in known] or float_layers
+
+
 def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Optional[FilterFn] = None,
                example_inputs=None) -> ConversionReport:
     """Swap every ``nn.Conv2d`` (and ``nn.Linear`` if ``config.convert_linear``) in ``model`` for
@@ -193,16 +201,12 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     report = ConversionReport(config)
     reasons = {n: _skip_reason(m, n, config, filter_fn) for n, m in model.named_modules()}
     candidates = {n for n, why in reasons.items() if why is None}
-    float_layers = [n for n, m in model.named_modules() if isinstance(m, _FLOAT_LAYERS + _UNSUPPORTED)]
-    order = _call_order(model, example_inputs) if example_inputs is not None else float_layers
-    order = [n for n in order if n in set(float_layers)] or float_layers
-    # The first layer to see the raw input (converted or not) is the one that keeps it in full
-    # precision; the output layer is the last one called among those converted.
+    order = float_layer_order(model, example_inputs)
+    # The first layer to see the raw input (converted or not) keeps it in full precision; the last
+    # one called is the output layer (a head that filter_fn leaves in float included: then no
+    # converted layer counts as the output layer).
     first_layer = order[0] if order else None
-    # (a head left in float by filter_fn is the output layer all the same: no converted layer
-    # then counts as the output layer)
     output_layer = order[-1] if order else None
-    report.output_layer = output_layer
 
     def visit(child: nn.Module, qual: str):
         why = reasons[qual] if qual in reasons else _skip_reason(child, qual, config, filter_fn)
@@ -268,6 +272,8 @@ def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
     per such layer (NaN at the second SGD step at 64x64 input). Trained or eval-mode BatchNorms use
     their running statistics (what the deployed model computes)."""
     layers = quant_layers(model)
+    if not layers:
+        return model  # nothing to fit (a pruned-only model): no forward pass
     for m in layers:
         m.calibrated_flag.fill_(0.0)
         m._calibrated_cache = False

@@ -217,8 +217,8 @@ def _detach_act_stats(layer_ref, forward: int, grad: torch.Tensor) -> None:
 
 
 def _norm_stats(weight: torch.Tensor, wq_params: torch.Tensor) -> torch.Tensor:
-    """Mean and std of eq 11's ``alpha_W |W| + beta_W``."""
-    v = wq_params[0] * weight.detach().abs().float() + wq_params[1]
+    """Mean and (Bessel-corrected) std of eq 11's ``v = alpha_W |W| + beta_W``, differentiable."""
+    v = wq_params[0] * weight.abs().float() + wq_params[1]
     return torch.stack([v.mean(), v.std() if v.numel() > 1 else v.new_zeros(())])
 
 
@@ -269,7 +269,7 @@ class _QuantBase(_DeployedArithmetic):
         """Fit the input interval to ``x`` and the per-channel output scale to the float layer
         (least squares of ``op(hat_q(x), hat_q(W))`` against ``op(x, W)``, per channel)."""
         s_w = self.wq.calibrate(self.weight)
-        self.calibrated_norm_stats.copy_(_norm_stats(self.weight, self.wq.qparams()))
+        self.calibrated_norm_stats.copy_(self.norm_stats())
         s_a = 1.0
         if self.aq is not None:
             s_a = self.aq.calibrate(x, signed=bool((x < 0).any()))
@@ -327,6 +327,10 @@ class _QuantBase(_DeployedArithmetic):
                      if calibrated else torch.full((2,), float("nan")))
             state_dict[key] = stats.to(self.calibrated_norm_stats.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def norm_stats(self) -> torch.Tensor:
+        """``[mean, std]`` of eq 11's normalised weights now (differentiable: :func:`hybridops.quant_loss`)."""
+        return _norm_stats(self.weight, self.wq.qparams())
 
     def norm_targets(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """eq 11's ``(mu_0, sigma_0)``: :attr:`reg_targets`, where one is None the calibrated

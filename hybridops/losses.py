@@ -33,9 +33,8 @@ def quant_loss(model: nn.Module) -> torch.Tensor:
         if targets is None:
             continue
         mu0, sigma0 = targets
-        q = m.wq.qparams()
-        v = q[0] * m.weight.abs() + q[1]
-        term = (v.mean() - mu0) ** 2 + (v.std() - sigma0) ** 2
+        mean, std = m.norm_stats()
+        term = (mean - mu0) ** 2 + (std - sigma0) ** 2
         if m.aq is not None and m.act_stats is not None:
             avg, std = m.act_stats
             c, d = m.aq.c, m.aq.d

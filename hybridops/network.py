@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from .config import HybridConfig, PruneConfig, QuantConfig
-from .conversion import Config, calibrate_, deploy_, hybridize_
+from .conversion import Config, deploy_, float_layer_order, hybridize_
 from .graph import set_submodule, trace
 from .layers import PRUNED_LAYERS, QUANT_LAYERS
 
@@ -95,8 +95,7 @@ def find_pruned_producers(model: nn.Module) -> Dict[str, str]:
 
 @torch.no_grad()
 def _scale_output_(layer: nn.Module, factor: float) -> None:
-    """Multiply the weight and bias of a (pruned, quantized or float) layer by ``factor``; a
-    quantized layer's interval and output scale follow at its (re)calibration."""
+    """Multiply a float layer's weight and bias by ``factor``."""
     for p in (layer.weight, layer.bias):
         if p is not None:
             p.mul_(factor)
@@ -148,17 +147,20 @@ class HybridNetwork(nn.Module):
         nets = []
         residual = [i > 0 and isinstance(cfg, PruneConfig) for i, cfg in enumerate(branches)]
         share = 1.0 / sum(not r for r in residual)
+        # the output layer (the last conv / linear called, converted or not), scaled in each float
+        # copy before conversion, so that a quantized copy calibrates on the scaled weights
+        order = float_layer_order(backbone, example_inputs)
+        if not order:
+            raise ValueError("the backbone has no nn.Conv2d / nn.Linear layer to build branches from.")
+        output = order[-1]
         for cfg, is_residual in zip(branches, residual):
             net = copy.deepcopy(backbone)
             if isinstance(cfg, PruneConfig):
                 net.eval()
                 fold_batchnorm_(net)
                 net.train(backbone.training)
-            # with example inputs the output layer is the last one called (else the last registered)
-            report = hybridize_(net, cfg, filter_fn, example_inputs)
-            _scale_output_(net.get_submodule(report.output_layer), 0.0 if is_residual else share)
-            if isinstance(cfg, QuantConfig) and example_inputs is not None:
-                calibrate_(net, example_inputs)  # refit to the scaled output layer
+            _scale_output_(net.get_submodule(output), 0.0 if is_residual else share)
+            hybridize_(net, cfg, filter_fn, example_inputs)
             nets.append(net)
         self.branches = nn.ModuleList(nets)
         # {consumer: producer} of each pruned branch (empty for a quantized one)

@@ -46,8 +46,8 @@ class ChannelGate(nn.Module):
             kept_mask = torch.ones(channels, dtype=torch.bool)
         self.logits = nn.Parameter(torch.zeros(channels))
         self.reset(kept_mask)
-        self.soft_mask: Optional[torch.Tensor] = None  # M_bar of the latest training forward (detached)
-        # its logistic noise g - g': relaxed_mask() rebuilds M_bar from the logits with it
+        # logistic noise g - g' of the latest training forward (None: no sampled mask):
+        # relaxed_mask() rebuilds that forward's M_bar from the logits with it
         self.noise: Optional[torch.Tensor] = None
         self.frozen = False  # set by freeze_quantized_: the mask stops being sampled
         # False for a classifier's output layer (PruneConfig.keep_output_layer): its channels are the
@@ -55,9 +55,9 @@ class ChannelGate(nn.Module):
         self.prunable = True
 
     def __getstate__(self):
-        # soft_mask and noise belong to the latest training forward, not to the gate's state.
+        # noise belongs to the latest training forward, not to the gate's state.
         state = dict(super().__getstate__())
-        state["soft_mask"] = state["noise"] = None
+        state["noise"] = None
         return state
 
     @torch.no_grad()
@@ -85,13 +85,12 @@ class ChannelGate(nn.Module):
     def forward(self) -> torch.Tensor:
         """The mask ``M`` (float, ``(channels,)``) for this step."""
         if not self.training or self.frozen or not self.prunable:
-            self.soft_mask = self.noise = None
+            self.noise = None
             return self.kept_mask().to(self.logits.dtype)
         u = torch.rand(2, self.channels, device=self.logits.device).clamp_(1e-10, 1.0 - 1e-7)
         g = -torch.log(-torch.log(u))  # two independent Gumbel(0, 1) draws
         self.noise = g[0] - g[1]
         m_bar = self._relaxed()
-        self.soft_mask = m_bar.detach()
         return m_bar + (torch.round(m_bar) - m_bar).detach()
 
     def _relaxed(self) -> torch.Tensor:
@@ -102,8 +101,8 @@ class ChannelGate(nn.Module):
         """``M_bar`` of the latest training forward, per channel; ``b`` (the noise-free value of the
         relaxation's keep probability) before any training forward or in eval mode.
 
-        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value as
-        ``soft_mask``, with a graph of its own), so a loss on it can be taken before or after the
+        ``M_bar`` is rebuilt from the logits and that forward's noise (the same value, with a graph
+        of its own), so a loss on it can be taken before or after the
         task loss's ``backward()``, which frees the forward's graph (:func:`hybridops.prune_loss`)."""
         return self._relaxed() if self.noise is not None else self.probs()
 

@@ -175,8 +175,9 @@ def _crop(y: torch.Tensor, hw) -> torch.Tensor:
 
 def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dilation, zp, x_shape, ci0=0, ci1=None):
     """oneDNN's blocked s8 weight for ``w_packed`` (input channels ``ci0:ci1`` of each group),
-    made once per weight version and input shape. The weight scales are passed per call (prepacking does not depend on them), so a
-    BatchNorm folded into ``scale`` later needs no re-pack.
+    made once per weight version and input shape. The weight scales are passed per call
+    (prepacking does not depend on them), so a BatchNorm folded into ``scale`` later needs no
+    re-pack.
 
     Packed for the input shape ``x_shape``: without it oneDNN packs for a generic problem and may
     pick a blocked layout the convolution does not run on; every call then re-orders the weight

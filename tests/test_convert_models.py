@@ -9,6 +9,7 @@ import torchvision
 
 import hybridops as ho
 from hybridops.layers import _PrunedBase, _QuantBase
+from small_models import small_cnn
 
 # ----------------------------------------------------------------------------- torchvision models
 # (constructor, convs, linears, max relative L2 error of the logits of the untrained conversion)
@@ -106,15 +107,8 @@ def test_torchvision_deploy_matches(converted):
 
 
 # ----------------------------------------------------------------------------- conversion options
-def _small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
-
-
 def test_hybridize_filter_and_modes():
-    m = _small_cnn()
+    m = small_cnn()
     r = ho.hybridize_(m, ho.HybridConfig(convert_linear=False), filter_fn=lambda mod, name: name != "3")
     assert r.converted == ["0"]
     assert dict(r.skipped) == {"3": "excluded by filter_fn", "8": "config.convert_linear is False"}
@@ -122,17 +116,17 @@ def test_hybridize_filter_and_modes():
     r2 = ho.hybridize_(m, ho.HybridConfig())
     assert r2.converted == ["3", "8"] and ("0", "already converted") in r2.skipped
     # an unconverted first layer means the first converted one quantizes its input
-    m2 = _small_cnn()
+    m2 = small_cnn()
     ho.hybridize_(m2, filter_fn=lambda mod, name: name != "0")
     assert m2[3].quant.aq is not None
-    mq = _small_cnn()
+    mq = small_cnn()
     ho.hybridize_(mq, ho.QuantConfig())
     assert isinstance(mq[0], ho.QuantConv2d) and isinstance(mq[8], ho.QuantLinear)
-    mp = _small_cnn()
+    mp = small_cnn()
     ho.hybridize_(mp, ho.PruneConfig(keep=0.5))
     assert isinstance(mp[3], ho.PrunedConv2d) and int(mp[3].gate.kept_mask().sum()) == 8
     # prune mode keeps the channels with the largest L1 weight norm, and the output layer whole
-    w = _small_cnn()[3].weight.detach().abs().flatten(1).sum(1)
+    w = small_cnn()[3].weight.detach().abs().flatten(1).sum(1)
     assert torch.equal(mp[3].gate.kept_mask(), w >= w.topk(8).values[-1])
     assert bool(mp[8].gate.kept_mask().all())
 
@@ -144,15 +138,15 @@ def test_hybridize_no_convertible_layer_one_sentence():
     with pytest.raises(ValueError, match="skipped: .*Conv1d is not supported"):
         ho.hybridize_(nn.Sequential(nn.Conv1d(3, 4, 3)))
     with pytest.raises(TypeError, match=r"config must be one of \['QuantConfig', 'PruneConfig', 'HybridConfig'\]"):
-        ho.hybridize_(_small_cnn(), {"bits_w": 4})
+        ho.hybridize_(small_cnn(), {"bits_w": 4})
 
 
 def test_deploy_and_freeze_errors():
     with pytest.raises(ValueError, match="deploy_ found no hybrid"):
-        ho.deploy_(_small_cnn())
+        ho.deploy_(small_cnn())
     with pytest.raises(ValueError, match="freeze_quantized_ found no full-precision branch"):
-        ho.freeze_quantized_(_small_cnn())
-    m = _small_cnn()
+        ho.freeze_quantized_(small_cnn())
+    m = small_cnn()
     ho.hybridize_(m)
     with pytest.raises(RuntimeError, match="deploy_ needs calibrated layers"):
         ho.deploy_(m)
@@ -185,9 +179,9 @@ def _synthetic_task():
     return x, y, g
 
 
-def _hybrid_small_cnn():
+def _hybridsmall_cnn():
     x, y, g = _synthetic_task()
-    m = _small_cnn()
+    m = small_cnn()
     # a small initial gate logit so that a short run can move gates across the threshold
     ho.hybridize_(m, ho.HybridConfig(keep=0.5, gate_init_logit=0.5), example_inputs=x[:16])
     return m, x, y, g
@@ -198,7 +192,7 @@ def _state_bytes(tensors):
 
 
 def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only():
-    m, x, y, g = _hybrid_small_cnn()
+    m, x, y, g = _hybridsmall_cnn()
     gates = [mod.pruned.gate for mod in m.modules() if isinstance(mod, (ho.HybridConv2d, ho.HybridLinear))]
     kept0 = [int(gt.kept_mask().sum()) for gt in gates]
     assert kept0 == [4, 8, 2]
@@ -238,11 +232,11 @@ def test_training_decreases_loss_learns_gates_then_online_update_touches_fp_only
     assert _state_bytes(fp) != before_fp
     assert all(torch.equal(gt.kept_mask(), mk) for gt, mk in zip(gates, masks))
     # a frozen gate is deterministic even in train mode
-    assert all(gt.soft_mask is None for gt in gates)
+    assert all(gt.noise is None for gt in gates)
 
 
 def test_online_update_after_deploy_changes_fp_weights_only():
-    m, x, y, _ = _hybrid_small_cnn()
+    m, x, y, _ = _hybridsmall_cnn()
     ho.deploy_(m, backend="torch")
     fp = ho.freeze_quantized_(m)
     assert [n for n, p in m.named_parameters() if p.requires_grad] == \
@@ -259,7 +253,7 @@ def test_online_update_after_deploy_changes_fp_weights_only():
 
 # ----------------------------------------------------------------------------- state_dict round trips
 def test_state_dict_roundtrip_hybrid_and_deployed():
-    m, x, y, g = _hybrid_small_cnn()
+    m, x, y, g = _hybridsmall_cnn()
     # make the state non-trivial: a few training steps (gates, intervals, residuals all move)
     opt = torch.optim.Adam(m.parameters(), lr=2e-2)
     m.train()
@@ -275,7 +269,7 @@ def test_state_dict_roundtrip_hybrid_and_deployed():
         y_ref = m(x)
 
     # hybridized model: a freshly built, uncalibrated model loads it and reproduces the outputs exactly
-    m2 = _small_cnn(seed=123)
+    m2 = small_cnn(seed=123)
     ho.hybridize_(m2, ho.HybridConfig(keep=0.5, gate_init_logit=0.5))
     m2.load_state_dict(sd)
     m2.eval()

@@ -494,6 +494,20 @@ class _LaunchSpy:
         return launch
 
 
+def _spied_triton_conv(monkeypatch, cin, cout, k, groups, bits, seed):
+    """A batch-1 5x4 conv case (``k x k``, same padding) for the Triton launcher with its kernel
+    launches recorded: ``(qconv, tiles, spy, args, raw, (fp_out, fp_idx))``, where ``raw`` is
+    ``args`` without the bias (for int32 accumulators)."""
+    qconv, tiles = _triton_modules()
+    spy = _LaunchSpy(qconv._qconv_kernel)
+    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
+    ba, asg, bw = bits
+    x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, k, groups, ba, asg, bw, seed=seed)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
+    args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, [1, 1], [k // 2] * 4, [1, 1], groups)
+    return qconv, tiles, spy, args, args[:7] + (None,) + args[8:], (fp_out, fp_idx)
+
+
 @pytest.mark.parametrize("cin,groups,bits", [(128, 1, (4, False, 4)), (128, 2, (4, True, 4)), (64, 1, (5, False, 4)),
                                              (64, 1, (8, True, 8)), (96, 1, (4, False, 4))])
 def test_qconv2d_full_k_steps(backend, monkeypatch, cin, groups, bits):
@@ -502,15 +516,9 @@ def test_qconv2d_full_k_steps(backend, monkeypatch, cin, groups, bits):
     channels are not a multiple of the 64-channel step and keep the masks."""
     if backend != "triton":
         pytest.skip("K_FULL is the triton kernel's")
-    qconv, tiles = _triton_modules()
-    spy = _LaunchSpy(qconv._qconv_kernel)
-    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
-    ba, asg, bw = bits
-    cout = 24
-    x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, 3, groups, ba, asg, bw, seed=cin + groups)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
-    args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
-    raw = args[:7] + (None,) + args[8:]
+    qconv, tiles, spy, args, raw, (fp_out, fp_idx) = _spied_triton_conv(monkeypatch, cin, 24, 3, groups, bits,
+                                                                        seed=cin + groups)
+    ba, bw, cout = bits[0], bits[2], 24
     ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=make_qparams(0.0, 1.5, False), rq_bits=4)
     assert_same(run_qconv(backend, *raw, out_dtype=torch.int32), run_qconv("torch", *raw, out_dtype=torch.int32))
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
@@ -528,16 +536,9 @@ def test_qconv2d_split_k_is_exact(backend, monkeypatch, split, cin, k, bits):
     exactly in every output mode; a split count past the loop's length is capped."""
     if backend != "triton":
         pytest.skip("split-K is the triton kernel's")
-    qconv, tiles = _triton_modules()
-    spy = _LaunchSpy(qconv._qconv_kernel)
-    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
-    ba, asg, bw = bits
-    cout = 20
-    x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, k, 1, ba, asg, bw, seed=cin + split)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
-    pad = (k // 2,) * 4
-    args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, [1, 1], list(pad), [1, 1], 1)
-    raw = args[:7] + (None,) + args[8:]
+    qconv, tiles, spy, args, raw, (fp_out, fp_idx) = _spied_triton_conv(monkeypatch, cin, 20, k, 1, bits,
+                                                                        seed=cin + split)
+    ba, bw, cout = bits[0], bits[2], 20
     ref = run_qconv("torch", *raw, out_dtype=torch.int32)
     assert_same(qconv.qconv2d(*raw, out_dtype=torch.int32, split_k=split), ref)
     step = tiles.pick(20, cout, qconv.INTERPRET).block_k * (2 if min(ba, bw) <= 4 else 1)

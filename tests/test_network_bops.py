@@ -278,7 +278,7 @@ def test_count_bops_after_training_step():
     r = ho.count_bops(m, (1, 3, 16, 16))
     assert 0 < r.rc < 1
     m2 = copy.deepcopy(m)
-    assert m2[3].quant.act_stats is None and m2[3].pruned.gate.soft_mask is None
+    assert m2[3].quant.act_stats is None and m2[3].pruned.gate.noise is None
     assert m[3].quant.act_stats is not None  # the original keeps them for its regulariser
 
 

@@ -20,7 +20,7 @@ def test_gate_eval_mask_is_threshold_on_probability():
     assert torch.equal(g.kept_mask(), expect)
     assert torch.equal(g(), expect.float())
     assert g.kept_indices().tolist() == [2, 3, 4, 5]
-    assert g.soft_mask is None
+    assert g.noise is None
     # eval-mode L_prune is the noise-free sum(b)
     torch.testing.assert_close(g.relaxed_mask(), torch.sigmoid(g.logits))
 
@@ -41,7 +41,7 @@ def test_gate_training_mask_is_binary_with_straight_through_gradient():
     g.train()
     m = g()
     assert set(m.unique().tolist()) <= {0.0, 1.0}
-    m_bar = g.soft_mask
+    m_bar = g.relaxed_mask().detach()
     assert m_bar is not None and bool(((m_bar > 0) & (m_bar < 1)).all())
     assert torch.equal(m, torch.round(m_bar))
     w = torch.randn(64)
@@ -66,7 +66,7 @@ def test_gate_frozen_is_deterministic():
     g.train()
     g.frozen = True
     assert g().tolist() == [1.0, 0.0, 1.0, 0.0, 1.0]
-    assert g.soft_mask is None
+    assert g.noise is None
 
 
 @pytest.mark.parametrize("tau", [0.0, -1.0, float("nan")])
@@ -104,10 +104,10 @@ def test_prune_loss_is_sum_of_last_soft_masks():
     model(x)
     gates = [m.pruned.gate for m in model.modules() if isinstance(m, (ho.HybridConv2d, ho.HybridLinear))]
     assert len(gates) == 3
-    first = [g.soft_mask.detach().clone() for g in gates]
+    first = [g.relaxed_mask().detach().clone() for g in gates]
     model(x)  # a second forward resamples: the loss uses the latest one
-    expect = sum(g.soft_mask.sum() for g in gates)
-    assert not all(torch.equal(a, g.soft_mask) for a, g in zip(first, gates))
+    expect = sum(g.relaxed_mask().sum() for g in gates)
+    assert not all(torch.equal(a, g.relaxed_mask().detach()) for a, g in zip(first, gates))
     torch.testing.assert_close(prune_loss(model), expect)
     # the gradient of L_prune reaches the gate logits
     prune_loss(model).backward()
@@ -148,7 +148,7 @@ def test_output_layer_gate_is_not_prunable():
     assert not head.prunable and hidden.prunable
     model.train()
     model(torch.randn(4, 6))
-    assert head.soft_mask is None and hidden.soft_mask is not None  # the head is not sampled
+    assert head.noise is None and hidden.noise is not None  # the head is not sampled
     with torch.no_grad():
         head.logits.fill_(-5.0)
     assert bool(head.kept_mask().all())

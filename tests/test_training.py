@@ -10,18 +10,12 @@ import torchvision
 
 import hybridops as ho
 from hybridops.quant import fake_quantize
-
-
-def _small_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4))
+from small_models import small_cnn
 
 
 # ----------------------------------------------------------------------------- param_groups
 def test_param_groups_sorts_every_parameter_by_kind():
-    model = _small_cnn()
+    model = small_cnn()
     ho.hybridize_(model, ho.HybridConfig(), example_inputs=torch.randn(2, 3, 8, 8))
     groups = ho.param_groups(model, 0.1, weight_decay=1e-4, interval_lr_mult=0.5, gate_lr_mult=20.0)
     by_name = {g["name"]: g for g in groups}
@@ -43,7 +37,7 @@ def test_param_groups_sorts_every_parameter_by_kind():
 
 
 def test_param_groups_leaves_out_frozen_parameters():
-    model = _small_cnn()
+    model = small_cnn()
     ho.hybridize_(model, ho.HybridConfig(), example_inputs=torch.randn(2, 3, 8, 8))
     fp = ho.freeze_quantized_(model)
     groups = ho.param_groups(model, 1e-3)
@@ -55,7 +49,7 @@ def test_param_groups_leaves_out_frozen_parameters():
                                     dict(lr=1e-3, interval_lr_mult=0.0), dict(lr=1e-3, gate_lr_mult=-2.0)])
 def test_param_groups_bad_arguments(kwargs):
     with pytest.raises(ValueError, match="must be"):
-        ho.param_groups(_small_cnn(), **kwargs)
+        ho.param_groups(small_cnn(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- LSQ gradient scale
@@ -171,7 +165,7 @@ def test_resnet50_calibrated_on_untrained_running_statistics_diverges():
 # ----------------------------------------------------------------------------- regularization() and backward()
 def test_regularization_before_and_after_backward():
     torch.manual_seed(0)
-    model = _small_cnn()
+    model = small_cnn()
     ho.hybridize_(model, ho.HybridConfig(keep=0.5), example_inputs=torch.randn(4, 3, 8, 8))
     model.train()
     bn, second = model[1], model[3]
