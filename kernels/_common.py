@@ -23,25 +23,24 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# Maps derived from index tensors (kept-channel slot maps), per index tensor and its version:
-# deployed layers pass the same index buffers on every call, so the small map-building launches
-# happen once per buffer instead of once per call (at batch 1 every launch shows).
-_index_maps: Dict[Tuple[int, int, str], tuple] = {}
+# Tensors derived from a layer's buffers (kept-channel slot maps, compute-ready weights), per
+# source tensor and its version: deployed layers pass the same buffers on every call, so the small
+# launches that build them happen once per buffer instead of once per call (at batch 1 every
+# launch shows). An entry goes when its source is freed.
+_derived: Dict[Tuple[int, object, str], tuple] = {}
 
 
-def cached_index_map(idx: torch.Tensor, size: int, build: Callable[[torch.Tensor, int], object]):
-    """``build(idx, size)``, cached while ``idx`` is alive and unmodified. Nothing is cached
+def cached_derived(src: torch.Tensor, arg, build: Callable[[torch.Tensor, object], object]):
+    """``build(src, arg)``, cached while ``src`` is alive and unmodified. Nothing is cached
     during a CUDA graph capture, whose allocations belong to the graph."""
-    if idx.is_cuda and torch.cuda.is_current_stream_capturing():
-        return build(idx, size)
-    key = (id(idx), size, build.__name__)
-    hit = _index_maps.get(key)
-    if hit is not None and hit[0]() is idx and hit[1] == idx._version:
+    if src.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build(src, arg)
+    key = (id(src), arg, build.__name__)
+    hit = _derived.get(key)
+    if hit is not None and hit[0]() is src and hit[1] == src._version:
         return hit[2]
-    value = build(idx, size)
-    if len(_index_maps) > 1024:  # entries of freed index tensors: drop them now and then
-        _index_maps.clear()
-    _index_maps[key] = (weakref.ref(idx), idx._version, value)
+    value = build(src, arg)
+    _derived[key] = (weakref.ref(src, lambda _, k=key: _derived.pop(k, None)), src._version, value)
     return value
 
 
@@ -104,6 +103,48 @@ def unpack_nibble(v, shift, SIGNED: tl.constexpr):
     if SIGNED:
         x = (x ^ 8) - 8
     return x.to(tl.int8)
+
+
+# SWAR nibble expansion (issue 11): each 32-bit register holds four packed bytes; two masks and a
+# shift split them into four low and four high codes at once, instead of one byte per operation.
+# A signed nibble (bit 3 set) becomes a negative int8 by OR-ing 0xF0 into its byte:
+# (x & 0x08) * 30 = 0xF0 per byte, and no product crosses into the next byte (0x08 * 30 < 0x100).
+# swar_unpack_reference in tests/test_kernels.py repeats these operations on numpy words.
+_SWAR_SPLIT = """{
+.reg .b32 t;
+and.b32 $0, $2, 0x0F0F0F0F;
+shr.b32 t, $2, 4;
+and.b32 $1, t, 0x0F0F0F0F;
+"""
+_SWAR_SIGN = """.reg .b32 s;
+and.b32 s, $0, 0x08080808;
+mul.lo.u32 s, s, 30;
+or.b32 $0, $0, s;
+and.b32 s, $1, 0x08080808;
+mul.lo.u32 s, s, 30;
+or.b32 $1, $1, s;
+"""
+SWAR_UNSIGNED_ASM = tl.constexpr(_SWAR_SPLIT + "}")
+SWAR_SIGNED_ASM = tl.constexpr(_SWAR_SPLIT + _SWAR_SIGN + "}")
+
+
+@triton.jit
+def unpack_nibbles(v, SIGNED: tl.constexpr, SWAR: tl.constexpr):
+    """Bytes ``v`` (uint8) -> ``(low, high)`` nibble codes as int8 tiles of ``v``'s shape.
+    ``SWAR``: four bytes per 32-bit operation (inline PTX, GPU only); otherwise one
+    :func:`unpack_nibble` per byte (the interpreter's path, with the same results)."""
+    if SWAR:
+        if SIGNED:
+            lo, hi = tl.inline_asm_elementwise(SWAR_SIGNED_ASM, "=r,=r,r", [v], dtype=(tl.int8, tl.int8),
+                                               is_pure=True, pack=4)
+        else:
+            lo, hi = tl.inline_asm_elementwise(SWAR_UNSIGNED_ASM, "=r,=r,r", [v], dtype=(tl.int8, tl.int8),
+                                               is_pure=True, pack=4)
+    else:
+        w = v.to(tl.int32)
+        lo = unpack_nibble(w, 0, SIGNED)
+        hi = unpack_nibble(w, 4, SIGNED)
+    return lo, hi
 
 
 @triton.jit

@@ -4,11 +4,12 @@ GEMM view: ``M = N * Ho * Wo`` output pixels, ``N = C_out``, ``K = KH * KW * C_i
 Codes are unpacked in registers to int8 and multiplied on the int8 tensor cores (int32
 accumulation), both operands K-major as they are stored.
 
-K order. With nibble-packed operands a K step covers ``2 * BLOCK_K`` channels as two planes,
-the even channels (low nibbles) then the odd ones (high nibbles), each a ``tl.dot`` with
-``K = BLOCK_K``: unpacking then needs no interleaving, and a one-byte operand facing a packed
-one is read with the same even/odd split. When both operands are one byte per code, a step is
-``BLOCK_K`` consecutive channels and a single dot.
+Operands. Weights are made compute-ready once per weight tensor (:func:`compute_ready_weight`,
+cached): int8, one code per byte, channels zero-padded to :data:`tiles.K_PAD`, so the B tile goes
+from global to shared memory untouched and needs no channel mask. Nibble-packed activation codes
+are split with SWAR bit operations (four bytes per 32-bit register, ``_common.unpack_nibbles``) and
+interleaved back into channel order, so that a K step of ``BLOCK_K`` channels is one ``tl.dot``
+whatever the bit widths.
 
 Tiles. One config per shape from the shipped table of :mod:`.tiles` (no autotuning unless
 ``HYBRIDOPS_AUTOTUNE=1``), so a cold process compiles one kernel per layer specialisation.
@@ -25,12 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridops.ops.packing import levels, packed_size
+from hybridops.ops.packing import levels, packed_size, unpack_codes
 from hybridops.ops.geometry import conv_out_size
 
 from . import tiles
-from ._common import (INTERPRET, LAUNCH_OPTS, cached_index_map, check_device, check_grid, check_int32_span, pack_pairs,
-                      quant_codes, unpack_nibble)
+from ._common import (INTERPRET, LAUNCH_OPTS, cached_derived, check_device, check_grid, check_int32_span, pack_pairs,
+                      quant_codes, unpack_nibble, unpack_nibbles)
 from .quantize import inverse_index
 
 # Output modes of the epilogue.
@@ -48,18 +49,17 @@ def _prune(configs, named_args, **kwargs):
     """Drop tiles much wider than the problem (few input channels per group, few output
     channels): they only multiply zeros. The narrowest ones always survive."""
     meta = {**named_args, **kwargs}
-    k_need = max(triton.next_power_of_2(meta["CIN_G"]), 32 * meta["PLANES"])
+    k_need = max(triton.next_power_of_2(meta["CIN_G"]), 32)
     n_need = max(triton.next_power_of_2(meta["C_OUT"]), 64)
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] * meta["PLANES"] <= k_need and c.kwargs["BLOCK_N"] <= n_need]
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= k_need and c.kwargs["BLOCK_N"] <= n_need]
     return kept or configs
 
 
 @triton.jit
-def _byte_plane(row, ok, ch, c_lim, sc, K_FULL: tl.constexpr):
-    """int8 one-byte codes at channels ``ch (BLOCK_K,)`` of the rows ``row`` (the tile's pixel or
-    weight-tap pointers, ``ok`` their masks); channels ``>= c_lim`` read as zero codes, unless
-    ``K_FULL`` says that no K step reaches past ``c_lim``. Returns ``(rows, BLOCK_K)`` when
-    ``row`` is a column, ``(BLOCK_K, rows)`` when it is a row vector."""
+def _byte_codes(row, ok, ch, c_lim, sc, K_FULL: tl.constexpr):
+    """int8 one-byte codes at channels ``ch`` (a ``(1, BLOCK_K)`` row) of the pixels ``row`` (a
+    ``(BLOCK_M, 1)`` column of pointers, ``ok`` its mask); channels ``>= c_lim`` read as zero
+    codes, unless ``K_FULL`` says that no K step reaches past ``c_lim``."""
     if K_FULL:
         mask = ok
     else:
@@ -68,13 +68,38 @@ def _byte_plane(row, ok, ch, c_lim, sc, K_FULL: tl.constexpr):
 
 
 @triton.jit
+def _nibble_codes(row, ok, cb, k0, CIN_G, sc, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr,
+                  SWAR: tl.constexpr, K_FULL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int8 codes ``(BLOCK_M, BLOCK_K)`` of the nibble-packed channels ``cb + i`` (``i <
+    BLOCK_K``; ``k0`` = ``cb`` within the group) of the pixels ``row``, in channel order."""
+    if A_ALIGNED:
+        # cb is even: byte j holds channels cb + 2j (low nibble) and cb + 2j + 1 (high). A byte
+        # whose high nibble is past the group's channels (odd C_in: the zero pad nibble) still
+        # loads: the compute-ready weights are zero there.
+        jb = tl.arange(0, BLOCK_K // 2)
+        if K_FULL:
+            mask = ok
+        else:
+            mask = ok & ((k0 + 2 * jb) < CIN_G)[None, :]
+        v = tl.load(row + (cb // 2 + jb)[None, :] * sc, mask=mask, other=0)
+        lo, hi = unpack_nibbles(v, A_SIGNED, SWAR)
+        return tl.reshape(tl.join(lo, hi), (BLOCK_M, BLOCK_K))
+    else:
+        # A group starting mid-byte (odd C_in per group, grouped): one load per code, rare.
+        i = tl.arange(0, BLOCK_K)
+        ch = cb + i
+        v = tl.load(row + (ch // 2)[None, :] * sc, mask=ok & ((k0 + i) < CIN_G)[None, :], other=0).to(tl.int32)
+        return unpack_nibble(v, ((ch % 2) * 4)[None, :], A_SIGNED)
+
+
+@triton.jit
 def _qconv_kernel(
     x_ptr, w_ptr, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr, rq_ptr,
     M, M_BUCKET, H, W, HO, WO, C_OUT, CIN_G, COUT_G, OUT_ROW,
-    sxn, sxh, sxw, sxc, swo, swh, sww, swc, sfn, sfh, sfw, sfk,
+    sxn, sxh, sxw, sxc, swo, swh, sww, sfn, sfh, sfw, sfk,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW,
-    A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, W_NIB: tl.constexpr,
-    PLANES: tl.constexpr, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
+    A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, SWAR: tl.constexpr,
+    OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
     RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_FULL: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, ITERS_PER_SPLIT=0,
@@ -86,10 +111,12 @@ def _qconv_kernel(
     and adds its int32 partial sums atomically into ``out`` (zeroed by the launcher); integer sums
     make the result exact and independent of the order the splits land in.
 
-    Input ``x[n, h, w, byte]`` and weights ``w[co, kh, kw, byte]`` are addressed through their
-    strides (``sx*``, ``sw*``, in bytes); the pruned branch ``fp[n, ho, wo, j]`` through ``sf*``
-    and the inverse map ``slot[co]`` (= j, or -1 for channels it does not feed). ``OUT_MODE``:
-    0 int32 accumulators, 1 float ``y``, 2 packed codes of ``y`` (``_OUT_INT32/_FLOAT/_CODES``).
+    Input codes ``x[n, h, w, byte]`` are addressed through their strides (``sx*``, in bytes);
+    weights are compute-ready (:func:`compute_ready_weight`: int8 ``w[co, kh, kw, c]``, channels
+    contiguous and zero-padded to :data:`tiles.K_PAD`, strides ``sw*``); the pruned branch
+    ``fp[n, ho, wo, j]`` through ``sf*`` and the inverse map ``slot[co]`` (= j, or -1 for channels
+    it does not feed). ``OUT_MODE``: 0 int32 accumulators, 1 float ``y``, 2 packed codes of ``y``
+    (``_OUT_INT32/_FLOAT/_CODES``).
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -108,16 +135,15 @@ def _qconv_kernel(
     co = n0 + tl.arange(0, BLOCK_N)
     co_ok = co < C_OUT
     w_rows = w_ptr + co.to(tl.int64) * swo
-    j = tl.arange(0, BLOCK_K)
+    kk = tl.arange(0, BLOCK_K)
 
-    K_STEP: tl.constexpr = BLOCK_K * PLANES
-    n_chunks = tl.cdiv(CIN_G, K_STEP)
+    n_chunks = tl.cdiv(CIN_G, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     g_first = n0 // COUT_G
     g_last = (tl.minimum(n0 + BLOCK_N, C_OUT) - 1) // COUT_G
     for g in range(g_first, g_last + 1):
         c0 = g * CIN_G
-        w_ok = co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G)
+        w_ok = (co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G))[None, :]
         # Taps and channel chunks in one flat loop, so that the compiler pipelines all of it.
         it_lo = 0
         it_hi = KH * KW * n_chunks
@@ -126,62 +152,22 @@ def _qconv_kernel(
             it_hi = tl.minimum(it_lo + ITERS_PER_SPLIT, it_hi)
         for it in range(it_lo, it_hi):
             tap = it // n_chunks
-            k0 = (it % n_chunks) * K_STEP
+            k0 = (it % n_chunks) * BLOCK_K
             kh = tap // KW
             kw = tap % KW
             ih = ih0 + kh * DIL_H
             iw = iw0 + kw * DIL_W
             a_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
             a_row = (x_img + ih * sxh + iw * sxw)[:, None]
-            w_tap = (w_rows + kh * swh + kw * sww)[None, :]
-            if PLANES == 1:
-                a = _byte_plane(a_row, a_ok, (c0 + k0 + j)[None, :], c0 + CIN_G, sxc, K_FULL)
-                b = _byte_plane(w_tap, w_ok[None, :], (k0 + j)[:, None], CIN_G, swc, K_FULL)
-                acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            # The B tile goes to the MMA as stored: one int8 code per byte, zero past C_in per group
+            # (padded to K_PAD), so only the tile's output columns are masked.
+            b = tl.load((w_rows + kh * swh + kw * sww)[None, :] + (k0 + kk)[:, None], mask=w_ok, other=0)
+            if A_NIB:
+                a = _nibble_codes(a_row, a_ok, c0 + k0, k0, CIN_G, sxc, A_SIGNED, A_ALIGNED, SWAR, K_FULL, BLOCK_M,
+                                  BLOCK_K)
             else:
-                # Plane p holds the channels k0 + 2j + p of the group. K_FULL (C_in / groups a
-                # multiple of the K step): every channel of every step exists, so only the image
-                # border and the tile's rows and columns are masked; the loads then vectorise.
-                if K_FULL:
-                    a_even = a_ok
-                    a_odd = a_ok
-                    w_even = w_ok[None, :]
-                else:
-                    even_ok = (k0 + 2 * j) < CIN_G
-                    odd_ok = (k0 + 2 * j + 1) < CIN_G
-                    a_even = a_ok & even_ok[None, :]
-                    a_odd = a_ok & odd_ok[None, :]
-                    w_even = even_ok[:, None] & w_ok[None, :]
-                if A_NIB:
-                    if A_ALIGNED:
-                        # The group starts on a byte: one load gives both planes.
-                        v = tl.load(a_row + ((c0 + k0) // 2 + j)[None, :] * sxc, mask=a_even, other=0).to(tl.int32)
-                        a0 = unpack_nibble(v, 0, A_SIGNED)
-                        a1 = unpack_nibble(v, 4, A_SIGNED)
-                    else:
-                        # Odd group start: channel c0+k0+2j+p sits in byte (c0+k0+p)//2 + j, at
-                        # nibble (c0+k0+p) % 2, the same for the whole plane.
-                        cb = c0 + k0
-                        v0 = tl.load(a_row + (cb // 2 + j)[None, :] * sxc, mask=a_even, other=0).to(tl.int32)
-                        v1 = tl.load(a_row + ((cb + 1) // 2 + j)[None, :] * sxc, mask=a_odd, other=0).to(tl.int32)
-                        a0 = unpack_nibble(v0, (cb % 2) * 4, A_SIGNED)
-                        a1 = unpack_nibble(v1, ((cb + 1) % 2) * 4, A_SIGNED)
-                else:
-                    a0 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j)[None, :], c0 + CIN_G, sxc, K_FULL)
-                    a1 = _byte_plane(a_row, a_ok, (c0 + k0 + 2 * j + 1)[None, :], c0 + CIN_G, sxc, K_FULL)
-                if W_NIB:
-                    v = tl.load(w_tap + (k0 // 2 + j)[:, None] * swc, mask=w_even, other=0).to(tl.int32)
-                    b0 = unpack_nibble(v, 0, True)
-                    if K_FULL:
-                        b1 = unpack_nibble(v, 4, True)
-                    else:
-                        # The pad nibble of an odd C_in/groups must not meet a real activation code.
-                        b1 = tl.where(odd_ok[:, None], unpack_nibble(v, 4, True), 0).to(tl.int8)
-                else:
-                    b0 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j)[:, None], CIN_G, swc, K_FULL)
-                    b1 = _byte_plane(w_tap, w_ok[None, :], (k0 + 2 * j + 1)[:, None], CIN_G, swc, K_FULL)
-                acc = tl.dot(a0, b0, acc, out_dtype=tl.int32)
-                acc = tl.dot(a1, b1, acc, out_dtype=tl.int32)
+                a = _byte_codes(a_row, a_ok, (c0 + k0 + kk)[None, :], c0 + CIN_G, sxc, K_FULL)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
     if SPLIT_K > 1:
         # int32 offsets (the launcher splits only accumulators of < 2^31 elements) and relaxed
@@ -259,7 +245,7 @@ def _split_k_epilogue_kernel(
 # Only with HYBRIDOPS_AUTOTUNE=1 (tiles.autotune_requested). M_BUCKET (M rounded up to a power
 # of two) rather than M keys the tuning: a new batch size or resolution in the same bucket reuses
 # the tuned tile instead of re-timing every config.
-_TUNE_KEY = ["M_BUCKET", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "W_NIB", "OUT_MODE"]
+_TUNE_KEY = ["M_BUCKET", "C_OUT", "CIN_G", "COUT_G", "KH", "KW", "A_NIB", "OUT_MODE"]
 _qconv_tuned = triton.autotune(configs=_autotune_configs(), key=_TUNE_KEY,
                                prune_configs_by={"early_config_prune": _prune})(_qconv_kernel)
 # Keys tuned in this process (the autotuner's own cache is internal and differs across Triton
@@ -331,34 +317,34 @@ def qconv2d(
     if out.numel() == 0:
         return out
     cin_g = in_channels // groups
-    a_nib, w_nib = bits_a <= 4, bits_w <= 4
+    a_nib = bits_a <= 4
     has_fp = mode != _OUT_INT32 and fp_out is not None
     fp = fp_out if has_fp else out
     m = n * ho * wo
     requant = mode == _OUT_CODES
+    w_ready = cached_derived(w_packed, (bits_w, cin_g), compute_ready_weight)
 
     args = (
-        x_codes, w_packed, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
-        fp, cached_index_map(fp_idx, c_out, inverse_index) if has_fp else out,
+        x_codes, w_ready, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
+        fp, cached_derived(fp_idx, c_out, inverse_index) if has_fp else out,
         requant_qparams.contiguous() if requant else out,
         m, triton.next_power_of_2(m), h, w, ho, wo, c_out, cin_g, c_out // groups, row,
-        *x_codes.stride(), *w_packed.stride(), *(fp.stride() if has_fp else (0, 0, 0, 0)),
+        *x_codes.stride(), *w_ready.stride()[:3], *(fp.stride() if has_fp else (0, 0, 0, 0)),
         stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw,
     )
     const = dict(
-        A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, W_NIB=w_nib,
-        PLANES=2 if (a_nib or w_nib) else 1, OUT_MODE=mode, HAS_BIAS=mode != _OUT_INT32 and bias is not None,
+        A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, SWAR=not INTERPRET,
+        OUT_MODE=mode, HAS_BIAS=mode != _OUT_INT32 and bias is not None,
         HAS_FP=has_fp, RELU=mode != _OUT_INT32 and relu,
         RQ_LEVELS=levels(requant_bits, requant_signed) if requant else 1, RQ_SIGNED=requant and requant_signed,
         RQ_NIB=requant and requant_bits <= 4,
     )
-    planes = const["PLANES"]
     if tiles.autotune_requested():
         if split_k not in (None, 1):
             raise ValueError(f"split_k={split_k!r} is not autotuned: unset HYBRIDOPS_AUTOTUNE to split K, or pass "
                              "split_k=None.")
-        const["K_FULL"] = cin_g % (max(c.kwargs["BLOCK_K"] for c in _qconv_tuned.configs) * planes) == 0
-        key = (triton.next_power_of_2(m), c_out, cin_g, c_out // groups, kh, kw, a_nib, w_nib, mode, a_signed,
+        const["K_FULL"] = cin_g % max(c.kwargs["BLOCK_K"] for c in _qconv_tuned.configs) == 0
+        key = (triton.next_power_of_2(m), c_out, cin_g, c_out // groups, kh, kw, a_nib, mode, a_signed,
                groups == 1 or cin_g % 2 == 0, out.dtype, fp.dtype, scale.dtype,
                bias.dtype if bias is not None else None)
         if key not in _tuned_keys and _capturing(x_codes):
@@ -373,10 +359,10 @@ def qconv2d(
         _tuned_keys.add(key)
         return out
     t = tiles.pick(m, c_out, INTERPRET)
-    const["K_FULL"] = cin_g % (t.block_k * planes) == 0
+    const["K_FULL"] = cin_g % t.block_k == 0
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")
-    iters = kh * kw * triton.cdiv(cin_g, t.block_k * planes)
+    iters = kh * kw * triton.cdiv(cin_g, t.block_k)
     sms = torch.cuda.get_device_properties(x_codes.device).multi_processor_count if x_codes.is_cuda else tiles.SM_COUNT
     split = split_count(split_k, grid[0] * grid[1], iters, groups, sms)
     if split > 1:
@@ -390,7 +376,7 @@ def qconv2d(
     check_grid(grid + (split,), "qconv2d (split-K)")
     acc = out.zero_() if mode == _OUT_INT32 else torch.zeros((n, ho, wo, c_out), dtype=torch.int32,
                                                              device=x_codes.device)
-    acc_args = (x_codes, w_packed, acc) + args[3:17] + (c_out,) + args[18:]  # OUT_ROW: the int32 row
+    acc_args = (x_codes, w_ready, acc) + args[3:17] + (c_out,) + args[18:]  # OUT_ROW: the int32 row
     acc_const = dict(const, OUT_MODE=_OUT_INT32, HAS_BIAS=False, HAS_FP=False, RELU=False, RQ_LEVELS=1,
                      RQ_SIGNED=False, RQ_NIB=False)
     _qconv_kernel[grid + (split,)](*acc_args, **acc_const, **t.meta(), SPLIT_K=split, ITERS_PER_SPLIT=per,
@@ -403,6 +389,16 @@ def qconv2d(
             RQ_LEVELS=const["RQ_LEVELS"], RQ_SIGNED=const["RQ_SIGNED"], RQ_NIB=const["RQ_NIB"], BLOCK_M=bm, BLOCK_N=bn,
             num_warps=t.num_warps, **LAUNCH_OPTS)
     return out
+
+
+def compute_ready_weight(w_packed: torch.Tensor, bits_and_cin_g) -> torch.Tensor:
+    """The B operand as the kernel consumes it, from storage-format weights ``uint8 (C_out, KH,
+    KW, packed(C_in/g))`` (any strides): ``int8 (C_out, KH, KW, C_pad)``, one code per byte in
+    channel order, ``C_pad`` = C_in per group rounded up to :data:`tiles.K_PAD` with zero codes.
+    Made once per weight tensor (``cached_derived``); 4-bit weights take twice their stored bytes."""
+    bits_w, cin_g = bits_and_cin_g
+    codes = unpack_codes(w_packed, bits_w, cin_g, signed=True)
+    return torch.nn.functional.pad(codes, (0, -cin_g % tiles.K_PAD)).contiguous()
 
 
 # Pipeline depth of a split-K launch: the 32x64 batch-1 tile at 4 stages spilled 8 bytes on sm_90

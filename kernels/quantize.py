@@ -13,7 +13,7 @@ import triton.language as tl
 
 from hybridops.ops.packing import levels, packed_size
 
-from ._common import LAUNCH_OPTS, cached_index_map, check_device, check_grid, check_int32_span, pack_pairs, quant_codes
+from ._common import LAUNCH_OPTS, cached_derived, check_device, check_grid, check_int32_span, pack_pairs, quant_codes
 
 # 1024 elements per program: measured fastest for this pass on H100 (docs/gpu.md).
 _BLOCK = 1024
@@ -204,7 +204,7 @@ def quantize_activate(
     kp = x_slice.shape[-1] if has_slice else 0
     if has_slice:
         keep = keep_idx.contiguous()
-        slot, repeat = cached_index_map(keep, c, _slot_and_repeats)
+        slot, repeat = cached_derived(keep, c, _slot_and_repeats)
     else:
         keep = slot = repeat = codes
     # Pairs of channels per tile; most channels per tile when they are contiguous in memory

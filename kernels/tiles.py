@@ -8,11 +8,12 @@ launcher time all of :data:`SHIPPED` instead (``kernels/qconv.py``), which is re
 CUDA-graph capture for a shape not tuned before it.
 
 Every shipped config compiles for sm_90 with **zero register spills** in every kernel variant
-(packed / one-byte / mixed operands, unaligned groups, int32 / float / re-quantizing epilogues),
-checked with ``ptxas -v`` on Triton's PTX by ``tests/test_triton_codegen.py``. Configs with
-``BLOCK_K = 64`` and 128-row tiles that were tried spilled 90-1400 bytes (Triton 3.8): the masked
-per-element loads of the packed mainloop and the epilogue's per-element pointers fill the 255
-registers, so they are not shipped.
+(packed / one-byte activation codes, signed or not, groups starting mid-byte, int32 / float / re-quantizing epilogues),
+checked with ``ptxas -v`` on Triton's PTX by ``tests/test_triton_codegen.py``. Tried and not
+shipped (Triton 3.8, sm_90): 128x64, 64x128 and 128x128 tiles with ``BLOCK_K = 64`` spilled
+8-360 bytes, mostly in the re-quantizing epilogue (per-element pointers and the nibble packing
+fill the 255 registers); 32x64 on 4 warps spilled 8-16 bytes in the full-K packed mainloop, so
+it runs on 2 warps.
 """
 from __future__ import annotations
 
@@ -44,13 +45,18 @@ class Tile:
         return {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
 
 
-# Largest first. BLOCK_K >= 32 because int8 MMA consumes K in multiples of 32; BLOCK_M >= 64 runs
-# on wgmma, smaller BLOCK_M on mma.sync (checked by the codegen test).
+# Largest first. BLOCK_K (channels per K step, one tl.dot) >= 32 because int8 MMA consumes K in
+# multiples of 32; BLOCK_M >= 64 runs on wgmma, smaller BLOCK_M on mma.sync (checked by the
+# codegen test).
 SHIPPED: Tuple[Tile, ...] = (
-    Tile(64, 64, 32, 4, 4),   # batched layers
-    Tile(32, 64, 32, 4, 4),   # batch 1: M = Ho * Wo of a few hundred to a few thousand pixels
-    Tile(16, 64, 32, 4, 4),   # the smallest M (1x1 images: fully connected layers, late layers)
+    Tile(64, 64, 64, 4, 4),   # batched layers
+    Tile(32, 64, 64, 2, 4),   # batch 1: M = Ho * Wo of a few hundred to a few thousand pixels (4 warps spilled)
+    Tile(16, 64, 64, 4, 4),   # the smallest M (1x1 images: fully connected layers, late layers)
 )
+
+# Compute-ready weights pad C_in per group with zero codes to a multiple of this, so that no K
+# step of any tile (each BLOCK_K divides it) reads past a weight row: the B tile needs no mask.
+K_PAD = 64
 
 # The tile of the CPU interpreter, whatever the shape: its cost is per program and per op, so a
 # medium tile runs the test suite fastest; and one config means nothing is tuned there.

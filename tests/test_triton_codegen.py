@@ -29,15 +29,15 @@ import tempfile
 import pytest
 
 
-# Variant families of the qconv kernel (constexpr choices of kernels/qconv.py's launcher):
-# packed / one-byte / mixed operands, byte-aligned or mid-byte groups, and the three epilogues.
+# Variant families of the qconv kernel (constexpr choices of kernels/qconv.py's launcher): packed /
+# one-byte activation codes, signed or not, byte-aligned or mid-byte groups, and the three
+# epilogues. Weights are always compute-ready int8.
 SPILL_VARIANTS = {
-    "nib_requant": (dict(A_NIB=True, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=2), "*u8"),
-    "nib_unaligned_bf16": (dict(A_NIB=True, A_ALIGNED=False, W_NIB=True, PLANES=2, OUT_MODE=1), "*bf16"),
-    "nib_int32": (dict(A_NIB=True, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=0), "*i32"),
-    "byte_int32": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=False, PLANES=1, OUT_MODE=0), "*i32"),
-    "byte_requant": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=False, PLANES=1, OUT_MODE=2), "*u8"),
-    "a8w4_bf16": (dict(A_NIB=False, A_ALIGNED=True, W_NIB=True, PLANES=2, OUT_MODE=1), "*bf16"),
+    "nib_requant": (dict(A_NIB=True, A_ALIGNED=True, OUT_MODE=2), "*u8"),
+    "nib_unaligned_bf16": (dict(A_NIB=True, A_ALIGNED=False, OUT_MODE=1), "*bf16"),
+    "nib_int32": (dict(A_NIB=True, A_ALIGNED=True, OUT_MODE=0), "*i32"),
+    "byte_int32": (dict(A_NIB=False, A_ALIGNED=True, OUT_MODE=0), "*i32"),
+    "byte_requant": (dict(A_NIB=False, A_ALIGNED=True, OUT_MODE=2), "*u8"),
 }
 SPILL_VARIANTS = {k: (dict(v, K_FULL=False), d) for k, (v, d) in SPILL_VARIANTS.items()}
 # Full K steps (C_in per group a multiple of the K step): masks only at the image border.
@@ -45,9 +45,11 @@ SPILL_VARIANTS.update({
     # split-K (batch-1 layers): int32 partial sums added atomically, the epilogue in its own kernel
     "nib_split_k": (dict(SPILL_VARIANTS["nib_int32"][0], K_FULL=True, SPLIT_K=4), "*i32"),
     "nib_requant_kfull": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True), "*u8"),
+    "nib_signed_bf16_kfull": (dict(A_NIB=True, A_ALIGNED=True, A_SIGNED=True, OUT_MODE=1, K_FULL=True), "*bf16"),
     "byte_requant_kfull": (dict(SPILL_VARIANTS["byte_requant"][0], K_FULL=True), "*u8"),
-    "a8w4_bf16_kfull": (dict(SPILL_VARIANTS["a8w4_bf16"][0], K_FULL=True), "*bf16"),
 })
+# Variants whose main loop is checked for vector copies (no byte loads) and SWAR unpacking.
+PIPELINED = ("nib_split_k", "nib_requant_kfull", "nib_signed_bf16_kfull", "byte_requant_kfull")
 
 
 # Arguments of the qconv kernel that the JIT marks 16-divisible for a layer such as ResNet-50's
@@ -84,6 +86,42 @@ def ptxas_usage(ptx_src: str) -> int:
     return int(m.group(1))
 
 
+def _triton_tool(name: str) -> str:
+    """A CUDA binary utility bundled with Triton (nvdisasm), else the one on PATH."""
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return bundled if os.path.exists(bundled) else shutil.which(name)
+
+
+def mainloop_sass_count(cubin: bytes) -> int:
+    """SASS instructions of the innermost loop that holds the MMAs (a backward branch whose range
+    contains an IGMMA / HGMMA / IMMA), or -1 when nvdisasm is missing: a regression guard, printed."""
+    tool = _triton_tool("nvdisasm")
+    if tool is None:
+        return -1
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([tool, "-c", path], capture_output=True, text=True, check=True).stdout
+    labels, instrs = {}, []  # label -> index of the next instruction; (text) per instruction
+    for line in sass.splitlines():
+        lab = re.match(r"\s*(\.L_x_\d+):", line)
+        if lab:
+            labels[lab.group(1)] = len(instrs)
+        elif re.search(r"/\*[0-9a-f]{4,}\*/", line):
+            instrs.append(line)
+    loops = []
+    for i, text in enumerate(instrs):
+        target = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", text)
+        if target and labels.get(target.group(1), i + 1) <= i:
+            body = instrs[labels[target.group(1)]:i + 1]
+            if any(re.search(r"\b(HGMMA|IGMMA|IMMA)\b", t) for t in body):
+                loops.append(len(body))
+    return min(loops) if loops else 0
+
+
 def _compile_all() -> list:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -93,14 +131,17 @@ def _compile_all() -> list:
     import hybridops.kernels.quantize as Q
     import hybridops.kernels.tiles as T
 
-    def ptx(jf, sig, consts, **opts):
-        if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes, one K split
-            consts = dict(dict(SPLIT_K=1), **consts, sxc=1, swc=1)
+    def compiled(jf, sig, consts, **opts):
+        if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes, one K split, on a GPU
+            consts = dict(dict(SPLIT_K=1, SWAR=True), **consts, sxc=1)
         full = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in jf.arg_names}
         attrs = {(jf.arg_names.index(n),): [["tt.divisibility", 16]] for n in QCONV_DIV16 if n in jf.arg_names
                  and n not in consts and jf is C._qconv_kernel}
         src = ASTSource(jf, full, constexprs=consts, attrs=attrs)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False, **opts)).asm["ptx"]
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False, **opts)).asm
+
+    def ptx(jf, sig, consts, **opts):
+        return compiled(jf, sig, consts, **opts)["ptx"]
 
     out = []
     for dt in ("*fp32", "*bf16"):
@@ -113,14 +154,13 @@ def _compile_all() -> list:
             dict(LEVELS=15, SIGNED=False, NIBBLE=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_SLICE=True,
                  BLOCK_P=16, BLOCK_C=64), num_warps=4)
     out.append({"kernel": "quantize_activate", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
-    sig = {"x_ptr": "*u8", "w_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
+    sig = {"x_ptr": "*u8", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
            "slot_ptr": "*i32", "rq_ptr": "*fp32"}
     shipped = T.SHIPPED
     for t in (shipped[0], shipped[-1]):  # the largest tile (wgmma) and the smallest-M one (mma.sync)
-        for a_nib, w_nib, mode, dst in ((True, True, 2, "*u8"), (True, True, 1, "*bf16"), (False, False, 0, "*i32")):
-            consts = dict(A_NIB=a_nib, A_SIGNED=False, A_ALIGNED=True, W_NIB=w_nib, PLANES=2 if a_nib else 1,
-                          OUT_MODE=mode, HAS_BIAS=True, HAS_FP=True, RELU=True, RQ_LEVELS=15, RQ_SIGNED=False,
-                          RQ_NIB=True, K_FULL=False, **t.meta())
+        for a_nib, mode, dst in ((True, 2, "*u8"), (True, 1, "*bf16"), (False, 0, "*i32")):
+            consts = dict(A_NIB=a_nib, A_SIGNED=False, A_ALIGNED=True, OUT_MODE=mode, HAS_BIAS=True, HAS_FP=True,
+                          RELU=True, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True, K_FULL=False, **t.meta())
             p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=t.num_stages)
             mma = "wgmma" if "wgmma" in p else ("mma.sync" if "mma.sync" in p else "none")
             out.append({"kernel": f"qconv {t.name} nib={a_nib} mode={mode}", "block_m": t.block_m,
@@ -128,17 +168,17 @@ def _compile_all() -> list:
     # Spills: every shipped tile in every variant family the launcher can specialise to.
     for t in shipped:
         for name, (v, dst) in SPILL_VARIANTS.items():
-            consts = dict(A_SIGNED=False, HAS_BIAS=v["OUT_MODE"] != 0, HAS_FP=v["OUT_MODE"] != 0,
+            consts = dict(dict(A_SIGNED=False), HAS_BIAS=v["OUT_MODE"] != 0, HAS_FP=v["OUT_MODE"] != 0,
                           RELU=v["OUT_MODE"] != 0, RQ_LEVELS=15, RQ_SIGNED=False, RQ_NIB=True, **v, **t.meta())
             stages = min(t.num_stages, C.SPLIT_K_STAGES) if v.get("SPLIT_K", 1) > 1 else t.num_stages  # as launched
-            p = ptx(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=stages)
+            asm = compiled(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=stages)
+            p = asm["ptx"]
             out.append({"kernel": f"qconv {t.name} {name}", "spill": ptxas_usage(p)})
-            if name == "nib_split_k":
-                out.append({"kernel": f"qconv {t.name} {name} loads", "cp_async": len(re.findall(r"cp\.async\.c", p)),
-                            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p))})
-            if name == "nib_requant_kfull":
-                out.append({"kernel": f"qconv {t.name} {name} loads", "cp_async": len(re.findall(r"cp\.async\.c", p)),
-                            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p))})
+            if name in PIPELINED:
+                out.append({"kernel": f"qconv {t.name} {name} loads", "a_nib": v["A_NIB"],
+                            "cp_async": len(re.findall(r"cp\.async\.c", p)),
+                            "byte_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.[ubs]8\b", p)),
+                            "swar": len(re.findall(r"0x0F0F0F0F", p)), "mainloop_sass": mainloop_sass_count(asm["cubin"])})
         # the split-K epilogue kernel, in its heaviest mode (re-quantized nibble codes)
         ep_sig = {"acc_ptr": "*i32", "out_ptr": "*u8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
                   "slot_ptr": "*i32", "rq_ptr": "*fp32"}
@@ -161,9 +201,12 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
     ptx_checks = [r for r in results if "fma" in r]
     spills = [r for r in results if "spill" in r]
     loads = [r for r in results if "cp_async" in r]
-    assert len(loads) == 2 * len(tiles.SHIPPED)  # one K split and split-K
-    for r in loads:  # the packed mainloop with full K steps is pipelined: vector copies, no byte loads
+    assert len(loads) == len(PIPELINED) * len(tiles.SHIPPED)
+    for r in loads:  # full K steps: vector copies, no byte loads; packed codes split four bytes at a time
+        print(r["kernel"], "main-loop SASS instructions:", r["mainloop_sass"])
         assert r["cp_async"] > 0 and r["byte_loads"] == 0, r
+        assert (r["swar"] > 0) == r["a_nib"], r
+        assert r["mainloop_sass"] != 0, r  # the loop holding the MMAs was found (-1: no nvdisasm)
     assert len(ptx_checks) == 9
     for r in ptx_checks:
         assert r["fma"] == 0, r

@@ -18,3 +18,49 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     x = torch.randn(1, 2, 3, 3)
     with pytest.raises(ValueError, match="CUDA device, got cpu"):
         torch.ops.hybridops.fake_quantize(x, torch.tensor([1.0, 0.0]), 4, False, "triton")
+
+
+def _run_ptx(asm: str, word: "np.ndarray") -> tuple:
+    """Execute the SWAR unpacking PTX of ``kernels/_common.py`` on numpy uint32 words: its four
+    instructions (and, shr, mul.lo, or on 32-bit registers), operands ``$0, $1`` (outputs) and
+    ``$2`` (the packed input), as the GPU would. Anything else in the text fails the test."""
+    import numpy as np
+
+    regs = {"$2": word.astype(np.uint32)}
+    for line in asm.strip().strip("{}").splitlines():
+        line = line.strip()
+        if not line or line.startswith(".reg"):
+            continue
+        op, rest = line.rstrip(";").split(None, 1)
+        dst, *src = [a.strip() for a in rest.split(",")]
+        vals = [regs[a] if a in regs else np.uint32(int(a, 0)) for a in src]
+        if op == "and.b32":
+            regs[dst] = vals[0] & vals[1]
+        elif op == "or.b32":
+            regs[dst] = vals[0] | vals[1]
+        elif op == "shr.b32":
+            regs[dst] = vals[0] >> vals[1]
+        elif op == "mul.lo.u32":
+            regs[dst] = (vals[0].astype(np.uint64) * np.uint64(vals[1]) & 0xFFFFFFFF).astype(np.uint32)
+        else:
+            raise AssertionError(f"unexpected PTX instruction {line!r}")
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_swar_nibble_unpacking_matches_the_format(signed):
+    """The inline PTX that splits four packed bytes per register (GPU only) gives, byte for byte,
+    the codes of hybridops.ops.packing.unpack_codes: every byte value in every byte position."""
+    np = pytest.importorskip("numpy")
+    pytest.importorskip("triton")
+    from hybridops.kernels import _common
+    from hybridops.ops.packing import unpack_codes
+
+    asm = (_common.SWAR_SIGNED_ASM if signed else _common.SWAR_UNSIGNED_ASM).value
+    rng = np.random.default_rng(0)
+    b = np.concatenate([np.repeat(np.arange(256, dtype=np.uint8)[:, None], 4, 1),  # each value in each byte
+                        rng.integers(0, 256, (4096, 4), dtype=np.uint8)])
+    lo, hi = _run_ptx(asm, b.view("<u4")[:, 0])
+    got = np.stack([lo.view(np.uint8).reshape(-1, 4), hi.view(np.uint8).reshape(-1, 4)], -1).reshape(-1, 8)
+    expect = unpack_codes(torch.from_numpy(b), 4, 8, signed).numpy().view(np.uint8)
+    np.testing.assert_array_equal(got, expect)
