@@ -31,14 +31,16 @@ _derived: Dict[Tuple[int, object, str], tuple] = {}
 
 
 def cached_derived(src: torch.Tensor, arg, build: Callable[[torch.Tensor, object], object]):
-    """``build(src, arg)``, cached while ``src`` is alive and unmodified. Nothing is cached
-    during a CUDA graph capture, whose allocations belong to the graph."""
-    if src.is_cuda and torch.cuda.is_current_stream_capturing():
-        return build(src, arg)
+    """``build(src, arg)``, cached while ``src`` is alive and unmodified. A CUDA graph capture
+    reads an entry made before it (the graph then reads that tensor on every replay: capture
+    again after changing ``src`` in place) but adds none, since its allocations belong to the
+    graph (the build is then part of every replay)."""
     key = (id(src), arg, build.__name__)
     hit = _derived.get(key)
     if hit is not None and hit[0]() is src and hit[1] == src._version:
         return hit[2]
+    if src.is_cuda and torch.cuda.is_current_stream_capturing():
+        return build(src, arg)
     value = build(src, arg)
     _derived[key] = (weakref.ref(src, lambda _, k=key: _derived.pop(k, None)), src._version, value)
     return value

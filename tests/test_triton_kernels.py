@@ -64,3 +64,30 @@ def test_swar_nibble_unpacking_matches_the_format(signed):
     got = np.stack([lo.view(np.uint8).reshape(-1, 4), hi.view(np.uint8).reshape(-1, 4)], -1).reshape(-1, 8)
     expect = unpack_codes(torch.from_numpy(b), 4, 8, signed).numpy().view(np.uint8)
     np.testing.assert_array_equal(got, expect)
+
+
+@pytest.mark.skipif(backend_unavailable_reason("triton", "cpu") is not None, reason="needs Triton")
+def test_derived_tensors_are_built_once_per_version_and_freed_with_their_source():
+    """Compute-ready weights and slot maps (kernels/_common.py, cached_derived): built on the first
+    call, reused while the source is unchanged, rebuilt after an in-place change, and dropped
+    when the source is freed."""
+    import gc
+
+    from hybridops.kernels import _common
+
+    calls = []
+
+    def double(t, k):
+        calls.append(k)
+        return t * k
+
+    w = torch.arange(4)
+    first = _common.cached_derived(w, 2, double)
+    assert _common.cached_derived(w, 2, double) is first and calls == [2]
+    w.add_(1)  # in place: a new version
+    assert torch.equal(_common.cached_derived(w, 2, double), (torch.arange(4) + 1) * 2) and calls == [2, 2]
+    key = (id(w), 2, "double")
+    assert key in _common._derived
+    del w
+    gc.collect()
+    assert key not in _common._derived
