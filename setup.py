@@ -11,6 +11,10 @@ Environment variables:
                              CI compiles: sm_80 SASS also runs on 8.6 / 8.9, so CI skips those two
                              and 9.0a). Passed as TORCH_CUDA_ARCH_LIST.
   MAX_JOBS                   parallel compile jobs of the ninja build (default: every CPU core).
+  HYBRIDOPS_BUILD_SM90=0|1   hybridops._C_sm90, the CUTLASS Hopper qconv2d (csrc/sm90/): built by
+                             default when the CUDA extension is, 9.0a is among the archs and the
+                             CUTLASS headers are installed (nvidia-cutlass, the [bench] extra);
+                             0 skips it, 1 requires it. CI's default archs leave it out.
 """
 import os
 import shutil
@@ -94,6 +98,55 @@ def cuda_extension():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=ninja)}
 
 
+def cutlass_include_dirs():
+    """CUTLASS's and CuTe's headers from the installed nvidia-cutlass wheel (its cutlass_library
+    package ships them under source/), without importing its Python modules; None if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent / "source"
+    dirs = [root / "include", root / "tools" / "util" / "include"]
+    if not (dirs[0] / "cutlass" / "conv" / "collective" / "collective_builder.hpp").exists():
+        return None
+    return [str(d) for d in dirs]
+
+
+def sm90_extension(cuda_ext_built: bool):
+    """Return the ext_modules list for hybridops._C_sm90 (csrc/sm90/): CUTLASS 3's Hopper int8 conv
+    mainloop with the hybrid epilogue, one kernel per source (CTA tile x output type), compiled
+    for sm_90a only (wgmma and TMA im2col exist only there). Needs the CUDA extension (it
+    dispatches here), 9.0a in HYBRIDOPS_CUDA_ARCHS and the nvidia-cutlass headers."""
+    want = os.environ.get("HYBRIDOPS_BUILD_SM90", "auto").lower()
+    if want in ("0", "false", "no", "off"):
+        return []
+    required = want in ("1", "true", "yes", "on")
+    archs = [a.strip() for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").split(";")]
+    includes = cutlass_include_dirs()
+    why = ("the CUDA extension is not built" if not cuda_ext_built else
+           "9.0a is not in HYBRIDOPS_CUDA_ARCHS" if "9.0a" not in archs else
+           "the CUTLASS headers are missing (pip install nvidia-cutlass==4.2.0.0)" if includes is None else None)
+    if why:
+        if required:
+            sys.exit(f"HYBRIDOPS_BUILD_SM90=1 but {why}.")
+        print(f"hybridops: skipping hybridops._C_sm90 (CUTLASS Hopper qconv2d): {why}", file=sys.stderr)
+        return []
+    from torch.utils.cpp_extension import CUDAExtension
+
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "sm90").glob("*.cu"))
+    print(f"hybridops: CUTLASS Hopper qconv2d hybridops._C_sm90 ({len(sources)} sources, sm_90a)", file=sys.stderr)
+    # An explicit -gencode makes torch skip TORCH_CUDA_ARCH_LIST for this extension. NDEBUG drops
+    # CUTLASS's device-side asserts, as its release builds do. No --use_fast_math (see below).
+    return [CUDAExtension(
+        name="hybridops._C_sm90",
+        sources=sources,
+        include_dirs=includes,
+        extra_compile_args={"cxx": ["-O3"],
+                            "nvcc": ["-O3", "-lineinfo", "-DNDEBUG", "-gencode=arch=compute_90a,code=sm_90a"]},
+    )]
+
+
 def cpu_extension():
     """Return (ext_modules, cmdclass) for csrc/cpu/ (hybridops._C_cpu, the onednn backend's own
     kernels), or empty ones when torch is not importable at build time. Plain C++ (no CUDA, no
@@ -118,6 +171,7 @@ def cpu_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
+ext_modules = ext_modules + sm90_extension(bool(ext_modules))
 _cpu_ext, _cpu_cmd = cpu_extension()
 ext_modules = ext_modules + _cpu_ext
 cmdclass = {**_cpu_cmd, **cmdclass}

@@ -2,7 +2,8 @@
 
 ``cutlass_conv.cu`` instantiates CUTLASS's own implicit-GEMM conv (collective builders, TMA
 im2col + wgmma, int32 accumulation, per-channel fp32 scale, bf16 output) for two CTA tiles,
-128x128x128 and 64x128x128. Nothing in hybridops imports this: it is compiled the first time a
+128x128x128 and 64x128x128, through the assembly hybridops' own Hopper kernel uses
+(``csrc/sm90/conv_sm90.cuh``: same mainloop, CUTLASS's plain scale epilogue instead of ours). Nothing in hybridops imports this: it is compiled the first time a
 benchmark asks for it (several minutes; nvcc on one .cu) into ``build/`` beside this file, or
 into ``$HYBRIDOPS_CUTLASS_BUILD_DIR``, and reused while the sources and flags are unchanged.
 
@@ -25,6 +26,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE / "cutlass_conv.cu"
+# csrc/: the kernel assembly shared with hybridops' own Hopper qconv2d (csrc/sm90/conv_sm90.cuh).
+CSRC = HERE.parent.parent / "csrc"
 TILES = {"128x128": 128, "64x128": 64}  # provider suffix -> CTA tile M; tile N and K are 128 for both
 
 # sm_90a, not sm_90: wgmma and TMA im2col are architecture-specific features that CUTLASS
@@ -84,7 +87,7 @@ def build(verbose: bool = False):
                                  "(e.g. /usr/local/cuda) before starting Python.")
     try:
         _module = cpp_extension.load(name="hybridops_bench_cutlass_conv", sources=[str(SOURCE)],
-                                     extra_include_paths=includes, extra_cuda_cflags=NVCC_FLAGS,
+                                     extra_include_paths=includes + [str(CSRC)], extra_cuda_cflags=NVCC_FLAGS,
                                      build_directory=str(build_dir()), verbose=verbose)
     except (RuntimeError, OSError, ImportError) as e:  # compiler errors surface as RuntimeError
         _build_error = f"building the CUTLASS conv extension failed: {e}"

@@ -13,6 +13,12 @@ Op signatures are those of :mod:`hybridops.ops.reference` (without ``backend``):
 * ``cuda_qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
   padding, dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits,
   requant_signed, out_dtype) -> NHWC output``.
+
+The optional extension ``hybridops._C_sm90`` (``csrc/sm90/``, built when the CUTLASS headers are
+installed and 9.0a is among the archs) is imported with it when present: it registers
+``cuda_qconv2d_sm90`` (the same arguments plus ``tile_m``), CUTLASS 3's Hopper int8 conv
+mainloop with the hybrid epilogue, which ``cuda_qconv2d`` then runs on sm_90 GPUs for the calls
+it takes (one-byte codes, groups 1, C_in and C_out multiples of 16; ``csrc/sm90/eligible.h``).
 """
 from __future__ import annotations
 
@@ -41,11 +47,25 @@ def load():
     if info.get("ops_version") != OPS_VERSION:
         raise ImportError(f"hybridops._C is stale: built with ops version {info.get('ops_version')}, these sources "
                           f"need {OPS_VERSION}.")
+    hopper = sm90()
+    if hopper is not None and hopper.ops_version != OPS_VERSION:
+        raise ImportError(f"hybridops._C_sm90 is stale: built with ops version {hopper.ops_version}, these sources "
+                          f"need {OPS_VERSION}.")
     global _fakes_registered
     if not _fakes_registered:  # load() may run again after cache_clear(); fakes register once
         _register_fakes()
         _fakes_registered = True
     return ext
+
+
+@functools.lru_cache(maxsize=None)
+def sm90():
+    """The CUTLASS Hopper extension ``hybridops._C_sm90`` once imported (which registers its op for
+    ``cuda_qconv2d`` to dispatch to), or None where it was not built."""
+    try:
+        return importlib.import_module("hybridops._C_sm90")
+    except ImportError:
+        return None
 
 
 def build_info() -> dict:
@@ -72,10 +92,22 @@ def _register_fakes() -> None:
     @torch.library.register_fake("hybridops::cuda_qconv2d")
     def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
           relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype):
-        n, h, w, _ = x_codes.shape
-        c_out, kh, kw, _ = w_packed.shape
-        ho = conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
-        wo = conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
-        if requant_qparams is not None:
-            return x_codes.new_empty((n, ho, wo, packed_size(c_out, requant_bits)), dtype=torch.uint8)
-        return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)
+        return _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation)
+
+    if sm90() is not None:
+        @torch.library.register_fake("hybridops::cuda_qconv2d_sm90")
+        def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+              groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, tile_m):
+            # One code per byte: packed_size is the channel count at 5-8 bits, all this op takes.
+            return _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation)
+
+
+def _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation):
+    """The output of cuda_qconv2d (and cuda_qconv2d_sm90) for these arguments, shape and dtype only."""
+    n, h, w, _ = x_codes.shape
+    c_out, kh, kw, _ = w_packed.shape
+    ho = conv_out_size(h, kh, stride[0], padding[0] + padding[1], dilation[0])
+    wo = conv_out_size(w, kw, stride[1], padding[2] + padding[3], dilation[1])
+    if requant_qparams is not None:
+        return x_codes.new_empty((n, ho, wo, packed_size(c_out, requant_bits)), dtype=torch.uint8)
+    return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)
