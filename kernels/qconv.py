@@ -98,11 +98,13 @@ def _qconv_kernel(
     M, M_BUCKET, H, W, HO, WO, C_OUT, CIN_G, COUT_G, OUT_ROW,
     sxn, sxh, sxw, sxc, swo, swh, sww, sfn, sfh, sfw, sfk,
     STRIDE_H, STRIDE_W, PAD_T, PAD_L, DIL_H, DIL_W, KH, KW,
+    xf_ptr, wf_ptr, fb_ptr, CF, sxfn, sxfh, sxfw, swfo, swfh, swfw,
     A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, SWAR: tl.constexpr,
     OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_FP: tl.constexpr,
     RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr, RQ_NIB: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, K_FULL: tl.constexpr,
     SPLIT_K: tl.constexpr = 1, ITERS_PER_SPLIT=0,
+    FP_FUSED: tl.constexpr = False, FP_IEEE: tl.constexpr = False, BLOCK_KF: tl.constexpr = 16,
 ):
     """One ``BLOCK_M x BLOCK_N`` tile of ``out (N, Ho, Wo, OUT_ROW)``.
 
@@ -117,6 +119,13 @@ def _qconv_kernel(
     ``fp[n, ho, wo, j]`` through ``sf*`` and the inverse map ``slot[co]`` (= j, or -1 for channels
     it does not feed). ``OUT_MODE``: 0 int32 accumulators, 1 float ``y``, 2 packed codes of ``y``
     (``_OUT_INT32/_FLOAT/_CODES``).
+
+    ``FP_FUSED`` (ungrouped, one K split, a float output mode): the pruned branch is computed here
+    instead of read from ``fp``: a second K loop over the float slice ``xf[n, h, w, c]`` (``CF``
+    channels, strides ``sxf*``) and the branch's weights scattered to output rows,
+    ``wf[co, kh, kw, c]`` (zero rows for channels the branch does not feed, strides ``swf*``),
+    into an fp32 accumulator, plus the scattered bias ``fb[co]``; ``FP_IEEE``: fp32 operands are
+    multiplied in fp32, not TF32.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -169,6 +178,11 @@ def _qconv_kernel(
                 a = _byte_codes(a_row, a_ok, (c0 + k0 + kk)[None, :], c0 + CIN_G, sxc, K_FULL)
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
 
+    f_fused = acc  # placeholder when the branch is not fused (the epilogue then reads fp)
+    if FP_FUSED:
+        f_fused = _fp_branch(xf_ptr, wf_ptr, img, ih0, iw0, m_ok, co, co_ok, H, W, CF, sxfn, sxfh, sxfw, swfo, swfh,
+                             swfw, DIL_H, DIL_W, KH, KW, FP_IEEE, BLOCK_M, BLOCK_N, BLOCK_KF)
+        f_fused = f_fused + tl.load(fb_ptr + co, mask=co_ok, other=0.0)[None, :]
     if SPLIT_K > 1:
         # int32 offsets (the launcher splits only accumulators of < 2^31 elements) and relaxed
         # order (the epilogue kernel runs after this launch on the stream): fewer registers.
@@ -176,13 +190,43 @@ def _qconv_kernel(
                       sem="relaxed")
     else:
         _store_epilogue(acc, offs_m, m_ok, img, oh, ow, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr,
-                        rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE, HAS_BIAS, HAS_FP, RELU, RQ_LEVELS, RQ_SIGNED,
+                        rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, f_fused, FP_FUSED, OUT_MODE, HAS_BIAS, HAS_FP, RELU,
+                        RQ_LEVELS, RQ_SIGNED,
                         RQ_NIB, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
+def _fp_branch(xf_ptr, wf_ptr, img, ih0, iw0, m_ok, co, co_ok, H, W, CF, sxfn, sxfh, sxfw, swfo, swfh, swfw,
+               DIL_H, DIL_W, KH, KW, FP_IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_KF: tl.constexpr):
+    """The pruned branch's conv for one tile, in fp32: ``(BLOCK_M, BLOCK_N)`` over the pixels of
+    the main loop (``img``, ``ih0``, ``iw0``) and the output channels ``co``. The weights are
+    padded to a multiple of ``BLOCK_KF`` channels, so only the slice's channels are masked."""
+    xf_img = xf_ptr + img.to(tl.int64) * sxfn
+    wf_rows = wf_ptr + co.to(tl.int64) * swfo
+    kf = tl.arange(0, BLOCK_KF)
+    n_chunks = tl.cdiv(CF, BLOCK_KF)
+    accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for it in range(0, KH * KW * n_chunks):
+        tap = it // n_chunks
+        k0 = (it % n_chunks) * BLOCK_KF
+        kh = tap // KW
+        kw = tap % KW
+        ih = ih0 + kh * DIL_H
+        iw = iw0 + kw * DIL_W
+        a_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None] & ((k0 + kf) < CF)[None, :]
+        a = tl.load((xf_img + ih * sxfh + iw * sxfw)[:, None] + (k0 + kf)[None, :], mask=a_ok, other=0.0)
+        b = tl.load((wf_rows + kh * swfh + kw * swfw)[None, :] + (k0 + kf)[:, None], mask=co_ok[None, :], other=0.0)
+        if FP_IEEE:
+            accf = tl.dot(a, b, accf, input_precision="ieee")
+        else:
+            accf = tl.dot(a, b, accf)
+    return accf
+
+
+@triton.jit
 def _store_epilogue(acc, offs_m, m_ok, img, oh, ow, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr, slot_ptr,
-                    rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, f_fused, FP_FUSED: tl.constexpr, OUT_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_FP: tl.constexpr, RELU: tl.constexpr, RQ_LEVELS: tl.constexpr, RQ_SIGNED: tl.constexpr,
                     RQ_NIB: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Store one tile of int32 accumulators ``acc (BLOCK_M, BLOCK_N)`` (pixels ``offs_m``, output
@@ -199,8 +243,11 @@ def _store_epilogue(acc, offs_m, m_ok, img, oh, ow, co, co_ok, n0, out_ptr, scal
         if HAS_FP:
             slot = tl.load(slot_ptr + co, mask=co_ok, other=-1)
             fp_ok = m_ok[:, None] & (slot >= 0)[None, :]
-            fp_pix = img.to(tl.int64) * sfn + oh * sfh + ow * sfw
-            f = tl.load(fp_ptr + fp_pix[:, None] + slot[None, :] * sfk, mask=fp_ok, other=0.0).to(tl.float32)
+            if FP_FUSED:
+                f = f_fused
+            else:
+                fp_pix = img.to(tl.int64) * sfn + oh * sfh + ow * sfw
+                f = tl.load(fp_ptr + fp_pix[:, None] + slot[None, :] * sfk, mask=fp_ok, other=0.0).to(tl.float32)
             y = tl.where(fp_ok, y + f, y)
         if RELU:
             y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, like torch.relu
@@ -238,7 +285,7 @@ def _split_k_epilogue_kernel(
     acc = tl.load(acc_ptr + offs_m.to(tl.int64)[:, None] * C_OUT + co[None, :], mask=m_ok[:, None] & co_ok[None, :],
                   other=0)
     _store_epilogue(acc, offs_m, m_ok, img, rem // WO, rem % WO, co, co_ok, n0, out_ptr, scale_ptr, bias_ptr, fp_ptr,
-                    slot_ptr, rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, OUT_MODE, HAS_BIAS, HAS_FP, RELU, RQ_LEVELS,
+                    slot_ptr, rq_ptr, OUT_ROW, sfn, sfh, sfw, sfk, acc, False, OUT_MODE, HAS_BIAS, HAS_FP, RELU, RQ_LEVELS,
                     RQ_SIGNED, RQ_NIB, BLOCK_M, BLOCK_N)
 
 
@@ -284,6 +331,7 @@ def qconv2d(
     requant_signed: bool = False,
     out_dtype: torch.dtype = torch.float32,
     split_k: Optional[int] = None,
+    _fused: Optional[tuple] = None,
 ) -> torch.Tensor:
     """Packed low-bit convolution with the hybrid epilogue; see
     :func:`hybridops.ops.reference.qconv2d`. ``split_k``: K splits (:func:`split_count`; None
@@ -295,6 +343,9 @@ def qconv2d(
     ``y[..., fp_idx[j]] += fp_out[..., j]`` (entries of ``fp_idx`` distinct), ``relu``.
     Returns NHWC: int32 accumulators (``out_dtype=torch.int32``), ``uint8`` packed codes of
     ``y`` (``requant_qparams`` given, eq 6-9), or ``y`` in ``out_dtype``.
+
+    ``_fused`` (from :func:`hybrid_conv2d`): ``(fp_in, wf, fb)``, the pruned branch computed in the
+    kernel (``fp_out`` is then None and ``fp_idx`` its index map).
     """
     check_device(x_codes, "x_codes")
     n, h, w, _ = x_codes.shape
@@ -318,19 +369,25 @@ def qconv2d(
         return out
     cin_g = in_channels // groups
     a_nib = bits_a <= 4
-    has_fp = mode != _OUT_INT32 and fp_out is not None
-    fp = fp_out if has_fp else out
+    has_fp = mode != _OUT_INT32 and (fp_out is not None or _fused is not None)
+    fp = fp_out if fp_out is not None and has_fp else out
     m = n * ho * wo
     requant = mode == _OUT_CODES
     w_ready = cached_derived(w_packed, (bits_w, cin_g), compute_ready_weight)
+    if _fused is not None:
+        fp_in, wf, fb = _fused
+        check_int32_span(_span(fp_in.shape[1:], fp_in.stride()[1:]), "fp_in: one image's float slice")
+        fused_args = (fp_in, wf, fb, fp_in.shape[3], *fp_in.stride()[:3], *wf.stride()[:3])
+    else:
+        fused_args = (out, out, out, 0, 0, 0, 0, 0, 0, 0)
 
     args = (
         x_codes, w_ready, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
         fp, cached_derived(fp_idx, c_out, inverse_index) if has_fp else out,
         requant_qparams.contiguous() if requant else out,
         m, triton.next_power_of_2(m), h, w, ho, wo, c_out, cin_g, c_out // groups, row,
-        *x_codes.stride(), *w_ready.stride()[:3], *(fp.stride() if has_fp else (0, 0, 0, 0)),
-        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw,
+        *x_codes.stride(), *w_ready.stride()[:3], *(fp.stride() if fp is not out else (0, 0, 0, 0)),
+        stride[0], stride[1], padding[0], padding[2], dilation[0], dilation[1], kh, kw, *fused_args,
     )
     const = dict(
         A_NIB=a_nib, A_SIGNED=a_signed, A_ALIGNED=groups == 1 or cin_g % 2 == 0, SWAR=not INTERPRET,
@@ -339,6 +396,9 @@ def qconv2d(
         RQ_LEVELS=levels(requant_bits, requant_signed) if requant else 1, RQ_SIGNED=requant and requant_signed,
         RQ_NIB=requant and requant_bits <= 4,
     )
+    if _fused is not None:
+        const.update(FP_FUSED=True, FP_IEEE=_fused[0].dtype == torch.float32, BLOCK_KF=FP_K_STEP)
+        split_k = 1  # the epilogue adds the branch in the same program as the main loop
     if tiles.autotune_requested():
         if split_k not in (None, 1):
             raise ValueError(f"split_k={split_k!r} is not autotuned: unset HYBRIDOPS_AUTOTUNE to split K, or pass "
@@ -384,7 +444,7 @@ def qconv2d(
     if mode != _OUT_INT32:
         bm, bn = (t.block_m, t.block_n)
         _split_k_epilogue_kernel[(triton.cdiv(m, bm), triton.cdiv(c_out, bn))](
-            acc, out, *args[3:8], m, ho, wo, c_out, row, *(fp.stride() if has_fp else (0, 0, 0, 0)),
+            acc, out, *args[3:8], m, ho, wo, c_out, row, *(fp.stride() if fp is not out else (0, 0, 0, 0)),
             OUT_MODE=mode, HAS_BIAS=const["HAS_BIAS"], HAS_FP=has_fp, RELU=const["RELU"],
             RQ_LEVELS=const["RQ_LEVELS"], RQ_SIGNED=const["RQ_SIGNED"], RQ_NIB=const["RQ_NIB"], BLOCK_M=bm, BLOCK_N=bn,
             num_warps=t.num_warps, **LAUNCH_OPTS)
@@ -424,3 +484,66 @@ def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: 
     if INTERPRET or groups != 1 or tiles_count >= sms:
         return 1
     return max(1, min(triton.cdiv(sms, tiles_count), iters // 4, 16))
+
+
+# The fused pruned branch's K step (channels per tl.dot): the smallest K of a 16-bit tensor-core
+# MMA, since the slice of a pruned branch holds few channels; its weights are padded to it.
+FP_K_STEP = 16
+
+# Roofline terms of fp_fusion_pays, from docs/gpu.md (H100, measured): bf16 / fp16 tensor-core GEMM
+# about 700 TFLOP/s, fp32 (no TF32) 52 TFLOP/s, a device copy 3.0 TB/s. The floor of the separate
+# branch's small cuDNN conv is an estimate, not a measurement: docs/gpu.md measured 10-12 us for a
+# whole batch-1 ResNet-50 layer, and a conv of a few output channels is taken as half of that.
+_MMA_FLOPS = {torch.float16: 700e12, torch.bfloat16: 700e12, torch.float32: 52e12}
+_COPY_BYTES_PER_S = 3.0e12
+_SMALL_CONV_FLOOR_S = 5e-6
+
+
+def fuse_pruned_branch(m: int, c_out: int, kept: int, taps: int, slice_channels: int, dtype: torch.dtype,
+                       groups: int) -> bool:
+    """Whether :func:`fused_hybrid_conv2d` applies and beats running the pruned branch as its own
+    conv, by a roofline: the fused loop multiplies the slice against every output column of the
+    tile (``c_out``, mostly zero rows), the separate conv only the ``kept`` ones but costs at least
+    one small conv's floor and writes and reads its output once more. Fusing needs an ungrouped
+    conv and the shipped tile table (not ``HYBRIDOPS_AUTOTUNE=1``)."""
+    if groups != 1 or tiles.autotune_requested() or dtype not in _MMA_FLOPS:
+        return False
+    rate = _MMA_FLOPS[dtype]
+    fused_extra = 2 * m * c_out * taps * slice_channels / rate
+    separate = (max(_SMALL_CONV_FLOOR_S, 2 * m * kept * taps * slice_channels / rate)
+                + 2 * m * kept * (torch.finfo(dtype).bits // 8) / _COPY_BYTES_PER_S)
+    return fused_extra < separate
+
+
+def scattered_fp_weight(fp_weight: torch.Tensor, arg) -> tuple:
+    """The pruned branch's weights and bias as the fused loop reads them: ``wf (C_out, KH, KW,
+    C_pad)`` in the slice's dtype, row ``fp_idx[j]`` = ``fp_weight[j]`` with channels last and
+    zero-padded to :data:`FP_K_STEP`, other rows zero; ``fb (C_out,)`` fp32, likewise."""
+    c_out, dtype, fp_idx, fp_bias = arg[0], arg[1], arg[2], arg[4]
+    k_p, c_f, kh, kw = fp_weight.shape
+    wf = fp_weight.new_zeros((c_out, kh, kw, c_f + (-c_f % FP_K_STEP)), dtype=dtype)
+    idx = fp_idx.to(torch.long)
+    wf[idx, :, :, :c_f] = fp_weight.detach().permute(0, 2, 3, 1).to(dtype)
+    fb = torch.zeros(c_out, dtype=torch.float32, device=fp_weight.device)
+    if fp_bias is not None:
+        fb[idx] = fp_bias.detach().float()
+    return wf, fb
+
+
+def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                        dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits,
+                        requant_signed, out_dtype) -> torch.Tensor:
+    """:func:`qconv2d` with the pruned branch's conv computed in the same kernel, one launch per
+    hybrid layer (see :func:`hybridops.ops.reference.hybrid_conv2d` for the semantics; the op
+    layer calls it where :func:`fuse_pruned_branch` says so). ``fp_in (N, H, W, C_f)``: the NHWC
+    float slice the branch reads; ``fp_weight (K_p, C_f, KH, KW)``, ``fp_bias (K_p,)``, in any
+    float dtype, are used in ``fp_in``'s dtype (fp32: without TF32)."""
+    if groups != 1 or tiles.autotune_requested():
+        raise ValueError("the fused pruned branch needs an ungrouped conv (groups=1) and the shipped tile table "
+                         f"(HYBRIDOPS_AUTOTUNE unset), got groups={groups}.")
+    key = (w_packed.shape[0], fp_in.dtype, fp_idx, fp_idx._version, fp_bias,
+           None if fp_bias is None else fp_bias._version)
+    wf, fb = cached_derived(fp_weight, key, scattered_fp_weight)
+    return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                   groups, relu, None, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
+                   _fused=(fp_in, wf, fb))

@@ -555,6 +555,102 @@ def test_qconv2d_split_k_is_exact(backend, monkeypatch, split, cin, k, bits):
         assert_same(got, expect)
 
 
+def hybrid_inputs(n, cin, h, w, cout, k, kept, c_f, fp_dtype, seed, with_bias=True, groups=1):
+    """A hybrid layer's operands: codes and weights (4-bit), the epilogue, and the pruned branch
+    (``kept`` output rows reading a ``c_f``-channel float slice)."""
+    x_codes, w_packed, gen = conv_inputs(n, cin, h, w, cout, k, groups, 4, False, 4, seed=seed)
+    scale = (torch.rand(cout, generator=gen) * 0.02 + 0.01).to(DEVICE)
+    bias = torch.randn(cout, generator=gen).to(DEVICE)
+    fp_in = torch.randn(n, h, w, c_f, generator=gen).to(DEVICE, fp_dtype)
+    fp_weight = (torch.randn(len(kept), c_f, k, k, generator=gen) * 0.2).to(DEVICE)
+    fp_bias = torch.randn(len(kept), generator=gen).to(DEVICE) if with_bias else None
+    return x_codes, w_packed, scale, bias, fp_in, fp_weight, fp_bias, torch.tensor(kept, device=DEVICE)
+
+
+def run_hybrid(backend, x_codes, w_packed, scale, bias, fp_in, fp_weight, fp_bias, fp_idx, cin, stride, padding,
+               dilation, relu=True, rq=None, rq_bits=4, out_dtype=torch.float32, groups=1):
+    return ops.hybrid_conv2d(x_codes, w_packed, cin, 4, False, 4, scale, bias, list(stride), list(padding),
+                             list(dilation), groups, relu, fp_in, fp_weight, fp_bias, fp_idx, rq, rq_bits, False, out_dtype,
+                             backend)
+
+
+# The fused branch sums the slice in another order than the reference's float conv (and in fp32
+# where the reference rounds its output to the slice's dtype): float outputs agree to these
+# tolerances, re-quantized codes to within one level, in a small fraction of the elements.
+FUSED_TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float16: dict(rtol=2e-3, atol=4e-3)}
+
+
+@pytest.mark.parametrize("fp_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cin,cout,k,kept,c_f,stride,padding,dilation", [
+    (32, 24, 3, [5, 0, 23, 11], 7, (1, 1), (1, 1, 1, 1), (1, 1)),     # slice not a multiple of the K step
+    (64, 40, 3, [39, 2, 17], 20, (2, 2), (1, 0, 2, 1), (1, 1)),        # stride 2, asymmetric padding
+    (16, 8, 1, list(range(8)), 16, (1, 1), (0, 0, 0, 0), (1, 1)),      # every row kept, 1x1
+    (32, 16, 3, [3], 5, (1, 1), (2, 2, 2, 2), (2, 2)),                 # dilated
+])
+def test_fused_hybrid_conv_matches_the_reference(backend, monkeypatch, fp_dtype, cin, cout, k, kept, c_f, stride,
+                                                 padding, dilation):
+    """The pruned branch computed inside the qconv kernel (one launch per hybrid layer) gives the
+    reference's conv-then-add, with bias or not, float or re-quantized outputs."""
+    if backend != "triton":
+        pytest.skip("the fused pruned branch is the triton kernel's")
+    qconv, _ = _triton_modules()
+    spy = _LaunchSpy(qconv._qconv_kernel)
+    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
+    for with_bias in (True, False):
+        t = hybrid_inputs(2, cin, 6, 5, cout, k, kept, c_f, fp_dtype, seed=cin + c_f, with_bias=with_bias)
+        geo = (cin, stride, padding, dilation)
+        got = qconv.fused_hybrid_conv2d(*t[:2], cin, 4, False, 4, t[2], t[3], stride, padding, dilation, 1, True,
+                                        *t[4:], None, 4, False, torch.float32)
+        assert spy.launches[-1]["FP_FUSED"]
+        ref = run_hybrid("torch", *t, *geo)
+        assert got.shape == ref.shape and not got.isnan().any()
+        torch.testing.assert_close(got, ref, **FUSED_TOL[fp_dtype])
+        rq = make_qparams(0.0, 4.0, False)
+        codes = qconv.fused_hybrid_conv2d(*t[:2], cin, 4, False, 4, t[2], t[3], stride, padding, dilation, 1, True,
+                                          *t[4:], rq, 4, False, torch.float32)
+        ref_codes = packing.unpack_codes(run_hybrid("torch", *t, *geo, rq=rq), 4, cout, False).int()
+        diff = (packing.unpack_codes(codes, 4, cout, False).int() - ref_codes).abs()
+        assert diff.max() <= 1 and (diff > 0).float().mean() < 0.01, diff.float().mean()
+
+
+def test_hybrid_conv_op_fuses_where_the_roofline_says(backend, monkeypatch):
+    """Through the ``hybridops::hybrid_conv2d`` op: the triton backend fuses a small pruned branch
+    (one kernel launch, no separate conv), and runs it as its own conv where fusing would multiply
+    a wide slice against every output column or the conv is grouped; the results equal the
+    reference either way."""
+    if backend != "triton":
+        pytest.skip("the fused pruned branch is the triton kernel's")
+    qconv, _ = _triton_modules()
+    assert qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)  # batch 1, small slice
+    assert not qconv.fuse_pruned_branch(32 * 961, 256, 26, 9, 256, torch.bfloat16, 1)  # batch 32, whole input
+    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 2)  # grouped
+    spy = _LaunchSpy(qconv._qconv_kernel)
+    monkeypatch.setattr(qconv, "_qconv_kernel", spy)
+    t = hybrid_inputs(1, 32, 6, 5, 24, 3, [4, 0, 9], 6, torch.float32, seed=5)
+    geo = (32, (1, 1), (1, 1, 1, 1), (1, 1))
+    torch.testing.assert_close(run_hybrid(backend, *t, *geo), run_hybrid("torch", *t, *geo), **FUSED_TOL[torch.float32])
+    assert [k["FP_FUSED"] for k in spy.launches] == [True]
+    t = hybrid_inputs(1, 32, 6, 5, 24, 3, [4, 0, 9], 6, torch.float32, seed=5, groups=2)
+    # separate: the reference's own fp_out, so exactly its result
+    assert_same(run_hybrid(backend, *t, *geo, groups=2), run_hybrid("torch", *t, *geo, groups=2))
+    assert len(spy.launches) == 2 and "FP_FUSED" not in spy.launches[-1]
+
+
+def test_hybrid_conv_op_rejects_bad_branch_arguments(backend):
+    t = hybrid_inputs(1, 16, 5, 5, 8, 3, [1, 2], 4, torch.float32, seed=1)
+    geo = (16, (1, 1), (1, 1, 1, 1), (1, 1))
+    with pytest.raises(ValueError, match="fp_in must be the NHWC float slice"):
+        run_hybrid(backend, *t[:4], t[4][:, :4], *t[5:], *geo)
+    with pytest.raises(ValueError, match="fp_weight must be float"):
+        run_hybrid(backend, *t[:5], t[5][:, :3], *t[6:], *geo)
+    with pytest.raises(ValueError, match="fp_idx must hold one output channel per kept row"):
+        run_hybrid(backend, *t[:7], t[7][:1], *geo)
+    with pytest.raises(ValueError, match="fp_idx"):
+        run_hybrid(backend, *t[:7], torch.tensor([1, 8], device=DEVICE), *geo)  # past C_out
+    with pytest.raises(ValueError, match="out_dtype must be a float dtype"):
+        run_hybrid(backend, *t, *geo, out_dtype=torch.int32)
+
+
 def test_qconv2d_split_k_choice_and_bad_input(backend):
     if backend != "triton":
         pytest.skip("split-K is the triton kernel's")
@@ -630,6 +726,13 @@ def test_launchers_check_grid_and_int32_limits(backend):
 def test_opcheck_fake_quantize(backend):
     x = torch.randn(2, 3, 4, device=DEVICE, requires_grad=True)
     torch.library.opcheck(ops.fake_quantize, (x, make_qparams(-1.0, 1.0, False), 4, False, backend))
+
+
+def test_opcheck_hybrid_conv2d(backend):
+    t = hybrid_inputs(1, 16, 5, 5, 8, 3, [1, 6], 4, torch.float32, seed=2)
+    torch.library.opcheck(ops.hybrid_conv2d, (*t[:2], 16, 4, False, 4, *t[2:4], [1, 1], [1, 1, 1, 1], [1, 1], 1, True,
+                                              *t[4:], None, 4, False, torch.float32, backend),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_opcheck_quantize_activate(backend):

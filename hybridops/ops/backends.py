@@ -20,7 +20,9 @@ def _triton_ops():
     quantize = importlib.import_module("hybridops.kernels.quantize")
     qconv = importlib.import_module("hybridops.kernels.qconv")
     return types.SimpleNamespace(fake_quantize=quantize.fake_quantize,
-                                 quantize_activate=quantize.quantize_activate, qconv2d=qconv.qconv2d)
+                                 quantize_activate=quantize.quantize_activate, qconv2d=qconv.qconv2d,
+                                 fused_hybrid_conv2d=qconv.fused_hybrid_conv2d,
+                                 fuse_pruned_branch=qconv.fuse_pruned_branch)
 
 
 def _cuda_ops():

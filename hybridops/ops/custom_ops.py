@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import backends as _registered  # noqa: F401  (fills the registry)
-from . import registry
+from . import reference, registry
 from .geometry import conv_out_hw
 from .packing import check_bits, packed_size
 
@@ -341,3 +341,89 @@ def _qconv_backward(ctx, grad):
 
 
 qconv2d.register_autograd(_qconv_backward, setup_context=_qconv_setup)
+
+
+# ----------------------------------------------------------------------------- hybrid_conv2d
+def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                            dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits,
+                            requant_signed, out_dtype, backend):
+    """:func:`hybrid_conv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
+    n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
+    _check(fp_in.dim() == 4 and tuple(fp_in.shape[:3]) == tuple(x_codes.shape[:3]) and fp_in.dtype in _FLOAT_DTYPES,
+           lambda: f"fp_in must be the NHWC float slice {tuple(x_codes.shape[:3])} + (C_f,) of the codes' pixels, "
+                   f"got {fp_in.dtype} {tuple(fp_in.shape)}.")
+    _check(fp_weight.dim() == 4 and fp_weight.shape[1] == fp_in.shape[3]
+           and tuple(fp_weight.shape[2:]) == tuple(w_packed.shape[1:3]) and fp_weight.dtype in _FLOAT_DTYPES,
+           lambda: f"fp_weight must be float (K_p, {fp_in.shape[3]}, {w_packed.shape[1]}, {w_packed.shape[2]}) "
+                   f"(kept rows, slice channels, the conv's kernel), got {fp_weight.dtype} {tuple(fp_weight.shape)}.")
+    _check(fp_idx.dim() == 1 and fp_idx.shape[0] == fp_weight.shape[0],
+           lambda: f"fp_idx must hold one output channel per kept row ({fp_weight.shape[0]}), got "
+                   f"{tuple(fp_idx.shape)}.")
+    _check(fp_bias is None or tuple(fp_bias.shape) == (fp_weight.shape[0],),
+           lambda: f"fp_bias must have shape ({fp_weight.shape[0]},), got {tuple(fp_bias.shape)}.")
+    _check(all(t.device == x_codes.device for t in (fp_in, fp_weight) + ((fp_bias,) if fp_bias is not None else ())),
+           "fp_in, fp_weight and fp_bias must be on the same device as x_codes.")
+    _check(out_dtype != torch.int32, "hybrid_conv2d adds the pruned branch in the float epilogue: out_dtype must be "
+                                     "a float dtype (or use qconv2d for raw accumulators).")
+    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, None, None, requant_qparams, requant_bits, out_dtype, backend)
+    _check(fp_idx.dtype in (torch.int32, torch.int64) and fp_idx.device == x_codes.device,
+           lambda: f"fp_idx must be an int32/int64 index tensor on {x_codes.device}, got {fp_idx.dtype} on "
+                   f"{fp_idx.device}.")
+    _check_channel_index(fp_idx, "fp_idx", c_out)
+    fused = registry.optional_implementation(backend, "fused_hybrid_conv2d")
+    if fused is not None and registry.optional_implementation(backend, "fuse_pruned_branch")(
+            n * ho * wo, c_out, fp_weight.shape[0], w_packed.shape[1] * w_packed.shape[2], fp_in.shape[3], fp_in.dtype,
+            groups):
+        return fused(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                     groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed,
+                     out_dtype)
+    fp_out = reference.pruned_branch_conv(fp_in, fp_weight, fp_bias, stride, padding, dilation)
+    return _impl("qconv2d", backend)(
+        x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
+        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+
+
+@torch.library.custom_op("hybridops::hybrid_conv2d", mutates_args=())
+def hybrid_conv2d(
+    x_codes: torch.Tensor,
+    w_packed: torch.Tensor,
+    in_channels: int,
+    bits_a: int,
+    a_signed: bool,
+    bits_w: int,
+    scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    relu: bool,
+    fp_in: torch.Tensor,
+    fp_weight: torch.Tensor,
+    fp_bias: Optional[torch.Tensor],
+    fp_idx: torch.Tensor,
+    requant_qparams: Optional[torch.Tensor],
+    requant_bits: int,
+    requant_signed: bool,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """A deployed hybrid layer at inference, from its input codes and float slice: the quantized
+    branch's packed conv plus the pruned branch's conv (ungrouped) in one op; see
+    :func:`hybridops.ops.reference.hybrid_conv2d`. A backend with a fused kernel (``triton``)
+    computes the branch inside the qconv kernel where its roofline says that pays; every other
+    case runs the branch as its own conv. Not differentiable: training goes through
+    :func:`qconv2d` with ``fp_out``."""
+    return hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
+                                   padding, dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams,
+                                   requant_bits, requant_signed, out_dtype, backend)
+
+
+@hybrid_conv2d.register_fake
+def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu,
+      fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
+    n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
+    if requant_qparams is not None:
+        return x_codes.new_empty((n, ho, wo, registry.code_bytes(c_out, requant_bits, backend)), dtype=torch.uint8)
+    return x_codes.new_empty((n, ho, wo, c_out), dtype=out_dtype)

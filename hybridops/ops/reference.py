@@ -158,3 +158,24 @@ def qconv2d(
     if requant_qparams is not None:
         return pack_codes(codes_from_qparams(y, requant_qparams.to(torch.float32), requant_bits, requant_signed), requant_bits)
     return y.to(out_dtype).contiguous()
+
+
+def pruned_branch_conv(fp_in: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Optional[torch.Tensor],
+                       stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """The pruned branch's conv on its NHWC float slice ``fp_in (N, H, W, C_f)``, in ``fp_in``'s
+    dtype, with padding ``(top, bottom, left, right)``: NHWC ``(N, Ho, Wo, K_p)``."""
+    top, bottom, left, right = padding
+    dt = fp_in.dtype
+    x = F.pad(fp_in.permute(0, 3, 1, 2), (left, right, top, bottom))
+    return F.conv2d(x, fp_weight.to(dt), None if fp_bias is None else fp_bias.to(dt), stride, 0,
+                    dilation).permute(0, 2, 3, 1)
+
+
+def hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                  groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed,
+                  out_dtype) -> torch.Tensor:
+    """A whole hybrid layer from codes: :func:`qconv2d` with ``fp_out`` the pruned branch's conv
+    (:func:`pruned_branch_conv`, ungrouped) of the float slice ``fp_in``."""
+    fp_out = pruned_branch_conv(fp_in, fp_weight, fp_bias, stride, padding, dilation)
+    return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                   groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)

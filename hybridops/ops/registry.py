@@ -121,6 +121,14 @@ def implementation(name: str, op: str):
     return getattr(_load(name), op)
 
 
+def optional_implementation(name: str, op: str) -> Optional[Callable]:
+    """Backend ``name``'s function for an optional ``op`` (a fused kernel the op layer otherwise
+    composes from other ops), or None where the backend has none or cannot load."""
+    if _load_error(name):
+        return None
+    return getattr(_load(name), op, None)
+
+
 def inference_fp_conv(name: str) -> Tuple[Optional[Callable], Tuple[torch.dtype, ...]]:
     """Backend ``name``'s float convolution for a deployed layer's pruned branch at inference
     (weights packed once into the backend's layout; no autograd) and the input dtypes it takes
