@@ -11,10 +11,12 @@ Environment variables:
                              CI compiles: sm_80 SASS also runs on 8.6 / 8.9, so CI skips those two
                              and 9.0a). Passed as TORCH_CUDA_ARCH_LIST.
   MAX_JOBS                   parallel compile jobs of the ninja build (default: every CPU core).
-  HYBRIDOPS_BUILD_SM90=0|1   hybridops._C_sm90, the CUTLASS Hopper qconv2d (csrc/sm90/): built by
-                             default when the CUDA extension is, 9.0a is among the archs and the
-                             CUTLASS headers are installed (nvidia-cutlass, the [bench] extra);
-                             0 skips it, 1 requires it. CI's default archs leave it out.
+  HYBRIDOPS_BUILD_SM90=0|1|only  hybridops._C_sm90, the CUTLASS Hopper qconv2d (csrc/sm90/): built
+                             by default when the CUDA extension is, 9.0a is among the archs and
+                             the CUTLASS headers are installed (nvidia-cutlass, the [bench] extra);
+                             0 skips it, 1 requires it, "only" builds it alone (requiring it), e.g.
+                             `python setup.py build_ext --inplace --build-temp build/sm90` beside a
+                             main build, as bench/gpu_suite.sh does. CI's default archs leave it out.
 """
 import os
 import shutil
@@ -121,7 +123,7 @@ def sm90_extension(cuda_ext_built: bool):
     want = os.environ.get("HYBRIDOPS_BUILD_SM90", "auto").lower()
     if want in ("0", "false", "no", "off"):
         return []
-    required = want in ("1", "true", "yes", "on")
+    required = want in ("1", "true", "yes", "on", "only")
     archs = [a.strip() for a in os.environ.get("TORCH_CUDA_ARCH_LIST", "").split(";")]
     includes = cutlass_include_dirs()
     why = ("the CUDA extension is not built" if not cuda_ext_built else
@@ -171,10 +173,13 @@ def cpu_extension():
 
 
 ext_modules, cmdclass = cuda_extension()
-ext_modules = ext_modules + sm90_extension(bool(ext_modules))
-_cpu_ext, _cpu_cmd = cpu_extension()
-ext_modules = ext_modules + _cpu_ext
-cmdclass = {**_cpu_cmd, **cmdclass}
+if os.environ.get("HYBRIDOPS_BUILD_SM90", "").lower() == "only":
+    ext_modules = sm90_extension(bool(ext_modules))
+else:
+    ext_modules = ext_modules + sm90_extension(bool(ext_modules))
+    _cpu_ext, _cpu_cmd = cpu_extension()
+    ext_modules = ext_modules + _cpu_ext
+    cmdclass = {**_cpu_cmd, **cmdclass}
 
 setup(
     name="hybridops",

@@ -7,7 +7,11 @@ signed and unsigned activations, every output mode (int32 accumulators, float wi
 and the sliced FP-branch add, re-quantized packed codes), aligned and unaligned channel counts
 (odd C_in, groups starting mid-byte, depthwise), and for Triton every shipped tile config of
 ``kernels/tiles.py`` (forced one at a time). The cuda backend's kernel templates are each reached
-by a shape (its plan: direct, mma_32x64, mma_64x64, mma_128x128).
+by a shape (its plan: direct, mma_32x64, mma_64x64, mma_128x128). On an sm_90 GPU, the CUTLASS
+Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte cases above reach through
+its dispatch) is also called directly, each CTA tile forced, for every output kind it has
+(fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a strided, asymmetrically
+padded shape.
 
 Integers (accumulators, packed codes) must be equal; floats within one unit in the last place of
 the final rounding. Outputs are poisoned first (the caching allocator's free blocks filled with
@@ -58,10 +62,19 @@ SHAPES = {
     "m6272_dil2": (2, 64, 56, 56, 128, 3, (1, 1), (2, 2, 2, 2), (2, 2), 1, True),  # cuda: mma_64x64
     "m18432": (8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, True),     # cuda: mma_128x128
 }
+# Shapes only the CUTLASS Hopper kernel is checked on (kept out of SHAPES: each shape there costs
+# the Triton backend a compile).
+SM90_SHAPES = {
+    "s2_c32_asym": (2, 32, 9, 10, 48, 3, (2, 1), (1, 0, 2, 1), (1, 2), 1, True),  # stride 2x1, pads, dilation 1x2
+}
 # (bits_a, a_signed, bits_w): the deploy default first, then the one-byte and mixed pairs.
 BITS = [(4, False, 4), (4, True, 4), (5, False, 5), (8, True, 8), (8, True, 4), (4, False, 8), (2, False, 2),
         (7, False, 4)]
 MODES = ["int32", "float", "half", "requant4", "requant8s"]
+# The CUTLASS Hopper kernel (cuda_qconv2d_sm90): its CTA tiles, output kinds and one-byte bit pairs.
+SM90_TILES = (64, 128)
+SM90_MODES = ["float", "half", "requant8s", "requant6"]
+SM90_BITS = [(8, True, 8), (5, False, 7)]
 
 
 def _case(kind: str, **kw) -> Dict:
@@ -111,6 +124,13 @@ def cases(subset: str) -> List[Dict]:
             out.append(_case("qconv", shape=s, bits=(4, False, 4), mode="requant4", tile=name, only="triton"))
         if not dry:
             out.append(_case("qconv", shape="3x3_c64", bits=(8, True, 8), mode="float", tile=name, only="triton"))
+    if GPU and subset != "dry":
+        modes90 = SM90_MODES if subset == "full" else ["half", "requant8s"]
+        for s in ("3x3_c64", "s2_c32_asym"):
+            for bp in SM90_BITS:
+                for m in modes90:
+                    for t in SM90_TILES:
+                        out.append(_case("qconv_sm90", shape=s, bits=bp, mode=m, tile=t, only="cuda"))
     # The loops overlap (int32 on the mode shapes): each distinct case once, first place kept.
     return list({c["id"]: c for c in out}.values())
 
@@ -199,7 +219,7 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         with poisoned():
             got = ops.quantize_activate(*args, backend)
         return same(got, ops.quantize_activate(*args, "torch"))
-    n, cin, h, w, cout, k, stride, pad, dil, groups, _ = SHAPES[c["shape"]]
+    n, cin, h, w, cout, k, stride, pad, dil, groups, _ = {**SHAPES, **SM90_SHAPES}[c["shape"]]
     ba, asg, bw = c["bits"]
     x_codes = packing.pack_codes(_codes((n, h, w, cin), ba, asg, gen), ba).to(DEVICE)
     w_packed = packing.pack_weight(_codes((cout, cin // groups, k, k), bw, True, gen), bw).to(DEVICE)
@@ -219,11 +239,19 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         dt = torch.float32 if mode == "float" else (torch.bfloat16 if GPU else torch.float16)
         tail = (bias, *geo, True, fp_out, fp_idx, None, 4, False, dt)
     else:
-        rq_bits, rq_signed = (4, False) if mode == "requant4" else (8, True)
+        rq_bits, rq_signed = {"requant4": (4, False), "requant8s": (8, True), "requant6": (6, False)}[mode]
         y = ops.qconv2d(*base, bias, *geo, not rq_signed, fp_out, fp_idx, None, 4, False, torch.float32, "torch")
         hi = y.abs().max().item() or 1.0
         qp = torch.tensor([1 / hi, 0.0], device=DEVICE)
         tail = (bias, *geo, not rq_signed, fp_out, fp_idx, qp, rq_bits, rq_signed, torch.float32)
+    if c["kind"] == "qconv_sm90":
+        from hybridops.ops import cuda_ext
+
+        if cuda_ext.sm90() is None:
+            return "hybridops._C_sm90 was not built (9.0a in HYBRIDOPS_CUDA_ARCHS and the nvidia-cutlass headers)"
+        with poisoned():
+            got = ops.cuda_qconv2d_sm90(*base, *tail, c["tile"])
+        return same(got, ops.qconv2d(*base, *tail, "torch"))
     ctx = tiles.forced(c["tile"]) if c["tile"] else contextlib.nullcontext()
     with ctx, poisoned():
         got = ops.qconv2d(*base, *tail, backend)
