@@ -51,7 +51,7 @@ class Tile:
 SHIPPED: Tuple[Tile, ...] = (
     Tile(64, 64, 64, 4, 4),   # batched layers
     Tile(32, 64, 64, 2, 4),   # batch 1: M = Ho * Wo of a few hundred to a few thousand pixels (4 warps spilled)
-    Tile(16, 64, 64, 4, 4),   # the smallest M (1x1 images: fully connected layers, late layers)
+    Tile(16, 64, 64, 4, 3),   # the smallest M (1x1 images, late layers; 4 stages spilled with the fused branch)
 )
 
 # Compute-ready weights pad C_in per group with zero codes to a multiple of this, so that no K

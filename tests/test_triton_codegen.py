@@ -10,7 +10,10 @@ the design relies on, checked in the generated PTX:
 * with full K steps (``K_FULL``: C_in per group a multiple of the K step, the ResNet-50 and
   RT-MDNet layers) the packed 4-bit mainloop loads through ``cp.async`` with no single-byte
   global loads, i.e. it is software-pipelined (issue 11: without it, 24-160 predicated byte loads
-  per thread per step and no pipelining).
+  per thread per step and no pipelining), and splits packed codes with the SWAR PTX of
+  ``kernels/_common.py``; the SASS size of that loop (the loop around the MMAs) is printed, a
+  regression guard rather than a speed claim;
+* the variants with the pruned branch fused into the kernel (``FP_FUSED``) are spill-free too.
 
 The qconv kernel is compiled with the run-time specialisation the JIT applies to contiguous NHWC
 codes of such layers: unit channel strides and 16-divisible pointers, row strides and sizes.
@@ -47,6 +50,9 @@ SPILL_VARIANTS.update({
     "nib_requant_kfull": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True), "*u8"),
     "nib_signed_bf16_kfull": (dict(A_NIB=True, A_ALIGNED=True, A_SIGNED=True, OUT_MODE=1, K_FULL=True), "*bf16"),
     "byte_requant_kfull": (dict(SPILL_VARIANTS["byte_requant"][0], K_FULL=True), "*u8"),
+    # the pruned branch fused into the kernel (hybrid_conv2d): a bf16 K loop into its own accumulator
+    "fused_fp_requant": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True, FP_FUSED=True), "*u8"),
+    "fused_fp_bf16": (dict(SPILL_VARIANTS["nib_requant"][0], OUT_MODE=1, K_FULL=True, FP_FUSED=True), "*bf16"),
 })
 # Variants whose main loop is checked for vector copies (no byte loads) and SWAR unpacking.
 PIPELINED = ("nib_split_k", "nib_requant_kfull", "nib_signed_bf16_kfull", "byte_requant_kfull")
@@ -133,7 +139,8 @@ def _compile_all() -> list:
 
     def compiled(jf, sig, consts, **opts):
         if jf is C._qconv_kernel:  # the JIT's specialisation for contiguous NHWC codes, one K split, on a GPU
-            consts = dict(dict(SPLIT_K=1, SWAR=True), **consts, sxc=1)
+            defaults = dict(SPLIT_K=1, SWAR=True, FP_FUSED=False, FP_IEEE=False, BLOCK_KF=C.FP_K_STEP)
+            consts = dict(defaults, **consts, sxc=1)
         full = {n: ("constexpr" if n in consts else sig.get(n, "i32")) for n in jf.arg_names}
         attrs = {(jf.arg_names.index(n),): [["tt.divisibility", 16]] for n in QCONV_DIV16 if n in jf.arg_names
                  and n not in consts and jf is C._qconv_kernel}
@@ -155,7 +162,7 @@ def _compile_all() -> list:
                  BLOCK_P=16, BLOCK_C=64), num_warps=4)
     out.append({"kernel": "quantize_activate", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
     sig = {"x_ptr": "*u8", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
-           "slot_ptr": "*i32", "rq_ptr": "*fp32"}
+           "slot_ptr": "*i32", "rq_ptr": "*fp32", "xf_ptr": "*bf16", "wf_ptr": "*bf16", "fb_ptr": "*fp32"}
     shipped = T.SHIPPED
     for t in (shipped[0], shipped[-1]):  # the largest tile (wgmma) and the smallest-M one (mma.sync)
         for a_nib, mode, dst in ((True, 2, "*u8"), (True, 1, "*bf16"), (False, 0, "*i32")):
