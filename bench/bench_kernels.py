@@ -21,6 +21,14 @@ GPU, ``torch.utils.benchmark`` on the CPU):
   output is checked against ``naive_int8`` (int32 accumulators from ``torch._int_mm``) before
   timing; when it cannot be built or run, or the check fails, one ``cutlass_unavailable`` row
   per shape carries the reason instead.
+* ``sm90_<tile>``     hybridops' own Hopper qconv2d (``hybridops._C_sm90``: the same CUTLASS
+  mainloop with our epilogue tree; ``csrc/sm90/``) on the same codes, read as 7-bit activation
+  and 8-bit weight codes one per byte, bf16 out, scale only, each CTA tile forced: the epilogue
+  against stock CUTLASS's, like for like. ``sm90_hybrid`` is the whole hybrid epilogue at the
+  tile the dispatch picks (bias, the sliced FP branch for ``--keep`` of the channels, ReLU,
+  8-bit codes out). Checked against ``naive_int8`` first; sm_90 GPUs with the extension built
+  (9.0a in ``HYBRIDOPS_CUDA_ARCHS`` and the ``nvidia-cutlass`` headers), else one
+  ``sm90_unavailable`` row per shape says why; no rows for layers it does not take.
 
 Each row records time, TOP/s (2 * MACs / time) or GB/s, the fraction of the measured H100
 ceiling (docs/gpu.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedup over
@@ -128,6 +136,61 @@ def cutlass_rows(s: ConvShape, codes: torch.Tensor, wcodes: torch.Tensor, scale:
     return rows
 
 
+def sm90_rows(s: ConvShape, codes: torch.Tensor, wcodes: torch.Tensor, scale: torch.Tensor, keep: float,
+              row: Callable[..., Dict], ref_ms: float, device: torch.device) -> List[Dict]:
+    """hybridops' CUTLASS Hopper qconv2d (cuda_qconv2d_sm90) on the codes ``naive_int8`` uses,
+    checked against it first; see the module docstring."""
+    from hybridops.ops import cuda_ext
+
+    def unavailable(reason: str) -> List[Dict]:
+        print(f"sm90_unavailable on {s.name}: {reason}", file=sys.stderr)
+        r = row("sm90_unavailable", float("nan"), None)
+        r["reason"] = reason
+        return [r]
+
+    if torch.cuda.get_device_capability(device) != (9, 0):
+        return []
+    try:
+        cuda_ext.load()
+    except ImportError as e:
+        return unavailable(f"hybridops._C is not usable: {e}")
+    if cuda_ext.sm90() is None:
+        return unavailable("hybridops._C_sm90 was not built (9.0a in HYBRIDOPS_CUDA_ARCHS and the nvidia-cutlass "
+                           "headers are needed)")
+    op = torch.ops.hybridops.cuda_qconv2d_sm90
+    x = codes.to(torch.uint8).permute(0, 2, 3, 1).contiguous()      # 7-bit unsigned codes, NHWC
+    w = wcodes.view(torch.uint8).permute(0, 2, 3, 1).contiguous()    # 8-bit signed codes, KRSC
+    geo = ([s.stride] * 2, [s.pad] * 4, [s.dil] * 2, s.groups)
+    ref = naive_int8(codes, wcodes, s, scale)
+    rows = []
+    for tile in (128, 64):
+        def fn(tile=tile):
+            return op(x, w, s.c_in, 7, False, 8, scale, None, *geo, False, None, None, None, 4, False,
+                      torch.bfloat16, tile)
+
+        try:
+            out = fn()
+        except RuntimeError as e:
+            if "not one the CUTLASS Hopper kernel takes" in str(e):
+                return []  # this layer stays on the hand-written kernel
+            return unavailable(f"sm90_{tile}x128 failed: {e}")
+        out_shape = out.shape  # (N, Ho, Wo, C_out)
+        bad = (~torch.isclose(out.reshape(ref.shape).float(), ref.float(), rtol=2 ** -7, atol=0)).sum().item()
+        if bad:
+            return rows + unavailable(f"sm90_{tile}x128 gave wrong results ({bad} of {ref.numel()} outputs off by "
+                                      "more than one bf16 ulp from the int32 reference); not timed.")
+        rows.append(row(f"sm90_{tile}x128", time_ms(fn, device), ref_ms))
+    kept = max(1, int(round(keep * s.c_out)))
+    fp_idx = torch.randperm(s.c_out, device=device)[:kept]
+    fp_out = torch.randn(*out_shape[:3], kept, device=device, dtype=torch.bfloat16)
+    bias = torch.randn(s.c_out, device=device)
+    qp = torch.tensor([0.05, 0.0], device=device)
+    rows.append(row("sm90_hybrid", time_ms(lambda: op(
+        x, w, s.c_in, 7, False, 8, scale, bias, *geo, True, fp_out, fp_idx, qp, 8, True, torch.bfloat16, 0),
+        device), ref_ms))
+    return rows
+
+
 def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: torch.device,
                 backends: List[str], cutlass: bool = True) -> List[Dict]:
     """All providers' rows for one layer shape; ``cutlass=False`` leaves out the CUTLASS rows
@@ -166,6 +229,7 @@ def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: tor
                 rows.append(row("naive_int8", time_ms(lambda: naive_int8(codes, wcodes, s, sc), device), ref_ms))
                 if cutlass:
                     rows += cutlass_rows(s, codes, wcodes, sc, row, ref_ms, device)
+                rows += sm90_rows(s, codes, wcodes, sc, keep, row, ref_ms, device)
         else:
             floats = cpu_float_rows(conv, x, s)
             ref_ms = min(ms for _, ms in floats)  # the fastest float path is the baseline

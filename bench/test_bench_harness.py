@@ -170,7 +170,8 @@ def test_gpu_suite_correctness_cases_cover_every_variant():
     assert {c["tile"] for c in conv} - {None} == set(tiles.shipped_names())
     cpu_shapes = {s for s, v in SHAPES.items() if not v[-1]}
     assert {c["shape"] for c in conv} >= cpu_shapes  # odd C_in, mid-byte groups, depthwise, strided, stem
-    assert {c["kind"] for c in full} == {"fake_quantize", "quantize_activate", "qconv"}
+    # (plus qconv_sm90, the CUTLASS Hopper kernel called directly, where a GPU is present)
+    assert {c["kind"] for c in full} - {"qconv_sm90"} == {"fake_quantize", "quantize_activate", "qconv"}
     quick, dry = cases("quick"), cases("dry")
     assert len(dry) < len(quick) < len(full)
     assert {c["tile"] for c in dry if c["kind"] == "qconv"} - {None} == set(tiles.shipped_names())

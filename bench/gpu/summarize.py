@@ -57,15 +57,19 @@ def kernels(work: Path) -> List[str]:
     table: Dict[tuple, Dict[str, float]] = defaultdict(dict)
     for r in rows:
         table[(r["shape"], r["batch"])][r["provider"]] = r["ms"] * 1e3
-    provs = ["cudnn_bf16_cl", "cutlass_best", "qconv_triton", "qconv_cuda", "hybrid_triton", "hybrid_cuda"]
+    # sm90_best: hybridops' CUTLASS Hopper qconv2d (csrc/sm90/), best forced tile, beside stock CUTLASS's.
+    provs = ["cudnn_bf16_cl", "cutlass_best", "sm90_best", "qconv_triton", "qconv_cuda", "hybrid_triton", "hybrid_cuda"]
     if not any("cudnn_bf16_cl" in v for v in table.values()):
-        provs = ["torch_fp32_cpu"] + [p for p in provs[2:]] + ["qconv_torch", "hybrid_torch"]
+        provs = ["torch_fp32_cpu"] + [p for p in provs[3:]] + ["qconv_torch", "hybrid_torch"]
     out = ["microbenchmarks (us; in brackets: speedup over the first column), bits 4/4, keep 0.1:",
            f"{'shape':<26}{'N':>3} " + " ".join(f"{p:>14}" for p in provs)]
     for (shape, n), v in table.items():
         cut = [t for p, t in v.items() if p.startswith("cutlass_s8")]
         if cut:
             v["cutlass_best"] = min(cut)
+        ours = [t for p, t in v.items() if p in ("sm90_128x128", "sm90_64x128")]
+        if ours:
+            v["sm90_best"] = min(ours)
         base = v.get(provs[0])
         cells = []
         for p in provs:
