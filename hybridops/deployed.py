@@ -19,7 +19,10 @@ The forward path is chosen when the format is set, not on every call:
 
 * ``"hybrid"`` (quantized input): one fused quantize-activate pass writes the activation codes and
   the float slice the pruned branch reads; the pruned branch runs as a float conv on that slice;
-  the integer conv adds its output into the kept channels in its epilogue;
+  the integer conv adds its output into the kept channels in its epilogue. At inference on a
+  backend with a fused kernel (``triton``; ungrouped layers) the two convs are one op,
+  ``hybridops::hybrid_conv2d``, which computes the branch inside the integer conv's kernel where
+  that pays (docs/kernels.md);
 * ``"codes"``: the input is already codes, written by the producing layer's epilogue (a chain of
   quantized layers never writes float activations; see :mod:`hybridops.fusion`);
 * ``"merged"`` (full-precision input, as the first layer of the paper's networks): both branches
@@ -44,14 +47,16 @@ from torch.nn.modules.utils import _pair
 
 from .ops import custom_ops
 from .ops.packing import check_bits, levels, packed_size, unpack_weight
-from .ops.registry import code_bytes, inference_fp_conv
+from .ops.registry import code_bytes, inference_fp_conv, optional_implementation
 
 FORMAT_VERSION = 1
 PATHS = ("hybrid", "codes", "merged", "fp_only")
 
 
-_DISPATCHED = {"quantize_activate": custom_ops.quantize_activate, "qconv2d": custom_ops.qconv2d}
-_DIRECT = {"quantize_activate": custom_ops.quantize_activate_inference, "qconv2d": custom_ops.qconv2d_inference}
+_DISPATCHED = {"quantize_activate": custom_ops.quantize_activate, "qconv2d": custom_ops.qconv2d,
+               "hybrid_conv2d": custom_ops.hybrid_conv2d}
+_DIRECT = {"quantize_activate": custom_ops.quantize_activate_inference, "qconv2d": custom_ops.qconv2d_inference,
+           "hybrid_conv2d": custom_ops.hybrid_conv2d_inference}
 
 
 def _op(name: str):
@@ -94,6 +99,8 @@ class _DeployedBase(nn.Module):
         self.backend = backend
         # the backend's prepacked float conv for the pruned branch at inference (None: F.conv2d)
         self._inference_fp_conv, self._inference_fp_dtypes = inference_fp_conv(backend)
+        # a backend that can compute the pruned branch inside its qconv kernel (hybrid_conv2d)
+        self._fuses_branch = optional_implementation(backend, "fused_hybrid_conv2d") is not None
         kh, kw = kernel_numel
         cin_g = self.in_channels // self.groups
         if bits_w is not None:
@@ -453,6 +460,16 @@ class DeployedConv2d(_DeployedBase):
         x_slice, codes = _op("quantize_activate")(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
                                                       read if sliced else None, fp_dt, self.backend)
         fp_out = None
+        if kept and self._fuses_branch and self.groups == 1 and not (torch.is_grad_enabled() and (
+                x.requires_grad or any(t.requires_grad for t in (self.fp_weight, self.fp_bias) if t is not None))):
+            # inference on a backend with a fused kernel: the op decides whether the branch runs
+            # inside the qconv kernel (one launch) or as its own conv
+            rq = self.out_qparams is not None
+            return _op("hybrid_conv2d")(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed,
+                                        self.bits_w, self.scale, self.bias, self.stride, padding, self.dilation,
+                                        self.groups, self.relu, x_slice if sliced else x.permute(0, 2, 3, 1),
+                                        self.fp_weight, self.fp_bias, self.fp_out_idx, self.out_qparams,
+                                        self.out_bits if rq else 8, self.out_signed, x.dtype, self.backend)
         if kept:
             fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2) if sliced else x, padding).permute(0, 2, 3, 1)
         return self._int_conv(codes, fp_out, self.stride, padding, self.dilation, self.groups, x.dtype)

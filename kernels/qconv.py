@@ -541,6 +541,7 @@ def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w
     if groups != 1 or tiles.autotune_requested():
         raise ValueError("the fused pruned branch needs an ungrouped conv (groups=1) and the shipped tile table "
                          f"(HYBRIDOPS_AUTOTUNE unset), got groups={groups}.")
+    fp_in = fp_in if fp_in.stride(3) == 1 else fp_in.contiguous()  # the fused loop reads channels contiguously
     key = (w_packed.shape[0], fp_in.dtype, fp_idx, fp_idx._version, fp_bias,
            None if fp_bias is None else fp_bias._version)
     wf, fb = cached_derived(fp_weight, key, scattered_fp_weight)

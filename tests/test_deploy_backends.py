@@ -62,3 +62,35 @@ def test_kernel_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="triton backend runs on CUDA tensors"):
         ho.resolve_backend("triton", "cpu")
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend (TRITON_INTERPRET=1 or a GPU)")
+def test_triton_inference_fuses_the_pruned_branch_and_training_does_not(hybrid_model, monkeypatch):
+    """At inference the triton backend's ungrouped hybrid layers run as one kernel each, the pruned
+    branch inside the integer conv (hybridops::hybrid_conv2d); while the branch trains they keep
+    the separate float conv that autograd differentiates."""
+    from hybridops.kernels import qconv
+
+    model, x = hybrid_model
+    fast = ho.deploy_(copy.deepcopy(model), "triton")
+    launches = []
+    kernel = qconv._qconv_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs.get("FP_FUSED", False))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(qconv, "_qconv_kernel", Spy())
+    hybrid = [m for m in fast.modules() if isinstance(m, ho.DeployedConv2d) and m.path == "hybrid"
+              and m.groups == 1 and m.kept_channels > 0]
+    assert hybrid
+    with torch.no_grad():
+        fast(x)
+    assert sum(launches) == len(hybrid)
+    launches.clear()
+    ho.freeze_quantized_(fast)
+    fast(x).sum().backward()
+    assert launches and not any(launches)
