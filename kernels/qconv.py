@@ -418,7 +418,7 @@ def qconv2d(
             *args, **const, **LAUNCH_OPTS)
         _tuned_keys.add(key)
         return out
-    t = tiles.pick(m, c_out, INTERPRET)
+    t = tiles.pick(m, c_out, INTERPRET, cin_g)
     const["K_FULL"] = cin_g % t.block_k == 0
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")

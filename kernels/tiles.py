@@ -18,6 +18,7 @@ it runs on 2 warps.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
@@ -54,6 +55,11 @@ SHIPPED: Tuple[Tile, ...] = (
     Tile(16, 64, 64, 4, 3),   # the smallest M (1x1 images, late layers; 4 stages spilled with the fused branch)
 )
 
+# A K step that does not divide C_in per group keeps the activation loads masked (no vector
+# copies): a layer whose C_in per group is a multiple of this but not of the tile's step (RT-MDNet
+# conv2: 96 channels) runs the same tile with K steps this narrow instead.
+NARROW_K = 32
+
 # Compute-ready weights pad C_in per group with zero codes to a multiple of this, so that no K
 # step of any tile (each BLOCK_K divides it) reads past a weight row: the B tile needs no mask.
 K_PAD = 64
@@ -65,12 +71,18 @@ INTERPRETER_TILE = Tile(32, 32, 32, 4, 1)
 _forced: Optional[Tile] = None
 
 
+def compiled_configs() -> Tuple[Tile, ...]:
+    """Every config :func:`pick` can return on a GPU: the shipped tiles and their narrow-K forms."""
+    return SHIPPED + tuple(dataclasses.replace(t, block_k=NARROW_K) for t in SHIPPED if t.block_k != NARROW_K)
+
+
 def shipped_names() -> Tuple[str, ...]:
-    return tuple(t.name for t in SHIPPED)
+    """Names of :func:`compiled_configs` (what the GPU suite's correctness stage forces one by one)."""
+    return tuple(t.name for t in compiled_configs())
 
 
 def by_name(name: str) -> Tile:
-    for t in SHIPPED + (INTERPRETER_TILE,):
+    for t in compiled_configs() + (INTERPRETER_TILE,):
         if t.name == name:
             return t
     raise ValueError(f"unknown tile {name!r}; shipped: {', '.join(shipped_names())}.")
@@ -94,19 +106,24 @@ def autotune_requested() -> bool:
     return os.environ.get("HYBRIDOPS_AUTOTUNE", "0") == "1"
 
 
-def pick(m: int, c_out: int, interpret: bool = False) -> Tile:
-    """The tile for an implicit GEMM of ``m`` output pixels and ``c_out`` output channels.
+def pick(m: int, c_out: int, interpret: bool = False, cin_g: Optional[int] = None) -> Tile:
+    """The tile for an implicit GEMM of ``m`` output pixels, ``c_out`` output channels and
+    ``cin_g`` input channels per group.
 
     The largest shipped tile that still gives at least two CTAs per SM (so every SM has work and
     a second CTA hides the first one's latency); when none does (batch-1 layers), the one with
-    the most CTAs, i.e. the smallest. A tile forced by :func:`forced` wins.
+    the most CTAs, i.e. the smallest; with :data:`NARROW_K` steps where those divide ``cin_g``
+    and the tile's do not. A tile forced by :func:`forced` wins.
     """
     if _forced is not None:
         return _forced
     if interpret:
         return INTERPRETER_TILE
+    chosen = SHIPPED[-1]
     for t in SHIPPED:
-        ctas = -(-m // t.block_m) * -(-c_out // t.block_n)
-        if ctas >= 2 * SM_COUNT:
-            return t
-    return SHIPPED[-1]
+        if -(-m // t.block_m) * -(-c_out // t.block_n) >= 2 * SM_COUNT:
+            chosen = t
+            break
+    if cin_g is not None and cin_g % chosen.block_k and cin_g % NARROW_K == 0:
+        return dataclasses.replace(chosen, block_k=NARROW_K)
+    return chosen

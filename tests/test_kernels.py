@@ -457,16 +457,23 @@ def test_tile_table_one_shipped_tile_per_shape():
     assert tiles.pick(32 * 31 * 31, 256) == tiles.SHIPPED[0]
     with pytest.raises(ValueError, match="unknown tile"):
         tiles.by_name("m999")
+    # K steps: the tile's 64 channels where they divide C_in per group, else 32 where those do
+    # (RT-MDNet conv2's 96 channels), else 64 with masked activation loads
+    assert tiles.pick(32 * 31 * 31, 256, cin_g=256).block_k == 64
+    assert tiles.pick(24 * 24, 256, cin_g=96).block_k == tiles.NARROW_K
+    assert tiles.pick(24 * 24, 256, cin_g=40).block_k == 64
+    assert tiles.by_name(tiles.pick(24 * 24, 256, cin_g=96).name) in tiles.compiled_configs()
 
 
-@pytest.mark.parametrize("tile_index", [0, 1, 2])
+@pytest.mark.parametrize("tile_index", range(6))
 def test_qconv2d_every_shipped_tile(backend, tile_index):
     """Each shipped tile, forced, gives the reference's codes and accumulators (aligned groups and
     a group starting mid-byte)."""
     if backend != "triton":
         pytest.skip("the tile table is the triton backend's")
     _, tiles = _triton_modules()
-    tile = tiles.SHIPPED[tile_index]
+    assert len(tiles.compiled_configs()) == 6
+    tile = tiles.compiled_configs()[tile_index]
     for cin, cout, groups in ((17, 33, 1), (34, 34, 2)):
         x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, 3, groups, 4, False, 4, seed=tile_index)
         scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [cout - 1, 0, 5], torch.float32)

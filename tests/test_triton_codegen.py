@@ -163,7 +163,7 @@ def _compile_all() -> list:
     out.append({"kernel": "quantize_activate", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
     sig = {"x_ptr": "*u8", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
            "slot_ptr": "*i32", "rq_ptr": "*fp32", "xf_ptr": "*bf16", "wf_ptr": "*bf16", "fb_ptr": "*fp32"}
-    shipped = T.SHIPPED
+    shipped = T.compiled_configs()
     for t in (shipped[0], shipped[-1]):  # the largest tile (wgmma) and the smallest-M one (mma.sync)
         for a_nib, mode, dst in ((True, 2, "*u8"), (True, 1, "*bf16"), (False, 0, "*i32")):
             consts = dict(A_NIB=a_nib, A_SIGNED=False, A_ALIGNED=True, OUT_MODE=mode, HAS_BIAS=True, HAS_FP=True,
@@ -208,7 +208,7 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
     ptx_checks = [r for r in results if "fma" in r]
     spills = [r for r in results if "spill" in r]
     loads = [r for r in results if "cp_async" in r]
-    assert len(loads) == len(PIPELINED) * len(tiles.SHIPPED)
+    assert len(loads) == len(PIPELINED) * len(tiles.compiled_configs())
     for r in loads:  # full K steps: vector copies, no byte loads; packed codes split four bytes at a time
         print(r["kernel"], "main-loop SASS instructions:", r["mainloop_sass"])
         assert r["cp_async"] > 0 and r["byte_loads"] == 0, r
@@ -219,7 +219,7 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
         assert r["fma"] == 0, r
         if r["mma"] is not None:
             assert r["mma"] == ("wgmma" if r["block_m"] >= 64 else "mma.sync"), r
-    assert len(spills) == len(tiles.SHIPPED) * (len(SPILL_VARIANTS) + 1)  # + the split-K epilogue
+    assert len(spills) == len(tiles.compiled_configs()) * (len(SPILL_VARIANTS) + 1)  # + the split-K epilogue
     spilling = [r for r in spills if r["spill"] != 0]
     assert not spilling, f"shipped tiles that spill registers on sm_90 (drop them from kernels/tiles.py): {spilling}"
 
