@@ -11,7 +11,10 @@ GPU, ``torch.utils.benchmark`` on the CPU):
 * ``naive_int8``      what a user would write: unfold + ``torch._int_mm`` + scale (CUDA only);
 * ``qconv_<backend>`` our packed low-bit conv alone (codes in, bf16 out);
 * ``hybrid_<backend>`` a whole deployed hybrid layer (quantize-activate, FP branch, int conv with
-  the fused sliced add), float in, float out;
+  the fused sliced add), float in, float out; for ``triton`` on ungrouped layers also
+  ``hybrid_triton_fused`` / ``hybrid_triton_separate``, the pruned branch forced inside the qconv
+  kernel or run as its own conv (``HYBRIDOPS_FUSE_BRANCH``), the two sides of the roofline that
+  ``hybrid_triton`` follows;
 * ``quantact_<backend>`` the fused quantize-activate pass, reported in GB/s;
 * ``cutlass_s8_128x128`` / ``cutlass_s8_64x128`` stock CUTLASS 3's Hopper int8 implicit-GEMM
   conv (``cutlass_conv/``: TMA im2col + wgmma, per-channel scale, bf16 out) at two CTA tiles, on
@@ -39,8 +42,10 @@ ceiling (docs/gpu.md, 2026-11-24: int8 1117 TOP/s, copy 3.0 TB/s) and the speedu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -191,6 +196,20 @@ def sm90_rows(s: ConvShape, codes: torch.Tensor, wcodes: torch.Tensor, scale: to
     return rows
 
 
+@contextlib.contextmanager
+def fuse_branch(mode: str):
+    """Force the triton backend's fused-branch choice (HYBRIDOPS_FUSE_BRANCH) inside the block."""
+    previous = os.environ.get("HYBRIDOPS_FUSE_BRANCH")
+    os.environ["HYBRIDOPS_FUSE_BRANCH"] = mode
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["HYBRIDOPS_FUSE_BRANCH"]
+        else:
+            os.environ["HYBRIDOPS_FUSE_BRANCH"] = previous
+
+
 def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: torch.device,
                 backends: List[str], cutlass: bool = True) -> List[Dict]:
     """All providers' rows for one layer shape; ``cutlass=False`` leaves out the CUTLASS rows
@@ -240,6 +259,12 @@ def bench_shape(s: ConvShape, bits_w: int, bits_a: int, keep: float, device: tor
             xin = xin.contiguous(memory_format=torch.channels_last)
             layer_dt = layer.to(xin.dtype)
             rows.append(row(f"hybrid_{be}", time_ms(lambda: layer_dt(xin), device), ref_ms))
+            if be == "triton" and s.groups == 1:
+                # both sides of the fused-branch roofline (kernels/qconv.py, fuse_pruned_branch)
+                for mode in ("always", "never"):
+                    with fuse_branch(mode):
+                        rows.append(row(f"hybrid_triton_{'fused' if mode == 'always' else 'separate'}",
+                                        time_ms(lambda: layer_dt(xin), device), ref_ms))
             _, codes_p = ho.ops.quantize_activate(xin, layer.in_qparams, bits_a, layer.a_signed, None, None, False,
                                                   None, None, be)
             out_dt = xin.dtype

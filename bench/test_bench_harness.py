@@ -92,7 +92,10 @@ def test_kernel_microbenchmark_rows_are_well_formed():
     if "onednn" in backends:  # the CPU float baselines with weights packed once
         import hybridops.kernels.onednn as onednn
         floats += ["onednn_fp32_prepacked"] + (["onednn_bf16_prepacked"] if onednn.bf16_supported() else [])
-    assert providers == floats + [f"{kind}_{be}" for be in backends for kind in ("hybrid", "qconv", "quantact")]
+    kinds = {be: ("hybrid", "hybrid_triton_fused", "hybrid_triton_separate") if be == "triton" else ("hybrid",)
+             for be in backends}  # triton: both sides of its fused-branch roofline too
+    assert providers == floats + [k if k.startswith("hybrid_triton_") else f"{k}_{be}" for be in backends
+                                  for k in kinds[be] + ("qconv", "quantact")]
     for r in rows:
         assert r["ms"] > 0 and (r.get("tops", 0) > 0 or r.get("gbs", 0) > 0)
     # the fastest float row is the baseline every speedup is relative to
@@ -157,17 +160,24 @@ def test_gpu_suite_summary_reads_partial_results(tmp_path):
 
 
 def test_gpu_suite_correctness_cases_cover_every_variant():
-    """The correctness stage's case list covers each bit-width pair, output mode, alignment case
-    and shipped Triton tile (what issue 12 asks of stage b)."""
-    from gpu.check_kernels import BITS, MODES, SHAPES, cases
+    """The correctness stage's case list covers each bit-width pair, output mode, alignment case,
+    shipped Triton tile and hand-written CUDA kernel template (what issue 12 asks of stage b)."""
+    from gpu.check_kernels import BITS, CUDA_PLANS, MODES, SHAPES, TEMPLATE_BITS, cases
 
     from hybridops.kernels import tiles
 
     full = cases("full")
     conv = [c for c in full if c["kind"] == "qconv"]
-    assert {c["bits"] for c in conv} == set(BITS)
+    assert {c["bits"] for c in conv} == set(BITS) | set(TEMPLATE_BITS)
     assert {c["mode"] for c in conv} == set(MODES)
     assert {c["tile"] for c in conv} - {None} == set(tiles.shipped_names())
+    # every CUDA kernel x operand variant on the aligned and the gathered shapes, every mode per kernel
+    forced = [c for c in conv if c.get("plan")]
+    assert {(c["plan"], c["bits"], c["shape"]) for c in forced if c["mode"] == "int32"} == {
+        (p, b, s) for p in CUDA_PLANS for b in TEMPLATE_BITS for s in ("3x3_c64", "3x3_c17_dil2", "g2_c34")}
+    assert {(c["plan"], c["mode"]) for c in forced} == {(p, m) for p in CUDA_PLANS for m in MODES}
+    san = [c for c in cases("sanitizer") if c["kind"] == "qconv" and c.get("plan")]
+    assert {(c["plan"], c["bits"]) for c in san} >= {(p, b) for p in CUDA_PLANS for b in TEMPLATE_BITS}
     cpu_shapes = {s for s, v in SHAPES.items() if not v[-1]}
     assert {c["shape"] for c in conv} >= cpu_shapes  # odd C_in, mid-byte groups, depthwise, strided, stem
     # (plus qconv_sm90, the CUTLASS Hopper kernel called directly, where a GPU is present)

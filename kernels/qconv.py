@@ -20,6 +20,7 @@ groups loops over them, masking the weight rows of the other groups.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -505,9 +506,16 @@ def fuse_pruned_branch(m: int, c_out: int, kept: int, taps: int, slice_channels:
     conv, by a roofline: the fused loop multiplies the slice against every output column of the
     tile (``c_out``, mostly zero rows), the separate conv only the ``kept`` ones but costs at least
     one small conv's floor and writes and reads its output once more. Fusing needs an ungrouped
-    conv and the shipped tile table (not ``HYBRIDOPS_AUTOTUNE=1``)."""
-    if groups != 1 or tiles.autotune_requested() or dtype not in _MMA_FLOPS:
+    conv and the shipped tile table (not ``HYBRIDOPS_AUTOTUNE=1``). ``HYBRIDOPS_FUSE_BRANCH``
+    (``auto``, the default; ``always``; ``never``) overrides the roofline where fusing applies, for
+    measuring both sides (``bench/bench_kernels.py``)."""
+    mode = os.environ.get("HYBRIDOPS_FUSE_BRANCH", "auto")
+    if mode not in ("auto", "always", "never"):
+        raise ValueError(f"HYBRIDOPS_FUSE_BRANCH={mode!r}: use auto, always or never.")
+    if groups != 1 or tiles.autotune_requested() or dtype not in _MMA_FLOPS or mode == "never":
         return False
+    if mode == "always":
+        return True
     rate = _MMA_FLOPS[dtype]
     fused_extra = 2 * m * c_out * taps * slice_channels / rate
     separate = (max(_SMALL_CONV_FLOOR_S, 2 * m * kept * taps * slice_channels / rate)

@@ -631,6 +631,15 @@ def test_hybrid_conv_op_fuses_where_the_roofline_says(backend, monkeypatch):
     assert qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)  # batch 1, small slice
     assert not qconv.fuse_pruned_branch(32 * 961, 256, 26, 9, 256, torch.bfloat16, 1)  # batch 32, whole input
     assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 2)  # grouped
+    monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "always")
+    assert qconv.fuse_pruned_branch(32 * 961, 256, 26, 9, 256, torch.bfloat16, 1)
+    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 2)  # still never grouped
+    monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "never")
+    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)
+    monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "sometimes")
+    with pytest.raises(ValueError, match="HYBRIDOPS_FUSE_BRANCH='sometimes'"):
+        qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)
+    monkeypatch.delenv("HYBRIDOPS_FUSE_BRANCH")
     spy = _LaunchSpy(qconv._qconv_kernel)
     monkeypatch.setattr(qconv, "_qconv_kernel", spy)
     t = hybrid_inputs(1, 32, 6, 5, 24, 3, [4, 0, 9], 6, torch.float32, seed=5)
