@@ -10,10 +10,10 @@ CUDA-graph capture for a shape not tuned before it.
 Every shipped config compiles for sm_90 with **zero register spills** in every kernel variant
 (packed / one-byte activation codes, signed or not, groups starting mid-byte, int32 / float / re-quantizing epilogues),
 checked with ``ptxas -v`` on Triton's PTX by ``tests/test_triton_codegen.py``. Tried and not
-shipped (Triton 3.8, sm_90): 128x64, 64x128 and 128x128 tiles with ``BLOCK_K = 64`` spilled
-8-360 bytes, mostly in the re-quantizing epilogue (per-element pointers and the nibble packing
-fill the 255 registers); 32x64 on 4 warps spilled 8-16 bytes in the full-K packed mainloop, so
-it runs on 2 warps.
+shipped (Triton 3.8, sm_90): 128x64 and 64x128 tiles on 4 warps spilled 144-356 bytes, mostly in
+the re-quantizing epilogue (per-element pointers and the nibble packing fill the 255 registers),
+and 128x128 even on 8 warps (8-360 bytes), so the wide tile runs on 8 warps; 32x64 on 4 warps
+spilled 8-16 bytes in the full-K packed mainloop, so it runs on 2 warps.
 """
 from __future__ import annotations
 
@@ -50,6 +50,7 @@ class Tile:
 # multiples of 32; BLOCK_M >= 64 runs on wgmma, smaller BLOCK_M on mma.sync (checked by the
 # codegen test).
 SHIPPED: Tuple[Tile, ...] = (
+    Tile(64, 128, 64, 8, 4),  # batched layers with >= 128 output channels: half the A unpacking of 64-wide N
     Tile(64, 64, 64, 4, 4),   # batched layers
     Tile(32, 64, 64, 2, 4),   # batch 1: M = Ho * Wo of a few hundred to a few thousand pixels (4 warps spilled)
     Tile(16, 64, 64, 4, 3),   # the smallest M (1x1 images, late layers; 4 stages spilled with the fused branch)
@@ -110,9 +111,9 @@ def pick(m: int, c_out: int, interpret: bool = False, cin_g: Optional[int] = Non
     """The tile for an implicit GEMM of ``m`` output pixels, ``c_out`` output channels and
     ``cin_g`` input channels per group.
 
-    The largest shipped tile that still gives at least two CTAs per SM (so every SM has work and
-    a second CTA hides the first one's latency); when none does (batch-1 layers), the one with
-    the most CTAs, i.e. the smallest; with :data:`NARROW_K` steps where those divide ``cin_g``
+    The largest shipped tile no wider than ``c_out`` that still gives at least two CTAs per SM
+    (so every SM has work and a second CTA hides the first one's latency); when none does
+    (batch-1 layers), the one with the most CTAs, i.e. the smallest; with :data:`NARROW_K` steps where those divide ``cin_g``
     and the tile's do not. A tile forced by :func:`forced` wins.
     """
     if _forced is not None:
@@ -121,6 +122,8 @@ def pick(m: int, c_out: int, interpret: bool = False, cin_g: Optional[int] = Non
         return INTERPRETER_TILE
     chosen = SHIPPED[-1]
     for t in SHIPPED:
+        if t.block_n > max(c_out, 64):
+            continue  # more than half of the tile's columns would multiply zeros
         if -(-m // t.block_m) * -(-c_out // t.block_n) >= 2 * SM_COUNT:
             chosen = t
             break
