@@ -15,8 +15,8 @@
 # fixed short shape list (bench/gpu/check_kernels.py, sharded over processes); (c) the
 # microbenchmark table: ours vs cuDNN bf16 channels_last vs stock CUTLASS s8 on the ResNet-50 and
 # RT-MDNet layers, batch 1 and 32; (d) ResNet-50 end to end with CUDA graphs, batch 1 and 32
-# (bench/speedup_report.py); (e) compute-sanitizer memcheck, racecheck and synccheck on a small
-# subset of the CUDA kernels. A one-screen summary (bench/gpu/summarize.py) prints last and is
+# (bench/speedup_report.py); (e) compute-sanitizer memcheck, racecheck and synccheck on every
+# CUDA kernel template, once each, on small shapes. A one-screen summary (bench/gpu/summarize.py) prints last and is
 # written to $OUT/summary.txt after every stage.
 #
 # Outputs: everything under $WORK (bench/results/gpu-suite-<date> unless $SUITE_DIR is set); when
@@ -231,12 +231,22 @@ stage_sanitize() {
     python bench/gpu/check_kernels.py --subset sanitizer --dry-run-sanitizer --shard 0/1 --out "$WORK"
     return $?
   fi
-  # The three tools in parallel (separate processes; each instruments its own kernels).
+  # Every CUDA kernel template once (check_kernels.py's sanitizer subset: each qconv2d kernel
+  # forced on small shapes, every operand variant and both load paths; the quantizers per dtype;
+  # the CUTLASS Hopper kernel per tile and output type) under each tool: three tools x two shards,
+  # six processes in parallel. Only hybridops' kernels are instrumented (--kernel-name; the
+  # reference's torch kernels run at full speed). memcheck runs without torch's caching
+  # allocator, so that an access past a tensor is past its own cudaMalloc, not inside a cached
+  # block where memcheck cannot see it.
+  local shard
   for tool in memcheck racecheck synccheck; do
-    compute-sanitizer --tool "$tool" --error-exitcode 9 --print-limit 20 \
-      python bench/gpu/check_kernels.py --subset sanitizer --shard 0/1 --tag "$tool" --out "$WORK" \
-      > "$WORK/sanitizer-$tool.log" 2>&1 &
-    pids+=($!)
+    for shard in 0 1; do
+      env $( [ "$tool" = memcheck ] && echo PYTORCH_NO_CUDA_MEMORY_CACHING=1 ) \
+        compute-sanitizer --tool "$tool" --kernel-name kns=hybridops --error-exitcode 9 --print-limit 20 \
+        python bench/gpu/check_kernels.py --subset sanitizer --shard "$shard/2" --tag "$tool" --out "$WORK" \
+        > "$WORK/sanitizer-$tool-$shard.log" 2>&1 &
+      pids+=($!)
+    done
   done
   for p in "${pids[@]}"; do wait "$p" || rc=1; done
   grep -h -E "ERROR SUMMARY|RACECHECK SUMMARY|passed" "$WORK"/sanitizer-*.log

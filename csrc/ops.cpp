@@ -62,7 +62,8 @@ const c10::TypedOperatorHandle<Sm90Qconv>* sm90_qconv() {
 }
 
 // The cuda backend's qconv2d: the CUTLASS Hopper kernel where it applies (sm_90, one-byte codes,
-// TMA-aligned channels; sm90/eligible.h), the hand-written kernels of qconv2d.cu otherwise.
+// TMA-aligned channels; sm90/eligible.h) unless a test forces a hand-written kernel
+// (set_qconv2d_plan_override), the hand-written kernels of qconv2d.cu otherwise.
 at::Tensor qconv2d_dispatch(
     const at::Tensor& x_codes, const at::Tensor& w_packed, int64_t in_channels, int64_t bits_a, bool a_signed,
     int64_t bits_w, const at::Tensor& scale, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
@@ -70,7 +71,8 @@ at::Tensor qconv2d_dispatch(
     const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_idx,
     const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
     at::ScalarType out_dtype) {
-  if (sm90::qconv2d_eligible(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+  if (!qconv2d_plan_forced() &&
+      sm90::qconv2d_eligible(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
                              dilation, groups, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype)) {
     if (auto op = sm90_qconv()) {
       // Straight to its CUDA kernel: this call is already past autograd and the other keys.
@@ -106,7 +108,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["cuda_runtime"] = CUDART_VERSION;
         info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
                         std::to_string(TORCH_VERSION_PATCH);
-        info["qconv2d_kernels"] = py::make_tuple("mma_128x128", "mma_64x64", "mma_32x64", "direct");
+        py::list kernels;
+        for (const auto& k : hybridops::qconv2d_kernels()) kernels.append(k);
+        info["qconv2d_kernels"] = py::tuple(kernels);
         // Whether hybridops._C_sm90 has registered its kernel in this process (it is a separate,
         // optional extension; see qconv2d_dispatch).
         info["qconv2d_sm90"] = hybridops::sm90_qconv() != nullptr;
@@ -116,4 +120,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("qconv2d_plan", &hybridops::qconv2d_plan, py::arg("m"), py::arg("cin_per_group"),
         py::arg("cout_per_group"), py::arg("groups"), py::arg("packed_requant"), py::arg("sm_count"),
         "Kernel qconv2d runs for an implicit GEMM with m = N*Ho*Wo rows on a GPU with sm_count SMs.");
+  m.def("set_qconv2d_plan_override", &hybridops::set_qconv2d_plan_override, py::arg("plan"),
+        "Force the qconv2d kernel (a name of build_info()['qconv2d_kernels']) where a tensor-core tile may run; "
+        "'' restores qconv2d_plan's choice. For tests and the GPU suite's per-template checks.");
 }

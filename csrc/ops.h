@@ -11,6 +11,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace hybridops {
 
@@ -38,11 +39,21 @@ at::Tensor qconv2d_cuda(
     const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
     at::ScalarType out_dtype);
 
-// Name of the qconv2d kernel that a problem of this shape runs on a GPU with `sm_count` SMs
-// ("mma_128x128", "mma_64x64", "mma_32x64" or "direct"). Exposed so that tests and benchmarks
-// can see which path ran.
+// Name of the qconv2d kernel that a problem of this shape runs on a GPU with `sm_count` SMs (one
+// of qconv2d_kernels()). Exposed so that tests and benchmarks can see which path ran.
 std::string qconv2d_plan(int64_t m, int64_t cin_per_group, int64_t cout_per_group, int64_t groups,
                          bool packed_requant, int64_t sm_count);
+
+// The qconv2d kernels: "mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64" (tensor-core tiles,
+// BM x BN) and "direct" (CUDA cores).
+const std::vector<std::string>& qconv2d_kernels();
+
+// Makes qconv2d run `plan` (one of qconv2d_kernels()) instead of qconv2d_plan's choice wherever a
+// tensor-core tile may run, so that tests and the GPU suite reach every kernel template on small
+// shapes; "" restores the choice. Process-wide. While set, the cuda backend's qconv2d also skips
+// the CUTLASS Hopper kernel (ops.cpp), so that the hand-written kernels are the ones checked.
+void set_qconv2d_plan_override(const std::string& plan);
+bool qconv2d_plan_forced();
 
 inline int64_t packed_size(int64_t channels, int64_t bits) { return bits <= 4 ? (channels + 1) / 2 : channels; }
 

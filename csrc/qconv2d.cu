@@ -9,8 +9,9 @@
 // mma.sync's .row.col integer shapes want.
 //
 // Hopper (sm_90) has no usable 4-bit MMA (it is emulated, ~20x slower than s8), so both operands
-// travel packed through global and shared memory and are widened to int8 in registers right
-// before mma.sync.m16n8k32.s8 (int32 accumulators, exact).
+// travel packed through global and shared memory and are widened to int8 once per CTA, in
+// shared memory, before mma.sync.m16n8k32.s8 (int32 accumulators, exact); see MmaLayout. On
+// Hopper the one-byte ungrouped layers go to the CUTLASS kernel of csrc/sm90/ instead (ops.cpp).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare
 // CUDA toolkit (CI) may not ship.
 #include <ATen/Dispatch.h>
@@ -19,8 +20,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <string>
+#include <vector>
 
 #include "common.cuh"
 #include "ops.h"
@@ -114,44 +117,149 @@ __device__ __forceinline__ float epilogue_value(const Epilogue& ep, const FpMap<
   return y;
 }
 
-// Stores output channels co and co + 1 (when has1) of pixel m. With packed requantization at
-// <= 4 bits the pair is one byte, so co must be even there (the caller guarantees it).
-template <int SPAN>
-__device__ __forceinline__ void epilogue_store(const Epilogue& ep, const FpMap<SPAN>& map, int64_t m, int co,
-                                               int local, int acc0, int acc1, bool has1) {
+// Stores of up to V consecutive output channels [co, co + n) of output pixel m, in the widest
+// vector stores their bytes allow: one 16-byte store per 8 bf16/fp16 channels, per 4 fp32/int32
+// channels, per 32 packed 4-bit codes. The words are built in registers (compile-time indices:
+// no stack) and written with 16/8/4/2/1-byte stores.
+template <int NB, int NW>
+__device__ __forceinline__ void store_bytes(void* dst, const uint32_t (&w)[NW]) {
+  static_assert(NB <= 4 * NW, "more bytes than words");
+  if constexpr (NB >= 16) {
+#pragma unroll
+    for (int k = 0; k < NB / 16; ++k)
+      reinterpret_cast<uint4*>(dst)[k] = make_uint4(w[4 * k], w[4 * k + 1], w[4 * k + 2], w[4 * k + 3]);
+  } else if constexpr (NB == 8) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(w[0], w[1]);
+  } else if constexpr (NB == 4) {
+    *reinterpret_cast<uint32_t*>(dst) = w[0];
+  } else if constexpr (NB == 2) {
+    *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(w[0]);
+  } else {
+    static_assert(NB == 1, "store sizes are powers of two");
+    *reinterpret_cast<uint8_t*>(dst) = static_cast<uint8_t>(w[0]);
+  }
+}
+
+// Whether all V channels exist and their NB bytes at dst can be written with aligned vector stores.
+template <int NB>
+__device__ __forceinline__ bool vector_ok(const void* dst, bool full) {
+  return full && reinterpret_cast<uintptr_t>(dst) % (NB < 16 ? NB : 16) == 0;
+}
+
+// Output channels [co, co + n) (n <= V) of pixel m from their accumulators. Packed codes at
+// <= 4 bits need co even: the V / 2 bytes then hold these channels only (one writer per byte).
+template <int V, int SPAN>
+__device__ __forceinline__ void store_channels(const Epilogue& ep, const FpMap<SPAN>& map, int64_t m, int co,
+                                               int local, const int (&acc)[V], int n) {
+  static_assert(V % 2 == 0, "channel pairs share a packed byte");
+  const bool full = n == V;
   if (ep.out_kind == kOutI32) {
     int* o = static_cast<int*>(ep.out) + m * ep.out_row + co;
-    if (has1 && (reinterpret_cast<uintptr_t>(o) & 7) == 0) {
-      *reinterpret_cast<int2*>(o) = make_int2(acc0, acc1);
+    if (vector_ok<4 * V>(o, full)) {
+      uint32_t w[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) w[e] = static_cast<uint32_t>(acc[e]);
+      store_bytes<4 * V>(o, w);
     } else {
-      o[0] = acc0;
-      if (has1) o[1] = acc1;
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if (e < n) o[e] = acc[e];
     }
     return;
   }
-  const float y0 = epilogue_value(ep, map, acc0, m, co, local);
-  const float y1 = has1 ? epilogue_value(ep, map, acc1, m, co + 1, local + 1) : 0.f;
+  float y[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) y[e] = e < n ? epilogue_value(ep, map, acc[e], m, co + e, local + e) : 0.f;
   if (ep.out_kind == kOutCodes) {
     const float alpha = ep.rq[0], beta = ep.rq[1];
     const float lv = static_cast<float>(quant_levels(ep.rq_bits, ep.rq_signed));
-    const int q0 = static_cast<int>(quant_code<float>(y0, alpha, beta, lv, ep.rq_signed));
-    const int q1 = has1 ? static_cast<int>(quant_code<float>(y1, alpha, beta, lv, ep.rq_signed)) : 0;
-    uint8_t* o = static_cast<uint8_t*>(ep.out) + m * ep.out_row;
+    uint32_t q[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      q[e] = e < n ? static_cast<uint32_t>(static_cast<int>(quant_code<float>(y[e], alpha, beta, lv, ep.rq_signed)))
+                   : 0u;
+    uint8_t* row = static_cast<uint8_t*>(ep.out) + m * ep.out_row;
     if (ep.rq_bits <= 4) {
-      o[co >> 1] = static_cast<uint8_t>((q0 & 0xF) | ((q1 & 0xF) << 4));
+      uint8_t* o = row + (co >> 1);
+      uint32_t w[(V / 2 + 3) / 4] = {};
+#pragma unroll
+      for (int k = 0; k < V / 2; ++k) w[k / 4] |= ((q[2 * k] & 0xFu) | ((q[2 * k + 1] & 0xFu) << 4)) << (8 * (k % 4));
+      if (vector_ok<V / 2>(o, full)) {
+        store_bytes<V / 2>(o, w);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V / 2; ++k)
+          if (2 * k < n) o[k] = static_cast<uint8_t>(w[k / 4] >> (8 * (k % 4)));
+      }
     } else {
-      o[co] = static_cast<uint8_t>(q0);
-      if (has1) o[co + 1] = static_cast<uint8_t>(q1);
+      uint8_t* o = row + co;
+      uint32_t w[(V + 3) / 4] = {};
+#pragma unroll
+      for (int e = 0; e < V; ++e) w[e / 4] |= (q[e] & 0xFFu) << (8 * (e % 4));
+      if (vector_ok<V>(o, full)) {
+        store_bytes<V>(o, w);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (e < n) o[e] = static_cast<uint8_t>(q[e]);
+      }
     }
     return;
   }
   const int64_t i = m * ep.out_row + co;
-  if (has1 && ep.out_kind == kOutF32 && (i & 1) == 0) {
-    *reinterpret_cast<float2*>(static_cast<float*>(ep.out) + i) = make_float2(y0, y1);
-    return;
+  switch (ep.out_kind) {
+    case kOutF16:
+    case kOutBF16: {
+      const bool bf = ep.out_kind == kOutBF16;
+      uint16_t h[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        h[e] = bf ? __bfloat16_as_ushort(__float2bfloat16_rn(y[e])) : __half_as_ushort(__float2half_rn(y[e]));
+      uint16_t* o = static_cast<uint16_t*>(ep.out) + i;
+      if (vector_ok<2 * V>(o, full)) {
+        uint32_t w[V / 2];
+#pragma unroll
+        for (int k = 0; k < V / 2; ++k) w[k] = h[2 * k] | (static_cast<uint32_t>(h[2 * k + 1]) << 16);
+        store_bytes<2 * V>(o, w);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (e < n) o[e] = h[e];
+      }
+      break;
+    }
+    case kOutF64: {
+      double* o = static_cast<double*>(ep.out) + i;
+      if (vector_ok<8 * V>(o, full)) {
+        uint32_t w[2 * V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const unsigned long long b = static_cast<unsigned long long>(__double_as_longlong(static_cast<double>(y[e])));
+          w[2 * e] = static_cast<uint32_t>(b);
+          w[2 * e + 1] = static_cast<uint32_t>(b >> 32);
+        }
+        store_bytes<8 * V>(o, w);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (e < n) o[e] = static_cast<double>(y[e]);
+      }
+      break;
+    }
+    default: {
+      float* o = static_cast<float*>(ep.out) + i;
+      if (vector_ok<4 * V>(o, full)) {
+        uint32_t w[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) w[e] = __float_as_uint(y[e]);
+        store_bytes<4 * V>(o, w);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          if (e < n) o[e] = y[e];
+      }
+    }
   }
-  store_from_float(ep.out, i, ep.out_kind, y0);
-  if (has1) store_from_float(ep.out, i + 1, ep.out_kind, y1);
 }
 
 // ---------------------------------------------------------------------------- direct path
@@ -200,14 +308,18 @@ __global__ void __launch_bounds__(kDirectPairs * kDirectPixels) qconv_direct_ker
   const int nimg = static_cast<int>(m / hw), r = static_cast<int>(m % hw);
   const int oh = r / s.wo, ow = r % s.wo;
   const bool has1 = co + 1 < s.cout;
-  const int acc0 = direct_dot(s, nimg, oh, ow, co);
-  const int acc1 = has1 ? direct_dot(s, nimg, oh, ow, co + 1) : 0;
-  epilogue_store(ep, fpmap, m, co, 2 * pair, acc0, acc1, has1);
+  const int acc[2] = {direct_dot(s, nimg, oh, ow, co), has1 ? direct_dot(s, nimg, oh, ow, co + 1) : 0};
+  store_channels<2>(ep, fpmap, m, co, 2 * pair, acc, has1 ? 2 : 1);
 }
 
 // ---------------------------------------------------------------------------- tensor-core path
+// Template parameters: the tile (BM x BN outputs per CTA, WARPS_M x WARPS_N warps) and the
+// operand formats: A_BITS / W_BITS are the code containers, 4 (codes of <= 4 bits, two per
+// byte) or 8 (5-8 bits, one per byte), and A_SIGNED whether 4-bit activation codes are signed.
+// Weights are always signed. One-byte codes are the int8 MMA operand as stored (signed 5-8-bit
+// codes are two's complement bytes, unsigned ones are <= 7 bits: 0..127), so A_SIGNED only
+// exists for packed activations: unsigned post-ReLU nibbles are widened with a mask alone.
 constexpr int kChunk = 64;  // input channels per pipeline stage (two m16n8k32 k-steps)
-constexpr int kStages = 3;  // cp.async ring depth: two tiles in flight while one is consumed
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid, bool keep_in_l1) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -229,92 +341,162 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// Operand fragments. Per 64-channel chunk, lane (group id, tig = lane % 4) of a row owns the
-// 16 channels [16 tig, 16 tig + 16) and splits them over the two k-steps s: step s covers
-// channels 16 tig + 8 s + [0, 8), its "low" register (k slots 4 tig + [0,4)) the even ones and its
-// "high" register (k slots 16 + 4 tig + [0,4)) the odd ones. Any bijection from channels to k
-// slots gives the same dot product as long as A and B use the same one, and this one makes the
-// nibble widening a mask and a shift: the low nibbles of a packed word are channels 0,2,4,6 and
-// the high nibbles 1,3,5,7 — no interleave. One-byte operands meeting a packed partner are
-// deinterleaved with prmt; when both operands are one-byte codes the channels stay in order.
-__device__ __forceinline__ uint32_t sext4(uint32_t v, uint32_t sign_mask) {
-  // Bit 3 of a byte set -> OR 0xF0 (8 * 0x1E = 0xF0, so no byte carries into its neighbour).
-  return v | ((v & sign_mask) * 0x1Eu);
+// Shared-memory layout of one tile configuration, in bytes (host and device).
+//
+// Operands arrive through a ring of STAGES cp.async stages as stored: packed rows of 32 bytes
+// per 64-channel chunk, one-byte rows of 64. The MMAs read int8 rows of 64 bytes, so a packed
+// operand is first widened, once per CTA and k tile, into a double-buffered int8 copy (WIDE_A /
+// WIDE_B); every warp then loads ready operands with ldmatrix and no ALU work (before, each of
+// the WARPS_N warps sharing A rows widened them again in registers).
+//
+// int8 rows: 64 bytes = four 16-byte units; k-step s of a chunk reads units 2s and 2s + 1. With
+// ldmatrix.x4 (four 8x8 b16 matrices, lane 8q + r giving the address of row r of matrix q) lane
+// (gid = lane / 4, tig = lane % 4) receives bytes [4 tig, 4 tig + 4) of row gid of each matrix:
+//   A, 16 rows x k-step s: matrices (rows 0-7, unit 2s), (rows 8-15, 2s), (rows 0-7, 2s+1),
+//      (rows 8-15, 2s+1) = a0..a3 of mma.m16n8k32 (a0/a2: row gid, k slots 4 tig + [0,4) and
+//      16 + 4 tig + [0,4); a1/a3: row gid + 8);
+//   B, 8 columns: matrices (units 0, 1, 2, 3) = b0, b1 of k-step 0 and b0, b1 of k-step 1.
+// So k slot 16 h + 4 tig + e of k-step s is byte 4 tig + e of unit 2 s + h for A and B alike.
+// Units are stored at unit ^ ((row >> 1) & 3): rows are 64 bytes, so rows 2 apart share banks
+// when stored plainly; swizzled, the 8 rows of one matrix fall on the 8 distinct 16-byte bank
+// groups (conflict-free ldmatrix), for one-byte rings and widened copies alike.
+// Any channel -> byte map gives the same dot product as long as A and B share it:
+//  * both packed (IN_ORDER false): per 16 channels the words hold channels {0,2,4,6}, {1,3,5,7},
+//    {8,...,14}, {9,...,15}: the low and the high nibbles of a packed word, a mask and a shift each;
+//  * otherwise channel order, the layout of a one-byte row as loaded: a packed operand facing a
+//    one-byte one is put back in order with two byte permutes per word.
+// After the mainloop the same memory stages the int32 accumulators (ACC_PITCH words per row)
+// for the vectorised epilogue.
+template <int BM, int BN, int A_BITS, int W_BITS>
+struct MmaLayout {
+  static_assert((A_BITS == 4 || A_BITS == 8) && (W_BITS == 4 || W_BITS == 8), "code containers are 4 or 8 bits");
+  static constexpr bool WIDE_A = A_BITS == 4, WIDE_B = W_BITS == 4, WIDEN = WIDE_A || WIDE_B;
+  static constexpr bool IN_ORDER = !(WIDE_A && WIDE_B);
+  // Loads run STAGES - 1 tiles ahead of the MMAs; widening runs one tile ahead of them, so it
+  // takes a stage of its own to keep two tiles' loads in flight.
+  static constexpr int STAGES = WIDEN ? 4 : 3;
+  static constexpr int A_ROW = A_BITS * kChunk / 8, B_ROW = W_BITS * kChunk / 8;  // ring bytes per row
+  static constexpr int RING_B = STAGES * BM * A_ROW;
+  static constexpr int WIDE_A_AT = RING_B + STAGES * BN * B_ROW;
+  static constexpr int WIDE_B_AT = WIDE_A_AT + (WIDE_A ? 2 * BM * kChunk : 0);
+  static constexpr int MAIN_BYTES = WIDE_B_AT + (WIDE_B ? 2 * BN * kChunk : 0);
+  // + 8 words: the int2 accumulator stores of a half warp (rows gid, columns 2 tig) hit 32
+  // distinct banks.
+  static constexpr int ACC_PITCH = BN + 8;
+  static constexpr int EPI_BYTES = BM * ACC_PITCH * 4;
+  static constexpr int BYTES = MAIN_BYTES > EPI_BYTES ? MAIN_BYTES : EPI_BYTES;
+};
+
+// 0xFF in each byte of v whose bit 7 is set, else 0x00: prmt with the sign flag (bit 3) set in
+// every selector replicates the selected byte's bit 7 (CUDA's __byte_perm ignores that flag).
+__device__ __forceinline__ uint32_t byte_signs(uint32_t v) {
+  uint32_t r;
+  asm("prmt.b32 %0, %1, 0, 0xBA98;" : "=r"(r) : "r"(v));
+  return r;
 }
 
-template <bool PACKED, bool INTERLEAVE>
-__device__ __forceinline__ void load_fragment(const uint8_t* row, int tig, uint32_t sign_mask, uint32_t (&lo)[2],
-                                              uint32_t (&hi)[2]) {
-  if (PACKED) {
-    const uint2 v = *reinterpret_cast<const uint2*>(row + tig * 8);
-    lo[0] = sext4(v.x & 0x0F0F0F0Fu, sign_mask);
-    hi[0] = sext4((v.x >> 4) & 0x0F0F0F0Fu, sign_mask);
-    lo[1] = sext4(v.y & 0x0F0F0F0Fu, sign_mask);
-    hi[1] = sext4((v.y >> 4) & 0x0F0F0F0Fu, sign_mask);
-  } else {
-    const uint4 v = *reinterpret_cast<const uint4*>(row + tig * 16);
-    if (INTERLEAVE) {
-      lo[0] = __byte_perm(v.x, v.y, 0x6420);
-      hi[0] = __byte_perm(v.x, v.y, 0x7531);
-      lo[1] = __byte_perm(v.z, v.w, 0x6420);
-      hi[1] = __byte_perm(v.z, v.w, 0x7531);
-    } else {
-      lo[0] = v.x;
-      hi[0] = v.y;
-      lo[1] = v.z;
-      hi[1] = v.w;
-    }
+// Packed word v (codes 0-7 at nibbles 0-7) -> int8 bytes: lo = codes 0, 2, 4, 6, hi = 1, 3, 5, 7.
+// Unsigned codes are a mask (and a shift) from int8; signed ones also take their byte's upper
+// half from the nibble's sign bit, moved to bit 7 of the byte (v << 4 for the low nibbles).
+template <bool SIGNED>
+__device__ __forceinline__ void split_nibbles(uint32_t v, uint32_t& lo, uint32_t& hi) {
+  lo = v & 0x0F0F0F0Fu;
+  hi = (v >> 4) & 0x0F0F0F0Fu;
+  if (SIGNED) {
+    lo |= byte_signs(v << 4) & 0xF0F0F0F0u;
+    hi |= byte_signs(v) & 0xF0F0F0F0u;
   }
+}
+
+// 16 packed codes (8 bytes, channel i at nibble i) -> 16 int8 bytes in the layout MmaLayout
+// describes (IN_ORDER or nibble order).
+template <bool SIGNED, bool IN_ORDER>
+__device__ __forceinline__ uint4 widen16(uint2 p) {
+  uint32_t x0, y0, x1, y1;
+  split_nibbles<SIGNED>(p.x, x0, y0);
+  split_nibbles<SIGNED>(p.y, x1, y1);
+  if (IN_ORDER)  // x holds channels 0,2,4,6 of its word and y 1,3,5,7: interleave them
+    return make_uint4(__byte_perm(x0, y0, 0x5140), __byte_perm(x0, y0, 0x7362), __byte_perm(x1, y1, 0x5140),
+                      __byte_perm(x1, y1, 0x7362));
+  return make_uint4(x0, y0, x1, y1);
+}
+
+// Byte offset of 16-byte unit `unit` (0-3) of int8 row `row` (see MmaLayout: swizzled).
+__host__ __device__ constexpr int unit_offset(int row, int unit) {
+  return row * kChunk + ((unit ^ ((row >> 1) & 3)) << 4);
+}
+
+// Widens one ring stage of a packed operand (ROWS rows of 32 bytes) into ROWS int8 rows of 64.
+// Thread tid widens units tid + i * THREADS (unit u = row u / 4, 16 channels u % 4): THREADS / 4
+// rows apart, a multiple of 8, so the swizzle of its destinations is its first unit's.
+template <int ROWS, int THREADS, bool SIGNED, bool IN_ORDER>
+__device__ __forceinline__ void widen_rows(uint8_t* dst, const uint8_t* src, int tid) {
+  static_assert(THREADS % 32 == 0, "whole warps");
+  constexpr int UNITS = ROWS * kChunk / 16;
+  dst += unit_offset(tid >> 2, tid & 3);
+  src += tid * 8;
+#pragma unroll
+  for (int i = 0; i < (UNITS + THREADS - 1) / THREADS; ++i)
+    if (UNITS % THREADS == 0 || tid + i * THREADS < UNITS)
+      *reinterpret_cast<uint4*>(dst + i * THREADS * 16) =
+          widen16<SIGNED, IN_ORDER>(*reinterpret_cast<const uint2*>(src + i * THREADS * 8));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint8_t* p) {
+  const unsigned a = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(a));
+}
+
+__device__ __forceinline__ uint32_t nibble_at(const uint8_t* row, int ch) {
+  return (row[ch >> 1] >> ((ch & 1) * 4)) & 0xFu;
 }
 
 // 16 shared-memory bytes of one operand row for a chunk, gathered code by code from global
-// memory into the canonical packed layout (chunk channel i at nibble/byte i). Used when rows are
-// not 16-byte aligned or a group starts mid-byte (odd C_in / groups), where cp.async cannot.
+// memory into the canonical packed layout (chunk channel i at nibble/byte i, zero from ch_end
+// on). Used when rows are not 16-byte aligned or a group starts mid-byte (odd C_in / groups),
+// where cp.async cannot. Each byte is shifted in at the top of a four-register window: no array
+// indexed at run time, so no stack frame, and the loop unrolls by 4 to keep loads in flight.
 template <bool PACKED>
 __device__ __forceinline__ uint4 gather16(const uint8_t* row, int ch_base, int ch0, int ch_end) {
-  uint32_t word[4] = {0u, 0u, 0u, 0u};
-  if (PACKED) {
+  uint32_t w0 = 0u, w1 = 0u, w2 = 0u, w3 = 0u;
 #pragma unroll 4
-    for (int i = 0; i < 32; ++i) {
-      const int ch = ch0 + i;
-      if (ch < ch_end) {
-        const int gc = ch_base + ch;
-        const uint32_t nib = (row[gc >> 1] >> ((gc & 1) * 4)) & 0xFu;
-        word[i >> 3] |= nib << (4 * (i & 7));
-      }
+  for (int b = 0; b < 16; ++b) {
+    uint32_t byte;
+    if (PACKED) {
+      const int c = ch0 + 2 * b;
+      byte = (c < ch_end ? nibble_at(row, ch_base + c) : 0u) |
+             ((c + 1 < ch_end ? nibble_at(row, ch_base + c + 1) : 0u) << 4);
+    } else {
+      const int c = ch0 + b;
+      byte = c < ch_end ? static_cast<uint32_t>(row[ch_base + c]) : 0u;
     }
-  } else {
-#pragma unroll 4
-    for (int i = 0; i < 16; ++i) {
-      const int ch = ch0 + i;
-      if (ch < ch_end) word[i >> 2] |= static_cast<uint32_t>(row[ch_base + ch]) << (8 * (i & 3));
-    }
+    w0 = __funnelshift_r(w0, w1, 8);
+    w1 = __funnelshift_r(w1, w2, 8);
+    w2 = __funnelshift_r(w2, w3, 8);
+    w3 = (w3 >> 8) | (byte << 24);
   }
-  return make_uint4(word[0], word[1], word[2], word[3]);
+  return make_uint4(w0, w1, w2, w3);
 }
 
-// BM x BN output tile per CTA, WARPS_M x WARPS_N warps; A4/W4: activations/weights packed two
-// codes per byte (<= 4 bits) or one per byte.
-template <int BM, int BN, int WARPS_M, int WARPS_N, bool A4, bool W4>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
+// At most 128 registers a thread (16 warps per SM: two 8-warp or four 4-warp CTAs): a bound
+// ptxas is held to. Without one it picks its own register targets per kernel, down to 48 for
+// the 4-warp tiles, and spills.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int A_BITS, bool A_SIGNED, int W_BITS>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N))
     qconv_mma_kernel(ConvShape s, Epilogue ep, bool aligned) {
+  using L = MmaLayout<BM, BN, A_BITS, W_BITS>;
+  static_assert(A_BITS == 4 || !A_SIGNED, "one-byte activation codes need no sign handling");
+  static_assert(L::WIDEN || L::IN_ORDER, "unwidened one-byte operands are read in channel order");
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
-  constexpr int A_ROW = A4 ? kChunk / 2 : kChunk;  // smem bytes per tile row and stage
-  constexpr int B_ROW = W4 ? kChunk / 2 : kChunk;
-  constexpr int A_UPR = A_ROW / 16, B_UPR = B_ROW / 16;  // 16-byte units per row
-  constexpr int A_UNITS = BM * A_UPR, B_UNITS = BN * B_UPR;
-  constexpr int A_ITERS = (A_UNITS + kThreads - 1) / kThreads;
-  constexpr int B_ITERS = (B_UNITS + kThreads - 1) / kThreads;
-  constexpr bool INTERLEAVE = A4 || W4;
+  constexpr int S = L::STAGES;
+  constexpr int A_UPR = L::A_ROW / 16, B_UPR = L::B_ROW / 16;  // 16-byte units per ring row
   static_assert(MT >= 1 && NT >= 1 && WM % 16 == 0 && WN % 8 == 0, "warp tile must be a multiple of 16x8");
 
-  // Rows of 32 or 64 bytes with 8- or 16-byte fragment loads: each quarter/half warp reads
-  // 128 contiguous bytes, so shared memory serves fragments without bank conflicts.
   extern __shared__ __align__(16) uint8_t smem[];
-  uint8_t* s_a = smem;
-  uint8_t* s_b = smem + kStages * BM * A_ROW;
   __shared__ FpMap<BN> fpmap;
 
   const int tid = threadIdx.x;
@@ -326,79 +508,81 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 
   if (ep.fp_out) build_fp_map(fpmap, ep, co_base + n0, co_base + min(n0 + BN, s.cout_g));
 
-  // Per-thread load assignments, resolved once: the output pixel of each A unit, the weight row
-  // of each B unit.
-  const int hw_out = s.ho * s.wo;
-  int64_t a_img[A_ITERS];
-  int a_ih0[A_ITERS], a_iw0[A_ITERS];
-#pragma unroll
-  for (int i = 0; i < A_ITERS; ++i) {
-    const int m = m0 + (tid + i * kThreads) / A_UPR;
-    if (m < s.m) {
-      const int nimg = m / hw_out, r = m % hw_out;
-      a_img[i] = static_cast<int64_t>(nimg) * s.h * s.w_;
-      a_ih0[i] = (r / s.wo) * s.sh - s.pt;
-      a_iw0[i] = (r % s.wo) * s.sw - s.pl;
-    } else {  // rows past M read padding
-      a_img[i] = 0;
-      a_ih0[i] = INT_MIN / 2;
-      a_iw0[i] = INT_MIN / 2;
-    }
+  // Load assignments: each thread copies UPT consecutive 16-byte units of one A row (an output
+  // pixel, located once here) and of one B row (an output channel), so that it keeps one pixel's
+  // state in registers however many units a row has. Rows past the tile (32x64's packed A) idle.
+  // Pixel and weight-row indices fit int32 (qconv2d_cuda checks N*H*W and KH*KW*C_out).
+  constexpr int A_TPR = kThreads / BM < A_UPR ? kThreads / BM : A_UPR, A_UPT = A_UPR / A_TPR;
+  constexpr int B_TPR = kThreads / BN < B_UPR ? kThreads / BN : B_UPR, B_UPT = B_UPR / B_TPR;
+  static_assert(kThreads % BM == 0 && kThreads % BN == 0 && A_TPR >= 1 && B_TPR >= 1, "a row per thread at most");
+  const int a_r = tid / A_TPR, a_u0 = (tid % A_TPR) * A_UPT;
+  const int b_r = tid / B_TPR, b_u0 = (tid % B_TPR) * B_UPT;
+  int a_pix = 0, a_ih0 = INT_MIN / 2, a_iw0 = INT_MIN / 2;  // rows past M read padding
+  if (m0 + a_r < s.m) {
+    const int hw_out = s.ho * s.wo, m = m0 + a_r;
+    const int nimg = m / hw_out, r = m % hw_out;
+    a_pix = nimg * s.h * s.w_;
+    a_ih0 = (r / s.wo) * s.sh - s.pt;
+    a_iw0 = (r % s.wo) * s.sw - s.pl;
   }
-  int64_t b_row[B_ITERS];
-  bool b_ok[B_ITERS];
-#pragma unroll
-  for (int i = 0; i < B_ITERS; ++i) {
-    const int col = n0 + (tid + i * kThreads) / B_UPR;
-    b_ok[i] = col < s.cout_g;
-    b_row[i] = static_cast<int64_t>(co_base + (b_ok[i] ? col : 0)) * s.kh * s.kw;
-  }
+  const bool b_ok = n0 + b_r < s.cout_g;
+  const int b_row = (co_base + (b_ok ? n0 + b_r : 0)) * s.kh * s.kw;
   // Bytes of one group's channels inside a pixel row (aligned path: whole bytes).
-  const int a_gbytes = A4 ? s.cin_g / 2 : s.cin_g;
-  const int w_gbytes = W4 ? s.cin_g / 2 : s.cin_g;
+  const int a_gbytes = s.cin_g * A_BITS / 8;
+  const int w_gbytes = s.cin_g * W_BITS / 8;
 
+  // Where unit `unit` of row `row` goes: packed rows as loaded (widen_rows reads them in order),
+  // int8 rows swizzled as the MMAs' ldmatrix reads them.
+  auto ring_at = [](int row, int unit, int upr) { return upr == 4 ? unit_offset(row, unit) : (row * upr + unit) * 16; };
   auto load_tile = [&](int stage, int kh, int kw, int chunk) {
-    uint8_t* sa = s_a + stage * BM * A_ROW;
-    uint8_t* sb = s_b + stage * BN * B_ROW;
+    uint8_t* sa = smem + stage * BM * L::A_ROW;
+    uint8_t* sb = smem + L::RING_B + stage * BN * L::B_ROW;
+    if (a_r < BM) {
+      const int ih = a_ih0 + kh * s.dh, iw = a_iw0 + kw * s.dw;
+      const bool pix_ok = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w_;
+      const uint8_t* px = s.x + static_cast<int64_t>(a_pix + (pix_ok ? ih * s.w_ + iw : 0)) * s.x_row;
 #pragma unroll
-    for (int i = 0; i < A_ITERS; ++i) {
-      const int u = tid + i * kThreads;
-      if (A_UNITS % kThreads == 0 || u < A_UNITS) {
-        const int sub = u % A_UPR;
-        const int ih = a_ih0[i] + kh * s.dh, iw = a_iw0[i] + kw * s.dw;
-        const bool pix_ok = ih >= 0 && ih < s.h && iw >= 0 && iw < s.w_;
-        const uint8_t* px = s.x + (a_img[i] + static_cast<int64_t>(pix_ok ? ih : 0) * s.w_ + (pix_ok ? iw : 0)) *
-                                      s.x_row;
+      for (int k = 0; k < A_UPT; ++k) {
+        const int unit = a_u0 + k;
+        uint8_t* dst = sa + ring_at(a_r, unit, A_UPR);
         if (aligned) {
-          const int off = chunk * A_ROW + sub * 16;
+          const int off = chunk * L::A_ROW + unit * 16;
           const bool ok = pix_ok && off < a_gbytes;
-          cp_async16(sa + u * 16, ok ? px + g * a_gbytes + off : s.x, ok, true);
+          cp_async16(dst, ok ? px + g * a_gbytes + off : s.x, ok, true);
         } else {
-          const int per_unit = A4 ? 32 : 16;
-          *reinterpret_cast<uint4*>(sa + u * 16) =
-              pix_ok ? gather16<A4>(px, g * s.cin_g, chunk * kChunk + sub * per_unit, s.cin_g)
+          constexpr int per_unit = 128 / A_BITS;  // channels per 16 bytes
+          *reinterpret_cast<uint4*>(dst) =
+              pix_ok ? gather16<A_BITS == 4>(px, g * s.cin_g, chunk * kChunk + unit * per_unit, s.cin_g)
                      : make_uint4(0u, 0u, 0u, 0u);
         }
       }
     }
+    if (b_r < BN) {
+      const uint8_t* wr = s.w + static_cast<int64_t>(b_row + kh * s.kw + kw) * s.w_row;
 #pragma unroll
-    for (int i = 0; i < B_ITERS; ++i) {
-      const int u = tid + i * kThreads;
-      if (B_UNITS % kThreads == 0 || u < B_UNITS) {
-        const int sub = u % B_UPR;
-        const uint8_t* wr = s.w + (b_row[i] + kh * s.kw + kw) * s.w_row;
+      for (int k = 0; k < B_UPT; ++k) {
+        const int unit = b_u0 + k;
+        uint8_t* dst = sb + ring_at(b_r, unit, B_UPR);
         if (aligned) {
-          const int off = chunk * B_ROW + sub * 16;
-          const bool ok = b_ok[i] && off < w_gbytes;
-          cp_async16(sb + u * 16, ok ? wr + off : s.w, ok, false);
+          const int off = chunk * L::B_ROW + unit * 16;
+          const bool ok = b_ok && off < w_gbytes;
+          cp_async16(dst, ok ? wr + off : s.w, ok, false);
         } else {
-          const int per_unit = W4 ? 32 : 16;
-          *reinterpret_cast<uint4*>(sb + u * 16) =
-              b_ok[i] ? gather16<W4>(wr, 0, chunk * kChunk + sub * per_unit, s.cin_g)
-                      : make_uint4(0u, 0u, 0u, 0u);
+          constexpr int per_unit = 128 / W_BITS;
+          *reinterpret_cast<uint4*>(dst) = b_ok ? gather16<W_BITS == 4>(wr, 0, chunk * kChunk + unit * per_unit, s.cin_g)
+                                                : make_uint4(0u, 0u, 0u, 0u);
         }
       }
     }
+  };
+  // Ring stage t % S -> the int8 buffers (t & 1) of the packed operands.
+  auto widen = [&](int t) {
+    if constexpr (L::WIDE_A)
+      widen_rows<BM, kThreads, A_SIGNED, L::IN_ORDER>(smem + L::WIDE_A_AT + (t & 1) * BM * kChunk,
+                                                      smem + (t % S) * BM * L::A_ROW, tid);
+    if constexpr (L::WIDE_B)
+      widen_rows<BN, kThreads, true, L::IN_ORDER>(smem + L::WIDE_B_AT + (t & 1) * BN * kChunk,
+                                                  smem + L::RING_B + (t % S) * BN * L::B_ROW, tid);
   };
 
   const int nchunk = (s.cin_g + kChunk - 1) / kChunk;
@@ -413,14 +597,27 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
       }
     }
   };
-#pragma unroll
-  for (int st = 0; st < kStages - 1; ++st) {
+#pragma unroll 1
+  for (int st = 0; st < S - 1; ++st) {
     if (st < ktiles) {
       load_tile(st, l_kh, l_kw, l_ch);
       advance();
     }
     cp_async_commit();
   }
+  if constexpr (L::WIDEN) {
+    cp_async_wait<S - 2>();  // tile 0 landed
+    __syncthreads();
+    widen(0);
+  }
+
+  // This lane's ldmatrix row addresses (see MmaLayout), relative to a buffer: A row r = lane % 16
+  // of the warp's 16-row slice, unit 2 ks + lane / 16; B row lane % 8 of an 8-column slice, unit
+  // lane / 8. Rows are multiples of 8 apart, so the swizzle term is the lane's own.
+  int a_lane[2];
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks) a_lane[ks] = unit_offset(wm * WM + (lane & 15), 2 * ks + (lane >> 4));
+  const int b_lane = unit_offset(wn * WN + (lane & 7), lane >> 3);
 
   int acc[MT][NT][4];
 #pragma unroll
@@ -430,74 +627,120 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32)
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0;
 
-  const uint32_t a_sign = s.a_signed ? 0x08080808u : 0u;
   for (int t = 0; t < ktiles; ++t) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();  // tile t landed for every thread; stage (t - 1) % kStages is free again
-    if (t + kStages - 1 < ktiles) {
-      load_tile((t + kStages - 1) % kStages, l_kh, l_kw, l_ch);
+    // One commit per tile so far: S - 1 + t groups. Tile t (and, when widening, t + 1) landed
+    // for this thread; after the barrier for every thread, every warp has finished the MMAs of
+    // tile t - 1 (its ring stage and int8 buffers are free again) and widened tile t.
+    cp_async_wait<L::WIDEN ? S - 3 : S - 2>();
+    __syncthreads();
+    if (t + S - 1 < ktiles) {
+      load_tile((t + S - 1) % S, l_kh, l_kw, l_ch);
       advance();
     }
     cp_async_commit();
-
-    const uint8_t* sa = s_a + (t % kStages) * BM * A_ROW + (wm * WM + gid) * A_ROW;
-    const uint8_t* sb = s_b + (t % kStages) * BN * B_ROW + (wn * WN + gid) * B_ROW;
-    uint32_t b_lo[NT][2], b_hi[NT][2];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) load_fragment<W4, INTERLEAVE>(sb + j * 8 * B_ROW, tig, 0x08080808u, b_lo[j], b_hi[j]);
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-      uint32_t lo0[2], hi0[2], lo1[2], hi1[2];  // rows gid and gid + 8 of the 16-row slice
-      load_fragment<A4, INTERLEAVE>(sa + i * 16 * A_ROW, tig, a_sign, lo0, hi0);
-      load_fragment<A4, INTERLEAVE>(sa + (i * 16 + 8) * A_ROW, tig, a_sign, lo1, hi1);
-#pragma unroll
-      for (int ks = 0; ks < 2; ++ks)
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], lo0[ks], lo1[ks], hi0[ks], hi1[ks], b_lo[j][ks], b_hi[j][ks]);
+    if constexpr (L::WIDEN) {
+      if (t + 1 < ktiles) widen(t + 1);
     }
-  }
-  cp_async_wait<0>();
 
-  // Accumulator layout of m16n8: c0,c1 = row gid, columns 2 tig + {0, 1}; c2,c3 = row gid + 8.
+    const uint8_t* sa = L::WIDE_A ? smem + L::WIDE_A_AT + (t & 1) * BM * kChunk : smem + (t % S) * BM * kChunk;
+    const uint8_t* sb =
+        L::WIDE_B ? smem + L::WIDE_B_AT + (t & 1) * BN * kChunk : smem + L::RING_B + (t % S) * BN * kChunk;
+    uint32_t b[NT][4];
 #pragma unroll
-  for (int j = 0; j < NT; ++j) {
-    const int col = n0 + wn * WN + j * 8 + tig * 2;
-    if (col >= s.cout_g) continue;
-    const bool has1 = col + 1 < s.cout_g;
+    for (int j = 0; j < NT; ++j) ldmatrix_x4(b[j], sb + b_lane + j * 8 * kChunk);
 #pragma unroll
     for (int i = 0; i < MT; ++i) {
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int m = m0 + wm * WM + i * 16 + gid + half * 8;
-        if (m < s.m)
-          epilogue_store(ep, fpmap, m, co_base + col, col - n0, acc[i][j][2 * half], acc[i][j][2 * half + 1], has1);
+      for (int ks = 0; ks < 2; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sa + a_lane[ks] + i * 16 * kChunk);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], a[0], a[1], a[2], a[3], b[j][2 * ks], b[j][2 * ks + 1]);
       }
     }
+  }
+  cp_async_wait<0>();  // only empty groups remain; none may be pending when the CTA exits
+  __syncthreads();     // every warp is done with the operand buffers the accumulators now overwrite
+
+  // Accumulator layout of m16n8: c0,c1 = row gid, columns 2 tig + {0, 1}; c2,c3 = row gid + 8.
+  int* stage = reinterpret_cast<int*>(smem);
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)
+        *reinterpret_cast<int2*>(stage + (wm * WM + i * 16 + gid + half * 8) * L::ACC_PITCH + wn * WN + j * 8 +
+                                 tig * 2) = make_int2(acc[i][j][2 * half], acc[i][j][2 * half + 1]);
+  __syncthreads();
+
+  // Each thread stores 8 consecutive channels of one pixel at a time; consecutive threads take
+  // consecutive channel groups of a pixel, so a warp writes whole rows (coalesced).
+  constexpr int VPR = BN / 8;
+#pragma unroll 1
+  for (int e = tid; e < BM * VPR; e += kThreads) {
+    const int r = e / VPR, c = (e % VPR) * 8;
+    const int m = m0 + r, col = n0 + c;
+    if (m >= s.m || col >= s.cout_g) continue;
+    const int4 lo = *reinterpret_cast<const int4*>(stage + r * L::ACC_PITCH + c);
+    const int4 hi = *reinterpret_cast<const int4*>(stage + r * L::ACC_PITCH + c + 4);
+    const int v[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    store_channels<8>(ep, fpmap, m, co_base + col, c, v, min(8, s.cout_g - col));
   }
 }
 
 template <int BM, int BN, int WARPS_M, int WARPS_N>
 void launch_mma(const ConvShape& s, const Epilogue& ep, bool aligned, cudaStream_t stream) {
-  const bool a4 = s.bits_a <= 4, w4 = s.bits_w <= 4;
-  const int smem = kStages * (BM * (a4 ? kChunk / 2 : kChunk) + BN * (w4 ? kChunk / 2 : kChunk));
   const dim3 grid((s.m + BM - 1) / BM, (s.cout_g + BN - 1) / BN, s.groups);
   const dim3 block(WARPS_M * WARPS_N * 32);
-  auto run = [&](auto kernel) {
+  auto run = [&](auto kernel, int smem) {
     // Past 48 KB of shared memory per CTA a kernel must opt in explicitly.
-    if (smem > 40 * 1024)
+    if (smem > 48 * 1024)
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     kernel<<<grid, block, smem, stream>>>(s, ep, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
-  if (a4 && w4) run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, true, true>);
-  else if (a4) run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, true, false>);
-  else if (w4) run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, false, true>);
-  else run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, false, false>);
+#define HYBRIDOPS_RUN_MMA(AB, AS, WB) \
+  run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, AB, AS, WB>, MmaLayout<BM, BN, AB, WB>::BYTES)
+  const bool a4 = s.bits_a <= 4, w4 = s.bits_w <= 4;
+  if (a4 && s.a_signed) {
+    if (w4) HYBRIDOPS_RUN_MMA(4, true, 4);
+    else HYBRIDOPS_RUN_MMA(4, true, 8);
+  } else if (a4) {
+    if (w4) HYBRIDOPS_RUN_MMA(4, false, 4);
+    else HYBRIDOPS_RUN_MMA(4, false, 8);
+  } else {
+    if (w4) HYBRIDOPS_RUN_MMA(8, false, 4);
+    else HYBRIDOPS_RUN_MMA(8, false, 8);
+  }
+#undef HYBRIDOPS_RUN_MMA
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Index into qconv2d_kernels() of the kernel set_qconv2d_plan_override forces, or -1.
+std::atomic<int> plan_override{-1};
+
 }  // namespace
+
+const std::vector<std::string>& qconv2d_kernels() {
+  static const std::vector<std::string> names{"mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"};
+  return names;
+}
+
+void set_qconv2d_plan_override(const std::string& plan) {
+  if (plan.empty()) {
+    plan_override = -1;
+    return;
+  }
+  const auto& names = qconv2d_kernels();
+  const auto it = std::find(names.begin(), names.end(), plan);
+  TORCH_CHECK(it != names.end(), "set_qconv2d_plan_override: unknown kernel '", plan, "'; choose one of ",
+              at::ArrayRef<std::string>(names), " or '' (qconv2d_plan's choice).");
+  plan_override = static_cast<int>(it - names.begin());
+}
+
+bool qconv2d_plan_forced() { return plan_override.load() >= 0; }
 
 std::string qconv2d_plan(int64_t m, int64_t cin_per_group, int64_t cout_per_group, int64_t groups,
                          bool packed_requant, int64_t sm_count) {
@@ -505,9 +748,12 @@ std::string qconv2d_plan(int64_t m, int64_t cin_per_group, int64_t cout_per_grou
   if (cin_per_group < 16 || cout_per_group < 16 || (packed_requant && groups > 1 && cout_per_group % 2 != 0))
     return "direct";
   auto ctas = [&](int64_t bm, int64_t bn) { return ceil_div(m, bm) * ceil_div(cout_per_group, bn) * groups; };
-  // Big tiles reuse each loaded byte more but only pay when they fill the GPU twice over; at
-  // batch 1 (M ~ 1000) smaller tiles keep every SM busy.
-  if (ctas(128, 128) >= 2 * sm_count) return "mma_128x128";
+  // By M and C_out: big tiles reuse each loaded byte more but only pay when they fill the GPU
+  // twice over (two CTAs per SM fit); at batch 1 (M ~ 1000) smaller tiles keep every SM busy. A
+  // 128-wide N tile only for more than 64 channels per group: at C_out = 64 (ResNet-50 layer1)
+  // half of its MMAs would multiply zero columns, so large M gets 128x64 there.
+  if (cout_per_group > 64 && ctas(128, 128) >= 2 * sm_count) return "mma_128x128";
+  if (ctas(128, 64) >= 2 * sm_count) return "mma_128x64";
   if (ctas(64, 64) >= sm_count) return "mma_64x64";
   return "mma_32x64";
 }
@@ -631,7 +877,11 @@ at::Tensor qconv2d_cuda(
   auto stream = c10::cuda::getCurrentCUDAStream();
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x_codes.get_device()));
-  const std::string plan = qconv2d_plan(s.m, cin_g, cout_g, groups, codes_out && requant_bits <= 4, sms);
+  std::string plan = qconv2d_plan(s.m, cin_g, cout_g, groups, codes_out && requant_bits <= 4, sms);
+  // A forced tensor-core tile applies only where qconv2d_plan picks one (the direct path is the
+  // only kernel for tiny groups and odd packed outputs); the direct path can be forced anywhere.
+  const int forced = plan_override.load();
+  if (forced >= 0 && (plan != "direct" || qconv2d_kernels()[forced] == "direct")) plan = qconv2d_kernels()[forced];
   if (plan == "direct") {
     // CUDA's grid limits: x < 2^31 (m < 2^31 is checked above), y <= 65535.
     TORCH_CHECK(ceil_div(cout, 2 * kDirectPairs) <= 65535, "cuda_qconv2d: ", cout,
@@ -650,6 +900,7 @@ at::Tensor qconv2d_cuda(
   const bool aligned = s.x_row % 16 == 0 && s.w_row % 16 == 0 && (bits_a <= 4 ? cin_g % 32 : cin_g % 16) == 0 &&
                        al16(s.x) && al16(s.w);
   if (plan == "mma_128x128") launch_mma<128, 128, 2, 4>(s, ep, aligned, stream);
+  else if (plan == "mma_128x64") launch_mma<128, 64, 2, 2>(s, ep, aligned, stream);
   else if (plan == "mma_64x64") launch_mma<64, 64, 2, 2>(s, ep, aligned, stream);
   else launch_mma<32, 64, 1, 4>(s, ep, aligned, stream);
   return out;

@@ -70,7 +70,7 @@ def test_build_info():
     info = cuda_ext.build_info()
     assert info["ops_version"] == cuda_ext.OPS_VERSION
     assert info["cuda_archs"] and info["cuda_runtime"] > 0
-    assert set(info["qconv2d_kernels"]) == {"mma_128x128", "mma_64x64", "mma_32x64", "direct"}
+    assert set(info["qconv2d_kernels"]) == {"mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"}
 
 
 @needs_ext
@@ -87,25 +87,45 @@ def test_qconv2d_plan(case):
 
 
 @needs_ext
-def test_conv_cases_exercise_every_kernel():
-    assert {plan for _, plan in conv_cases()} == set(cuda_ext.build_info()["qconv2d_kernels"])
+def test_conv_cases_run_shipped_kernels():
+    """CONV_CASES name kernels that exist; every kernel template, whichever shapes reach it, runs in
+    test_every_qconv2d_template (forced plans)."""
+    assert {plan for _, plan in conv_cases()} <= set(cuda_ext.build_info()["qconv2d_kernels"])
     assert len(CONV_CASES) == len(conv_cases())
+
+
+@needs_ext
+@pytest.mark.parametrize("m,cout,plan", [
+    (32 * 56 * 56, 64, "mma_128x64"),     # ResNet-50 layer1 3x3, batch 32: never a 128-wide N tile at C_out 64
+    (32 * 31 * 31, 256, "mma_128x128"),   # layer3 3x3 dilated, batch 32
+    (32 * 28 * 28, 128, "mma_128x64"),    # 196 CTAs of 128x128 would not fill 132 SMs twice
+    (32 * 14 * 14, 256, "mma_64x64"),
+    (31 * 31, 256, "mma_32x64"),          # batch 1
+    (7 * 7, 512, "mma_32x64"),
+])
+def test_qconv2d_plan_by_m_and_cout(m, cout, plan):
+    """Tiles by M and C_out on 132 SMs: the largest that fills the GPU (twice for the 128-row ones)."""
+    ext = cuda_ext.load()
+    assert ext.qconv2d_plan(m, cout, cout, 1, False, 132) == plan
+    # a 128-wide N tile only where a group has more than 64 output channels
+    for c in (16, 33, 64):
+        assert ext.qconv2d_plan(1 << 24, 64, c, 1, False, 132) == "mma_128x64"
+
+
+@needs_ext
+def test_plan_override_names():
+    ext = cuda_ext.load()
+    with pytest.raises(RuntimeError, match=r"unknown kernel 'mma_16x16'.*mma_128x64.*direct"):
+        ext.set_qconv2d_plan_override("mma_16x16")
+    with cuda_ext.forced_plan("direct"):
+        pass
+    ext.set_qconv2d_plan_override("")
 
 
 # ----------------------------------------------------------------------------- ptxas resource usage
 ROOT = Path(__file__).resolve().parent.parent
 PTXAS_LOG_DIR = Path(os.environ.get("HYBRIDOPS_PTXAS_LOG_DIR", ROOT / "build" / "ptxas"))
 
-# Kernels of the current build that spill, with why they are still shipped. Each entry must
-# still spill (a fixed kernel is taken off this list): issue 12 item 2 (A_SIGNED and bit widths
-# as template parameters, A unpacked once per CTA) is the planned fix for both.
-KNOWN_SPILLS = {
-    # 8-bit activations x 4-bit weights, 128x128 tile: 48 B spill stores at 128 registers (the
-    # A8W4 inner loop keeps both operands' unpack state live). Batched 5-8-bit layers only.
-    ("qconv_mma_kernel", "128,128,2,4,false,true"),
-    # 4-bit activations x 8-bit weights, 64x64 tile: 24 B spill stores.
-    ("qconv_mma_kernel", "64,64,2,2,true,false"),
-}
 
 
 def parse_ptxas_log(text: str):
@@ -177,42 +197,74 @@ def _ptxas_reports():
     return {src.name: parse_ptxas_log(log.read_text()) for src, log in logs.items()}
 
 
-def spill_findings(kernels):
-    """``(unexpected, fixed)``: spilling kernels not in KNOWN_SPILLS, and KNOWN_SPILLS entries
-    that no longer spill on any architecture built."""
-    spilling = {k for k, v in kernels.items() if v["spill_stores"] or v["spill_loads"]}
-    unexpected = sorted(k for k in spilling if k[:2] not in KNOWN_SPILLS)
-    fixed = sorted(k for k in KNOWN_SPILLS if not any(s[:2] == k for s in spilling))
-    return unexpected, fixed
+def local_memory_users(kernels):
+    """Kernels with a stack frame or register spills: local memory, which the kernels must not
+    touch (a spill is a round trip through L1 in the mainloop; a stack frame is usually an array
+    indexed at run time)."""
+    return sorted(k for k, v in kernels.items() if v["stack"] or v["spill_stores"] or v["spill_loads"])
 
 
-def test_spill_findings():
-    clean = dict(stack=16, spill_stores=0, spill_loads=0, regs=64)
-    kernels = {k + ("sm_90",): dict(clean, spill_stores=8) for k in KNOWN_SPILLS}
-    kernels[("qconv_direct_kernel", "", "sm_80")] = clean
-    assert spill_findings(kernels) == ([], [])
-    kernels[("qconv_direct_kernel", "", "sm_90")] = dict(clean, spill_loads=4)
-    assert spill_findings(kernels)[0] == [("qconv_direct_kernel", "", "sm_90")]
-    first = sorted(KNOWN_SPILLS)[0]
-    kernels[first + ("sm_90",)] = clean
-    assert spill_findings(kernels)[1] == [first]
+def test_local_memory_users():
+    clean = dict(stack=0, spill_stores=0, spill_loads=0, regs=64)
+    kernels = {("qconv_direct_kernel", "", "sm_80"): clean,
+               ("qconv_mma_kernel", "32,64,1,4,4,false,4", "sm_90"): dict(clean, stack=16),
+               ("qconv_mma_kernel", "128,64,2,2,8,false,4", "sm_90"): dict(clean, spill_loads=4)}
+    assert local_memory_users(kernels) == [("qconv_mma_kernel", "128,64,2,2,8,false,4", "sm_90"),
+                                           ("qconv_mma_kernel", "32,64,1,4,4,false,4", "sm_90")]
 
 
-def test_built_kernels_do_not_spill():
+# The qconv_mma_kernel instantiations of a build: 4 tiles x (A 4-bit unsigned / signed / one-byte)
+# x (W 4-bit / one-byte); template arguments as parse_ptxas_log writes them.
+MMA_TILES = ("128,128,2,4", "128,64,2,2", "64,64,2,2", "32,64,1,4")
+MMA_OPERANDS = ("4,false,4", "4,true,4", "4,false,8", "4,true,8", "8,false,4", "8,false,8")
+
+
+def test_built_kernels_keep_to_registers():
     """Reads the resource usage ptxas reported for every kernel of the build (setup.py's nvcc
-    wrapper keeps it) and asserts that no shipped kernel spills registers, except the documented
-    KNOWN_SPILLS; every architecture built is checked."""
+    wrapper keeps it) and asserts that none has a stack frame or spills, on every architecture
+    built, and that every qconv2d template was built."""
     reports = _ptxas_reports()
     kernels = {k: v for rep in reports.values() for k, v in rep.items()}
     names = {k[0] for k in kernels}
     assert {"qconv_mma_kernel", "qconv_direct_kernel", "quantize_activate_kernel"} <= names, names
-    assert all("spill_stores" in v and "regs" in v for v in kernels.values()), kernels
-    unexpected, fixed = spill_findings(kernels)
-    assert not unexpected, f"kernels that spill registers: {[(k, kernels[k]) for k in unexpected]}"
-    assert not fixed, f"these kernels no longer spill: remove them from KNOWN_SPILLS: {fixed}"
+    assert all("spill_stores" in v and "stack" in v and "regs" in v for v in kernels.values()), kernels
+    archs = {k[2] for k in kernels}
+    built = {(k[1], k[2]) for k in kernels if k[0] == "qconv_mma_kernel"}
+    assert built == {(f"{t},{o}", a) for t in MMA_TILES for o in MMA_OPERANDS for a in archs}, sorted(built)
+    bad = local_memory_users(kernels)
+    assert not bad, f"kernels with a stack frame or spills: {[(k, kernels[k]) for k in bad]}"
 
 
 # ----------------------------------------------------------------------------- GPU
+# (bits_a, a_signed, bits_w) reaching each operand variant of the tensor-core kernel: A packed
+# unsigned / signed, A one byte, each against packed and one-byte weights.
+TEMPLATE_BITS = [(4, False, 4), (3, True, 4), (2, False, 8), (4, True, 8), (6, False, 4), (8, True, 8)]
+
+
+@gpu
+@pytest.mark.parametrize("plan", ["mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"])
+@pytest.mark.parametrize("bits", TEMPLATE_BITS, ids=lambda b: f"a{b[0]}{'s' if b[1] else 'u'}w{b[2]}")
+@pytest.mark.parametrize("cin,cout,groups", [(64, 64, 1), (34, 40, 2)], ids=["cp.async", "gathered"])
+def test_every_qconv2d_template(plan, bits, cin, cout, groups):
+    """Every kernel template (tile forced, small shapes) against the reference: raw accumulators,
+    and the float epilogue (bias, FP branch, ReLU) re-quantized to packed codes. The second shape
+    gathers rows code by code (17 channels per group, group 1 starting mid-byte) and ends its
+    groups mid vector (20 channels: scalar epilogue stores)."""
+    bits_a, a_signed, bits_w = bits
+    x_codes, w_packed, gen = conv_inputs(2, cin, 7, 6, cout, 3, groups, bits_a, a_signed, bits_w, seed=cin + bits_a)
+    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 7, 6, 2, gen, [cout - 1, 0, 5, 5], torch.float32)
+    geo = (x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, None, [1, 1], [1, 1, 1, 1], [1, 1], groups)
+    ref = run_qconv("torch", *geo, out_dtype=torch.int32)
+    with cuda_ext.forced_plan(plan):
+        poison_cuda_allocator(x_codes.device)
+        assert_same(run_qconv("cuda", *geo, out_dtype=torch.int32), ref)
+    geo = geo[:7] + (bias,) + geo[8:]
+    rq = make_qparams(0.0, 4.0, False)
+    ref = run_qconv("torch", *geo, relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=rq, rq_bits=4)
+    with cuda_ext.forced_plan(plan):
+        poison_cuda_allocator(x_codes.device)
+        assert_same(run_qconv("cuda", *geo, relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=rq, rq_bits=4), ref)
+
 @gpu
 def test_qconv2d_other_device_and_stream():
     """Kernels run on the input's device and the current stream (no device 0 or default stream)."""

@@ -6,8 +6,11 @@ Variants: each backend (``triton``, ``cuda``), bit-width pairs (4/5/8-bit and th
 signed and unsigned activations, every output mode (int32 accumulators, float with bias, ReLU
 and the sliced FP-branch add, re-quantized packed codes), aligned and unaligned channel counts
 (odd C_in, groups starting mid-byte, depthwise), and for Triton every shipped tile config of
-``kernels/tiles.py`` (forced one at a time). The cuda backend's kernel templates are each reached
-by a shape (its plan: direct, mma_32x64, mma_64x64, mma_128x128). On an sm_90 GPU, the CUTLASS
+``kernels/tiles.py`` (forced one at a time). For the cuda backend, every template of its
+hand-written qconv2d kernel (each tile ``mma_128x128``, ``mma_128x64``, ``mma_64x64``, ``mma_32x64``
+and ``direct`` forced through ``cuda_ext.forced_plan``, times each operand variant: activations
+packed unsigned / packed signed / one byte, against packed or one-byte weights; ``TEMPLATE_BITS``)
+on an aligned (cp.async) and two unaligned (gathered) shapes, and every output mode per tile. On an sm_90 GPU, the CUTLASS
 Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte cases above reach through
 its dispatch) is also called directly, each CTA tile forced, for every output kind it has
 (fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a strided, asymmetrically
@@ -71,6 +74,11 @@ SM90_SHAPES = {
 BITS = [(4, False, 4), (4, True, 4), (5, False, 5), (8, True, 8), (8, True, 4), (4, False, 8), (2, False, 2),
         (7, False, 4)]
 MODES = ["int32", "float", "half", "requant4", "requant8s"]
+# The hand-written CUDA qconv2d's kernels (build_info()["qconv2d_kernels"]) and one bit pair per
+# operand variant of its tensor-core template: A packed unsigned / signed, A one byte, each with
+# packed and one-byte weights ((4, True, 8) is the one pair BITS lacks).
+CUDA_PLANS = ["mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"]
+TEMPLATE_BITS = [(4, False, 4), (4, True, 4), (4, False, 8), (4, True, 8), (8, True, 4), (8, True, 8)]
 # The CUTLASS Hopper kernel (cuda_qconv2d_sm90): its CTA tiles, output kinds and one-byte bit pairs.
 SM90_TILES = (64, 128)
 SM90_MODES = ["float", "half", "requant8s", "requant6"]
@@ -90,13 +98,7 @@ def cases(subset: str) -> List[Dict]:
 
     out: List[Dict] = []
     if subset == "sanitizer":
-        out.append(_case("fake_quantize", dtype="bfloat16" if GPU else "float32", bits=4, signed=True))
-        out.append(_case("quantize_activate", bits=4, signed=False, layout="channels_last"))
-        out.append(_case("quantize_activate", bits=5, signed=True, layout="nchw"))
-        for shape in ("stem_c3", "3x3_c17_dil2", "g2_c34") + (("m6272_dil2", "m18432") if GPU else ()):
-            out.append(_case("qconv", shape=shape, bits=(4, False, 4), mode="requant4", tile=None))
-        out.append(_case("qconv", shape="3x3_c64", bits=(8, True, 8), mode="float", tile=None))
-        return out
+        return sanitizer_cases()
     dry = subset == "dry"
     shapes = [s for s, v in SHAPES.items() if GPU or not v[-1]]
     if dry:
@@ -124,6 +126,8 @@ def cases(subset: str) -> List[Dict]:
             out.append(_case("qconv", shape=s, bits=(4, False, 4), mode="requant4", tile=name, only="triton"))
         if not dry:
             out.append(_case("qconv", shape="3x3_c64", bits=(8, True, 8), mode="float", tile=name, only="triton"))
+    if not dry:
+        out += cuda_template_cases(subset)
     if GPU and subset != "dry":
         modes90 = SM90_MODES if subset == "full" else ["half", "requant8s"]
         for s in ("3x3_c64", "s2_c32_asym"):
@@ -132,6 +136,55 @@ def cases(subset: str) -> List[Dict]:
                     for t in SM90_TILES:
                         out.append(_case("qconv_sm90", shape=s, bits=bp, mode=m, tile=t, only="cuda"))
     # The loops overlap (int32 on the mode shapes): each distinct case once, first place kept.
+    return list({c["id"]: c for c in out}.values())
+
+
+def cuda_template_cases(subset: str) -> List[Dict]:
+    """The cuda backend's hand-written qconv2d, every template: each kernel forced, times each
+    operand variant, integers exact, on the aligned shape (cp.async), odd C_in (gathered codes,
+    33 output channels: a scalar epilogue tail) and mid-byte groups (``full`` only); then, on
+    ``full``, every output mode of each kernel on the aligned and the odd shape (the epilogue's
+    vector and scalar stores)."""
+    out = []
+    shapes = ["3x3_c64", "3x3_c17_dil2", "g2_c34"] if subset == "full" else ["3x3_c64"]
+    for plan in CUDA_PLANS:
+        for s in shapes:
+            for bp in TEMPLATE_BITS:
+                out.append(_case("qconv", shape=s, bits=bp, mode="int32", tile=None, plan=plan, only="cuda"))
+        if subset == "full":
+            for s, bp in (("3x3_c64", (4, False, 4)), ("3x3_c17_dil2", (8, True, 8))):
+                for m in MODES:
+                    out.append(_case("qconv", shape=s, bits=bp, mode=m, tile=None, plan=plan, only="cuda"))
+    return out
+
+
+def sanitizer_cases() -> List[Dict]:
+    """One case per CUDA kernel template (the sanitizer stage runs them under memcheck, racecheck
+    and synccheck), small shapes: fake_quantize per dtype, vectorised and unaligned; quantize_activate
+    per dtype; qconv2d per forced kernel and operand variant (aligned, output modes in turn) plus the
+    gathered path of each kernel with packed and with one-byte codes; the CUTLASS Hopper kernel per
+    tile and output type. On the CPU (dry run) the cuda-only ones are skipped and a few cases any
+    backend runs check the wiring."""
+    out = [_case("fake_quantize", dtype="float32", bits=4, signed=True),
+           _case("quantize_activate", bits=4, signed=False, layout="channels_last"),
+           _case("quantize_activate", bits=5, signed=True, layout="nchw"),
+           _case("qconv", shape="3x3_c17_dil2", bits=(4, False, 4), mode="requant4", tile=None),
+           _case("qconv", shape="3x3_c64", bits=(8, True, 8), mode="float", tile=None)]
+    for dt in ("float32", "float64", "float16", "bfloat16"):
+        for offset in (0, 1):  # 16-byte aligned (vector loads) or one element off (scalar template)
+            out.append(_case("fake_quantize", dtype=dt, bits=4, signed=True, offset=offset, only="cuda"))
+        out.append(_case("quantize_activate", bits=4, signed=False, layout="channels_last", dtype=dt, only="cuda"))
+    for plan in CUDA_PLANS:
+        for i, bp in enumerate(TEMPLATE_BITS):
+            out.append(_case("qconv", shape="3x3_c64", bits=bp, mode=MODES[i % len(MODES)], tile=None, plan=plan,
+                             only="cuda"))
+        out.append(_case("qconv", shape="3x3_c17_dil2", bits=(4, False, 4), mode="requant4", tile=None, plan=plan,
+                         only="cuda"))
+        out.append(_case("qconv", shape="g2_c34", bits=(8, True, 8), mode="float", tile=None, plan=plan, only="cuda"))
+    if GPU:
+        for t in SM90_TILES:
+            for m in ("float", "half", "requant8s"):  # fp32, bf16 and code outputs: one source each
+                out.append(_case("qconv_sm90", shape="3x3_c64", bits=(8, True, 8), mode=m, tile=t, only="cuda"))
     return list({c["id"]: c for c in out}.values())
 
 
@@ -201,14 +254,15 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
     gen = _gen(zlib.crc32(c["id"].encode()))
     if c["kind"] == "fake_quantize":
         dt = getattr(torch, c["dtype"])
-        x = (torch.randn(3, 5, 7, 9, generator=gen) * 2).to(DEVICE, dt)
+        off = c.get("offset", 0)
+        x = (torch.randn(3 * 5 * 7 * 9 + off, generator=gen) * 2).to(DEVICE, dt)[off:].view(3, 5, 7, 9)
         qp = torch.tensor([1 / 3.0, 0.0], device=DEVICE)
         args = (x, qp, c["bits"], c["signed"])
         with poisoned():
             got = ops.fake_quantize(*args, backend)
         return same(got, ops.fake_quantize(*args, "torch"))
     if c["kind"] == "quantize_activate":
-        x = (torch.randn(2, 33, 5, 7, generator=gen) * 1.5).to(DEVICE)
+        x = (torch.randn(2, 33, 5, 7, generator=gen) * 1.5).to(DEVICE, getattr(torch, c.get("dtype", "float32")))
         if c["layout"] == "channels_last":
             x = x.to(memory_format=torch.channels_last)
         lo = 0.0 if not c["signed"] else -2.0
@@ -252,7 +306,14 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         with poisoned():
             got = ops.cuda_qconv2d_sm90(*base, *tail, c["tile"])
         return same(got, ops.qconv2d(*base, *tail, "torch"))
-    ctx = tiles.forced(c["tile"]) if c["tile"] else contextlib.nullcontext()
+    if c["tile"]:
+        ctx = tiles.forced(c["tile"])
+    elif c.get("plan"):
+        from hybridops.ops import cuda_ext
+
+        ctx = cuda_ext.forced_plan(c["plan"])
+    else:
+        ctx = contextlib.nullcontext()
     with ctx, poisoned():
         got = ops.qconv2d(*base, *tail, backend)
     return same(got, ops.qconv2d(*base, *tail, "torch"))

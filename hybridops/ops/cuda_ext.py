@@ -22,6 +22,7 @@ it takes (one-byte codes, groups 1, C_in and C_out multiples of 16; ``csrc/sm90/
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -71,6 +72,20 @@ def sm90():
 def build_info() -> dict:
     """What the extension was built for (CUDA archs, CUDA runtime and torch versions)."""
     return load().build_info()
+
+
+@contextlib.contextmanager
+def forced_plan(plan: str):
+    """Inside the block, ``cuda_qconv2d`` runs the hand-written kernel ``plan`` (a name of
+    ``build_info()["qconv2d_kernels"]``) wherever a tensor-core tile may run, and never the CUTLASS
+    Hopper kernel: how tests and the GPU suite reach every kernel template on small shapes.
+    Process-wide, like ``kernels/tiles.py``'s ``forced``."""
+    ext = load()
+    ext.set_qconv2d_plan_override(plan)
+    try:
+        yield
+    finally:
+        ext.set_qconv2d_plan_override("")
 
 
 def _register_fakes() -> None:
