@@ -10,11 +10,11 @@ and the sliced FP-branch add, re-quantized packed codes), aligned and unaligned 
 hand-written qconv2d kernel (each tile ``mma_128x128``, ``mma_128x64``, ``mma_64x64``, ``mma_32x64``
 and ``direct`` forced through ``cuda_ext.forced_plan``, times each operand variant: activations
 packed unsigned / packed signed / one byte, against packed or one-byte weights; ``TEMPLATE_BITS``)
-on an aligned (cp.async) and two unaligned (gathered) shapes, and every output mode per tile. On an sm_90 GPU, the CUTLASS
-Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte cases above reach through
-its dispatch) is also called directly, each CTA tile forced, for every output kind it has
-(fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a strided, asymmetrically
-padded shape.
+on an aligned (cp.async) and two unaligned (gathered) shapes, and every output mode per tile. On
+an sm_90 GPU, the CUTLASS Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte
+cases above reach through its dispatch) is also called directly, each CTA tile forced, for every
+output kind it has (fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a
+strided, asymmetrically padded shape.
 
 Integers (accumulators, packed codes) must be equal; floats within one unit in the last place of
 the final rounding. Outputs are poisoned first (the caching allocator's free blocks filled with

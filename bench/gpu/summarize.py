@@ -105,12 +105,18 @@ def e2e(work: Path) -> List[str]:
 
 
 def sanitizers(work: Path) -> List[str]:
+    """One line per tool: its processes' (shards') sanitizer summaries and case counts together."""
     out = []
-    for p in sorted(work.glob("sanitizer-*.log")):
-        text = p.read_text(errors="replace")
-        summ = re.findall(r"(?:ERROR|RACECHECK) SUMMARY: [^\n]*", text)
-        tests = re.findall(r"shard [^\n]*passed[^\n]*", text)
-        out.append(f"{p.stem}: {summ[-1] if summ else 'no sanitizer summary'}; {tests[-1] if tests else 'no result'}")
+    logs: Dict[str, List[str]] = defaultdict(list)
+    for p in sorted(work.glob("sanitizer-*.log")):  # sanitizer-<tool>-<shard>.log
+        logs[p.stem.split("-")[1]].append(p.read_text(errors="replace"))
+    for tool, texts in logs.items():
+        summ = [s[-1] for s in (re.findall(r"(?:ERROR|RACECHECK) SUMMARY: ([^\n]*)", t) for t in texts) if s]
+        counts = [c[-1] for c in (re.findall(r"shard \S+: (\d+) passed, (\d+) failed", t) for t in texts) if c]
+        shown = "; ".join(sorted(set(summ))) if summ else "no sanitizer summary"
+        cases = (f"{sum(int(c[0]) for c in counts)} cases passed, {sum(int(c[1]) for c in counts)} failed"
+                 if counts else "no result")
+        out.append(f"sanitizer {tool}: {shown} ({len(summ)} of {len(texts)} processes finished); {cases}")
     dry = _jsonl(work.glob("sanitizer-dry-*.jsonl"))
     if dry:
         out.append(f"sanitizer subset without a sanitizer (dry run): {sum(r['ok'] for r in dry)} passed, "
