@@ -60,7 +60,7 @@ def _prune(configs, named_args, **kwargs):
 def _byte_codes(row, ok, ch, c_lim, sc, K_FULL: tl.constexpr):
     """int8 one-byte codes at channels ``ch`` (a ``(1, BLOCK_K)`` row) of the pixels ``row`` (a
     ``(BLOCK_M, 1)`` column of pointers, ``ok`` its mask); channels ``>= c_lim`` read as zero
-    codes, unless ``K_FULL`` says that no K step reaches past ``c_lim``."""
+    codes, unless ``K_FULL`` says that this K step lies below ``c_lim``."""
     if K_FULL:
         mask = ok
     else:
@@ -89,8 +89,36 @@ def _nibble_codes(row, ok, cb, k0, CIN_G, sc, A_SIGNED: tl.constexpr, A_ALIGNED:
         # A group starting mid-byte (odd C_in per group, grouped): one load per code, rare.
         i = tl.arange(0, BLOCK_K)
         ch = cb + i
-        v = tl.load(row + (ch // 2)[None, :] * sc, mask=ok & ((k0 + i) < CIN_G)[None, :], other=0).to(tl.int32)
+        if K_FULL:
+            mask = ok
+        else:
+            mask = ok & ((k0 + i) < CIN_G)[None, :]
+        v = tl.load(row + (ch // 2)[None, :] * sc, mask=mask, other=0).to(tl.int32)
         return unpack_nibble(v, ((ch % 2) * 4)[None, :], A_SIGNED)
+
+
+@triton.jit
+def _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, tap, k0, c0, H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW,
+            DIL_H, DIL_W, A_NIB: tl.constexpr, A_SIGNED: tl.constexpr, A_ALIGNED: tl.constexpr, SWAR: tl.constexpr,
+            MASK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``acc`` plus one K step: tap ``tap``, channels ``k0 .. k0 + BLOCK_K`` of the group starting
+    at channel ``c0``; ``MASK_K``: the step reaches past C_in per group (its activation loads are
+    masked per channel)."""
+    kh = tap // KW
+    kw = tap % KW
+    ih = ih0 + kh * DIL_H
+    iw = iw0 + kw * DIL_W
+    a_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
+    a_row = (x_img + ih * sxh + iw * sxw)[:, None]
+    # The B tile goes to the MMA as stored: one int8 code per byte, zero past C_in per group
+    # (padded to K_PAD), so only the tile's output columns are masked.
+    b = tl.load((w_rows + kh * swh + kw * sww)[None, :] + (k0 + kk)[:, None], mask=w_ok, other=0)
+    if A_NIB:
+        a = _nibble_codes(a_row, a_ok, c0 + k0, k0, CIN_G, sxc, A_SIGNED, A_ALIGNED, SWAR, not MASK_K, BLOCK_M,
+                          BLOCK_K)
+    else:
+        a = _byte_codes(a_row, a_ok, (c0 + k0 + kk)[None, :], c0 + CIN_G, sxc, not MASK_K)
+    return tl.dot(a, b, acc, out_dtype=tl.int32)
 
 
 @triton.jit
@@ -147,37 +175,44 @@ def _qconv_kernel(
     w_rows = w_ptr + co.to(tl.int64) * swo
     kk = tl.arange(0, BLOCK_K)
 
-    n_chunks = tl.cdiv(CIN_G, BLOCK_K)
+    # Iterations: taps x full K steps first, then (C_in per group not a multiple of BLOCK_K) one
+    # partial step per tap; split-K cuts this sequence into ranges of ITERS_PER_SPLIT.
+    n_full = CIN_G // BLOCK_K
+    main_end = KH * KW * n_full
+    MID_BYTE: tl.constexpr = A_NIB and not A_ALIGNED
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     g_first = n0 // COUT_G
     g_last = (tl.minimum(n0 + BLOCK_N, C_OUT) - 1) // COUT_G
     for g in range(g_first, g_last + 1):
         c0 = g * CIN_G
         w_ok = (co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G))[None, :]
-        # Taps and channel chunks in one flat loop, so that the compiler pipelines all of it.
         it_lo = 0
-        it_hi = KH * KW * n_chunks
+        it_hi = KH * KW * tl.cdiv(CIN_G, BLOCK_K)
         if SPLIT_K > 1:
             it_lo = pid_k * ITERS_PER_SPLIT
             it_hi = tl.minimum(it_lo + ITERS_PER_SPLIT, it_hi)
-        for it in range(it_lo, it_hi):
-            tap = it // n_chunks
-            k0 = (it % n_chunks) * BLOCK_K
-            kh = tap // KW
-            kw = tap % KW
-            ih = ih0 + kh * DIL_H
-            iw = iw0 + kw * DIL_W
-            a_ok = (m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-            a_row = (x_img + ih * sxh + iw * sxw)[:, None]
-            # The B tile goes to the MMA as stored: one int8 code per byte, zero past C_in per group
-            # (padded to K_PAD), so only the tile's output columns are masked.
-            b = tl.load((w_rows + kh * swh + kw * sww)[None, :] + (k0 + kk)[:, None], mask=w_ok, other=0)
-            if A_NIB:
-                a = _nibble_codes(a_row, a_ok, c0 + k0, k0, CIN_G, sxc, A_SIGNED, A_ALIGNED, SWAR, K_FULL, BLOCK_M,
-                                  BLOCK_K)
-            else:
-                a = _byte_codes(a_row, a_ok, (c0 + k0 + kk)[None, :], c0 + CIN_G, sxc, K_FULL)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+        if MID_BYTE:
+            # Groups starting mid-byte load code by code anyway: one loop, masked throughout (the
+            # main / tail split below spilled registers here).
+            n_chunks = tl.cdiv(CIN_G, BLOCK_K)
+            for it in range(it_lo, it_hi):
+                acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it // n_chunks, (it % n_chunks) * BLOCK_K,
+                              c0, H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED,
+                              SWAR, True, BLOCK_M, BLOCK_K)
+        else:
+            # Full K steps, taps and channel chunks in one flat loop so that the compiler pipelines
+            # all of it: channels are never masked here (only the image border): vector loads.
+            for it in range(it_lo, tl.minimum(it_hi, main_end)):
+                acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it // n_full, (it % n_full) * BLOCK_K, c0,
+                              H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED, SWAR,
+                              False, BLOCK_M, BLOCK_K)
+            if not K_FULL:
+                # One masked step per tap, not pipelined: a second pipeline's buffers made the
+                # small tiles spill, and this loop is short.
+                for it in tl.range(tl.maximum(it_lo, main_end), it_hi, num_stages=1):
+                    acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it - main_end, n_full * BLOCK_K, c0,
+                                  H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED,
+                                  SWAR, True, BLOCK_M, BLOCK_K)
 
     f_fused = acc  # placeholder when the branch is not fused (the epilogue then reads fp)
     if FP_FUSED:

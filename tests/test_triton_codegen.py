@@ -54,8 +54,11 @@ SPILL_VARIANTS.update({
     "fused_fp_requant": (dict(SPILL_VARIANTS["nib_requant"][0], K_FULL=True, FP_FUSED=True), "*u8"),
     "fused_fp_bf16": (dict(SPILL_VARIANTS["nib_requant"][0], OUT_MODE=1, K_FULL=True, FP_FUSED=True), "*bf16"),
 })
-# Variants whose main loop is checked for vector copies (no byte loads) and SWAR unpacking.
+# Variants whose main loop is checked for vector copies (no byte loads) and SWAR unpacking; and
+# variants with a partial last K step, whose full steps must still load through cp.async (their
+# per-tap tail step loads bytes).
 PIPELINED = ("nib_split_k", "nib_requant_kfull", "nib_signed_bf16_kfull", "byte_requant_kfull")
+WITH_TAIL = ("nib_requant", "byte_requant")
 
 
 # Arguments of the qconv kernel that the JIT marks 16-divisible for a layer such as ResNet-50's
@@ -181,6 +184,8 @@ def _compile_all() -> list:
             asm = compiled(C._qconv_kernel, dict(sig, out_ptr=dst), consts, num_warps=t.num_warps, num_stages=stages)
             p = asm["ptx"]
             out.append({"kernel": f"qconv {t.name} {name}", "spill": ptxas_usage(p)})
+            if name in WITH_TAIL:
+                out.append({"kernel": f"qconv {t.name} {name} tail", "cp_async": len(re.findall(r"cp\.async\.c", p))})
             if name in PIPELINED:
                 out.append({"kernel": f"qconv {t.name} {name} loads", "a_nib": v["A_NIB"],
                             "cp_async": len(re.findall(r"cp\.async\.c", p)),
@@ -207,7 +212,10 @@ def test_triton_kernels_compile_for_hopper_without_fma_and_on_tensor_cores():
 
     ptx_checks = [r for r in results if "fma" in r]
     spills = [r for r in results if "spill" in r]
-    loads = [r for r in results if "cp_async" in r]
+    loads = [r for r in results if "cp_async" in r and "byte_loads" in r]
+    tails = [r for r in results if "cp_async" in r and "byte_loads" not in r]
+    assert len(tails) == len(WITH_TAIL) * len(tiles.compiled_configs())
+    assert all(r["cp_async"] > 0 for r in tails), tails
     assert len(loads) == len(PIPELINED) * len(tiles.compiled_configs())
     for r in loads:  # full K steps: vector copies, no byte loads; packed codes split four bytes at a time
         print(r["kernel"], "main-loop SASS instructions:", r["mainloop_sass"])
