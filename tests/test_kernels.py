@@ -252,6 +252,8 @@ CONV_CASES = [
                  marks=too_big_for_interpreter),
     pytest.param(((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_128x128"),  # batch
                  marks=too_big_for_interpreter),
+    pytest.param(((8, 64, 56, 56, 128, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 4, False, 4), "mma_128x64"),  # C_out 128
+                 marks=too_big_for_interpreter),
     pytest.param(((8, 64, 48, 48, 256, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, 8, True, 8), "mma_128x128"),  # 1-byte
                  marks=too_big_for_interpreter),
 ]
