@@ -181,7 +181,10 @@ def test_gpu_suite_correctness_cases_cover_every_variant():
     cpu_shapes = {s for s, v in SHAPES.items() if not v[-1]}
     assert {c["shape"] for c in conv} >= cpu_shapes  # odd C_in, mid-byte groups, depthwise, strided, stem
     # (plus qconv_sm90, the CUTLASS Hopper kernel called directly, where a GPU is present)
-    assert {c["kind"] for c in full} - {"qconv_sm90"} == {"fake_quantize", "quantize_activate", "qconv"}
+    assert {c["kind"] for c in full} - {"qconv_sm90"} == {"fake_quantize", "quantize_activate", "qconv", "hybrid"}
+    # the fused pruned branch: float and re-quantized outputs, with and without a K tail
+    assert {(c["shape"], c["mode"]) for c in full if c["kind"] == "hybrid"} == {
+        (s, m) for s in ("3x3_c64", "3x3_c17_dil2", "1x1_s2") for m in ("float", "requant4")}
     quick, dry = cases("quick"), cases("dry")
     assert len(dry) < len(quick) < len(full)
     assert {c["tile"] for c in dry if c["kind"] == "qconv"} - {None} == set(tiles.shipped_names())

@@ -14,7 +14,9 @@ on an aligned (cp.async) and two unaligned (gathered) shapes, and every output m
 an sm_90 GPU, the CUTLASS Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte
 cases above reach through its dispatch) is also called directly, each CTA tile forced, for every
 output kind it has (fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a
-strided, asymmetrically padded shape.
+strided, asymmetrically padded shape. For Triton, the pruned branch fused into the qconv kernel
+(``hybrid_conv2d`` with ``HYBRIDOPS_FUSE_BRANCH=always``) on three shapes, float and
+re-quantized outputs.
 
 Integers (accumulators, packed codes) must be equal; floats within one unit in the last place of
 the final rounding. Outputs are poisoned first (the caching allocator's free blocks filled with
@@ -126,6 +128,11 @@ def cases(subset: str) -> List[Dict]:
             out.append(_case("qconv", shape=s, bits=(4, False, 4), mode="requant4", tile=name, only="triton"))
         if not dry:
             out.append(_case("qconv", shape="3x3_c64", bits=(8, True, 8), mode="float", tile=name, only="triton"))
+    # The pruned branch fused into the Triton qconv kernel (hybrid_conv2d, forced on): aligned,
+    # K-tail and strided shapes, float and re-quantized outputs.
+    for s in (["3x3_c17_dil2"] if dry else ["3x3_c64", "3x3_c17_dil2", "1x1_s2"]):
+        for m in ("float", "requant4"):
+            out.append(_case("hybrid", shape=s, bits=(4, False, 4), mode=m, tile=None, only="triton"))
     if not dry:
         out += cuda_template_cases(subset)
     if GPU and subset != "dry":
@@ -298,6 +305,8 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         hi = y.abs().max().item() or 1.0
         qp = torch.tensor([1 / hi, 0.0], device=DEVICE)
         tail = (bias, *geo, not rq_signed, fp_out, fp_idx, qp, rq_bits, rq_signed, torch.float32)
+    if c["kind"] == "hybrid":
+        return _hybrid_case(c, base, geo, bias, kept, n, h, w, k, gen)
     if c["kind"] == "qconv_sm90":
         from hybridops.ops import cuda_ext
 
@@ -317,6 +326,50 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
     with ctx, poisoned():
         got = ops.qconv2d(*base, *tail, backend)
     return same(got, ops.qconv2d(*base, *tail, "torch"))
+
+
+def _hybrid_case(c, base, geo, bias, kept, n, h, w, k, gen) -> Optional[str]:
+    """The fused pruned branch (HYBRIDOPS_FUSE_BRANCH=always) against the reference with the
+    branch summed in fp32 from the same rounded operands (what the fused loop computes): floats
+    within fp32 reassociation, re-quantized codes within one level in under 1% of the elements."""
+    from hybridops.ops import reference
+
+    dt = torch.bfloat16 if GPU else torch.float32
+    c_f = 12
+    fp_in = torch.randn(n, h, w, c_f, generator=gen).to(DEVICE, dt)
+    fp_weight = (torch.randn(len(kept), c_f, k, k, generator=gen) * 0.2).to(DEVICE)
+    fp_bias = torch.randn(len(kept), generator=gen).to(DEVICE)
+    fp_idx = torch.tensor(kept[::-1], device=DEVICE)
+    fp_ref = reference.pruned_branch_conv(fp_in.float(), fp_weight.to(dt).float(), fp_bias, *geo[:3])
+    requant = c["mode"] == "requant4"
+    qp = None
+    if requant:
+        y = ops.qconv2d(*base, bias, *geo, True, fp_ref, fp_idx, None, 4, False, torch.float32, "torch")
+        qp = torch.tensor([1 / (y.abs().max().item() or 1.0), 0.0], device=DEVICE)
+    tail = (bias, *geo, True)
+    os.environ["HYBRIDOPS_FUSE_BRANCH"] = "always"
+    try:
+        with poisoned():
+            got = ops.hybrid_conv2d(*base, *tail, fp_in, fp_weight, fp_bias, fp_idx, qp, 4, False, torch.float32,
+                                    "triton")
+    finally:
+        del os.environ["HYBRIDOPS_FUSE_BRANCH"]
+    ref = ops.qconv2d(*base, *tail, fp_ref, fp_idx, qp, 4, False, torch.float32, "torch")
+    if not requant:
+        return "unwritten (NaN-poisoned) output elements" if got.isnan().any() else _close(got, ref)
+    cout = base[1].shape[0]
+    diff = (packing.unpack_codes(got, 4, cout, False).int() - packing.unpack_codes(ref, 4, cout, False).int()).abs()
+    if diff.max() > 1 or (diff > 0).float().mean() >= 0.01:
+        return f"codes differ by up to {diff.max().item()} in {(diff > 0).float().mean().item():.2%} of the elements"
+    return None
+
+
+def _close(got, ref) -> Optional[str]:
+    try:
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    except AssertionError as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 def main(argv=None) -> int:
