@@ -119,7 +119,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "Versions and GPU architectures this extension was built for (a dict).");
   m.def("qconv2d_plan", &hybridops::qconv2d_plan, py::arg("m"), py::arg("cin_per_group"),
         py::arg("cout_per_group"), py::arg("groups"), py::arg("packed_requant"), py::arg("sm_count"),
-        "Kernel qconv2d runs for an implicit GEMM with m = N*Ho*Wo rows on a GPU with sm_count SMs.");
+        py::arg("s4") = false,
+        "Kernel qconv2d runs for an implicit GEMM with m = N*Ho*Wo rows on a GPU with sm_count SMs; s4: both "
+        "operands packed on a GPU with 4-bit tensor cores (compute capability 8.x).");
   m.def("set_qconv2d_plan_override", &hybridops::set_qconv2d_plan_override, py::arg("plan"),
         "Force the qconv2d kernel (a name of build_info()['qconv2d_kernels']) where a tensor-core tile may run; "
         "'' restores qconv2d_plan's choice. For tests and the GPU suite's per-template checks.");

@@ -40,12 +40,14 @@ at::Tensor qconv2d_cuda(
     at::ScalarType out_dtype);
 
 // Name of the qconv2d kernel that a problem of this shape runs on a GPU with `sm_count` SMs (one
-// of qconv2d_kernels()). Exposed so that tests and benchmarks can see which path ran.
+// of qconv2d_kernels()); `s4`: the layer can run on 4-bit tensor cores (both operands packed, a
+// compute capability 8.x GPU). Exposed so that tests and benchmarks can see which path ran.
 std::string qconv2d_plan(int64_t m, int64_t cin_per_group, int64_t cout_per_group, int64_t groups,
-                         bool packed_requant, int64_t sm_count);
+                         bool packed_requant, int64_t sm_count, bool s4 = false);
 
-// The qconv2d kernels: "mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64" (tensor-core tiles,
-// BM x BN) and "direct" (CUDA cores).
+// The qconv2d kernels: "mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64" (int8 tensor-core
+// tiles, BM x BN), the same tiles on the 4-bit tensor cores of sm_8x ("mma_s4_128x128", ...) and
+// "direct" (CUDA cores).
 const std::vector<std::string>& qconv2d_kernels();
 
 // Makes qconv2d run `plan` (one of qconv2d_kernels()) instead of qconv2d_plan's choice wherever a

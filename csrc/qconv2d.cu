@@ -12,6 +12,9 @@
 // travel packed through global and shared memory and are widened to int8 once per CTA, in
 // shared memory, before mma.sync.m16n8k32.s8 (int32 accumulators, exact); see MmaLayout. On
 // Hopper the one-byte ungrouped layers go to the CUTLASS kernel of csrc/sm90/ instead (ops.cpp).
+// Ampere and Ada (sm_8x) have 4-bit tensor cores at twice the int8 rate: there layers with both
+// operands packed run qconv_mma_s4_kernel, which feeds the packed bytes as stored to
+// mma.sync.m16n8k64 u4/s4 x s4 (no widening at all).
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers that a bare
 // CUDA toolkit (CI) may not ship.
 #include <ATen/Dispatch.h>
@@ -23,6 +26,7 @@
 #include <atomic>
 #include <climits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "common.cuh"
@@ -319,7 +323,9 @@ __global__ void __launch_bounds__(kDirectPairs * kDirectPixels) qconv_direct_ker
 // Weights are always signed. One-byte codes are the int8 MMA operand as stored (signed 5-8-bit
 // codes are two's complement bytes, unsigned ones are <= 7 bits: 0..127), so A_SIGNED only
 // exists for packed activations: unsigned post-ReLU nibbles are widened with a mask alone.
-constexpr int kChunk = 64;  // input channels per pipeline stage (two m16n8k32 k-steps)
+// Bytes of an MMA operand row in shared memory per pipeline stage: 64 int8 channels (two
+// m16n8k32 k-steps), or 128 packed channels on the 4-bit tensor cores (two m16n8k64 k-steps).
+constexpr int kChunk = 64;
 
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid, bool keep_in_l1) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
@@ -339,6 +345,24 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// m16n8k64 on 4-bit codes, eight per register (element e at bits 4e..4e+3): unsigned (post-ReLU
+// codes 0..15, .u4) or signed activations times signed weights. Only compiled into sm_8x code
+// (qconv_mma_s4_kernel): sm_90 runs it emulated at ~1/20 of its int8 rate.
+template <bool A_SIGNED>
+__device__ __forceinline__ void mma_4bit(int (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  if constexpr (A_SIGNED)
+    asm volatile(
+        "mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+  else
+    asm volatile(
+        "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // Shared-memory layout of one tile configuration, in bytes (host and device).
@@ -365,17 +389,28 @@ __device__ __forceinline__ void mma_s8(int (&c)[4], uint32_t a0, uint32_t a1, ui
 //    {8,...,14}, {9,...,15}: the low and the high nibbles of a packed word, a mask and a shift each;
 //  * otherwise channel order, the layout of a one-byte row as loaded: a packed operand facing a
 //    one-byte one is put back in order with two byte permutes per word.
+// S4 (4-bit tensor cores, sm_8x; both operands packed): the ring rows are the MMA operand rows,
+// 64 bytes = 128 packed channels, read with the same ldmatrix addresses and swizzle. A 32-bit
+// fragment register of m16n8k64 holds 8 codes where m16n8k32's holds 4 bytes, so the k slots of
+// k-step s double: slot 32 h + 8 tig + e is nibble e of bytes [4 tig, 4 tig + 4) of unit 2 s + h,
+// i.e. (low nibble first, as format.md packs) chunk channel 64 s + 32 h + 8 tig + e: channel
+// order, no widening. (Even a different nibble order inside the register would give the same
+// sums: A and B registers come from identically laid out rows. tests/test_mma_s4_model.py
+// checks this data path bit by bit.)
 // After the mainloop the same memory stages the int32 accumulators (ACC_PITCH words per row)
-// for the vectorised epilogue.
-template <int BM, int BN, int A_BITS, int W_BITS>
+// for the vectorised epilogue (m16n8k64's accumulator layout is m16n8k32's).
+template <int BM, int BN, int A_BITS, int W_BITS, bool S4 = false>
 struct MmaLayout {
   static_assert((A_BITS == 4 || A_BITS == 8) && (W_BITS == 4 || W_BITS == 8), "code containers are 4 or 8 bits");
-  static constexpr bool WIDE_A = A_BITS == 4, WIDE_B = W_BITS == 4, WIDEN = WIDE_A || WIDE_B;
+  static_assert(!S4 || (A_BITS == 4 && W_BITS == 4), "the 4-bit tensor cores take packed operands only");
+  static constexpr bool WIDE_A = A_BITS == 4 && !S4, WIDE_B = W_BITS == 4 && !S4, WIDEN = WIDE_A || WIDE_B;
   static constexpr bool IN_ORDER = !(WIDE_A && WIDE_B);
+  static constexpr int CH = S4 ? 2 * kChunk : kChunk;  // input channels per k tile
+  static_assert(WIDEN || IN_ORDER, "unwidened operands are read in channel order");
   // Loads run STAGES - 1 tiles ahead of the MMAs; widening runs one tile ahead of them, so it
   // takes a stage of its own to keep two tiles' loads in flight.
   static constexpr int STAGES = WIDEN ? 4 : 3;
-  static constexpr int A_ROW = A_BITS * kChunk / 8, B_ROW = W_BITS * kChunk / 8;  // ring bytes per row
+  static constexpr int A_ROW = A_BITS * CH / 8, B_ROW = W_BITS * CH / 8;  // ring bytes per row
   static constexpr int RING_B = STAGES * BM * A_ROW;
   static constexpr int WIDE_A_AT = RING_B + STAGES * BN * B_ROW;
   static constexpr int WIDE_B_AT = WIDE_A_AT + (WIDE_A ? 2 * BM * kChunk : 0);
@@ -480,15 +515,12 @@ __device__ __forceinline__ uint4 gather16(const uint8_t* row, int ch_base, int c
   return make_uint4(w0, w1, w2, w3);
 }
 
-// At most 128 registers a thread (16 warps per SM: two 8-warp or four 4-warp CTAs): a bound
-// ptxas is held to. Without one it picks its own register targets per kernel, down to 48 for
-// the 4-warp tiles, and spills.
-template <int BM, int BN, int WARPS_M, int WARPS_N, int A_BITS, bool A_SIGNED, int W_BITS>
-__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N))
-    qconv_mma_kernel(ConvShape s, Epilogue ep, bool aligned) {
-  using L = MmaLayout<BM, BN, A_BITS, W_BITS>;
+// The body of both tensor-core kernels; S4: m16n8k64 on the 4-bit tensor cores (packed operands
+// as stored) instead of m16n8k32 s8.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int A_BITS, bool A_SIGNED, int W_BITS, bool S4>
+__device__ __forceinline__ void qconv_mma(ConvShape s, Epilogue ep, bool aligned) {
+  using L = MmaLayout<BM, BN, A_BITS, W_BITS, S4>;
   static_assert(A_BITS == 4 || !A_SIGNED, "one-byte activation codes need no sign handling");
-  static_assert(L::WIDEN || L::IN_ORDER, "unwidened one-byte operands are read in channel order");
   constexpr int kThreads = WARPS_M * WARPS_N * 32;
   constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
   constexpr int MT = WM / 16, NT = WN / 8;
@@ -552,7 +584,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
         } else {
           constexpr int per_unit = 128 / A_BITS;  // channels per 16 bytes
           *reinterpret_cast<uint4*>(dst) =
-              pix_ok ? gather16<A_BITS == 4>(px, g * s.cin_g, chunk * kChunk + unit * per_unit, s.cin_g)
+              pix_ok ? gather16<A_BITS == 4>(px, g * s.cin_g, chunk * L::CH + unit * per_unit, s.cin_g)
                      : make_uint4(0u, 0u, 0u, 0u);
         }
       }
@@ -569,7 +601,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
           cp_async16(dst, ok ? wr + off : s.w, ok, false);
         } else {
           constexpr int per_unit = 128 / W_BITS;
-          *reinterpret_cast<uint4*>(dst) = b_ok ? gather16<W_BITS == 4>(wr, 0, chunk * kChunk + unit * per_unit, s.cin_g)
+          *reinterpret_cast<uint4*>(dst) = b_ok ? gather16<W_BITS == 4>(wr, 0, chunk * L::CH + unit * per_unit, s.cin_g)
                                                 : make_uint4(0u, 0u, 0u, 0u);
         }
       }
@@ -585,7 +617,7 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
                                                   smem + L::RING_B + (t % S) * BN * L::B_ROW, tid);
   };
 
-  const int nchunk = (s.cin_g + kChunk - 1) / kChunk;
+  const int nchunk = (s.cin_g + L::CH - 1) / L::CH;
   const int ktiles = s.kh * s.kw * nchunk;
   int l_kh = 0, l_kw = 0, l_ch = 0;  // next k tile to load
   auto advance = [&]() {
@@ -627,6 +659,36 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
 #pragma unroll
       for (int k = 0; k < 4; ++k) acc[i][j][k] = 0;
 
+  // The MMAs of one k tile, KS of its two k-steps (the B fragments hold both).
+  auto tile_mmas = [&](int t, auto ksteps) {
+    constexpr int KS = decltype(ksteps)::value;
+    const uint8_t* sa = L::WIDE_A ? smem + L::WIDE_A_AT + (t & 1) * BM * kChunk : smem + (t % S) * BM * kChunk;
+    const uint8_t* sb =
+        L::WIDE_B ? smem + L::WIDE_B_AT + (t & 1) * BN * kChunk : smem + L::RING_B + (t % S) * BN * kChunk;
+    uint32_t b[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) ldmatrix_x4(b[j], sb + b_lane + j * 8 * kChunk);
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks) {
+        uint32_t a[4];
+        ldmatrix_x4(a, sa + a_lane[ks] + i * 16 * kChunk);
+#pragma unroll
+        for (int j = 0; j < NT; ++j) {
+          if constexpr (S4)
+            mma_4bit<A_SIGNED>(acc[i][j], a[0], a[1], a[2], a[3], b[j][2 * ks], b[j][2 * ks + 1]);
+          else
+            mma_s8(acc[i][j], a[0], a[1], a[2], a[3], b[j][2 * ks], b[j][2 * ks + 1]);
+        }
+      }
+    }
+  };
+  // S4: a last chunk of at most 64 channels (C_in / groups = 64, 192, ...) fills k-step 0 only;
+  // its k-step 1 would multiply the zero fill. The branch is uniform over the CTA.
+  const bool half_last = S4 && s.cin_g % L::CH != 0 && s.cin_g % L::CH <= L::CH / 2;
+  int c_ch = 0;  // chunk of the tile being multiplied
+
   for (int t = 0; t < ktiles; ++t) {
     // One commit per tile so far: S - 1 + t groups. Tile t (and, when widening, t + 1) landed
     // for this thread; after the barrier for every thread, every warp has finished the MMAs of
@@ -641,22 +703,14 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
     if constexpr (L::WIDEN) {
       if (t + 1 < ktiles) widen(t + 1);
     }
-
-    const uint8_t* sa = L::WIDE_A ? smem + L::WIDE_A_AT + (t & 1) * BM * kChunk : smem + (t % S) * BM * kChunk;
-    const uint8_t* sb =
-        L::WIDE_B ? smem + L::WIDE_B_AT + (t & 1) * BN * kChunk : smem + L::RING_B + (t % S) * BN * kChunk;
-    uint32_t b[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j) ldmatrix_x4(b[j], sb + b_lane + j * 8 * kChunk);
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {
-#pragma unroll
-      for (int ks = 0; ks < 2; ++ks) {
-        uint32_t a[4];
-        ldmatrix_x4(a, sa + a_lane[ks] + i * 16 * kChunk);
-#pragma unroll
-        for (int j = 0; j < NT; ++j) mma_s8(acc[i][j], a[0], a[1], a[2], a[3], b[j][2 * ks], b[j][2 * ks + 1]);
-      }
+    if constexpr (S4) {
+      if (half_last && c_ch == nchunk - 1)
+        tile_mmas(t, std::integral_constant<int, 1>{});
+      else
+        tile_mmas(t, std::integral_constant<int, 2>{});
+      if (++c_ch == nchunk) c_ch = 0;
+    } else {
+      tile_mmas(t, std::integral_constant<int, 2>{});
     }
   }
   cp_async_wait<0>();  // only empty groups remain; none may be pending when the CTA exits
@@ -689,8 +743,30 @@ __global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N
   }
 }
 
+// At most 128 registers a thread (16 warps per SM: two 8-warp or four 4-warp CTAs): a bound
+// ptxas is held to. Without one it picks its own register targets per kernel, down to 48 for
+// the 4-warp tiles, and spills.
+template <int BM, int BN, int WARPS_M, int WARPS_N, int A_BITS, bool A_SIGNED, int W_BITS>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N))
+    qconv_mma_kernel(ConvShape s, Epilogue ep, bool aligned) {
+  qconv_mma<BM, BN, WARPS_M, WARPS_N, A_BITS, A_SIGNED, W_BITS, false>(s, ep, aligned);
+}
+
+// Both operands packed, on the 4-bit tensor cores of sm_80 / sm_86 / sm_89 (qconv2d_cuda launches
+// it only on compute capability 8.x). An sm_90 build keeps a trapping body: Hopper would run the
+// 4-bit MMAs emulated, so its code must not contain them.
+template <int BM, int BN, int WARPS_M, int WARPS_N, bool A_SIGNED>
+__global__ void __launch_bounds__(WARPS_M* WARPS_N * 32, 16 / (WARPS_M * WARPS_N))
+    qconv_mma_s4_kernel(ConvShape s, Epilogue ep, bool aligned) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  __trap();
+#else
+  qconv_mma<BM, BN, WARPS_M, WARPS_N, 4, A_SIGNED, 4, true>(s, ep, aligned);
+#endif
+}
+
 template <int BM, int BN, int WARPS_M, int WARPS_N>
-void launch_mma(const ConvShape& s, const Epilogue& ep, bool aligned, cudaStream_t stream) {
+void launch_mma(const ConvShape& s, const Epilogue& ep, bool aligned, bool s4, cudaStream_t stream) {
   const dim3 grid((s.m + BM - 1) / BM, (s.cout_g + BN - 1) / BN, s.groups);
   const dim3 block(WARPS_M * WARPS_N * 32);
   auto run = [&](auto kernel, int smem) {
@@ -700,6 +776,12 @@ void launch_mma(const ConvShape& s, const Epilogue& ep, bool aligned, cudaStream
     kernel<<<grid, block, smem, stream>>>(s, ep, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
+  if (s4) {
+    constexpr int smem = MmaLayout<BM, BN, 4, 4, true>::BYTES;
+    if (s.a_signed) run(qconv_mma_s4_kernel<BM, BN, WARPS_M, WARPS_N, true>, smem);
+    else run(qconv_mma_s4_kernel<BM, BN, WARPS_M, WARPS_N, false>, smem);
+    return;
+  }
 #define HYBRIDOPS_RUN_MMA(AB, AS, WB) \
   run(qconv_mma_kernel<BM, BN, WARPS_M, WARPS_N, AB, AS, WB>, MmaLayout<BM, BN, AB, WB>::BYTES)
   const bool a4 = s.bits_a <= 4, w4 = s.bits_w <= 4;
@@ -724,7 +806,9 @@ std::atomic<int> plan_override{-1};
 }  // namespace
 
 const std::vector<std::string>& qconv2d_kernels() {
-  static const std::vector<std::string> names{"mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"};
+  static const std::vector<std::string> names{"mma_128x128",    "mma_128x64",    "mma_64x64",    "mma_32x64",
+                                              "mma_s4_128x128", "mma_s4_128x64", "mma_s4_64x64", "mma_s4_32x64",
+                                              "direct"};
   return names;
 }
 
@@ -743,19 +827,21 @@ void set_qconv2d_plan_override(const std::string& plan) {
 bool qconv2d_plan_forced() { return plan_override.load() >= 0; }
 
 std::string qconv2d_plan(int64_t m, int64_t cin_per_group, int64_t cout_per_group, int64_t groups,
-                         bool packed_requant, int64_t sm_count) {
+                         bool packed_requant, int64_t sm_count, bool s4) {
   // Tensor-core tiles waste most of a 64-channel chunk or 16x8 fragment on tiny groups.
   if (cin_per_group < 16 || cout_per_group < 16 || (packed_requant && groups > 1 && cout_per_group % 2 != 0))
     return "direct";
   auto ctas = [&](int64_t bm, int64_t bn) { return ceil_div(m, bm) * ceil_div(cout_per_group, bn) * groups; };
+  // The same tiles on the 4-bit tensor cores (same occupancy: as many warps and registers).
+  const std::string mma = s4 ? "mma_s4_" : "mma_";
   // By M and C_out: big tiles reuse each loaded byte more but only pay when they fill the GPU
   // twice over (two CTAs per SM fit); at batch 1 (M ~ 1000) smaller tiles keep every SM busy. A
   // 128-wide N tile only for more than 64 channels per group: at C_out = 64 (ResNet-50 layer1)
   // half of its MMAs would multiply zero columns, so large M gets 128x64 there.
-  if (cout_per_group > 64 && ctas(128, 128) >= 2 * sm_count) return "mma_128x128";
-  if (ctas(128, 64) >= 2 * sm_count) return "mma_128x64";
-  if (ctas(64, 64) >= sm_count) return "mma_64x64";
-  return "mma_32x64";
+  if (cout_per_group > 64 && ctas(128, 128) >= 2 * sm_count) return mma + "128x128";
+  if (ctas(128, 64) >= 2 * sm_count) return mma + "128x64";
+  if (ctas(64, 64) >= sm_count) return mma + "64x64";
+  return mma + "32x64";
 }
 
 at::Tensor qconv2d_cuda(
@@ -875,13 +961,21 @@ at::Tensor qconv2d_cuda(
   ep.cout = s.cout;
 
   auto stream = c10::cuda::getCurrentCUDAStream();
-  int sms = 0;
+  int sms = 0, cc_major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, x_codes.get_device()));
-  std::string plan = qconv2d_plan(s.m, cin_g, cout_g, groups, codes_out && requant_bits <= 4, sms);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&cc_major, cudaDevAttrComputeCapabilityMajor, x_codes.get_device()));
+  // 4-bit tensor cores: both operands packed, on compute capability 8.x (sm_80 / 86 / 87 / 89,
+  // which run this build's sm_8x code, where qconv_mma_s4_kernel is compiled). Not on Hopper.
+  const bool s4_ok = bits_a <= 4 && bits_w <= 4 && cc_major == 8;
+  std::string plan = qconv2d_plan(s.m, cin_g, cout_g, groups, codes_out && requant_bits <= 4, sms, s4_ok);
   // A forced tensor-core tile applies only where qconv2d_plan picks one (the direct path is the
   // only kernel for tiny groups and odd packed outputs); the direct path can be forced anywhere.
   const int forced = plan_override.load();
   if (forced >= 0 && (plan != "direct" || qconv2d_kernels()[forced] == "direct")) plan = qconv2d_kernels()[forced];
+  const bool s4 = plan.compare(0, 7, "mma_s4_") == 0;
+  TORCH_CHECK(!s4 || s4_ok, "cuda_qconv2d: kernel '", plan, "' (forced) needs 4-bit tensor cores, which only compute "
+              "capability 8.x has (this GPU: ", cc_major, ".x), and codes of at most 4 bits on both operands (got ",
+              bits_a, "-bit activations, ", bits_w, "-bit weights).");
   if (plan == "direct") {
     // CUDA's grid limits: x < 2^31 (m < 2^31 is checked above), y <= 65535.
     TORCH_CHECK(ceil_div(cout, 2 * kDirectPairs) <= 65535, "cuda_qconv2d: ", cout,
@@ -899,10 +993,11 @@ at::Tensor qconv2d_cuda(
   const auto al16 = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   const bool aligned = s.x_row % 16 == 0 && s.w_row % 16 == 0 && (bits_a <= 4 ? cin_g % 32 : cin_g % 16) == 0 &&
                        al16(s.x) && al16(s.w);
-  if (plan == "mma_128x128") launch_mma<128, 128, 2, 4>(s, ep, aligned, stream);
-  else if (plan == "mma_128x64") launch_mma<128, 64, 2, 2>(s, ep, aligned, stream);
-  else if (plan == "mma_64x64") launch_mma<64, 64, 2, 2>(s, ep, aligned, stream);
-  else launch_mma<32, 64, 1, 4>(s, ep, aligned, stream);
+  const std::string tile = plan.substr(s4 ? 7 : 4);
+  if (tile == "128x128") launch_mma<128, 128, 2, 4>(s, ep, aligned, s4, stream);
+  else if (tile == "128x64") launch_mma<128, 64, 2, 2>(s, ep, aligned, s4, stream);
+  else if (tile == "64x64") launch_mma<64, 64, 2, 2>(s, ep, aligned, s4, stream);
+  else launch_mma<32, 64, 1, 4>(s, ep, aligned, s4, stream);
   return out;
 }
 

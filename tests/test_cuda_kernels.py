@@ -70,7 +70,8 @@ def test_build_info():
     info = cuda_ext.build_info()
     assert info["ops_version"] == cuda_ext.OPS_VERSION
     assert info["cuda_archs"] and info["cuda_runtime"] > 0
-    assert set(info["qconv2d_kernels"]) == {"mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"}
+    assert set(info["qconv2d_kernels"]) == {"mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "mma_s4_128x128",
+                                            "mma_s4_128x64", "mma_s4_64x64", "mma_s4_32x64", "direct"}
 
 
 @needs_ext
@@ -110,6 +111,18 @@ def test_qconv2d_plan_by_m_and_cout(m, cout, plan):
     # a 128-wide N tile only where a group has more than 64 output channels
     for c in (16, 33, 64):
         assert ext.qconv2d_plan(1 << 24, 64, c, 1, False, 132) == "mma_128x64"
+
+
+@needs_ext
+def test_qconv2d_plan_s4():
+    """Both operands packed on a GPU with 4-bit tensor cores (sm_8x): the same tiles on them; the
+    direct kernel stays where it was."""
+    ext = cuda_ext.load()
+    for m, cout in [(32 * 56 * 56, 64), (32 * 31 * 31, 256), (32 * 14 * 14, 256), (7 * 7, 512)]:
+        plan = ext.qconv2d_plan(m, cout, cout, 1, False, 108)
+        assert ext.qconv2d_plan(m, cout, cout, 1, False, 108, s4=True) == plan.replace("mma_", "mma_s4_")
+    assert ext.qconv2d_plan(4096, 8, 64, 1, False, 108, s4=True) == "direct"
+    assert ext.qconv2d_plan(4096, 1, 1, 64, False, 108, s4=True) == "direct"  # depthwise
 
 
 @needs_ext
@@ -214,9 +227,11 @@ def test_local_memory_users():
 
 
 # The qconv_mma_kernel instantiations of a build: 4 tiles x (A 4-bit unsigned / signed / one-byte)
-# x (W 4-bit / one-byte); template arguments as parse_ptxas_log writes them.
+# x (W 4-bit / one-byte); template arguments as parse_ptxas_log writes them. qconv_mma_s4_kernel:
+# the 4 tiles x A unsigned / signed (4-bit tensor cores; a trapping stub in sm_90 code).
 MMA_TILES = ("128,128,2,4", "128,64,2,2", "64,64,2,2", "32,64,1,4")
 MMA_OPERANDS = ("4,false,4", "4,true,4", "4,false,8", "4,true,8", "8,false,4", "8,false,8")
+S4_OPERANDS = ("false", "true")
 
 
 def test_built_kernels_keep_to_registers():
@@ -231,8 +246,53 @@ def test_built_kernels_keep_to_registers():
     archs = {k[2] for k in kernels}
     built = {(k[1], k[2]) for k in kernels if k[0] == "qconv_mma_kernel"}
     assert built == {(f"{t},{o}", a) for t in MMA_TILES for o in MMA_OPERANDS for a in archs}, sorted(built)
+    s4 = {k: v for k, v in kernels.items() if k[0] == "qconv_mma_s4_kernel"}
+    assert {(k[1], k[2]) for k in s4} == {(f"{t},{o}", a) for t in MMA_TILES for o in S4_OPERANDS for a in archs}
+    # The 4-bit tensor-core kernels are whole kernels in sm_8x code (held to the same 128
+    # registers) and a trap in sm_90 code, where 4-bit MMAs would run emulated.
+    for (_, _, arch), v in s4.items():
+        assert (64 <= v["regs"] <= 128) if arch < "sm_90" else v["regs"] < 16, (arch, v)
     bad = local_memory_users(kernels)
     assert not bad, f"kernels with a stack frame or spills: {[(k, kernels[k]) for k in bad]}"
+
+
+def _cuobjdump():
+    """cuobjdump from the CUDA toolkit, else the copy the triton wheel ships, else None."""
+    import shutil
+
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else None
+
+
+@needs_ext
+def test_s4_mma_only_in_sm8x_code():
+    """The built SASS: 4-bit MMAs (IMMA.16864) in the sm_8x code only, none in sm_90 code (Hopper
+    would run them emulated, ~20x slower than int8); in sm_8x code they take u4 and s4
+    activations against s4 weights."""
+    import importlib.util
+    import subprocess
+
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or the triton wheel)")
+    so = importlib.util.find_spec("hybridops._C").origin
+    archs = re.findall(r"\.(sm_\d+a?)\.cubin", subprocess.run([tool, "-lelf", so], capture_output=True, text=True,
+                                                               check=True).stdout)
+    assert archs
+    for arch in sorted(set(archs)):
+        sass = subprocess.run([tool, "-sass", "-arch", arch, so], capture_output=True, text=True, check=True).stdout
+        kinds = set(re.findall(r"IMMA\.16864\.(\w+\.\w+)", sass))
+        if arch < "sm_90":
+            assert kinds == {"U4.S4", "S4.S4"}, (arch, kinds)
+        else:
+            assert not kinds, (arch, kinds)
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -250,6 +310,51 @@ def test_every_qconv2d_template(plan, bits, cin, cout, groups):
     and the float epilogue (bias, FP branch, ReLU) re-quantized to packed codes. The second shape
     gathers rows code by code (17 channels per group, group 1 starting mid-byte) and ends its
     groups mid vector (20 channels: scalar epilogue stores)."""
+    _check_template(plan, bits, cin, cout, groups)
+
+
+S4_PLANS = ["mma_s4_128x128", "mma_s4_128x64", "mma_s4_64x64", "mma_s4_32x64"]
+
+
+def _int4_tensor_cores():
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 8
+
+
+@gpu
+@pytest.mark.parametrize("plan", S4_PLANS)
+@pytest.mark.parametrize("bits", [(4, False, 4), (3, True, 4), (2, False, 2)], ids=["a4uw4", "a3sw4", "a2uw2"])
+@pytest.mark.parametrize("cin,cout,groups", [(64, 64, 1), (34, 40, 2), (224, 24, 1), (200, 16, 1)],
+                         ids=["half-chunk", "gathered", "k-tail", "gathered-tail"])
+def test_every_s4_template(plan, bits, cin, cout, groups):
+    """The 4-bit tensor-core kernels (sm_80 / 86 / 89 only), forced: u4 and s4 activations, a last
+    chunk of <= 64 channels (k-step 1 skipped), gathered rows, a K tail inside k-step 1 (224)."""
+    if not _int4_tensor_cores():
+        pytest.skip("4-bit tensor cores: compute capability 8.x only")
+    _check_template(plan, bits, cin, cout, groups)
+
+
+@gpu
+def test_s4_kernels_where_the_hardware_has_them():
+    """A 4/4-bit layer runs qconv_mma_s4_kernel on compute capability 8.x and never elsewhere
+    (Hopper emulates 4-bit MMAs); forcing it where it cannot run is refused with a reason."""
+    x_codes, w_packed, _ = conv_inputs(2, 64, 9, 9, 64, 3, 1, 4, False, 4)
+    args = (x_codes, w_packed, 64, 4, False, 4, torch.ones(64, device="cuda"), None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    ref = run_qconv("torch", *args, out_dtype=torch.int32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        got = run_qconv("cuda", *args, out_dtype=torch.int32)
+        torch.cuda.synchronize()
+    assert_same(got, ref)
+    names = sorted({e.name for e in prof.events()})
+    assert any("qconv_mma_s4_kernel" in n for n in names) == _int4_tensor_cores(), names
+    if not _int4_tensor_cores():
+        with cuda_ext.forced_plan("mma_s4_32x64"), pytest.raises(RuntimeError, match="needs 4-bit tensor cores"):
+            run_qconv("cuda", *args, out_dtype=torch.int32)
+    x8, w8, _ = conv_inputs(2, 64, 9, 9, 64, 3, 1, 8, True, 4)
+    with cuda_ext.forced_plan("mma_s4_32x64"), pytest.raises(RuntimeError, match="8-bit activations, 4-bit weights"):
+        run_qconv("cuda", x8, w8, *args[2:3], 8, True, *args[5:], out_dtype=torch.int32)
+
+
+def _check_template(plan, bits, cin, cout, groups):
     bits_a, a_signed, bits_w = bits
     x_codes, w_packed, gen = conv_inputs(2, cin, 7, 6, cout, 3, groups, bits_a, a_signed, bits_w, seed=cin + bits_a)
     scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 7, 6, 2, gen, [cout - 1, 0, 5, 5], torch.float32)
