@@ -10,7 +10,9 @@ and the sliced FP-branch add, re-quantized packed codes), aligned and unaligned 
 hand-written qconv2d kernel (each tile ``mma_128x128``, ``mma_128x64``, ``mma_64x64``, ``mma_32x64``
 and ``direct`` forced through ``cuda_ext.forced_plan``, times each operand variant: activations
 packed unsigned / packed signed / one byte, against packed or one-byte weights; ``TEMPLATE_BITS``)
-on an aligned (cp.async) and two unaligned (gathered) shapes, and every output mode per tile. On
+on an aligned (cp.async) and two unaligned (gathered) shapes, and every output mode per tile; on
+a compute capability 8.x GPU (Ampere / Ada) also the same tiles on the 4-bit tensor cores
+(``mma_s4_*``, u4 and s4 activations, plus a K tail inside the second k-step). On
 an sm_90 GPU, the CUTLASS Hopper kernel (``hybridops._C_sm90``, which the cuda backend's one-byte
 cases above reach through its dispatch) is also called directly, each CTA tile forced, for every
 output kind it has (fp32, bf16, signed 8-bit and unsigned 6-bit codes) on an aligned and a
@@ -81,6 +83,16 @@ MODES = ["int32", "float", "half", "requant4", "requant8s"]
 # packed and one-byte weights ((4, True, 8) is the one pair BITS lacks).
 CUDA_PLANS = ["mma_128x128", "mma_128x64", "mma_64x64", "mma_32x64", "direct"]
 TEMPLATE_BITS = [(4, False, 4), (4, True, 4), (4, False, 8), (4, True, 8), (8, True, 4), (8, True, 8)]
+# The same tiles on the 4-bit tensor cores (qconv_mma_s4_kernel), which exist only on compute
+# capability 8.x (Hopper would emulate them, so qconv2d refuses them there): both operands packed,
+# unsigned (u4) and signed (s4) activations. One more shape for them only: 224 input channels,
+# a K tail inside the second m16n8k64 k-step (3x3_c64 has a half chunk, whose k-step 1 is skipped).
+S4_GPU = GPU and torch.cuda.get_device_capability()[0] == 8
+S4_PLANS = ["mma_s4_128x128", "mma_s4_128x64", "mma_s4_64x64", "mma_s4_32x64"]
+S4_BITS = [(4, False, 4), (4, True, 4)]
+S4_SHAPES = {
+    "3x3_c224": (1, 224, 6, 5, 40, 3, (1, 1), (1, 1, 1, 1), (1, 1), 1, True),
+}
 # The CUTLASS Hopper kernel (cuda_qconv2d_sm90): its CTA tiles, output kinds and one-byte bit pairs.
 SM90_TILES = (64, 128)
 SM90_MODES = ["float", "half", "requant8s", "requant6"]
@@ -151,7 +163,8 @@ def cuda_template_cases(subset: str) -> List[Dict]:
     operand variant, integers exact, on the aligned shape (cp.async), odd C_in (gathered codes,
     33 output channels: a scalar epilogue tail) and mid-byte groups (``full`` only); then, on
     ``full``, every output mode of each kernel on the aligned and the odd shape (the epilogue's
-    vector and scalar stores)."""
+    vector and scalar stores). On a compute capability 8.x GPU the 4-bit tensor-core tiles
+    (``S4_PLANS``) the same way, on their packed bit pairs and also on ``3x3_c224``."""
     out = []
     shapes = ["3x3_c64", "3x3_c17_dil2", "g2_c34"] if subset == "full" else ["3x3_c64"]
     for plan in CUDA_PLANS:
@@ -162,6 +175,14 @@ def cuda_template_cases(subset: str) -> List[Dict]:
             for s, bp in (("3x3_c64", (4, False, 4)), ("3x3_c17_dil2", (8, True, 8))):
                 for m in MODES:
                     out.append(_case("qconv", shape=s, bits=bp, mode=m, tile=None, plan=plan, only="cuda"))
+    for plan in S4_PLANS if S4_GPU else []:
+        for s in shapes + ["3x3_c224"]:
+            for bp in S4_BITS:
+                out.append(_case("qconv", shape=s, bits=bp, mode="int32", tile=None, plan=plan, only="cuda"))
+        if subset == "full":
+            for m in MODES:
+                out.append(_case("qconv", shape="3x3_c64", bits=(4, False, 4), mode=m, tile=None, plan=plan,
+                                 only="cuda"))
     return out
 
 
@@ -169,8 +190,9 @@ def sanitizer_cases() -> List[Dict]:
     """One case per CUDA kernel template (the sanitizer stage runs them under memcheck, racecheck
     and synccheck), small shapes: fake_quantize per dtype, vectorised and unaligned; quantize_activate
     per dtype; qconv2d per forced kernel and operand variant (aligned, output modes in turn) plus the
-    gathered path of each kernel with packed and with one-byte codes; the CUTLASS Hopper kernel per
-    tile and output type. On the CPU (dry run) the cuda-only ones are skipped and a few cases any
+    gathered path of each kernel with packed and with one-byte codes; on compute capability 8.x the
+    4-bit tensor-core kernels per tile and activation signedness, and gathered; the CUTLASS Hopper
+    kernel per tile and output type. On the CPU (dry run) the cuda-only ones are skipped and a few cases any
     backend runs check the wiring."""
     out = [_case("fake_quantize", dtype="float32", bits=4, signed=True),
            _case("quantize_activate", bits=4, signed=False, layout="channels_last"),
@@ -188,6 +210,11 @@ def sanitizer_cases() -> List[Dict]:
         out.append(_case("qconv", shape="3x3_c17_dil2", bits=(4, False, 4), mode="requant4", tile=None, plan=plan,
                          only="cuda"))
         out.append(_case("qconv", shape="g2_c34", bits=(8, True, 8), mode="float", tile=None, plan=plan, only="cuda"))
+    for plan in S4_PLANS if S4_GPU else []:
+        for i, bp in enumerate(S4_BITS):
+            out.append(_case("qconv", shape="3x3_c64", bits=bp, mode=MODES[i], tile=None, plan=plan, only="cuda"))
+        out.append(_case("qconv", shape="3x3_c17_dil2", bits=(4, False, 4), mode="requant4", tile=None, plan=plan,
+                         only="cuda"))
     if GPU:
         for t in SM90_TILES:
             for m in ("float", "half", "requant8s"):  # fp32, bf16 and code outputs: one source each
@@ -280,7 +307,7 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         with poisoned():
             got = ops.quantize_activate(*args, backend)
         return same(got, ops.quantize_activate(*args, "torch"))
-    n, cin, h, w, cout, k, stride, pad, dil, groups, _ = {**SHAPES, **SM90_SHAPES}[c["shape"]]
+    n, cin, h, w, cout, k, stride, pad, dil, groups, _ = {**SHAPES, **SM90_SHAPES, **S4_SHAPES}[c["shape"]]
     ba, asg, bw = c["bits"]
     x_codes = packing.pack_codes(_codes((n, h, w, cin), ba, asg, gen), ba).to(DEVICE)
     w_packed = packing.pack_weight(_codes((cout, cin // groups, k, k), bw, True, gen), bw).to(DEVICE)
