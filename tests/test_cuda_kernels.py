@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ptxas_report import resource_usage
 from test_kernels import (CONV_CASES, assert_same, conv_case_id, conv_cases, conv_inputs, epilogue_inputs,
                           make_qparams, poison_cuda_allocator, run_qconv)
 
@@ -146,35 +147,21 @@ def parse_ptxas_log(text: str):
 
     Kernel names are the demangled base names of csrc's kernels; template arguments are read
     from the Itanium mangling (``ILi128ELi128E...Lb1ELb0EE``) as a comma-separated string."""
-    out = {}
-    cur = None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for '(sm_\w+)'", line)
-        if m:
-            mangled, arch = m.groups()
-            name = re.search(r"(qconv_\w+?_kernel|fake_quantize_kernel|quantize_activate_kernel)", mangled)
-            targs = re.search(r"_kernelI(.*?)EEv", mangled)
-            args = []
-            if targs:
-                for kind, val in re.findall(r"L([ib])(\d+)E", targs.group(1)):
-                    args.append(("true" if val == "1" else "false") if kind == "b" else val)
-                # Type arguments (float, c10::Half, ...) stay mangled after the values, so that
-                # each instantiation keeps its own key.
-                types = re.sub(r"L[ib]\d+E", "", targs.group(1))
-                if types:
-                    args.append(types)
-            key = (name.group(1) if name else mangled, ",".join(args), arch)
-            cur = out.setdefault(key, {})
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["regs"] = int(m.group(1))
-    return out
+    def key(mangled: str, arch: str):
+        name = re.search(r"(qconv_\w+?_kernel|fake_quantize_kernel|quantize_activate_kernel)", mangled)
+        targs = re.search(r"_kernelI(.*?)EEv", mangled)
+        args = []
+        if targs:
+            for kind, val in re.findall(r"L([ib])(\d+)E", targs.group(1)):
+                args.append(("true" if val == "1" else "false") if kind == "b" else val)
+            # Type arguments (float, c10::Half, ...) stay mangled after the values, so that
+            # each instantiation keeps its own key.
+            types = re.sub(r"L[ib]\d+E", "", targs.group(1))
+            if types:
+                args.append(types)
+        return (name.group(1) if name else mangled, ",".join(args), arch)
+
+    return resource_usage(text, key)
 
 
 def test_parse_ptxas_log():

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ptxas_report import resource_usage
 
 ROOT = Path(__file__).resolve().parent.parent
 SM90 = ROOT / "csrc" / "sm90"
@@ -40,22 +41,8 @@ def _nvcc():
 
 
 def ptxas_entries(text: str):
-    """``ptxas -v`` output -> ``{mangled kernel: {regs, stack, spill_stores, spill_loads}}``."""
-    out, cur = {}, None
-    for line in text.splitlines():
-        m = re.search(r"Compiling entry function '([^']+)' for 'sm_90a'", line)
-        if m:
-            cur = out.setdefault(m.group(1), {})
-            continue
-        if cur is None:
-            continue
-        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
-        if m:
-            cur.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        m = re.search(r"Used (\d+) registers", line)
-        if m:
-            cur["regs"] = int(m.group(1))
-    return out
+    """``ptxas -v`` output -> ``{mangled kernel: {regs, stack, spill_stores, spill_loads}}`` (sm_90a entries)."""
+    return resource_usage(text, lambda mangled, arch: mangled if arch == "sm_90a" else None)
 
 
 def test_ptxas_entries():
