@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -24,25 +24,42 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # Tensors derived from a layer's buffers (kept-channel slot maps, compute-ready weights), per
-# source tensor and its version: deployed layers pass the same buffers on every call, so the small
-# launches that build them happen once per buffer instead of once per call (at batch 1 every
-# launch shows). An entry goes when its source is freed.
-_derived: Dict[Tuple[int, object, str], tuple] = {}
+# source tensor: deployed layers pass the same buffers on every call, so the small launches that
+# build them happen once per buffer instead of once per call (at batch 1 every launch shows). An
+# entry is rebuilt when a source changes (in place, or its storage or device is replaced) and goes
+# when any of its sources is freed.
+_derived: Dict[tuple, tuple] = {}
 
 
-def cached_derived(src: torch.Tensor, arg, build: Callable[[torch.Tensor, object], object]):
-    """``build(src, arg)``, cached while ``src`` is alive and unmodified. A CUDA graph capture
-    reads an entry made before it (the graph then reads that tensor on every replay: capture
-    again after changing ``src`` in place) but adds none, since its allocations belong to the
-    graph (the build is then part of every replay)."""
-    key = (id(src), arg, build.__name__)
+def _fingerprint(t: Optional[torch.Tensor]):
+    """What identifies a tensor's contents short of reading them: in-place updates bump
+    ``_version``; ``param.data = ...`` (``module.to(device)``) replaces the storage."""
+    if t is None:
+        return None
+    return t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape)
+
+
+def cached_derived(src: torch.Tensor, arg, build: Callable[..., object], extra: Tuple[Optional[torch.Tensor], ...] = ()):
+    """``build(src, arg, *extra)``, cached while ``src`` and the tensors of ``extra`` (None
+    allowed) are alive and unchanged. Writes through ``tensor.data`` bypass the version counter
+    and are not seen. A CUDA graph capture reads an entry made before it (the graph then reads
+    that tensor on every replay: capture again after changing a source) but adds none, since its
+    allocations belong to the graph (the build is then part of every replay)."""
+    sources = (src,) + tuple(extra)
+    key = (build.__name__, arg) + tuple(id(t) for t in sources)
+    state = tuple(_fingerprint(t) for t in sources)
     hit = _derived.get(key)
-    if hit is not None and hit[0]() is src and hit[1] == src._version:
+    if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], sources)):
         return hit[2]
     if src.is_cuda and torch.cuda.is_current_stream_capturing():
-        return build(src, arg)
-    value = build(src, arg)
-    _derived[key] = (weakref.ref(src, lambda _, k=key: _derived.pop(k, None)), src._version, value)
+        return build(src, arg, *extra)
+    value = build(src, arg, *extra)
+
+    def drop(_, k=key):
+        _derived.pop(k, None)
+
+    refs = tuple((lambda: None) if t is None else weakref.ref(t, drop) for t in sources)
+    _derived[key] = (refs, state, value)
     return value
 
 

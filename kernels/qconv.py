@@ -192,10 +192,10 @@ def _qconv_kernel(
             it_lo = pid_k * ITERS_PER_SPLIT
             it_hi = tl.minimum(it_lo + ITERS_PER_SPLIT, it_hi)
         if MID_BYTE:
-            # Groups starting mid-byte load code by code anyway: one loop, masked throughout (the
-            # main / tail split below spilled registers here).
+            # Groups starting mid-byte load code by code anyway: one loop, masked throughout and not
+            # pipelined (the main / tail split below, and pipelining, spilled registers here).
             n_chunks = tl.cdiv(CIN_G, BLOCK_K)
-            for it in range(it_lo, it_hi):
+            for it in tl.range(it_lo, it_hi, num_stages=1):
                 acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it // n_chunks, (it % n_chunks) * BLOCK_K,
                               c0, H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED,
                               SWAR, True, BLOCK_M, BLOCK_K)
@@ -433,7 +433,9 @@ def qconv2d(
         RQ_NIB=requant and requant_bits <= 4,
     )
     if _fused is not None:
-        const.update(FP_FUSED=True, FP_IEEE=_fused[0].dtype == torch.float32, BLOCK_KF=FP_K_STEP)
+        # fp32 slices multiply as cuDNN would run the separate branch: TF32 where torch allows it
+        const.update(FP_FUSED=True, FP_IEEE=_fused[0].dtype == torch.float32 and not torch.backends.cudnn.allow_tf32,
+                     BLOCK_KF=FP_K_STEP)
         split_k = 1  # the epilogue adds the branch in the same program as the main loop
     if tiles.autotune_requested():
         if split_k not in (None, 1):
@@ -459,8 +461,7 @@ def qconv2d(
     grid = (triton.cdiv(m, t.block_m), triton.cdiv(c_out, t.block_n))
     check_grid(grid, "qconv2d")
     iters = kh * kw * triton.cdiv(cin_g, t.block_k)
-    sms = torch.cuda.get_device_properties(x_codes.device).multi_processor_count if x_codes.is_cuda else tiles.SM_COUNT
-    split = split_count(split_k, grid[0] * grid[1], iters, groups, sms)
+    split = split_count(split_k, grid[0] * grid[1], iters, groups, _sm_count(x_codes.device))
     if split > 1:
         check_int32_span(m * c_out, "N * Ho * Wo * C_out (the split-K accumulator)")
     if split == 1:
@@ -526,43 +527,57 @@ def split_count(requested: Optional[int], tiles_count: int, iters: int, groups: 
 # MMA, since the slice of a pruned branch holds few channels; its weights are padded to it.
 FP_K_STEP = 16
 
-# Roofline terms of fp_fusion_pays, from docs/gpu.md (H100, measured): bf16 / fp16 tensor-core GEMM
-# about 700 TFLOP/s, fp32 (no TF32) 52 TFLOP/s, a device copy 3.0 TB/s. The floor of the separate
-# branch's small cuDNN conv is an estimate, not a measurement: docs/gpu.md measured 10-12 us for a
-# whole batch-1 ResNet-50 layer, and a conv of a few output channels is taken as half of that.
-_MMA_FLOPS = {torch.float16: 700e12, torch.bfloat16: 700e12, torch.float32: 52e12}
+# Roofline terms of fuse_pruned_branch, from docs/gpu.md (H100, measured): bf16 / fp16 tensor-core
+# GEMM about 700 TFLOP/s, fp32 402 TFLOP/s as TF32 and 52 without, a device copy 3.0 TB/s. The
+# floor of the separate branch's small cuDNN conv is an estimate, not a measurement: docs/gpu.md
+# measured 10-12 us for a whole batch-1 ResNet-50 layer, and a conv of a few output channels is
+# taken as half of that.
+_MMA_FLOPS = {torch.float16: 700e12, torch.bfloat16: 700e12}
+_FP32_FLOPS = {True: 402e12, False: 52e12}  # by torch.backends.cudnn.allow_tf32
 _COPY_BYTES_PER_S = 3.0e12
 _SMALL_CONV_FLOOR_S = 5e-6
 
 
-def fuse_pruned_branch(m: int, c_out: int, kept: int, taps: int, slice_channels: int, dtype: torch.dtype,
-                       groups: int) -> bool:
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else tiles.SM_COUNT
+
+
+def fuse_pruned_branch(m: int, c_out: int, cin_g: int, kept: int, taps: int, slice_channels: int,
+                       dtype: torch.dtype, groups: int, device: torch.device) -> bool:
     """Whether :func:`fused_hybrid_conv2d` applies and beats running the pruned branch as its own
     conv, by a roofline: the fused loop multiplies the slice against every output column of the
     tile (``c_out``, mostly zero rows), the separate conv only the ``kept`` ones but costs at least
     one small conv's floor and writes and reads its output once more. Fusing needs an ungrouped
-    conv and the shipped tile table (not ``HYBRIDOPS_AUTOTUNE=1``). ``HYBRIDOPS_FUSE_BRANCH``
-    (``auto``, the default; ``always``; ``never``) overrides the roofline where fusing applies, for
-    measuring both sides (``bench/bench_kernels.py``)."""
+    conv and the shipped tile table (not ``HYBRIDOPS_AUTOTUNE=1``), and gives up split-K, so a
+    layer the launcher would split (too few tiles to fill the SMs) keeps the separate branch.
+    ``HYBRIDOPS_FUSE_BRANCH`` (``auto``, the default; ``always``; ``never``) overrides the roofline
+    where fusing applies, for measuring both sides (``bench/bench_kernels.py``)."""
     mode = os.environ.get("HYBRIDOPS_FUSE_BRANCH", "auto")
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"HYBRIDOPS_FUSE_BRANCH={mode!r}: use auto, always or never.")
-    if groups != 1 or tiles.autotune_requested() or dtype not in _MMA_FLOPS or mode == "never":
+    if groups != 1 or tiles.autotune_requested() or not dtype.is_floating_point or mode == "never":
         return False
     if mode == "always":
         return True
-    rate = _MMA_FLOPS[dtype]
+    t = tiles.pick(m, c_out, INTERPRET, cin_g)
+    tile_count = triton.cdiv(m, t.block_m) * triton.cdiv(c_out, t.block_n)
+    if split_count(None, tile_count, taps * triton.cdiv(cin_g, t.block_k), groups, _sm_count(device)) > 1:
+        return False
+    rate = _FP32_FLOPS[torch.backends.cudnn.allow_tf32] if dtype == torch.float32 else _MMA_FLOPS.get(dtype, 0.0)
+    if not rate:
+        return False
     fused_extra = 2 * m * c_out * taps * slice_channels / rate
     separate = (max(_SMALL_CONV_FLOOR_S, 2 * m * kept * taps * slice_channels / rate)
                 + 2 * m * kept * (torch.finfo(dtype).bits // 8) / _COPY_BYTES_PER_S)
     return fused_extra < separate
 
 
-def scattered_fp_weight(fp_weight: torch.Tensor, arg) -> tuple:
+def scattered_fp_weight(fp_weight: torch.Tensor, out_and_dtype, fp_idx: torch.Tensor,
+                        fp_bias: Optional[torch.Tensor]) -> tuple:
     """The pruned branch's weights and bias as the fused loop reads them: ``wf (C_out, KH, KW,
     C_pad)`` in the slice's dtype, row ``fp_idx[j]`` = ``fp_weight[j]`` with channels last and
     zero-padded to :data:`FP_K_STEP`, other rows zero; ``fb (C_out,)`` fp32, likewise."""
-    c_out, dtype, fp_idx, fp_bias = arg[0], arg[1], arg[2], arg[4]
+    c_out, dtype = out_and_dtype
     k_p, c_f, kh, kw = fp_weight.shape
     wf = fp_weight.new_zeros((c_out, kh, kw, c_f + (-c_f % FP_K_STEP)), dtype=dtype)
     idx = fp_idx.to(torch.long)
@@ -580,14 +595,13 @@ def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w
     hybrid layer (see :func:`hybridops.ops.reference.hybrid_conv2d` for the semantics; the op
     layer calls it where :func:`fuse_pruned_branch` says so). ``fp_in (N, H, W, C_f)``: the NHWC
     float slice the branch reads; ``fp_weight (K_p, C_f, KH, KW)``, ``fp_bias (K_p,)``, in any
-    float dtype, are used in ``fp_in``'s dtype (fp32: without TF32)."""
+    float dtype, are used in ``fp_in``'s dtype (fp32: as TF32 where ``torch.backends.cudnn.allow_tf32``
+    lets the separate branch's cuDNN conv use it, else in fp32)."""
     if groups != 1 or tiles.autotune_requested():
         raise ValueError("the fused pruned branch needs an ungrouped conv (groups=1) and the shipped tile table "
                          f"(HYBRIDOPS_AUTOTUNE unset), got groups={groups}.")
     fp_in = fp_in if fp_in.stride(3) == 1 else fp_in.contiguous()  # the fused loop reads channels contiguously
-    key = (w_packed.shape[0], fp_in.dtype, fp_idx, fp_idx._version, fp_bias,
-           None if fp_bias is None else fp_bias._version)
-    wf, fb = cached_derived(fp_weight, key, scattered_fp_weight)
+    wf, fb = cached_derived(fp_weight, (w_packed.shape[0], fp_in.dtype), scattered_fp_weight, (fp_idx, fp_bias))
     return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
                    groups, relu, None, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
                    _fused=(fp_in, wf, fb))

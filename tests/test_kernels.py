@@ -460,6 +460,8 @@ def test_tile_table_one_shipped_tile_per_shape():
     assert tiles.pick(32 * 31 * 31, 256) == tiles.SHIPPED[0]
     with pytest.raises(ValueError, match="unknown tile"):
         tiles.by_name("m999")
+    # the unmasked weight loads stay inside the compute-ready rows only if every K step divides K_PAD
+    assert all(tiles.K_PAD % t.block_k == 0 for t in tiles.compiled_configs() + (tiles.INTERPRETER_TILE,))
     # K steps: the tile's 64 channels where they divide C_in per group, else 32 where those do
     # (RT-MDNet conv2's 96 channels), else 64 with masked activation loads
     assert tiles.pick(32 * 31 * 31, 256, cin_g=256).block_k == 64
@@ -604,6 +606,7 @@ def test_fused_hybrid_conv_matches_the_reference(backend, monkeypatch, fp_dtype,
     if backend != "triton":
         pytest.skip("the fused pruned branch is the triton kernel's")
     qconv, _ = _triton_modules()
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 in both the reference and the kernel
     spy = _LaunchSpy(qconv._qconv_kernel)
     monkeypatch.setattr(qconv, "_qconv_kernel", spy)
     for with_bias in (True, False):
@@ -631,18 +634,26 @@ def test_hybrid_conv_op_fuses_where_the_roofline_says(backend, monkeypatch):
     if backend != "triton":
         pytest.skip("the fused pruned branch is the triton kernel's")
     qconv, _ = _triton_modules()
-    assert qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)  # batch 1, small slice
-    assert not qconv.fuse_pruned_branch(32 * 961, 256, 26, 9, 256, torch.bfloat16, 1)  # batch 32, whole input
-    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 2)  # grouped
+    gpu = torch.device("cuda") if DEVICE.type == "cuda" else torch.device("cpu")  # cpu: the H100's SM count
+
+    def pays(m, c_f, groups=1, dtype=torch.bfloat16):  # ResNet-50 layer3 3x3, 26 of 256 rows kept
+        return qconv.fuse_pruned_branch(m, 256, 256, 26, 9, c_f, dtype, groups, gpu)
+
+    assert pays(961, 26)  # batch 1, small slice
+    assert not pays(32 * 961, 256)  # batch 32, the whole input as the slice
+    assert not pays(961, 26, groups=2)  # grouped
     monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "always")
-    assert qconv.fuse_pruned_branch(32 * 961, 256, 26, 9, 256, torch.bfloat16, 1)
-    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 2)  # still never grouped
+    assert pays(32 * 961, 256)
+    assert not pays(961, 26, groups=2)  # still never grouped
     monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "never")
-    assert not qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)
+    assert not pays(961, 26)
     monkeypatch.setenv("HYBRIDOPS_FUSE_BRANCH", "sometimes")
     with pytest.raises(ValueError, match="HYBRIDOPS_FUSE_BRANCH='sometimes'"):
-        qconv.fuse_pruned_branch(961, 256, 26, 9, 26, torch.bfloat16, 1)
+        pays(961, 26)
     monkeypatch.delenv("HYBRIDOPS_FUSE_BRANCH")
+    if not qconv.INTERPRET:  # a 7x7 map at batch 1: the launcher would split K, so fusing would lose it
+        assert not qconv.fuse_pruned_branch(49, 512, 512, 51, 9, 51, torch.bfloat16, 1, gpu)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     spy = _LaunchSpy(qconv._qconv_kernel)
     monkeypatch.setattr(qconv, "_qconv_kernel", spy)
     t = hybrid_inputs(1, 32, 6, 5, 24, 3, [4, 0, 9], 6, torch.float32, seed=5)

@@ -67,14 +67,15 @@ def test_swar_nibble_unpacking_matches_the_format(signed):
 
 
 @pytest.mark.skipif(backend_unavailable_reason("triton", "cpu") is not None, reason="needs Triton")
-def test_derived_tensors_are_built_once_per_version_and_freed_with_their_source():
+def test_derived_tensors_are_built_once_per_version_and_freed_with_their_source(monkeypatch):
     """Compute-ready weights and slot maps (kernels/_common.py, cached_derived): built on the first
-    call, reused while the source is unchanged, rebuilt after an in-place change, and dropped
-    when the source is freed."""
+    call, reused while the sources are unchanged, rebuilt after an in-place change or a replaced
+    storage, and dropped when a source is freed."""
     import gc
 
     from hybridops.kernels import _common
 
+    monkeypatch.setattr(_common, "_derived", {})  # this test's entries only
     calls = []
 
     def double(t, k):
@@ -86,8 +87,23 @@ def test_derived_tensors_are_built_once_per_version_and_freed_with_their_source(
     assert _common.cached_derived(w, 2, double) is first and calls == [2]
     w.add_(1)  # in place: a new version
     assert torch.equal(_common.cached_derived(w, 2, double), (torch.arange(4) + 1) * 2) and calls == [2, 2]
-    key = (id(w), 2, "double")
-    assert key in _common._derived
+    w.data = torch.zeros(4, dtype=torch.long)  # new storage, same tensor object and version (module.to does this)
+    assert torch.equal(_common.cached_derived(w, 2, double), torch.zeros(4, dtype=torch.long)) and calls == [2] * 3
+    key = ("double", 2, id(w))
+    assert key in _common._derived and len(_common._derived) == 1  # rebuilt in place, not a new entry
     del w
     gc.collect()
     assert key not in _common._derived
+
+    def shifted(t, k, bias, extra_none):
+        calls.append(k)
+        return t * k + bias
+
+    w, b = torch.arange(3), torch.ones(3, dtype=torch.long)
+    assert torch.equal(_common.cached_derived(w, 2, shifted, (b, None)), torch.tensor([1, 3, 5]))
+    b.add_(1)  # a change in an extra source rebuilds too
+    assert torch.equal(_common.cached_derived(w, 2, shifted, (b, None)), torch.tensor([2, 4, 6]))
+    assert len(_common._derived) == 1
+    del b
+    gc.collect()
+    assert not _common._derived  # any source freed: the entry goes

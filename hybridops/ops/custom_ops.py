@@ -348,6 +348,10 @@ def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bi
                             dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits,
                             requant_signed, out_dtype, backend):
     """:func:`hybrid_conv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
+    _check(out_dtype != torch.int32, "hybrid_conv2d adds the pruned branch in the float epilogue: out_dtype must be "
+                                     "a float dtype (or use qconv2d for raw accumulators).")
+    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+                      dilation, groups, relu, None, None, requant_qparams, requant_bits, out_dtype, backend)
     n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
     _check(fp_in.dim() == 4 and tuple(fp_in.shape[:3]) == tuple(x_codes.shape[:3]) and fp_in.dtype in _FLOAT_DTYPES,
            lambda: f"fp_in must be the NHWC float slice {tuple(x_codes.shape[:3])} + (C_f,) of the codes' pixels, "
@@ -359,22 +363,20 @@ def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bi
     _check(fp_idx.dim() == 1 and fp_idx.shape[0] == fp_weight.shape[0],
            lambda: f"fp_idx must hold one output channel per kept row ({fp_weight.shape[0]}), got "
                    f"{tuple(fp_idx.shape)}.")
-    _check(fp_bias is None or tuple(fp_bias.shape) == (fp_weight.shape[0],),
-           lambda: f"fp_bias must have shape ({fp_weight.shape[0]},), got {tuple(fp_bias.shape)}.")
+    _check(fp_bias is None or (tuple(fp_bias.shape) == (fp_weight.shape[0],) and fp_bias.dtype in _FLOAT_DTYPES),
+           lambda: f"fp_bias must be float ({fp_weight.shape[0]},), got {fp_bias.dtype} {tuple(fp_bias.shape)}.")
     _check(all(t.device == x_codes.device for t in (fp_in, fp_weight) + ((fp_bias,) if fp_bias is not None else ())),
            "fp_in, fp_weight and fp_bias must be on the same device as x_codes.")
-    _check(out_dtype != torch.int32, "hybrid_conv2d adds the pruned branch in the float epilogue: out_dtype must be "
-                                     "a float dtype (or use qconv2d for raw accumulators).")
-    _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, None, None, requant_qparams, requant_bits, out_dtype, backend)
     _check(fp_idx.dtype in (torch.int32, torch.int64) and fp_idx.device == x_codes.device,
            lambda: f"fp_idx must be an int32/int64 index tensor on {x_codes.device}, got {fp_idx.dtype} on "
                    f"{fp_idx.device}.")
     _check_channel_index(fp_idx, "fp_idx", c_out)
+    # a backend fuses only with both functions: the kernel and its choice of where that pays
     fused = registry.optional_implementation(backend, "fused_hybrid_conv2d")
-    if fused is not None and registry.optional_implementation(backend, "fuse_pruned_branch")(
-            n * ho * wo, c_out, fp_weight.shape[0], w_packed.shape[1] * w_packed.shape[2], fp_in.shape[3], fp_in.dtype,
-            groups):
+    pays = registry.optional_implementation(backend, "fuse_pruned_branch")
+    if fused is not None and pays is not None and pays(
+            n * ho * wo, c_out, in_channels // groups, fp_weight.shape[0], w_packed.shape[1] * w_packed.shape[2],
+            fp_in.shape[3], fp_in.dtype, groups, x_codes.device):
         return fused(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
                      groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed,
                      out_dtype)

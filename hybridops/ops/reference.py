@@ -166,8 +166,11 @@ def pruned_branch_conv(fp_in: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Op
     dtype, with padding ``(top, bottom, left, right)``: NHWC ``(N, Ho, Wo, K_p)``."""
     top, bottom, left, right = padding
     dt = fp_in.dtype
-    x = F.pad(fp_in.permute(0, 3, 1, 2), (left, right, top, bottom))
-    return F.conv2d(x, fp_weight.to(dt), None if fp_bias is None else fp_bias.to(dt), stride, 0,
+    x = fp_in.permute(0, 3, 1, 2)
+    if top != bottom or left != right:  # F.conv2d pads symmetrically only: pad the input (a copy)
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+    return F.conv2d(x, fp_weight.to(dt), None if fp_bias is None else fp_bias.to(dt), stride, (top, left),
                     dilation).permute(0, 2, 3, 1)
 
 
