@@ -1,7 +1,8 @@
 """Kernel launchers (installed as ``hybridops.kernels``), one module per backend family.
 
 * Triton: :mod:`.quantize` (``fake_quantize``, ``quantize_activate``) and :mod:`.qconv`
-  (``qconv2d``), with the jitted helpers they share in :mod:`._common`;
+  (``qconv2d``; ``fused_hybrid_conv2d`` and ``fuse_pruned_branch``, the optional fused pruned
+  branch), its tile table :mod:`.tiles`, and the jitted helpers they share in :mod:`._common`;
 * oneDNN (the CPU's int8 units through PyTorch's bundled oneDNN): :mod:`.onednn`.
 
 Each launcher takes exactly the positional arguments of the function of the same name in
