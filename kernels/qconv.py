@@ -555,7 +555,8 @@ def fuse_pruned_branch(m: int, c_out: int, cin_g: int, kept: int, taps: int, sli
     mode = os.environ.get("HYBRIDOPS_FUSE_BRANCH", "auto")
     if mode not in ("auto", "always", "never"):
         raise ValueError(f"HYBRIDOPS_FUSE_BRANCH={mode!r}: use auto, always or never.")
-    if groups != 1 or tiles.autotune_requested() or not dtype.is_floating_point or mode == "never":
+    if (groups != 1 or tiles.autotune_requested() or not dtype.is_floating_point or mode == "never"
+            or (INTERPRET and dtype == torch.bfloat16)):  # the interpreter's bf16 dot is wrong (docs/gpu.md)
         return False
     if mode == "always":
         return True
@@ -600,6 +601,9 @@ def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w
     if groups != 1 or tiles.autotune_requested():
         raise ValueError("the fused pruned branch needs an ungrouped conv (groups=1) and the shipped tile table "
                          f"(HYBRIDOPS_AUTOTUNE unset), got groups={groups}.")
+    if INTERPRET and fp_in.dtype == torch.bfloat16:
+        raise ValueError("the Triton interpreter multiplies bf16 tiles wrongly, so the fused pruned branch refuses a "
+                         "bf16 slice there: use an fp16 or fp32 slice, or run on a GPU.")
     fp_in = fp_in if fp_in.stride(3) == 1 else fp_in.contiguous()  # the fused loop reads channels contiguously
     wf, fb = cached_derived(fp_weight, (w_packed.shape[0], fp_in.dtype), scattered_fp_weight, (fp_idx, fp_bias))
     return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,

@@ -636,7 +636,7 @@ def test_hybrid_conv_op_fuses_where_the_roofline_says(backend, monkeypatch):
     qconv, _ = _triton_modules()
     gpu = torch.device("cuda") if DEVICE.type == "cuda" else torch.device("cpu")  # cpu: the H100's SM count
 
-    def pays(m, c_f, groups=1, dtype=torch.bfloat16):  # ResNet-50 layer3 3x3, 26 of 256 rows kept
+    def pays(m, c_f, groups=1, dtype=torch.float16):  # ResNet-50 layer3 3x3, 26 of 256 rows kept
         return qconv.fuse_pruned_branch(m, 256, 256, 26, 9, c_f, dtype, groups, gpu)
 
     assert pays(961, 26)  # batch 1, small slice
@@ -651,7 +651,15 @@ def test_hybrid_conv_op_fuses_where_the_roofline_says(backend, monkeypatch):
     with pytest.raises(ValueError, match="HYBRIDOPS_FUSE_BRANCH='sometimes'"):
         pays(961, 26)
     monkeypatch.delenv("HYBRIDOPS_FUSE_BRANCH")
-    if not qconv.INTERPRET:  # a 7x7 map at batch 1: the launcher would split K, so fusing would lose it
+    if qconv.INTERPRET:  # the interpreter's bf16 dot is wrong: a bf16 slice never fuses there
+        t = hybrid_inputs(1, 32, 6, 5, 24, 3, [4, 0, 9], 6, torch.bfloat16, seed=5)
+        with pytest.raises(ValueError, match="interpreter multiplies bf16 tiles wrongly"):
+            qconv.fused_hybrid_conv2d(*t[:2], 32, 4, False, 4, t[2], t[3], (1, 1), (1, 1, 1, 1), (1, 1), 1, True,
+                                      *t[4:], None, 4, False, torch.float32)
+        assert not pays(961, 26, dtype=torch.bfloat16)
+        got = run_hybrid(backend, *t, 32, (1, 1), (1, 1, 1, 1), (1, 1))
+        assert_same(got, run_hybrid("torch", *t, 32, (1, 1), (1, 1, 1, 1), (1, 1)))  # separate branch: exact
+    else:  # a 7x7 map at batch 1: the launcher would split K, so fusing would lose it
         assert not qconv.fuse_pruned_branch(49, 512, 512, 51, 9, 51, torch.bfloat16, 1, gpu)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     spy = _LaunchSpy(qconv._qconv_kernel)
