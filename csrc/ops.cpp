@@ -125,4 +125,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_qconv2d_plan_override", &hybridops::set_qconv2d_plan_override, py::arg("plan"),
         "Force the qconv2d kernel (a name of build_info()['qconv2d_kernels']) where a tensor-core tile may run; "
         "'' restores qconv2d_plan's choice. For tests and the GPU suite's per-template checks.");
+  m.def("qconv2d_plan_forced", &hybridops::qconv2d_plan_forced,
+        "Whether set_qconv2d_plan_override currently forces a qconv2d kernel.");
 }

@@ -131,9 +131,13 @@ def test_plan_override_names():
     ext = cuda_ext.load()
     with pytest.raises(RuntimeError, match=r"unknown kernel 'mma_16x16'.*mma_128x64.*direct"):
         ext.set_qconv2d_plan_override("mma_16x16")
+    assert not ext.qconv2d_plan_forced()
     with cuda_ext.forced_plan("direct"):
-        pass
-    ext.set_qconv2d_plan_override("")
+        assert ext.qconv2d_plan_forced()
+    assert not ext.qconv2d_plan_forced()
+    with pytest.raises(ValueError, match="inside"), cuda_ext.forced_plan("mma_32x64"):
+        raise ValueError("inside")
+    assert not ext.qconv2d_plan_forced()  # restored after an error in the block too
 
 
 # ----------------------------------------------------------------------------- ptxas resource usage
