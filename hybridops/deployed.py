@@ -47,6 +47,7 @@ from torch.nn.modules.utils import _pair
 
 from .ops import custom_ops
 from .ops.packing import check_bits, levels, packed_size, unpack_weight
+from .ops.reference import float_conv2d
 from .ops.registry import code_bytes, inference_fp_conv, optional_implementation
 
 FORMAT_VERSION = 1
@@ -387,11 +388,7 @@ class DeployedConv2d(_DeployedBase):
 
     def _float_conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], padding: list,
                     groups: int) -> torch.Tensor:
-        top, bottom, left, right = padding
-        if top != bottom or left != right:
-            x = F.pad(x, (left, right, top, bottom))
-            top = left = 0
-        return F.conv2d(x, w, b, self.stride, (top, left), self.dilation, groups)
+        return float_conv2d(x, w, b, self.stride, padding, self.dilation, groups)
 
     def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
         """The pruned branch's conv, in ``x_nchw``'s dtype (the compute dtype, see _hybrid)."""

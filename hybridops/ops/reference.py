@@ -160,18 +160,24 @@ def qconv2d(
     return y.to(out_dtype).contiguous()
 
 
+def float_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+                 padding: Sequence[int], dilation: Sequence[int], groups: int = 1) -> torch.Tensor:
+    """``F.conv2d`` with padding ``(top, bottom, left, right)``: the input is padded (a copy)
+    only where the padding is asymmetric, which ``F.conv2d`` cannot express."""
+    top, bottom, left, right = padding
+    if top != bottom or left != right:
+        x = F.pad(x, (left, right, top, bottom))
+        top = left = 0
+    return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+
+
 def pruned_branch_conv(fp_in: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Optional[torch.Tensor],
                        stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
     """The pruned branch's conv on its NHWC float slice ``fp_in (N, H, W, C_f)``, in ``fp_in``'s
     dtype, with padding ``(top, bottom, left, right)``: NHWC ``(N, Ho, Wo, K_p)``."""
-    top, bottom, left, right = padding
     dt = fp_in.dtype
-    x = fp_in.permute(0, 3, 1, 2)
-    if top != bottom or left != right:  # F.conv2d pads symmetrically only: pad the input (a copy)
-        x = F.pad(x, (left, right, top, bottom))
-        top = left = 0
-    return F.conv2d(x, fp_weight.to(dt), None if fp_bias is None else fp_bias.to(dt), stride, (top, left),
-                    dilation).permute(0, 2, 3, 1)
+    return float_conv2d(fp_in.permute(0, 3, 1, 2), fp_weight.to(dt), None if fp_bias is None else fp_bias.to(dt),
+                        stride, padding, dilation).permute(0, 2, 3, 1)
 
 
 def hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
