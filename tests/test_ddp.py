@@ -63,6 +63,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.all_gather_object(gathered, state)
         if rank == 0:
             torch.save({"states": gathered, "losses": losses}, os.path.join(out_dir, "result.pt"))
+        # Tear down together: a rank destroying its group while rank 0 (the TCP store's host) is
+        # still saving aborted once in CI ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
