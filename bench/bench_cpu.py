@@ -24,7 +24,7 @@ from speedup_report import cpu_baselines
 
 import hybridops as ho
 import hybridops.kernels.onednn as O
-from hybridops.ops.packing import pack_weight
+from hybridops.kernels.packing import pack_weight
 
 OUT = Path(__file__).parent / "results" / "cpu"
 

@@ -186,12 +186,12 @@ def sm90_rows(s: ConvShape, codes: torch.Tensor, wcodes: torch.Tensor, scale: to
                                       "more than one bf16 ulp from the int32 reference); not timed.")
         rows.append(row(f"sm90_{tile}x128", time_ms(fn, device), ref_ms))
     kept = max(1, int(round(keep * s.c_out)))
-    fp_idx = torch.randperm(s.c_out, device=device)[:kept]
+    fp_out_idx = torch.randperm(s.c_out, device=device)[:kept]
     fp_out = torch.randn(*out_shape[:3], kept, device=device, dtype=torch.bfloat16)
     bias = torch.randn(s.c_out, device=device)
     qp = torch.tensor([0.05, 0.0], device=device)
     rows.append(row("sm90_hybrid", time_ms(lambda: op(
-        x, w, s.c_in, 7, False, 8, scale, bias, *geo, True, fp_out, fp_idx, qp, 8, True, torch.bfloat16, 0),
+        x, w, s.c_in, 7, False, 8, scale, bias, *geo, True, fp_out, fp_out_idx, qp, 8, True, torch.bfloat16, 0),
         device), ref_ms))
     return rows
 

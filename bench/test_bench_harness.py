@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import hybridops as ho
 from bench_kernels import bench_shape
 from common import ConvShape, build_model
-from hybridops.ops.packing import pack_codes, pack_weight
+from hybridops.kernels.packing import pack_codes, pack_weight
 from speedup_report import format_table, run
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -63,7 +63,7 @@ def test_bench_quantize_activate(benchmark, backend):
     xs, codes = benchmark(lambda: ho.ops.quantize_activate(x, qp, 4, False, None, None, True,
                                                            torch.tensor([3, 0, 7], device=DEVICE), None, backend))
     ref_xs, ref_codes = ho.ops.reference.quantize_activate(x, qp, 4, False, relu=True,
-                                                           keep_idx=torch.tensor([3, 0, 7], device=DEVICE))
+                                                           fp_in_idx=torch.tensor([3, 0, 7], device=DEVICE))
     assert codes.shape == (2, 9, 11, 17) and torch.equal(codes, ref_codes)
     torch.testing.assert_close(xs, ref_xs, rtol=0, atol=0)
 

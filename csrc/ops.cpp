@@ -24,11 +24,11 @@ TORCH_LIBRARY_FRAGMENT(hybridops, m) {
   m.def("cuda_fake_quantize(Tensor x, Tensor qparams, int bits, bool signed) -> Tensor");
   m.def(
       "cuda_quantize_activate(Tensor x, Tensor qparams, int bits, bool signed, Tensor? bn_scale, "
-      "Tensor? bn_shift, bool relu, Tensor? keep_idx, ScalarType? slice_dtype) -> (Tensor, Tensor)");
+      "Tensor? bn_shift, bool relu, Tensor? fp_in_idx, ScalarType? slice_dtype) -> (Tensor, Tensor)");
   m.def(
       "cuda_qconv2d(Tensor x_codes, Tensor w_packed, int in_channels, int bits_a, bool a_signed, int bits_w, "
       "Tensor scale, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, bool relu, "
-      "Tensor? fp_out, Tensor? fp_idx, Tensor? requant_qparams, int requant_bits, bool requant_signed, "
+      "Tensor? fp_out, Tensor? fp_out_idx, Tensor? requant_qparams, int requant_bits, bool requant_signed, "
       "ScalarType out_dtype) -> Tensor");
 }
 
@@ -68,21 +68,21 @@ at::Tensor qconv2d_dispatch(
     const at::Tensor& x_codes, const at::Tensor& w_packed, int64_t in_channels, int64_t bits_a, bool a_signed,
     int64_t bits_w, const at::Tensor& scale, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_idx,
+    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_out_idx,
     const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
     at::ScalarType out_dtype) {
   if (!qconv2d_plan_forced() &&
       sm90::qconv2d_eligible(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                             dilation, groups, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype)) {
+                             dilation, groups, fp_out, fp_out_idx, requant_qparams, requant_bits, out_dtype)) {
     if (auto op = sm90_qconv()) {
       // Straight to its CUDA kernel: this call is already past autograd and the other keys.
       return op->redispatch(c10::DispatchKeySet(c10::DispatchKey::CUDA), x_codes, w_packed, in_channels, bits_a,
-                            a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu, fp_out, fp_idx,
+                            a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu, fp_out, fp_out_idx,
                             requant_qparams, requant_bits, requant_signed, out_dtype, /*tile_m=*/0);
     }
   }
   return qconv2d_cuda(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed,
+                      dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed,
                       out_dtype);
 }
 

@@ -1,6 +1,6 @@
 // Host entry points of the hybridops CUDA ops and the argument checks they share.
 //
-// Layouts (see hybridops/ops/packing.py): packed codes are uint8; <= 4 bits hold two codes per
+// Layouts (see kernels/packing.py): packed codes are uint8; <= 4 bits hold two codes per
 // byte (even channel in the low nibble, signed codes as 4-bit two's complement), 5-8 bits one
 // code per byte. Activations are NHWC (N, H, W, packed(C)); conv weights are
 // (C_out, KH, KW, packed(C_in / groups)).
@@ -16,7 +16,7 @@
 namespace hybridops {
 
 // Bumped whenever a schema below changes, so that Python can tell a stale build from a current one.
-constexpr int kOpsVersion = 1;
+constexpr int kOpsVersion = 2;
 
 // fake_quantize(x, qparams[alpha, beta], bits, signed) -> code / levels, dtype and strides of x.
 at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed);
@@ -26,7 +26,7 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, in
 std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
     const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
     const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
-    const std::optional<at::Tensor>& keep_idx, std::optional<at::ScalarType> slice_dtype);
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype);
 
 // qconv2d: x_codes uint8 (N, H, W, packed(C_in)) x w_packed uint8 (C_out, KH, KW, packed(C_in/g))
 // -> NHWC (N, Ho, Wo, C_out) in out_dtype, or packed codes (N, Ho, Wo, packed(C_out)) when
@@ -35,7 +35,7 @@ at::Tensor qconv2d_cuda(
     const at::Tensor& x_codes, const at::Tensor& w_packed, int64_t in_channels, int64_t bits_a, bool a_signed,
     int64_t bits_w, const at::Tensor& scale, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_idx,
+    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_out_idx,
     const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
     at::ScalarType out_dtype);
 

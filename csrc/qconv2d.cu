@@ -55,8 +55,8 @@ struct Epilogue {
   const float* bias;   // (C_out,) or null
   const void* fp_out;  // (M, fp_k) contiguous, DtypeCode fp_dtype, or null
   int fp_dtype, fp_k;
-  const void* fp_idx;  // (fp_k,) int32/int64: output channel of each fp_out column
-  bool fp_idx64;
+  const void* fp_out_idx;  // (fp_k,) int32/int64: output channel of each fp_out column
+  bool fp_out_idx64;
   bool relu;
   const float* rq;     // requant [alpha, beta] or null
   int rq_bits;
@@ -68,7 +68,7 @@ struct Epilogue {
 };
 
 // For the output channels [c_lo, c_lo + SPAN) a CTA writes: the first column j of fp_out that
-// targets each channel and how many do. Building it per CTA from fp_idx (a few hundred ints,
+// targets each channel and how many do. Building it per CTA from fp_out_idx (a few hundred ints,
 // L2-resident) keeps the sliced add inside the epilogue without a dense scattered copy of the
 // pruned branch and without an extra launch.
 template <int SPAN>
@@ -85,7 +85,7 @@ __device__ void build_fp_map(FpMap<SPAN>& map, const Epilogue& ep, int c_lo, int
   }
   __syncthreads();
   for (int j = threadIdx.x; j < ep.fp_k; j += blockDim.x) {
-    const int64_t c = load_index(ep.fp_idx, j, ep.fp_idx64);
+    const int64_t c = load_index(ep.fp_out_idx, j, ep.fp_out_idx64);
     CUDA_KERNEL_ASSERT(c >= 0 && c < ep.cout);
     if (c >= c_lo && c < c_hi) {
       atomicMin(&map.first[c - c_lo], j);
@@ -95,7 +95,7 @@ __device__ void build_fp_map(FpMap<SPAN>& map, const Epilogue& ep, int c_lo, int
   __syncthreads();
 }
 
-// y = acc * scale + bias, + fp_out at the channel's fp_idx columns, relu: reference.qconv2d's
+// y = acc * scale + bias, + fp_out at the channel's fp_out_idx columns, relu: reference.qconv2d's
 // fp32 order, each operation rounded on its own (no FMA contraction).
 template <int SPAN>
 __device__ __forceinline__ float epilogue_value(const Epilogue& ep, const FpMap<SPAN>& map, int acc, int64_t m,
@@ -110,7 +110,7 @@ __device__ __forceinline__ float epilogue_value(const Epilogue& ep, const FpMap<
       y = __fadd_rn(y, load_as_float(ep.fp_out, row + j, ep.fp_dtype));
       // A repeated index adds its columns in index order, as index_add does on the CPU.
       for (int jj = j + 1; cnt > 1 && jj < ep.fp_k; ++jj) {
-        if (load_index(ep.fp_idx, jj, ep.fp_idx64) == co) {
+        if (load_index(ep.fp_out_idx, jj, ep.fp_out_idx64) == co) {
           y = __fadd_rn(y, load_as_float(ep.fp_out, row + jj, ep.fp_dtype));
           --cnt;
         }
@@ -848,7 +848,7 @@ at::Tensor qconv2d_cuda(
     const at::Tensor& x_codes, const at::Tensor& w_packed, int64_t in_channels, int64_t bits_a, bool a_signed,
     int64_t bits_w, const at::Tensor& scale, const std::optional<at::Tensor>& bias, at::IntArrayRef stride,
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool relu,
-    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_idx,
+    const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_out_idx,
     const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
     at::ScalarType out_dtype) {
   TORCH_CHECK(x_codes.is_cuda(), "cuda_qconv2d: x_codes must be a CUDA tensor, got a tensor on ", x_codes.device(),
@@ -904,10 +904,10 @@ at::Tensor qconv2d_cuda(
   }
   const auto scale_f = channel_vector(scale, cout, "cuda_qconv2d: scale", x_codes);
   const auto bias_f = channel_vector(bias, cout, "cuda_qconv2d: bias", x_codes);
-  TORCH_CHECK(fp_out.has_value() == fp_idx.has_value(), "cuda_qconv2d: fp_out and fp_idx must be given together.");
+  TORCH_CHECK(fp_out.has_value() == fp_out_idx.has_value(), "cuda_qconv2d: fp_out and fp_out_idx must be given together.");
   at::Tensor fp, idx;
   if (fp_out.has_value()) {
-    idx = index_vector(*fp_idx, "cuda_qconv2d: fp_idx", x_codes);
+    idx = index_vector(*fp_out_idx, "cuda_qconv2d: fp_out_idx", x_codes);
     HYBRIDOPS_CHECK_DEVICE(*fp_out, "cuda_qconv2d: fp_out", x_codes);
     TORCH_CHECK(is_float_dtype(fp_out->scalar_type()), "cuda_qconv2d: fp_out must be a float tensor, got ",
                 fp_out->scalar_type(), ".");
@@ -949,8 +949,8 @@ at::Tensor qconv2d_cuda(
   ep.fp_out = fp.defined() ? fp.data_ptr() : nullptr;
   ep.fp_dtype = fp.defined() ? dtype_code(fp.scalar_type()) : 0;
   ep.fp_k = fp.defined() ? static_cast<int>(idx.size(0)) : 0;
-  ep.fp_idx = fp.defined() ? idx.data_ptr() : nullptr;
-  ep.fp_idx64 = fp.defined() && idx.scalar_type() == at::kLong;
+  ep.fp_out_idx = fp.defined() ? idx.data_ptr() : nullptr;
+  ep.fp_out_idx64 = fp.defined() && idx.scalar_type() == at::kLong;
   ep.relu = relu;
   ep.rq = codes_out ? requant_qparams->data_ptr<float>() : nullptr;
   ep.rq_bits = static_cast<int>(requant_bits);

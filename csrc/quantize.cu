@@ -71,8 +71,8 @@ struct QAParams {
   const float* bn_shift;                // (C,) or null
   uint8_t* codes;                       // (N, H, W, packed(C))
   int packed_c;
-  const void* keep_idx;                 // (K,) int32/int64 or null
-  bool keep_idx64;
+  const void* fp_in_idx;                 // (K,) int32/int64 or null
+  bool fp_in_idx64;
   int k;
   void* x_slice;                        // (N, H, W, K) in slice_dtype
   int slice_dtype;
@@ -165,9 +165,9 @@ __global__ void __launch_bounds__(kThreads) quantize_activate_kernel(QAParams p)
         out[c0 + b] = static_cast<uint8_t>((b < 4 ? lo : hi) >> (8 * (b & 3)));
     }
   }
-  if (p.keep_idx) {
+  if (p.fp_in_idx) {
     for (int j = cg; j < p.k; j += groups8) {
-      const int64_t ch = load_index(p.keep_idx, j, p.keep_idx64);
+      const int64_t ch = load_index(p.fp_in_idx, j, p.fp_in_idx64);
       CUDA_KERNEL_ASSERT(ch >= 0 && ch < p.c);
       if (ch < 0 || ch >= p.c) continue;  // never read out of bounds where device asserts are compiled out
       const float t = qa_activate(p, static_cast<float>(base[ch * p.s_c]), static_cast<int>(ch));
@@ -217,7 +217,7 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, in
 std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
     const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
     const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
-    const std::optional<at::Tensor>& keep_idx, std::optional<at::ScalarType> slice_dtype) {
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype) {
   TORCH_CHECK(x.is_cuda(), "cuda_quantize_activate: x must be a CUDA tensor, got a tensor on ", x.device(), ".");
   TORCH_CHECK(x.dim() == 4, "cuda_quantize_activate: x must have shape (N, C, H, W) (any memory format), got ",
               x.sizes(), ".");
@@ -235,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
   const auto scale = channel_vector(bn_scale, c, "cuda_quantize_activate: bn_scale", x);
   const auto shift = channel_vector(bn_shift, c, "cuda_quantize_activate: bn_shift", x);
   std::optional<at::Tensor> keep;
-  if (keep_idx.has_value()) keep = index_vector(*keep_idx, "cuda_quantize_activate: keep_idx", x);
+  if (fp_in_idx.has_value()) keep = index_vector(*fp_in_idx, "cuda_quantize_activate: fp_in_idx", x);
 
   const int64_t pc = packed_size(c, bits);
   at::Tensor codes = at::empty({n, h, w, pc}, x.options().dtype(at::kByte));
@@ -259,8 +259,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
   p.bn_shift = shift ? shift->data_ptr<float>() : nullptr;
   p.codes = codes.data_ptr<uint8_t>();
   p.packed_c = static_cast<int>(pc);
-  p.keep_idx = keep ? keep->data_ptr() : nullptr;
-  p.keep_idx64 = keep && keep->scalar_type() == at::kLong;
+  p.fp_in_idx = keep ? keep->data_ptr() : nullptr;
+  p.fp_in_idx64 = keep && keep->scalar_type() == at::kLong;
   p.k = keep ? static_cast<int>(keep->size(0)) : 0;
   p.x_slice = x_slice.data_ptr();
   p.slice_dtype = dtype_code(sdt);

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .ops.packing import MAX_BITS, MIN_BITS
+from .kernels.packing import MAX_BITS, MIN_BITS
 
 
 def kept_count(keep: float, channels: int) -> int:

@@ -19,9 +19,7 @@ from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_c
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
 from .fusion import fuse_epilogues_
 from .layers import (HYBRID_LAYERS, PRUNED_LAYERS, QUANT_LAYERS, TRAINABLE_LAYERS, HybridConv2d, HybridLinear,
-                     PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase,
-                     register_deployed_twin_factory)
-from .ops.packing import levels, pack_weight
+                     PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase, deploy_layer)
 
 FilterFn = Callable[[nn.Module, str], bool]
 Config = Union[HybridConfig, QuantConfig, PruneConfig]
@@ -288,77 +286,6 @@ def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------- deploy_
-@torch.no_grad()
-def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[torch.Tensor] = None,
-                 fp_dtype: Optional[torch.dtype] = None):
-    """The deployed version of one trained hybrid / quantized / pruned layer: builds a
-    :class:`DeployedConv2d` / :class:`DeployedLinear` of the same geometry and packs into it the
-    integer weights and frozen input interval of the quantized branch and the kept rows (and, with
-    ``fp_in_idx``, the read input columns) of the pruned branch.
-
-    ``fp_in_idx``: the input channels the pruned branch reads, when its producer was pruned too
-    (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them. ``fp_dtype``: what the
-    pruned branch computes in (:meth:`DeployedConv2d.set_fp_dtype_`)."""
-    if isinstance(layer, HYBRID_LAYERS):
-        quant, pruned = layer.quant, layer.pruned
-    elif isinstance(layer, QUANT_LAYERS):
-        quant, pruned = layer, None
-    elif isinstance(layer, PRUNED_LAYERS):
-        quant, pruned = None, layer
-    else:
-        raise TypeError(f"deploy_layer takes a hybrid, quantized or pruned layer, got {type(layer).__name__}.")
-    if quant is not None and not quant.calibrated:
-        raise RuntimeError("deploy_layer needs a calibrated layer: run hybridops.calibrate_ or a forward pass first.")
-    ref = quant if quant is not None else pruned
-    conv = isinstance(layer, (HybridConv2d, QuantConv2d, PrunedConv2d))
-    kept = pruned.gate.kept_indices() if pruned is not None else None
-    groups = layer.groups if conv else 1
-    fmt = dict(bits_w=quant.wq.bits if quant is not None else None,
-               bits_a=quant.aq.bits if (quant is not None and quant.aq is not None) else None,
-               a_signed=bool(quant.aq.signed) if (quant is not None and quant.aq is not None) else False,
-               fp_out_channels=0 if kept is None else int(kept.numel()),
-               fp_in_channels=None if (fp_in_idx is None or groups > 1) else int(fp_in_idx.numel()),
-               fp_bias=pruned is not None and pruned.bias is not None,
-               backend=backend, device=ref.weight.device, dtype=ref.weight.dtype)
-    has_bias = quant is not None and quant.bias is not None  # a pruned-only layer's bias is fp_bias
-    if conv:
-        new = DeployedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                             list(layer.explicit_padding()), layer.dilation, groups, has_bias, layer.padding_mode, **fmt)
-    else:
-        new = DeployedLinear(layer.in_features, layer.out_features, has_bias, **fmt)
-    if quant is not None:
-        codes = quant.wq.codes(quant.weight)[0].to(torch.int8)
-        new.w_packed.copy_(pack_weight(codes if codes.dim() == 4 else codes.view(*codes.shape, 1, 1), quant.wq.bits))
-        lw = levels(quant.wq.bits, True)
-        la = quant.aq.levels if quant.aq is not None else 1  # a float input is not rescaled
-        new.scale.copy_(quant.out_scale.detach().float() / (la * lw))
-        if new.bias is not None:
-            new.bias.copy_(quant.bias.detach().float())
-        if quant.aq is not None:
-            new.in_qparams.copy_(quant.aq.qparams().detach())
-    if kept is not None and kept.numel():
-        w = pruned.weight.detach().index_select(0, kept)
-        w = w if w.dim() == 4 else w.view(*w.shape, 1, 1)
-        new.fp_out_idx.copy_(kept)
-        if groups > 1:
-            cin_g, cout_g = layer.in_channels // groups, layer.out_channels // groups
-            grp = torch.div(kept, cout_g, rounding_mode="floor")
-            new.fp_in_idx.copy_((grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=kept.device)).flatten())
-        elif fp_in_idx is not None:
-            w = w.index_select(1, fp_in_idx.to(w.device))
-            new.fp_in_idx.copy_(fp_in_idx)
-        new.fp_weight.copy_(w)
-        if new.fp_bias is not None:
-            new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
-    new.set_fp_dtype_(fp_dtype)
-    new.train(layer.training)
-    return new
-
-
-# eval-mode forwards of trainable layers run their deployed twin (hybridops/layers.py)
-register_deployed_twin_factory(lambda layer, backend: deploy_layer(layer, backend).eval())
-
-
 def deploy_(model: nn.Module, backend: Optional[str] = "auto",
             in_channel_map: Optional[Mapping[nn.Module, torch.Tensor]] = None, fuse: bool = True,
             fp_dtype: Optional[torch.dtype] = None) -> nn.Module:

@@ -4,7 +4,7 @@ A deployed layer is built from its geometry and its format alone — like ``nn.C
 arguments — and holds, as buffers and parameters:
 
 * the quantized branch: packed integer weights ``w_packed (C_out, KH, KW, packed C_in/g)``
-  (:mod:`hybridops.ops.packing`), one fp32 ``scale`` per output channel
+  (:mod:`hybridops.kernels.packing`), one fp32 ``scale`` per output channel
   (``out_scale / (levels_a * levels_w)``), the fp32 ``bias``, and the frozen input quantizer
   ``in_qparams = [alpha, beta]``;
 * the pruned full-precision branch: only its kept output channels — ``fp_weight`` (``K_p`` rows),
@@ -15,18 +15,20 @@ arguments — and holds, as buffers and parameters:
 :func:`hybridops.deploy_` fills them from a trained layer (:func:`hybridops.conversion.deploy_layer`);
 :func:`hybridops.load_deployed_` rebuilds a deployed model from its ``state_dict`` alone.
 
-The forward path is chosen when the format is set, not on every call:
+What a layer computes besides its tensors — geometry, bit widths, epilogue, input and output
+modes — is one :class:`~hybridops.ops.spec.LayerSpec` (``layer.spec``), validated when the layer is
+built or its fusion state changes; its tensors are validated when it is deployed or loaded
+(:meth:`validate`). A forward is one call of the op layer, the ``hybridops::hybrid_layer`` op
+(:mod:`hybridops.ops.layer_op`), on the layer's backend; how the backend carries the layer out is
+the op's business. ``layer.path`` names what the spec describes:
 
-* ``"hybrid"`` (quantized input): one fused quantize-activate pass writes the activation codes and
-  the float slice the pruned branch reads; the pruned branch runs as a float conv on that slice;
-  the integer conv adds its output into the kept channels in its epilogue. At inference on a
-  backend with a fused kernel (``triton``; ungrouped layers) the two convs are one op,
-  ``hybridops::hybrid_conv2d``, which computes the branch inside the integer conv's kernel where
-  that pays (docs/kernels.md);
+* ``"hybrid"`` (quantized input): quantize-activate writes the activation codes and the float
+  slice the pruned branch reads; the integer conv adds the branch's output into the kept channels
+  in its epilogue (on ``triton`` the branch runs inside the integer conv where that pays);
 * ``"codes"``: the input is already codes, written by the producing layer's epilogue (a chain of
   quantized layers never writes float activations; see :mod:`hybridops.fusion`);
 * ``"merged"`` (full-precision input, as the first layer of the paper's networks): both branches
-  are float convs of the same input, merged into one with ``dequant(W_q) + scatter(W_p)``;
+  are one float conv with ``dequant(W_q) + scatter(W_p)``;
 * ``"fp_only"``: no quantized branch.
 
 Only ``fp_weight`` and ``fp_bias`` are trainable (the online update); the quantized branch is frozen
@@ -36,37 +38,18 @@ before, such layers — as the paper's online update does with the last classifi
 """
 from __future__ import annotations
 
-import weakref
-
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .ops import custom_ops
-from .ops.packing import check_bits, levels, packed_size, unpack_weight
-from .ops.reference import float_conv2d
-from .ops.registry import code_bytes, inference_fp_conv, optional_implementation
+from .kernels.packing import packed_size
+from .ops import layer_op
+from .ops.spec import PATHS, LayerSpec
 
 FORMAT_VERSION = 1
-PATHS = ("hybrid", "codes", "merged", "fp_only")
-
-
-_DISPATCHED = {"quantize_activate": custom_ops.quantize_activate, "qconv2d": custom_ops.qconv2d,
-               "hybrid_conv2d": custom_ops.hybrid_conv2d}
-_DIRECT = {"quantize_activate": custom_ops.quantize_activate_inference, "qconv2d": custom_ops.qconv2d_inference,
-           "hybrid_conv2d": custom_ops.hybrid_conv2d_inference}
-
-
-def _op(name: str):
-    """The op as a custom op (autograd, ``torch.compile``) when gradients or tracing need it, else
-    the same checks and kernel called directly: in eager inference the dispatcher's cost is a
-    sizeable part of a small layer's time on the CPU."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return _DISPATCHED[name]
-    return _DIRECT[name]
+__all__ = ["DeployedConv2d", "DeployedLinear", "DEPLOYED_LAYERS", "FORMAT_VERSION", "PATHS"]
 
 
 class _DeployedBase(nn.Module):
@@ -78,16 +61,13 @@ class _DeployedBase(nn.Module):
     out_channels: int
     groups: int = 1
 
-    def _init_format(self, kernel_numel: Tuple[int, int], bias: bool, bits_w: Optional[int], bits_a: Optional[int],
-                     a_signed: bool, fp_out_channels: int, fp_in_channels: Optional[int], fp_bias: bool,
-                     backend: str, device, dtype) -> None:
-        if bits_w is not None:
-            check_bits(bits_w, "bits_w")
-        if bits_a is not None:
-            check_bits(bits_a, "bits_a")
-            if bits_w is None:
-                raise ValueError("bits_a is the quantized branch's input format; a layer without a quantized branch "
-                                 "(bits_w=None) takes bits_a=None.")
+    def _init_format(self, kernel_size: Tuple[int, int], stride, padding, dilation, padding_mode: str, bias: bool,
+                     bits_w: Optional[int], bits_a: Optional[int], a_signed: bool, fp_out_channels: int,
+                     fp_in_channels: Optional[int], fp_bias: bool, backend: str, device, dtype) -> None:
+        # geometry and format are validated once, here (LayerSpec), not per call
+        self._spec = LayerSpec(self._kind, self.in_channels, self.out_channels, tuple(kernel_size), tuple(stride),
+                               tuple(padding), tuple(dilation), self.groups, padding_mode, bits_w, bits_a,
+                               bool(a_signed) if bits_a is not None else False)
         if not 0 <= fp_out_channels <= self.out_channels:
             raise ValueError(f"fp_out_channels (kept channels of the pruned branch) must lie in [0, "
                              f"{self.out_channels}], got {fp_out_channels}.")
@@ -96,13 +76,8 @@ class _DeployedBase(nn.Module):
         if fp_in_channels is not None and (self.groups != 1 or not 0 < fp_in_channels <= self.in_channels):
             raise ValueError(f"fp_in_channels (input channels read by the pruned branch) applies to ungrouped layers "
                              f"and must lie in [1, {self.in_channels}], got {fp_in_channels} with groups={self.groups}.")
-        self.bits_w, self.bits_a, self.a_signed = bits_w, bits_a, bool(a_signed) if bits_a is not None else False
         self.backend = backend
-        # the backend's prepacked float conv for the pruned branch at inference (None: F.conv2d)
-        self._inference_fp_conv, self._inference_fp_dtypes = inference_fp_conv(backend)
-        # a backend that can compute the pruned branch inside its qconv kernel (hybrid_conv2d)
-        self._fuses_branch = optional_implementation(backend, "fused_hybrid_conv2d") is not None
-        kh, kw = kernel_numel
+        kh, kw = kernel_size
         cin_g = self.in_channels // self.groups
         if bits_w is not None:
             self.register_buffer("w_packed", torch.zeros((self.out_channels, kh, kw, packed_size(cin_g, bits_w)),
@@ -130,25 +105,15 @@ class _DeployedBase(nn.Module):
         else:
             fp_in_idx = None if fp_in_channels is None else torch.arange(fp_in_channels, device=device)
         self.register_buffer("fp_in_idx", fp_in_idx)
-        # The pruned branch reading every input channel from a non-NHWC input still goes through
-        # the slice (the epilogue reads its output per pixel): the identity map, made once.
-        self.register_buffer("_all_in_idx", torch.arange(self.in_channels, device=device), persistent=False)
-        # Deploy-time fusion (hybridops.fusion) edits these: a ReLU moved into the epilogue, the
-        # requantization of the output for a chained consumer, and the names of the model's modules
-        # it replaced by nn.Identity, as [qualified name, type name] pairs (so that load_deployed_ can
-        # rebuild the model's structure).
-        self.relu = False
+        # Deploy-time fusion (hybridops.fusion) edits the epilogue through relu, set_output_codes_
+        # and set_codes_input_, and records the names of the model's modules it replaced by
+        # nn.Identity, as [qualified name, type name] pairs (so that load_deployed_ can rebuild the
+        # model's structure).
         self.register_buffer("out_qparams", None)
-        self.out_bits: Optional[int] = None
-        self.out_signed = False
-        self.codes_input = False
         self.absorbed: List[List[str]] = []
         # dtype the pruned branch computes in (None: the input's); set_fp_dtype_
         self.fp_dtype: Optional[torch.dtype] = None
-        # (source refs, versions, weight, bias) of the merged path's float conv at inference
-        # (_merged_conv); derived state, never saved or copied
-        self._merged_cache: Optional[tuple] = None
-        self._select_path()
+        self._set_spec()
 
     # ------------------------------------------------------------------ format and state
     @property
@@ -167,30 +132,68 @@ class _DeployedBase(nn.Module):
     def fused_bn(self) -> bool:
         return any(kind.startswith("BatchNorm") for _, kind in self.absorbed)
 
-    def _select_path(self) -> None:
-        if not self.has_quant:
-            self.path = "fp_only"
-        elif not self.quantized_input:
-            self.path = "merged"
-        else:
-            self.path = "codes" if self.codes_input else "hybrid"
+    @property
+    def spec(self) -> LayerSpec:
+        """What this layer computes besides its tensors (geometry, formats, epilogue)."""
+        return self._spec
+
+    @property
+    def path(self) -> str:
+        """``"hybrid"``, ``"codes"``, ``"merged"`` or ``"fp_only"`` (see the module docstring)."""
+        return self._spec.path
+
+    @property
+    def bits_w(self) -> Optional[int]:
+        return self._spec.bits_w
+
+    @property
+    def bits_a(self) -> Optional[int]:
+        return self._spec.bits_a
+
+    @property
+    def a_signed(self) -> bool:
+        return self._spec.a_signed
+
+    @property
+    def relu(self) -> bool:
+        return self._spec.relu
+
+    @relu.setter
+    def relu(self, on: bool) -> None:
+        self._set_spec(relu=bool(on))
+
+    @property
+    def codes_input(self) -> bool:
+        return self._spec.codes_input
+
+    @property
+    def out_bits(self) -> Optional[int]:
+        return self._spec.out_bits
+
+    @property
+    def out_signed(self) -> bool:
+        return self._spec.out_signed
+
+    def _set_spec(self, **changes) -> None:
+        spec = self._spec
+        if changes:
+            spec = LayerSpec(**{**spec.__dict__, **changes})
+        self._spec, self._spec_ints = spec, spec.to_ints()
 
     def set_codes_input_(self) -> None:
         """Take packed codes in this layer's input format instead of floats (the producer
         re-quantizes in its epilogue). Only for an integer layer without a pruned branch."""
         if self.path != "hybrid" or self.kept_channels:
             raise ValueError("only a quantized-input layer without a full-precision branch can take codes as input.")
-        self.codes_input = True
-        self._select_path()
+        self._set_spec(codes_input=True)
 
     def set_output_codes_(self, qparams: torch.Tensor, bits: int, signed: bool) -> None:
         """Re-quantize the output in the epilogue to the codes of a chained consumer's input."""
         if self.path not in ("hybrid", "codes") or self.kept_channels:
             raise ValueError("only an integer layer without a full-precision branch can hand codes to its consumer "
                              "(a pruned branch must stay trainable, which needs float outputs).")
-        check_bits(bits, "out_bits")
+        self._set_spec(out_bits=int(bits), out_signed=bool(signed))
         self.out_qparams = qparams.detach().float().clone().to(self.scale.device)
-        self.out_bits, self.out_signed = int(bits), bool(signed)
 
     def set_fp_dtype_(self, dtype: Optional[torch.dtype]) -> None:
         """Compute the pruned branch in ``dtype`` whatever the model's dtype: ``torch.bfloat16``
@@ -200,13 +203,9 @@ class _DeployedBase(nn.Module):
         if dtype is not None and dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"the full-precision branch computes in float32, bfloat16 or float16 (or None: the "
                              f"input's dtype), got {dtype!r}.")
-        if dtype is not None and self.backend == "onednn" and dtype not in self._inference_fp_dtypes:
-            raise ValueError(f"the onednn backend on this CPU has no {dtype} convolution (bf16 needs AVX-512 BF16, "
-                             f"AMX or AVX-512 BW/VL/DQ), so the pruned branch cannot run in it here: use fp_dtype=None.")
+        if dtype is not None:
+            layer_op.check_fp_dtype(self.backend, dtype)
         self.fp_dtype = dtype
-
-    def _branch_dtype(self, x: torch.Tensor) -> torch.dtype:
-        return self.fp_dtype if self.fp_dtype is not None else x.dtype
 
     def format_state(self) -> dict:
         """Everything besides tensors that a saved deployed layer needs to be rebuilt (the
@@ -256,11 +255,6 @@ class _DeployedBase(nn.Module):
         layer._load_fp_dtype(state)
         return layer
 
-    def __getstate__(self):
-        state = dict(super().__getstate__())
-        state["_merged_cache"] = None
-        return state
-
     _FP32_BUFFERS = ("scale", "bias", "in_qparams", "out_qparams")
 
     def _apply(self, fn, recurse=True):
@@ -276,42 +270,30 @@ class _DeployedBase(nn.Module):
             self._buffers["w_packed"] = self._buffers["w_packed"].contiguous()
         return self
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"{type(self).__name__} expects a floating-point input, got {x.dtype}.")
+    def _tensors(self) -> tuple:
+        return (self.w_packed, self.scale, self.bias, self.in_qparams, self.fp_weight, self.fp_bias, self.fp_in_idx,
+                self.fp_out_idx, self.out_qparams)
+
+    def validate(self) -> None:
+        """Check every tensor against the layer's spec (shapes, dtypes, devices, index ranges).
+        Done when the layer is deployed or loaded, so that a forward checks only its input; call it
+        after editing a deployed layer's tensors by hand."""
+        layer_op.check_layer_tensors(self._spec, *self._tensors(), self.backend)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.validate()
 
     def dequantized_weight(self) -> torch.Tensor:
         """``codes * scale * levels_a``: the float weight of the quantized branch as it acts on the
         input's own scale (test and inspection helper; the kernels never materialise it)."""
-        codes = unpack_weight(self.w_packed, self.bits_w, self.in_channels // self.groups).float()
-        la = levels(self.bits_a, self.a_signed) if self.quantized_input else 1
-        return codes * (self.scale * la).view(-1, 1, 1, 1)
+        return layer_op.dequantized_weight(self._spec, self.w_packed, self.scale)
 
-    def _merged_weight_and_bias(self, dtype: torch.dtype):
-        """For a full-precision input both branches are float ops on the same input, so they merge
-        into one: ``dequant(W_q) + scatter(W_p)`` and ``bias + scatter(fp_bias)`` (differentiable
-        in the pruned branch's parameters). 4-D weights, for linear layers too."""
-        w = _DeployedBase.dequantized_weight(self).to(dtype)
-        if self.kept_channels:
-            fw = self.fp_weight.to(dtype)
-            if self.fp_in_idx is not None and self.groups == 1:
-                fw = fw.new_zeros((fw.shape[0], self.in_channels, *fw.shape[2:])).index_copy(1, self.fp_in_idx, fw)
-            w = w.index_add(0, self.fp_out_idx, fw)
-        b = None if self.bias is None else self.bias.to(dtype)
-        if self.fp_bias is not None:
-            b = (b if b is not None else w.new_zeros(self.out_channels)).index_add(0, self.fp_out_idx,
-                                                                                  self.fp_bias.to(dtype))
-        return w, b
-
-    def _int_conv(self, codes: torch.Tensor, fp_out: Optional[torch.Tensor], stride, padding, dilation, groups,
-                  out_dtype: torch.dtype) -> torch.Tensor:
-        """NHWC: the float output, or codes when this layer feeds a chained consumer."""
-        rq = self.out_qparams is not None
-        return _op("qconv2d")(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed, self.bits_w,
-                                  self.scale, self.bias, stride, padding, dilation, groups, self.relu,
-                                  fp_out, self.fp_out_idx if fp_out is not None else None, self.out_qparams,
-                                  # requant_bits / requant_signed are read only with requant_qparams
-                                  self.out_bits if rq else 8, self.out_signed, out_dtype, self.backend)
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`)."""
+        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, self.w_packed, self.scale, self.bias,
+                                     self.in_qparams, self.fp_weight, self.fp_bias, self.fp_in_idx, self.fp_out_idx,
+                                     self.out_qparams, self.fp_dtype, self.backend)
 
     def extra_repr(self) -> str:
         q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",
@@ -348,10 +330,6 @@ class DeployedConv2d(_DeployedBase):
                  a_signed: bool = False, fp_out_channels: int = 0, fp_in_channels: Optional[int] = None,
                  fp_bias: bool = False, backend: str = "torch", device=None, dtype=None):
         super().__init__()
-        if groups < 1 or in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}.")
-        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
-            raise ValueError(f"padding_mode must be 'zeros', 'reflect', 'replicate' or 'circular', got {padding_mode!r}.")
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = _pair(kernel_size), list(_pair(stride)), list(_pair(dilation))
         pad = [padding] * 2 if isinstance(padding, int) else list(padding)
@@ -359,8 +337,8 @@ class DeployedConv2d(_DeployedBase):
         if len(self.padding) != 4 or min(self.padding) < 0:
             raise ValueError(f"padding must be an int, (ph, pw) or (top, bottom, left, right), got {padding!r}.")
         self.padding_mode = padding_mode
-        self._init_format(self.kernel_size, bias, bits_w, bits_a, a_signed, fp_out_channels, fp_in_channels, fp_bias,
-                          backend, device, dtype)
+        self._init_format(self.kernel_size, self.stride, self.padding, self.dilation, padding_mode, bias, bits_w,
+                          bits_a, a_signed, fp_out_channels, fp_in_channels, fp_bias, backend, device, dtype)
 
     def _init_args(self) -> dict:
         return dict(in_channels=self.in_channels, out_channels=self.out_channels, kernel_size=list(self.kernel_size),
@@ -371,122 +349,13 @@ class DeployedConv2d(_DeployedBase):
                     fp_in_channels=None if (self.fp_in_idx is None or self.groups > 1) else int(self.fp_in_idx.numel()),
                     fp_bias=self.fp_bias is not None)
 
-    @property
-    def fp_groups(self) -> int:
-        return 1 if self.groups == 1 else max(1, self.kept_channels)
-
     def _geometry_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
                 f"groups={self.groups}")
 
-    def _pad_input(self, x: torch.Tensor) -> Tuple[torch.Tensor, list]:
-        if self.padding_mode == "zeros":
-            return x, self.padding
-        top, bottom, left, right = self.padding
-        return F.pad(x, (left, right, top, bottom), mode=self.padding_mode), [0, 0, 0, 0]
-
-    def _float_conv(self, x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor], padding: list,
-                    groups: int) -> torch.Tensor:
-        return float_conv2d(x, w, b, self.stride, padding, self.dilation, groups)
-
-    def _fp_conv(self, x_nchw: torch.Tensor, padding: list) -> torch.Tensor:
-        """The pruned branch's conv, in ``x_nchw``'s dtype (the compute dtype, see _hybrid)."""
-        dt = x_nchw.dtype
-        fast = self._inference_fp_conv
-        if fast is not None and dt in self._inference_fp_dtypes and not (torch.is_grad_enabled() and (
-                x_nchw.requires_grad or self.fp_weight.requires_grad)):
-            # inference: weights packed once per version (an online update's step re-packs them)
-            return fast(x_nchw, self.fp_weight, self.fp_bias, self.stride, padding, self.dilation, self.fp_groups)
-        return self._float_conv(x_nchw, self.fp_weight.to(dt), None if self.fp_bias is None else self.fp_bias.to(dt),
-                                padding, self.fp_groups)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.path == "codes":
-            return self._from_codes(x)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{type(self).__name__} expects input (N, {self.in_channels}, H, W), got {tuple(x.shape)}.")
-        self._check_input(x)
-        channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        x, padding = self._pad_input(x)
-        if self.path == "hybrid":
-            y = self._hybrid(x, padding)
-            if self.out_qparams is not None:
-                return y  # NHWC codes for the chained quantized consumer
-            y = y.permute(0, 3, 1, 2)
-        elif self.path == "merged":
-            y = self._merged_conv(x, padding)
-            y = F.relu(y) if self.relu else y
-        else:
-            y = self._fp_only(x, padding)
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
-
-    def _merged_conv(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        """Both branches as one float conv (a full-precision input). At inference on a backend with
-        a prepacked float conv, the merged weight is built once per version of the tensors it comes
-        from and packed once: measured on ResNet-18's 7x7 stem (224x224, 2 threads), 0.68 ms
-        against 1.18 ms for F.conv2d plus 0.11 ms to rebuild the weight, with equal results."""
-        fast = self._inference_fp_conv
-        params = [t for t in (self.fp_weight, self.fp_bias) if t is not None and self.kept_channels]
-        training = torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params))
-        if fast is None or x.dtype not in self._inference_fp_dtypes or training:
-            return self._float_conv(x, *self._merged_weight_and_bias(x.dtype), padding, self.groups)
-        sources = [t for t in (self.w_packed, self.scale, self.bias, self.fp_weight, self.fp_bias, self.fp_out_idx,
-                               self.fp_in_idx) if t is not None]
-        versions = (x.dtype,) + tuple(t._version for t in sources)
-        cache = self._merged_cache
-        # weak references confirm the sources are the same tensors (an id alone can be reused after
-        # a device move frees the old ones); in-place updates bump their versions
-        if (cache is None or cache[1] != versions or len(cache[0]) != len(sources)
-                or any(r() is not t for r, t in zip(cache[0], sources))):
-            with torch.no_grad():
-                cache = self._merged_cache = ([weakref.ref(t) for t in sources], versions,
-                                              *self._merged_weight_and_bias(x.dtype))
-        return fast(x, cache[2], cache[3], self.stride, padding, self.dilation, self.groups)
-
-    def _hybrid(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        kept = self.kept_channels > 0
-        # The quantize pass writes a float NHWC slice when the pruned branch reads a subset or a
-        # regrouping of the input channels, or when x is not NHWC already (the epilogue reads the
-        # branch's output per pixel); otherwise the branch reads x itself (a write and a read fewer).
-        # A compute dtype other than x's is written by the same pass (the slice in that dtype).
-        fp_dt = self._branch_dtype(x)
-        sliced = kept and (self.fp_in_idx is not None or not x.is_contiguous(memory_format=torch.channels_last)
-                           or fp_dt != x.dtype)
-        read = self.fp_in_idx if self.fp_in_idx is not None else self._all_in_idx
-        x_slice, codes = _op("quantize_activate")(x, self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                                                      read if sliced else None, fp_dt, self.backend)
-        fp_out = None
-        if kept and self._fuses_branch and self.groups == 1 and not (torch.is_grad_enabled() and (
-                x.requires_grad or any(t.requires_grad for t in (self.fp_weight, self.fp_bias) if t is not None))):
-            # inference on a backend with a fused kernel: the op decides whether the branch runs
-            # inside the qconv kernel (one launch) or as its own conv
-            rq = self.out_qparams is not None
-            return _op("hybrid_conv2d")(codes, self.w_packed, self.in_channels, self.bits_a, self.a_signed,
-                                        self.bits_w, self.scale, self.bias, self.stride, padding, self.dilation,
-                                        self.groups, self.relu, x_slice if sliced else x.permute(0, 2, 3, 1),
-                                        self.fp_weight, self.fp_bias, self.fp_out_idx, self.out_qparams,
-                                        self.out_bits if rq else 8, self.out_signed, x.dtype, self.backend)
-        if kept:
-            fp_out = self._fp_conv(x_slice.permute(0, 3, 1, 2) if sliced else x, padding).permute(0, 2, 3, 1)
-        return self._int_conv(codes, fp_out, self.stride, padding, self.dilation, self.groups, x.dtype)
-
-    def _from_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        """Input already quantized by the producing layer's epilogue: NHWC codes in this layer's
-        input format (packed as the backend's format says)."""
-        width = code_bytes(self.in_channels, self.bits_a, self.backend)
-        if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.shape[3] != width:
-            raise ValueError(f"{type(self).__name__} is chained after a quantized layer and expects its codes "
-                             f"(N, H, W, {width}) uint8, got {codes.dtype} {tuple(codes.shape)}.")
-        y = self._int_conv(codes, None, self.stride, self.padding, self.dilation, self.groups, self.fp_weight.dtype)
-        # The chain's original input layout is not known here: return the layout user code is most
-        # likely to .view() (contiguous NCHW), in the model's float dtype.
-        return y if self.out_qparams is not None else y.permute(0, 3, 1, 2).contiguous()
-
-    def _fp_only(self, x: torch.Tensor, padding: list) -> torch.Tensor:
-        xs = x.index_select(1, self.fp_in_idx) if self.fp_in_idx is not None else x
-        fp = self._fp_conv(xs.to(self._branch_dtype(x)), padding).to(x.dtype)
-        return fp.new_zeros((fp.shape[0], self.out_channels, *fp.shape[2:])).index_copy(1, self.fp_out_idx, fp)
+        return self._forward(x)
 
 
 class DeployedLinear(_DeployedBase):
@@ -503,8 +372,8 @@ class DeployedLinear(_DeployedBase):
                  dtype=None):
         super().__init__()
         self.in_channels, self.out_channels = in_features, out_features
-        self._init_format((1, 1), bias, bits_w, bits_a, a_signed, fp_out_channels, fp_in_channels, fp_bias, backend,
-                          device, dtype)
+        self._init_format((1, 1), (1, 1), (0, 0, 0, 0), (1, 1), "zeros", bias, bits_w, bits_a, a_signed,
+                          fp_out_channels, fp_in_channels, fp_bias, backend, device, dtype)
 
     @property
     def in_features(self) -> int:
@@ -530,30 +399,8 @@ class DeployedLinear(_DeployedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input (..., {self.in_features}), got {tuple(x.shape)}.")
-        self._check_input(x)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        fp_dt = self._branch_dtype(x)
-        fb = None if self.fp_bias is None else self.fp_bias.to(fp_dt)
-        fw = self.fp_weight.flatten(1).to(fp_dt)
-        if self.path == "fp_only":
-            xs = x2 if self.fp_in_idx is None else x2.index_select(1, self.fp_in_idx)
-            fp = F.linear(xs.to(fp_dt), fw, fb).to(x.dtype)
-            y = fp.new_zeros((x2.shape[0], self.out_features)).index_copy(1, self.fp_out_idx, fp)
-        elif self.path == "merged":
-            w, b = self._merged_weight_and_bias(x.dtype)
-            y = F.linear(x2, w.flatten(1), b)
-        else:
-            kept = self.kept_channels > 0
-            sliced = kept and self.fp_in_idx is not None  # else the pruned branch reads x itself
-            x_slice, codes = _op("quantize_activate")(
-                x2.reshape(-1, self.in_features, 1, 1), self.in_qparams, self.bits_a, self.a_signed, None, None, False,
-                self.fp_in_idx if sliced else None, fp_dt, self.backend)
-            fp_out = None
-            if kept:
-                fp_in = x_slice.view(-1, self.fp_in_idx.numel()) if sliced else x2.to(fp_dt)
-                fp_out = F.linear(fp_in, fw, fb).view(-1, 1, 1, self.kept_channels)
-            y = self._int_conv(codes, fp_out, [1, 1], [0, 0, 0, 0], [1, 1], 1, x.dtype).view(-1, self.out_features)
+        y = self._forward(x.reshape(-1, self.in_features, 1, 1))
         return y.reshape(*lead, self.out_features)
 
 

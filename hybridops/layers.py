@@ -32,6 +32,9 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .backend import resolve_backend
+from .deployed import DeployedConv2d, DeployedLinear
+from .kernels import derived
+from .kernels.packing import levels, pack_weight
 from .config import kept_count
 from .prune import ChannelGate
 from .quant import IntervalQuantizer, qparams
@@ -144,17 +147,6 @@ def _broadcast_from_rank0(tensors) -> None:
 
 
 # ----------------------------------------------------------------------------- eval = deployed
-# The packing that turns a trainable layer into a deployed one lives with the conversion code
-# (hybridops.conversion.deploy_layer), above this module; it registers itself here at import.
-_deployed_twin_factory: Optional[Callable[[nn.Module, str], nn.Module]] = None
-
-
-def register_deployed_twin_factory(factory: Callable[[nn.Module, str], nn.Module]) -> None:
-    """Set the function that builds a trainable layer's deployed twin (``deploy_layer``)."""
-    global _deployed_twin_factory
-    _deployed_twin_factory = factory
-
-
 class _DeployedArithmetic(nn.Module):
     """Eval-mode forwards compute what the deployed layer computes.
 
@@ -167,33 +159,23 @@ class _DeployedArithmetic(nn.Module):
     changes — and ``deploy_`` changes nothing the model computes (bit for bit on that backend
     where no BatchNorm is folded). With gradients needed the value is the twin's and the gradient
     the training arithmetic's (straight-through), so eval-mode fine-tuning keeps working.
-    Training-mode forwards, ``torch.compile`` tracing and layers built before conversion code
-    was imported use the training arithmetic."""
-
-    def _state_key(self, x: torch.Tensor) -> tuple:
-        return (resolve_backend(None, x.device), x.device) + tuple(
-            (id(t), t._version) for t in list(self.parameters()) + list(self.buffers()))
+    Training-mode forwards and ``torch.compile`` tracing use the training arithmetic."""
 
     def _deployed_twin(self, x: torch.Tensor) -> Optional[nn.Module]:
-        key = self._state_key(x)
-        cached = self.__dict__.get("_twin_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        try:
-            twin = _deployed_twin_factory(self, key[0])
-        except ValueError:
-            twin = None  # nothing to deploy (a pruned layer with no kept channel): zeros either way
-        self.__dict__["_twin_cache"] = (key, twin)
-        return twin
+        backend = resolve_backend(None, x.device)
 
-    def __getstate__(self):
-        # the twin is derived state, rebuilt on demand
-        state = dict(super().__getstate__())
-        state.pop("_twin_cache", None)
-        return state
+        def build():
+            try:
+                return deploy_layer(self, backend).eval()
+            except ValueError:
+                return None  # nothing to deploy (a pruned layer with no kept channel): zeros either way
+
+        # rebuilt when a parameter or buffer changes (the package's one cache, hybridops/kernels/derived.py)
+        return derived.cached("deployed_twin", tuple(self.parameters()) + tuple(self.buffers()), (backend, x.device),
+                              build)
 
     def _eval_or_train(self, x: torch.Tensor, train_forward: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if self.training or _deployed_twin_factory is None or torch.compiler.is_compiling() or x.numel() == 0:
+        if self.training or torch.compiler.is_compiling() or x.numel() == 0:
             return train_forward(x)
         twin = self._deployed_twin(x)
         if twin is None:
@@ -557,3 +539,71 @@ PRUNED_LAYERS = (PrunedConv2d, PrunedLinear)
 HYBRID_LAYERS = (HybridConv2d, HybridLinear)
 TRAINABLE_LAYERS = HYBRID_LAYERS + QUANT_LAYERS + PRUNED_LAYERS
 LINEAR_LAYERS = (HybridLinear, QuantLinear, PrunedLinear)
+
+
+@torch.no_grad()
+def deploy_layer(layer: nn.Module, backend: str = "torch", fp_in_idx: Optional[torch.Tensor] = None,
+                 fp_dtype: Optional[torch.dtype] = None):
+    """The deployed version of one trained hybrid / quantized / pruned layer: builds a
+    :class:`DeployedConv2d` / :class:`DeployedLinear` of the same geometry and packs into it the
+    integer weights and frozen input interval of the quantized branch and the kept rows (and, with
+    ``fp_in_idx``, the read input columns) of the pruned branch.
+
+    ``fp_in_idx``: the input channels the pruned branch reads, when its producer was pruned too
+    (:class:`hybridops.HybridNetwork` compounds pruning); None: all of them. ``fp_dtype``: what the
+    pruned branch computes in (:meth:`DeployedConv2d.set_fp_dtype_`)."""
+    if isinstance(layer, HYBRID_LAYERS):
+        quant, pruned = layer.quant, layer.pruned
+    elif isinstance(layer, QUANT_LAYERS):
+        quant, pruned = layer, None
+    elif isinstance(layer, PRUNED_LAYERS):
+        quant, pruned = None, layer
+    else:
+        raise TypeError(f"deploy_layer takes a hybrid, quantized or pruned layer, got {type(layer).__name__}.")
+    if quant is not None and not quant.calibrated:
+        raise RuntimeError("deploy_layer needs a calibrated layer: run hybridops.calibrate_ or a forward pass first.")
+    ref = quant if quant is not None else pruned
+    conv = isinstance(layer, (HybridConv2d, QuantConv2d, PrunedConv2d))
+    kept = pruned.gate.kept_indices() if pruned is not None else None
+    groups = layer.groups if conv else 1
+    fmt = dict(bits_w=quant.wq.bits if quant is not None else None,
+               bits_a=quant.aq.bits if (quant is not None and quant.aq is not None) else None,
+               a_signed=bool(quant.aq.signed) if (quant is not None and quant.aq is not None) else False,
+               fp_out_channels=0 if kept is None else int(kept.numel()),
+               fp_in_channels=None if (fp_in_idx is None or groups > 1) else int(fp_in_idx.numel()),
+               fp_bias=pruned is not None and pruned.bias is not None,
+               backend=backend, device=ref.weight.device, dtype=ref.weight.dtype)
+    has_bias = quant is not None and quant.bias is not None  # a pruned-only layer's bias is fp_bias
+    if conv:
+        new = DeployedConv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                             list(layer.explicit_padding()), layer.dilation, groups, has_bias, layer.padding_mode, **fmt)
+    else:
+        new = DeployedLinear(layer.in_features, layer.out_features, has_bias, **fmt)
+    if quant is not None:
+        codes = quant.wq.codes(quant.weight)[0].to(torch.int8)
+        new.w_packed.copy_(pack_weight(codes if codes.dim() == 4 else codes.view(*codes.shape, 1, 1), quant.wq.bits))
+        lw = levels(quant.wq.bits, True)
+        la = quant.aq.levels if quant.aq is not None else 1  # a float input is not rescaled
+        new.scale.copy_(quant.out_scale.detach().float() / (la * lw))
+        if new.bias is not None:
+            new.bias.copy_(quant.bias.detach().float())
+        if quant.aq is not None:
+            new.in_qparams.copy_(quant.aq.qparams().detach())
+    if kept is not None and kept.numel():
+        w = pruned.weight.detach().index_select(0, kept)
+        w = w if w.dim() == 4 else w.view(*w.shape, 1, 1)
+        new.fp_out_idx.copy_(kept)
+        if groups > 1:
+            cin_g, cout_g = layer.in_channels // groups, layer.out_channels // groups
+            grp = torch.div(kept, cout_g, rounding_mode="floor")
+            new.fp_in_idx.copy_((grp.view(-1, 1) * cin_g + torch.arange(cin_g, device=kept.device)).flatten())
+        elif fp_in_idx is not None:
+            w = w.index_select(1, fp_in_idx.to(w.device))
+            new.fp_in_idx.copy_(fp_in_idx)
+        new.fp_weight.copy_(w)
+        if new.fp_bias is not None:
+            new.fp_bias.copy_(pruned.bias.detach().index_select(0, kept))
+    new.set_fp_dtype_(fp_dtype)
+    new.validate()
+    new.train(layer.training)
+    return new

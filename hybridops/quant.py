@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from .ops import custom_ops
-from .ops.packing import check_bits, levels
+from .kernels.packing import check_bits, levels
 from .ops.reference import codes_from_qparams
 
 

@@ -10,5 +10,5 @@ Each launcher takes exactly the positional arguments of the function of the same
 them after validating the arguments (the registry in :mod:`hybridops.ops.backends` says which
 module serves which backend). This package imports no module of its own at import time, so one
 backend's dependency (Triton) is never needed by another. Kernels import only the leaf modules
-:mod:`hybridops.ops.packing` and :mod:`hybridops.ops.geometry` from above.
+:mod:`hybridops.kernels.packing` and :mod:`hybridops.kernels.geometry` from above.
 """

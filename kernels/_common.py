@@ -8,8 +8,7 @@ floats is launched with ``enable_fp_fusion=False``: otherwise the compiler contr
 from __future__ import annotations
 
 import os
-import weakref
-from typing import Callable, Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -21,46 +20,6 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 # Read here, not from hybridops.backend: kernels import nothing above the op layer.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# Tensors derived from a layer's buffers (kept-channel slot maps, compute-ready weights), per
-# source tensor: deployed layers pass the same buffers on every call, so the small launches that
-# build them happen once per buffer instead of once per call (at batch 1 every launch shows). An
-# entry is rebuilt when a source changes (in place, or its storage or device is replaced) and goes
-# when any of its sources is freed.
-_derived: Dict[tuple, tuple] = {}
-
-
-def _fingerprint(t: Optional[torch.Tensor]):
-    """What identifies a tensor's contents short of reading them: in-place updates bump
-    ``_version``; ``param.data = ...`` (``module.to(device)``) replaces the storage."""
-    if t is None:
-        return None
-    return t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape)
-
-
-def cached_derived(src: torch.Tensor, arg, build: Callable[..., object], extra: Tuple[Optional[torch.Tensor], ...] = ()):
-    """``build(src, arg, *extra)``, cached while ``src`` and the tensors of ``extra`` (None
-    allowed) are alive and unchanged. Writes through ``tensor.data`` bypass the version counter
-    and are not seen. A CUDA graph capture reads an entry made before it (the graph then reads
-    that tensor on every replay: capture again after changing a source) but adds none, since its
-    allocations belong to the graph (the build is then part of every replay)."""
-    sources = (src,) + tuple(extra)
-    key = (build.__name__, arg) + tuple(id(t) for t in sources)
-    state = tuple(_fingerprint(t) for t in sources)
-    hit = _derived.get(key)
-    if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], sources)):
-        return hit[2]
-    if src.is_cuda and torch.cuda.is_current_stream_capturing():
-        return build(src, arg, *extra)
-    value = build(src, arg, *extra)
-
-    def drop(_, k=key):
-        _derived.pop(k, None)
-
-    refs = tuple((lambda: None) if t is None else weakref.ref(t, drop) for t in sources)
-    _derived[key] = (refs, state, value)
-    return value
 
 
 def check_device(t: torch.Tensor, name: str) -> None:
@@ -170,6 +129,6 @@ def unpack_nibbles(v, SIGNED: tl.constexpr, SWAR: tl.constexpr):
 def pack_pairs(q, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr):
     """``q (BLOCK_ROWS, BLOCK_COLS)`` int32 codes of consecutive channels -> bytes
     ``(BLOCK_ROWS, BLOCK_COLS // 2)``: channel ``2j`` in the low nibble, ``2j + 1`` in the high
-    one (the packing format of :mod:`hybridops.ops.packing`)."""
+    one (the packing format of :mod:`hybridops.kernels.packing`)."""
     lo, hi = tl.split(tl.reshape(q, (BLOCK_ROWS, BLOCK_COLS // 2, 2)))
     return ((lo & 0xF) | ((hi & 0xF) << 4)).to(tl.uint8)

@@ -33,8 +33,8 @@ Exactness (asserted by tests/test_onednn.py):
   FP branch, no re-quantization) takes bias and ReLU as oneDNN post-ops: tolerance 1 fp32 ulp
   per add (relative 2^-23 of |acc * scale| + |bias|), asserted at rtol 1e-6 / atol 1e-6.
 
-Weights are reordered once into oneDNN's blocked layout and cached by the packed tensor's
-identity and ``_version`` (a weak reference confirms identity), never per call.
+Weights are reordered once into oneDNN's blocked layout and kept in the package's one cache
+(:mod:`.derived`, by the packed tensor's identity and version), never per call.
 """
 from __future__ import annotations
 
@@ -43,13 +43,13 @@ import os
 import re
 import subprocess
 import sys
-import weakref
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from hybridops.ops.packing import levels, unpack_weight
+from .derived import cached
+from .packing import levels, unpack_weight
 
 try:
     from hybridops import _C_cpu as _C
@@ -85,50 +85,10 @@ def codes_from_int(codes: torch.Tensor, bits: int, signed: bool) -> torch.Tensor
     return (codes.to(torch.int16) + zero_point(bits, signed)).to(torch.uint8)
 
 
-# ----------------------------------------------------------------------------- caches
-class _IdCache:
-    """Values derived from a tensor, keyed by its identity and ``_version`` (plus an extra key).
-    Keyed by id with a weak reference that confirms identity (tensors cannot be weak dict keys,
-    whose lookups compare keys with ==); entries of freed tensors are dropped by the weakref's
-    callback."""
-
-    PER_TENSOR = 8  # derived values kept per tensor (see put)
-
-    def __init__(self):
-        self._d: Dict[tuple, tuple] = {}
-
-    def get(self, t: torch.Tensor, extra: tuple):
-        e = self._d.get((id(t),) + extra)
-        if e is not None and e[0]() is t and e[1] == t._version:
-            return e[2]
-        return None
-
-    def put(self, t: torch.Tensor, extra: tuple, value):
-        key = (id(t),) + extra
-        d = self._d
-        # Entries are per input shape: a model called at many batch sizes or resolutions keeps
-        # only the latest few packings of each tensor (the oldest is dropped; it re-packs if met again).
-        mine = [k for k in d if k[0] == id(t) and k != key]
-        for k in mine[: max(0, len(mine) + 1 - self.PER_TENSOR)]:
-            del d[k]
-        d[key] = (weakref.ref(t, lambda _r, k=key: d.pop(k, None)), t._version, value)
-        return value
-
-    def clear(self):
-        self._d.clear()
-
-
-_wcache = _IdCache()   # packed int weights -> oneDNN blocked s8 weights
-_fcache = _IdCache()   # float weights (FP branch) -> oneDNN blocked bf16 / fp32 weights
-_bcache = _IdCache()   # float bias -> bias in the compute dtype
-_zeros: Dict[int, torch.Tensor] = {}  # weight zero points (always 0: symmetric weights)
+# ----------------------------------------------------------------------------- constants
+# Weight zero points (always 0: symmetric weights) and unit scales, per length: constants.
+_zeros: Dict[int, torch.Tensor] = {}
 _ones: Dict[int, torch.Tensor] = {}
-
-
-def clear_caches() -> None:
-    """Drop every prepacked weight (they are rebuilt on the next call)."""
-    for c in (_wcache, _fcache, _bcache):
-        c.clear()
 
 
 def _zeros_i64(n: int) -> torch.Tensor:
@@ -184,14 +144,15 @@ def _prepacked_int_weight(w_packed, bits_w, cin_g, groups, stride, pad_sym, dila
     (seen on AVX-512 VNNI: AcdB48a4b packed, AcdB64a4b run, 4.9 ms for a 256x1024 1x1 conv on 14x14
     whose product takes 0.07 ms)."""
     key = (bits_w, cin_g, groups, tuple(stride), tuple(pad_sym), tuple(dilation), zp, tuple(x_shape), ci0, ci1)
-    p = _wcache.get(w_packed, key)
-    if p is None:
+
+    def build():
         w = unpack_weight(w_packed, bits_w, cin_g)
         if ci1 is not None:
             w = w[:, ci0:ci1].contiguous()
-        p = _wcache.put(w_packed, key, _qprepack(w, _ones_f32(w.shape[0]), 1.0, zp, list(stride), list(pad_sym),
-                                                 list(dilation), groups, list(x_shape)))
-    return p
+        return _qprepack(w, _ones_f32(w.shape[0]), 1.0, zp, list(stride), list(pad_sym), list(dilation), groups,
+                         list(x_shape))
+
+    return cached("onednn_int_weight", (w_packed,), key, build)
 
 
 def _pad_codes(x_nchw: torch.Tensor, extra: Tuple[int, int, int, int], zp: int) -> torch.Tensor:
@@ -289,7 +250,7 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     return out.to(x.dtype).view(x.shape) if x.dtype != torch.float32 else out.view(x.shape)
 
 
-def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, keep_idx=None,
+def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
                       slice_dtype=None):
     """One pass over ``x (N, C, H, W)`` (any memory format; channels_last reads fastest):
     ``(x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, C))`` in this backend's code format."""
@@ -297,16 +258,16 @@ def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, re
     xk = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(torch.float32)
     slice_bf16 = sd == torch.bfloat16
     x_slice, codes = _C.quantize_activate(xk, qparams, bits, signed, zero_point(bits, signed), bn_scale, bn_shift,
-                                          relu, keep_idx, slice_bf16)
-    if keep_idx is not None and sd not in (torch.float32, torch.bfloat16):
+                                          relu, fp_in_idx, slice_bf16)
+    if fp_in_idx is not None and sd not in (torch.float32, torch.bfloat16):
         x_slice = x_slice.to(sd)
-    elif keep_idx is None and x_slice.dtype != sd:
+    elif fp_in_idx is None and x_slice.dtype != sd:
         x_slice = x.new_empty((0,), dtype=sd)
     return x_slice, codes
 
 
 def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
-            relu=False, fp_out=None, fp_idx=None, requant_qparams=None, requant_bits=4, requant_signed=False,
+            relu=False, fp_out=None, fp_out_idx=None, requant_qparams=None, requant_bits=4, requant_signed=False,
             out_dtype=torch.float32):
     """The integer conv (oneDNN, u8 x s8, int32 accumulation) with the hybrid epilogue; the
     semantics of :func:`hybridops.ops.reference.qconv2d` on this backend's code format."""
@@ -339,7 +300,7 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
         if out_dtype == torch.int32:
             return acc
         y0 = acc.to(torch.float32) * sc  # the reference's f32(acc) * scale
-        return _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
+        return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
     if fp_out is None and requant_qparams is None and out_dtype in (torch.float32, torch.bfloat16):
         # One oneDNN call: acc * scale + bias, ReLU as a post-op, written in the output dtype.
         b = None if bias is None else bias.to(torch.float32)
@@ -349,16 +310,16 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
     y0 = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, None, stride, pad_sym, dilation, zp, False,
                        torch.float32)
     y0 = (_crop(y0, out_hw) if crop else y0).permute(0, 2, 3, 1)
-    return _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
+    return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
 
 
-def _epilogue(y0, bias, fp_out, fp_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype):
+def _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype):
     """Ours, one pass over y0 = f32(acc) * scale (NHWC): + bias, + FP branch, ReLU, codes / float."""
     if requant_qparams is not None:
-        return _C.epilogue(y0, bias, fp_out, fp_idx, relu, 2, requant_qparams, requant_bits, requant_signed,
+        return _C.epilogue(y0, bias, fp_out, fp_out_idx, relu, 2, requant_qparams, requant_bits, requant_signed,
                            zero_point(requant_bits, requant_signed))
     mode = 1 if out_dtype == torch.bfloat16 else 0
-    y = _C.epilogue(y0, bias, fp_out, fp_idx, relu, mode, None, 0, False, 0)
+    y = _C.epilogue(y0, bias, fp_out, fp_out_idx, relu, mode, None, 0, False, 0)
     return y if out_dtype in (torch.float32, torch.bfloat16) else y.to(out_dtype)
 
 
@@ -373,9 +334,8 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
               padding_tblr: Sequence[int], dilation: Sequence[int], groups: int,
               compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The pruned full-precision branch (inference, no autograd): ``conv2d(x, weight, bias)`` on
-    oneDNN with ``weight`` reordered once into oneDNN's blocked layout, cached by the weight's
-    identity and ``_version`` (an online update's optimizer step bumps the version, so the next
-    call re-packs).
+    oneDNN with ``weight`` reordered once into oneDNN's blocked layout (:mod:`.derived`: an online
+    update's optimizer step bumps the weight's version, so the next call re-packs).
 
     x: ``(N, C, H, W)`` float32 / bfloat16, best channels_last (the NCHW view of an NHWC slice
     from :func:`quantize_activate` is exactly that). ``padding_tblr``: (top, bottom, left, right).
@@ -408,16 +368,12 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     # not run on (seen on AVX2: Acdb24a packed, Acdb16a run), and every call re-orders the weight
     # (5 ms for a 205x512 1x1 conv whose product takes 0.1 ms).
     key = (dt, tuple(stride), tuple(pad_sym), tuple(dilation), groups, tuple(x.shape))
-    w = _fcache.get(weight, key)
-    if w is None:
-        w = _fcache.put(weight, key, torch._C._nn.mkldnn_reorder_conv2d_weight(
-            weight.detach().to(dt).contiguous().to_mkldnn(), list(pad_sym), list(stride), list(dilation), groups,
-            list(x.shape)))
+    w = cached("onednn_float_weight", (weight,), key, lambda: torch._C._nn.mkldnn_reorder_conv2d_weight(
+        weight.detach().to(dt).contiguous().to_mkldnn(), list(pad_sym), list(stride), list(dilation), groups,
+        list(x.shape)))
     b = None
     if bias is not None:
-        b = _bcache.get(bias, (dt,))
-        if b is None:
-            b = _bcache.put(bias, (dt,), bias.detach().to(dt).contiguous())
+        b = cached("onednn_float_bias", (bias,), dt, lambda: bias.detach().to(dt).contiguous())
     y = _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "none", [], "")
     return _crop(y, out_hw) if crop else y
 

@@ -27,12 +27,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridops.ops.packing import levels, packed_size, unpack_codes
-from hybridops.ops.geometry import conv_out_size
+from .packing import levels, packed_size, unpack_codes
+from .geometry import conv_out_size
 
 from . import tiles
-from ._common import (INTERPRET, LAUNCH_OPTS, cached_derived, check_device, check_grid, check_int32_span, pack_pairs,
+from ._common import (INTERPRET, LAUNCH_OPTS, check_device, check_grid, check_int32_span, pack_pairs,
                       quant_codes, unpack_nibble, unpack_nibbles)
+from .derived import cached
 from .quantize import inverse_index
 
 # Output modes of the epilogue.
@@ -361,7 +362,7 @@ def qconv2d(
     groups: int,
     relu: bool = False,
     fp_out: Optional[torch.Tensor] = None,
-    fp_idx: Optional[torch.Tensor] = None,
+    fp_out_idx: Optional[torch.Tensor] = None,
     requant_qparams: Optional[torch.Tensor] = None,
     requant_bits: int = 4,
     requant_signed: bool = False,
@@ -376,12 +377,12 @@ def qconv2d(
     x_codes: ``uint8 (N, H, W, packed(C_in))``; w_packed: ``uint8 (C_out, KH, KW,
     packed(C_in/groups))`` (any strides); padding ``(top, bottom, left, right)``.
     ``acc = sum(A_q * W_q)`` in int32, then in fp32 ``y = acc * scale[co] + bias[co]``,
-    ``y[..., fp_idx[j]] += fp_out[..., j]`` (entries of ``fp_idx`` distinct), ``relu``.
+    ``y[..., fp_out_idx[j]] += fp_out[..., j]`` (entries of ``fp_out_idx`` distinct), ``relu``.
     Returns NHWC: int32 accumulators (``out_dtype=torch.int32``), ``uint8`` packed codes of
     ``y`` (``requant_qparams`` given, eq 6-9), or ``y`` in ``out_dtype``.
 
     ``_fused`` (from :func:`hybrid_conv2d`): ``(fp_in, wf, fb)``, the pruned branch computed in the
-    kernel (``fp_out`` is then None and ``fp_idx`` its index map).
+    kernel (``fp_out`` is then None and ``fp_out_idx`` its index map).
     """
     check_device(x_codes, "x_codes")
     n, h, w, _ = x_codes.shape
@@ -409,7 +410,8 @@ def qconv2d(
     fp = fp_out if fp_out is not None and has_fp else out
     m = n * ho * wo
     requant = mode == _OUT_CODES
-    w_ready = cached_derived(w_packed, (bits_w, cin_g), compute_ready_weight)
+    w_ready = cached("compute_ready_weight", (w_packed,), (bits_w, cin_g),
+                     lambda: compute_ready_weight(w_packed, (bits_w, cin_g)))
     if _fused is not None:
         fp_in, wf, fb = _fused
         check_int32_span(_span(fp_in.shape[1:], fp_in.stride()[1:]), "fp_in: one image's float slice")
@@ -419,7 +421,7 @@ def qconv2d(
 
     args = (
         x_codes, w_ready, out, scale.contiguous(), bias.contiguous() if bias is not None else out,
-        fp, cached_derived(fp_idx, c_out, inverse_index) if has_fp else out,
+        fp, cached("inverse_index", (fp_out_idx,), c_out, lambda: inverse_index(fp_out_idx, c_out)) if has_fp else out,
         requant_qparams.contiguous() if requant else out,
         m, triton.next_power_of_2(m), h, w, ho, wo, c_out, cin_g, c_out // groups, row,
         *x_codes.stride(), *w_ready.stride()[:3], *(fp.stride() if fp is not out else (0, 0, 0, 0)),
@@ -492,7 +494,7 @@ def compute_ready_weight(w_packed: torch.Tensor, bits_and_cin_g) -> torch.Tensor
     """The B operand as the kernel consumes it, from storage-format weights ``uint8 (C_out, KH,
     KW, packed(C_in/g))`` (any strides): ``int8 (C_out, KH, KW, C_pad)``, one code per byte in
     channel order, ``C_pad`` = C_in per group rounded up to :data:`tiles.K_PAD` with zero codes.
-    Made once per weight tensor (``cached_derived``); 4-bit weights take twice their stored bytes."""
+    Made once per weight tensor (:func:`.derived.cached`); 4-bit weights take twice their stored bytes."""
     bits_w, cin_g = bits_and_cin_g
     codes = unpack_codes(w_packed, bits_w, cin_g, signed=True)
     return torch.nn.functional.pad(codes, (0, -cin_g % tiles.K_PAD)).contiguous()
@@ -573,15 +575,15 @@ def fuse_pruned_branch(m: int, c_out: int, cin_g: int, kept: int, taps: int, sli
     return fused_extra < separate
 
 
-def scattered_fp_weight(fp_weight: torch.Tensor, out_and_dtype, fp_idx: torch.Tensor,
+def scattered_fp_weight(fp_weight: torch.Tensor, out_and_dtype, fp_out_idx: torch.Tensor,
                         fp_bias: Optional[torch.Tensor]) -> tuple:
     """The pruned branch's weights and bias as the fused loop reads them: ``wf (C_out, KH, KW,
-    C_pad)`` in the slice's dtype, row ``fp_idx[j]`` = ``fp_weight[j]`` with channels last and
+    C_pad)`` in the slice's dtype, row ``fp_out_idx[j]`` = ``fp_weight[j]`` with channels last and
     zero-padded to :data:`FP_K_STEP`, other rows zero; ``fb (C_out,)`` fp32, likewise."""
     c_out, dtype = out_and_dtype
     k_p, c_f, kh, kw = fp_weight.shape
     wf = fp_weight.new_zeros((c_out, kh, kw, c_f + (-c_f % FP_K_STEP)), dtype=dtype)
-    idx = fp_idx.to(torch.long)
+    idx = fp_out_idx.to(torch.long)
     wf[idx, :, :, :c_f] = fp_weight.detach().permute(0, 2, 3, 1).to(dtype)
     fb = torch.zeros(c_out, dtype=torch.float32, device=fp_weight.device)
     if fp_bias is not None:
@@ -590,7 +592,7 @@ def scattered_fp_weight(fp_weight: torch.Tensor, out_and_dtype, fp_idx: torch.Te
 
 
 def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                        dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits,
+                        dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits,
                         requant_signed, out_dtype) -> torch.Tensor:
     """:func:`qconv2d` with the pruned branch's conv computed in the same kernel, one launch per
     hybrid layer (see :func:`hybridops.ops.reference.hybrid_conv2d` for the semantics; the op
@@ -605,7 +607,8 @@ def fused_hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w
         raise ValueError("the Triton interpreter multiplies bf16 tiles wrongly, so the fused pruned branch refuses a "
                          "bf16 slice there: use an fp16 or fp32 slice, or run on a GPU.")
     fp_in = fp_in if fp_in.stride(3) == 1 else fp_in.contiguous()  # the fused loop reads channels contiguously
-    wf, fb = cached_derived(fp_weight, (w_packed.shape[0], fp_in.dtype), scattered_fp_weight, (fp_idx, fp_bias))
+    wf, fb = cached("scattered_fp_weight", (fp_weight, fp_out_idx, fp_bias), (w_packed.shape[0], fp_in.dtype),
+                    lambda: scattered_fp_weight(fp_weight, (w_packed.shape[0], fp_in.dtype), fp_out_idx, fp_bias))
     return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-                   groups, relu, None, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
+                   groups, relu, None, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
                    _fused=(fp_in, wf, fb))

@@ -11,9 +11,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hybridops.ops.packing import levels, packed_size
+from .packing import levels, packed_size
 
-from ._common import LAUNCH_OPTS, cached_derived, check_device, check_grid, check_int32_span, pack_pairs, quant_codes
+from .derived import cached
+from ._common import LAUNCH_OPTS, check_device, check_grid, check_int32_span, pack_pairs, quant_codes
 
 # 1024 elements per program: measured fastest for this pass on H100 (docs/gpu.md).
 _BLOCK = 1024
@@ -93,9 +94,9 @@ def _quantize_activate_kernel(
 
     * ``program_id(2) < C_TILES``: ``BLOCK_C`` (even) channels, read once, give the codes
       (``uint8 (N, HW, CODE_ROW)``) and, through the inverse map ``slot[c]`` (a position of c in
-      keep_idx, or -1), the float slice ``(N, HW, SLICE_ROW)``.
+      fp_in_idx, or -1), the float slice ``(N, HW, SLICE_ROW)``.
     * the programs after them fill the slice positions ``k`` that the inverse map cannot hold:
-      ``keep_idx`` repeats a channel when a grouped pruned branch reads it for several kept
+      ``fp_in_idx`` repeats a channel when a grouped pruned branch reads it for several kept
       outputs (``repeat[k] = 1``). Only those channels are read a second time; without repeats
       these programs exit after one small load.
     """
@@ -172,7 +173,7 @@ def quantize_activate(
     bn_scale: Optional[torch.Tensor] = None,
     bn_shift: Optional[torch.Tensor] = None,
     relu: bool = False,
-    keep_idx: Optional[torch.Tensor] = None,
+    fp_in_idx: Optional[torch.Tensor] = None,
     slice_dtype: Optional[torch.dtype] = None,
 ):
     """Fused quantize-activate in one read of ``x``; see
@@ -180,18 +181,18 @@ def quantize_activate(
 
     x: ``(N, C, H, W)`` float, NCHW, channels_last or any view whose H and W merge into one
     strided dimension (other views are copied first). ``t = relu?(x * bn_scale[c] + bn_shift[c])``
-    in fp32. Returns ``(x_slice, codes)``: ``x_slice (N, H, W, len(keep_idx))`` in ``slice_dtype``
-    (default ``x.dtype``; an empty ``(0,)`` tensor without ``keep_idx``, which may repeat
+    in fp32. Returns ``(x_slice, codes)``: ``x_slice (N, H, W, len(fp_in_idx))`` in ``slice_dtype``
+    (default ``x.dtype``; an empty ``(0,)`` tensor without ``fp_in_idx``, which may repeat
     channels) and ``codes uint8 (N, H, W, packed(C))`` (eq 8-9, or eq 6-7 if ``signed``).
     """
     check_device(x, "x")
     n, c, h, w = x.shape
     sdt = slice_dtype or x.dtype
     codes = torch.empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8, device=x.device)
-    if keep_idx is None:
+    if fp_in_idx is None:
         x_slice = torch.empty((0,), dtype=sdt, device=x.device)
     else:
-        x_slice = torch.empty((n, h, w, keep_idx.shape[0]), dtype=sdt, device=x.device)
+        x_slice = torch.empty((n, h, w, fp_in_idx.shape[0]), dtype=sdt, device=x.device)
     if x.numel() == 0:
         return x_slice, codes
     sxp = _hw_stride(x)
@@ -203,8 +204,8 @@ def quantize_activate(
     has_slice = x_slice.numel() > 0
     kp = x_slice.shape[-1] if has_slice else 0
     if has_slice:
-        keep = keep_idx.contiguous()
-        slot, repeat = cached_derived(keep, c, _slot_and_repeats)
+        keep = fp_in_idx.contiguous()
+        slot, repeat = cached("slot_and_repeats", (keep,), c, lambda: _slot_and_repeats(keep, c))
     else:
         keep = slot = repeat = codes
     # Pairs of channels per tile; most channels per tile when they are contiguous in memory

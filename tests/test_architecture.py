@@ -36,7 +36,7 @@ SAME_RANK_OK = {
     ("conversion", "fusion"),  # deploy_ fuses epilogues after swapping layers
     ("fusion", "graph"),  # fusion reads the traced graph
 }
-KERNEL_MAY_IMPORT = {"hybridops.ops.packing", "hybridops.ops.geometry", "hybridops._C_cpu"}
+KERNEL_MAY_IMPORT = {"hybridops.kernels.packing", "hybridops.kernels.geometry", "hybridops._C_cpu"}
 
 
 def _sources():

@@ -348,7 +348,7 @@ def test_s4_kernels_where_the_hardware_has_them():
 def _check_template(plan, bits, cin, cout, groups):
     bits_a, a_signed, bits_w = bits
     x_codes, w_packed, gen = conv_inputs(2, cin, 7, 6, cout, 3, groups, bits_a, a_signed, bits_w, seed=cin + bits_a)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 7, 6, 2, gen, [cout - 1, 0, 5, 5], torch.float32)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 7, 6, 2, gen, [cout - 1, 0, 5, 5], torch.float32)
     geo = (x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, None, [1, 1], [1, 1, 1, 1], [1, 1], groups)
     ref = run_qconv("torch", *geo, out_dtype=torch.int32)
     with cuda_ext.forced_plan(plan):
@@ -356,10 +356,10 @@ def _check_template(plan, bits, cin, cout, groups):
         assert_same(run_qconv("cuda", *geo, out_dtype=torch.int32), ref)
     geo = geo[:7] + (bias,) + geo[8:]
     rq = make_qparams(0.0, 4.0, False)
-    ref = run_qconv("torch", *geo, relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=rq, rq_bits=4)
+    ref = run_qconv("torch", *geo, relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx, rq=rq, rq_bits=4)
     with cuda_ext.forced_plan(plan):
         poison_cuda_allocator(x_codes.device)
-        assert_same(run_qconv("cuda", *geo, relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=rq, rq_bits=4), ref)
+        assert_same(run_qconv("cuda", *geo, relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx, rq=rq, rq_bits=4), ref)
 
 @gpu
 def test_qconv2d_other_device_and_stream():
@@ -409,9 +409,9 @@ def test_opcheck_cuda_ops():
                                                        torch.float16))
     for cin, cout in [(6, 5), (32, 24)]:
         x_codes, w_packed, gen = conv_inputs(1, cin, 4, 4, cout, 3, 1, 4, False, 4)
-        scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
+        scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
         torch.library.opcheck(ops.cuda_qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, bias, [1, 1],
-                                                 [1, 1, 1, 1], [1, 1], 1, True, fp_out.contiguous(), fp_idx, None, 4,
+                                                 [1, 1, 1, 1], [1, 1], 1, True, fp_out.contiguous(), fp_out_idx, None, 4,
                                                  False, torch.float32))
         torch.library.opcheck(ops.cuda_qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, None, [1, 1],
                                                  [1, 1, 1, 1], [1, 1], 1, False, None, None, qp, 4, False,

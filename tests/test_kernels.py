@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hybridops.backend import backend_unavailable_reason
-from hybridops.ops import packing
+from hybridops.kernels import packing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ops = torch.ops.hybridops
@@ -209,9 +209,9 @@ def conv_inputs(n, cin, h, w, cout, k, groups, bits_a, a_signed, bits_w, seed=0)
 
 
 def run_qconv(backend, x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-           groups, relu=False, fp_out=None, fp_idx=None, rq=None, rq_bits=4, rq_signed=False, out_dtype=torch.float32):
+           groups, relu=False, fp_out=None, fp_out_idx=None, rq=None, rq_bits=4, rq_signed=False, out_dtype=torch.float32):
     return ops.qconv2d(x_codes, w_packed, cin, bits_a, a_signed, bits_w, scale, bias, list(stride), list(padding),
-                       list(dilation), groups, relu, fp_out, fp_idx, rq, rq_bits, rq_signed, out_dtype, backend)
+                       list(dilation), groups, relu, fp_out, fp_out_idx, rq, rq_bits, rq_signed, out_dtype, backend)
 
 
 # (N, C_in, H, W, C_out, kernel, stride, padding (t, b, l, r), dilation, groups, bits_a, a_signed, bits_w)
@@ -321,9 +321,9 @@ def epilogue_inputs(cout, ho, wo, n, gen, kept, fp_dtype):
 def test_qconv2d_float_epilogue(backend, out_dtype, with_bias, with_fp, relu, cin, cout):
     n = 2
     x_codes, w_packed, gen = conv_inputs(n, cin, 6, 5, cout, 3, 1, 4, False, 4, seed=3)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 3, 2, n, gen, [9, 2, 5, 0, cout - 1], torch.float16)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 3, 2, n, gen, [9, 2, 5, 0, cout - 1], torch.float16)
     args = (x_codes, w_packed, cin, 4, False, 4, scale, bias if with_bias else None, (2, 2), (1, 1, 1, 0), (1, 1), 1)
-    ep = dict(relu=relu, fp_out=fp_out if with_fp else None, fp_idx=fp_idx if with_fp else None, out_dtype=out_dtype)
+    ep = dict(relu=relu, fp_out=fp_out if with_fp else None, fp_out_idx=fp_out_idx if with_fp else None, out_dtype=out_dtype)
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
 
 
@@ -333,9 +333,9 @@ def test_qconv2d_fp_add_unsorted_index(backend, idx_dtype, cin, cout, groups):
     """Unsorted kept channels are added into the right output channels."""
     n = 1
     x_codes, w_packed, gen = conv_inputs(n, cin, 5, 5, cout, 3, groups, 4, False, 4, seed=7)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 5, n, gen, [cout - 1, 3, 0, 1], torch.float32)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 5, 5, n, gen, [cout - 1, 3, 0, 1], torch.float32)
     args = (x_codes, w_packed, cin, 4, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
-    ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx.to(idx_dtype))
+    ep = dict(relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx.to(idx_dtype))
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
 
 
@@ -347,7 +347,7 @@ def test_qconv2d_rejects_bad_fp_idx(backend, kept, match):
     scale, bias, fp_out, _ = epilogue_inputs(24, 5, 5, 1, gen, [0, 1, 2, 3][: len(kept)], torch.float32)
     args = (x_codes, w_packed, 16, 4, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), 1)
     with pytest.raises(ValueError, match=match):
-        run_qconv(backend, *args, relu=False, fp_out=fp_out, fp_idx=torch.tensor(kept, device=x_codes.device))
+        run_qconv(backend, *args, relu=False, fp_out=fp_out, fp_out_idx=torch.tensor(kept, device=x_codes.device))
 
 
 @pytest.mark.parametrize("rq_bits,rq_signed", [(4, False), (2, False), (4, True), (5, False), (5, True), (8, True),
@@ -356,10 +356,10 @@ def test_qconv2d_rejects_bad_fp_idx(backend, kept, match):
 def test_qconv2d_requantize(backend, rq_bits, rq_signed, cin, cout, groups):
     n, h, w = 2, 5, 5
     x_codes, w_packed, gen = conv_inputs(n, cin, h, w, cout, 3, groups, 5, False, 4, seed=cout)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, h, w, n, gen, [cout - 1, 0, cout // 2], torch.float32)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, h, w, n, gen, [cout - 1, 0, cout // 2], torch.float32)
     scale = scale / (cin // groups) * 10
     args = (x_codes, w_packed, cin, 5, False, 4, scale, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
-    ep = dict(relu=not rq_signed, fp_out=fp_out, fp_idx=fp_idx)
+    ep = dict(relu=not rq_signed, fp_out=fp_out, fp_out_idx=fp_out_idx)
     y = run_qconv("torch", *args, **ep)
     rq = make_qparams(y.min().item(), y.max().item(), False) if not rq_signed else make_qparams(0.0, y.abs().max().item(), True)
     got = run_qconv(backend, *args, **ep, rq=rq, rq_bits=rq_bits, rq_signed=rq_signed)
@@ -481,9 +481,9 @@ def test_qconv2d_every_shipped_tile(backend, tile_index):
     tile = tiles.compiled_configs()[tile_index]
     for cin, cout, groups in ((17, 33, 1), (34, 34, 2)):
         x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, 3, groups, 4, False, 4, seed=tile_index)
-        scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [cout - 1, 0, 5], torch.float32)
+        scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 5, 4, 1, gen, [cout - 1, 0, 5], torch.float32)
         args = (x_codes, w_packed, cin, 4, False, 4, scale * 0.3, bias, (1, 1), (1, 1, 1, 1), (1, 1), groups)
-        ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=make_qparams(0.0, 2.0, False), rq_bits=4)
+        ep = dict(relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx, rq=make_qparams(0.0, 2.0, False), rq_bits=4)
         raw = args[:7] + (None,) + args[8:]
         with tiles.forced(tile.name):
             got = run_qconv(backend, *args, **ep)
@@ -508,16 +508,16 @@ class _LaunchSpy:
 
 def _spied_triton_conv(monkeypatch, cin, cout, k, groups, bits, seed):
     """A batch-1 5x4 conv case (``k x k``, same padding) for the Triton launcher with its kernel
-    launches recorded: ``(qconv, tiles, spy, args, raw, (fp_out, fp_idx))``, where ``raw`` is
+    launches recorded: ``(qconv, tiles, spy, args, raw, (fp_out, fp_out_idx))``, where ``raw`` is
     ``args`` without the bias (for int32 accumulators)."""
     qconv, tiles = _triton_modules()
     spy = _LaunchSpy(qconv._qconv_kernel)
     monkeypatch.setattr(qconv, "_qconv_kernel", spy)
     ba, asg, bw = bits
     x_codes, w_packed, gen = conv_inputs(1, cin, 5, 4, cout, k, groups, ba, asg, bw, seed=seed)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 5, 4, 1, gen, [3, 0, cout - 1], torch.float32)
     args = (x_codes, w_packed, cin, ba, asg, bw, scale / cin, bias, [1, 1], [k // 2] * 4, [1, 1], groups)
-    return qconv, tiles, spy, args, args[:7] + (None,) + args[8:], (fp_out, fp_idx)
+    return qconv, tiles, spy, args, args[:7] + (None,) + args[8:], (fp_out, fp_out_idx)
 
 
 @pytest.mark.parametrize("cin,groups,bits", [(128, 1, (4, False, 4)), (128, 2, (4, True, 4)), (64, 1, (5, False, 4)),
@@ -529,10 +529,10 @@ def test_qconv2d_full_k_steps(backend, monkeypatch, cin, groups, bits):
     activation masks."""
     if backend != "triton":
         pytest.skip("K_FULL is the triton kernel's")
-    qconv, tiles, spy, args, raw, (fp_out, fp_idx) = _spied_triton_conv(monkeypatch, cin, 24, 3, groups, bits,
+    qconv, tiles, spy, args, raw, (fp_out, fp_out_idx) = _spied_triton_conv(monkeypatch, cin, 24, 3, groups, bits,
                                                                         seed=cin + groups)
     cout = 24
-    ep = dict(relu=True, fp_out=fp_out, fp_idx=fp_idx, rq=make_qparams(0.0, 1.5, False), rq_bits=4)
+    ep = dict(relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx, rq=make_qparams(0.0, 1.5, False), rq_bits=4)
     assert_same(run_qconv(backend, *raw, out_dtype=torch.int32), run_qconv("torch", *raw, out_dtype=torch.int32))
     assert_same(run_qconv(backend, *args, **ep), run_qconv("torch", *args, **ep))
     step = tiles.pick(5 * 4, cout, qconv.INTERPRET).block_k
@@ -549,7 +549,7 @@ def test_qconv2d_split_k_is_exact(backend, monkeypatch, split, cin, k, bits):
     exactly in every output mode; a split count past the loop's length is capped."""
     if backend != "triton":
         pytest.skip("split-K is the triton kernel's")
-    qconv, tiles, spy, args, raw, (fp_out, fp_idx) = _spied_triton_conv(monkeypatch, cin, 20, k, 1, bits,
+    qconv, tiles, spy, args, raw, (fp_out, fp_out_idx) = _spied_triton_conv(monkeypatch, cin, 20, k, 1, bits,
                                                                         seed=cin + split)
     cout = 20
     ref = run_qconv("torch", *raw, out_dtype=torch.int32)
@@ -559,10 +559,10 @@ def test_qconv2d_split_k_is_exact(backend, monkeypatch, split, cin, k, bits):
     launched = spy.launches[-1]
     assert launched["SPLIT_K"] == -(-iters // -(-iters // min(split, iters)))  # no empty split
     assert launched["ITERS_PER_SPLIT"] * launched["SPLIT_K"] >= iters
-    for ep in (dict(relu=True, fp_out=fp_out, fp_idx=fp_idx), dict(requant_qparams=make_qparams(0.0, 1.5, False)),
+    for ep in (dict(relu=True, fp_out=fp_out, fp_out_idx=fp_out_idx), dict(requant_qparams=make_qparams(0.0, 1.5, False)),
                dict(requant_qparams=make_qparams(-1.0, 1.0, True), requant_bits=5, requant_signed=True)):
         got = qconv.qconv2d(*args, split_k=split, **ep)
-        expect = run_qconv("torch", *args, ep.get("relu", False), ep.get("fp_out"), ep.get("fp_idx"),
+        expect = run_qconv("torch", *args, ep.get("relu", False), ep.get("fp_out"), ep.get("fp_out_idx"),
                            ep.get("requant_qparams"), ep.get("requant_bits", 4), ep.get("requant_signed", False))
         assert_same(got, expect)
 
@@ -579,10 +579,10 @@ def hybrid_inputs(n, cin, h, w, cout, k, kept, c_f, fp_dtype, seed, with_bias=Tr
     return x_codes, w_packed, scale, bias, fp_in, fp_weight, fp_bias, torch.tensor(kept, device=DEVICE)
 
 
-def run_hybrid(backend, x_codes, w_packed, scale, bias, fp_in, fp_weight, fp_bias, fp_idx, cin, stride, padding,
+def run_hybrid(backend, x_codes, w_packed, scale, bias, fp_in, fp_weight, fp_bias, fp_out_idx, cin, stride, padding,
                dilation, relu=True, rq=None, rq_bits=4, out_dtype=torch.float32, groups=1):
     return ops.hybrid_conv2d(x_codes, w_packed, cin, 4, False, 4, scale, bias, list(stride), list(padding),
-                             list(dilation), groups, relu, fp_in, fp_weight, fp_bias, fp_idx, rq, rq_bits, False, out_dtype,
+                             list(dilation), groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, rq, rq_bits, False, out_dtype,
                              backend)
 
 
@@ -681,9 +681,9 @@ def test_hybrid_conv_op_rejects_bad_branch_arguments(backend):
         run_hybrid(backend, *t[:4], t[4][:, :4], *t[5:], *geo)
     with pytest.raises(ValueError, match="fp_weight must be float"):
         run_hybrid(backend, *t[:5], t[5][:, :3], *t[6:], *geo)
-    with pytest.raises(ValueError, match="fp_idx must hold one output channel per kept row"):
+    with pytest.raises(ValueError, match="fp_out_idx must hold one output channel per kept row"):
         run_hybrid(backend, *t[:7], t[7][:1], *geo)
-    with pytest.raises(ValueError, match="fp_idx"):
+    with pytest.raises(ValueError, match="fp_out_idx"):
         run_hybrid(backend, *t[:7], torch.tensor([1, 8], device=DEVICE), *geo)  # past C_out
     with pytest.raises(ValueError, match="out_dtype must be a float dtype"):
         run_hybrid(backend, *t, *geo, out_dtype=torch.int32)
@@ -783,10 +783,10 @@ def test_opcheck_quantize_activate(backend):
 @pytest.mark.parametrize("cin,cout", [(6, 5), (32, 20)])  # cuda: direct path, tensor cores
 def test_opcheck_qconv2d(backend, cin, cout):
     x_codes, w_packed, gen = conv_inputs(1, cin, 4, 4, cout, 3, 1, 4, False, 4)
-    scale, bias, fp_out, fp_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
+    scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
     fp_out = fp_out.contiguous().requires_grad_()
     torch.library.opcheck(ops.qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, bias, [1, 1], [1, 1, 1, 1],
-                                        [1, 1], 1, True, fp_out, fp_idx, None, 4, False, torch.float32, backend))
+                                        [1, 1], 1, True, fp_out, fp_out_idx, None, 4, False, torch.float32, backend))
     torch.library.opcheck(ops.qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, None, [1, 1], [1, 1, 1, 1],
                                         [1, 1], 1, False, None, None, make_qparams(-1.0, 1.0, False), 4, False,
                                         torch.float32, backend))

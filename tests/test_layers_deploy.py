@@ -5,7 +5,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import hybridops as ho
-from hybridops.ops.packing import unpack_weight
+from hybridops.kernels.packing import unpack_weight
 
 # The deployed layer computes the same function in a different order (integer accumulators
 # times one folded scale instead of float fake-quantized conv times out_scale): it matches the

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybridops.ops import packing
+from hybridops.kernels import packing
 
 ROW_BYTES = 64   # kChunk: bytes of an operand row per k tile (128 packed channels)
 CH = 128         # MmaLayout<..., S4 = true>::CH: channels per k tile

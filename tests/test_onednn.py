@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from hybridops.ops import custom_ops, registry
 from hybridops.ops import reference as R
-from hybridops.ops.geometry import conv_out_hw
-from hybridops.ops.packing import levels, pack_codes, pack_weight
+from hybridops.kernels.geometry import conv_out_hw
+from hybridops.kernels.packing import levels, pack_codes, pack_weight
 
 O = pytest.importorskip("hybridops.kernels.onednn", reason="the onednn backend did not load")
 
@@ -197,7 +197,7 @@ def test_empty_batch():
     out = O.qconv2d(torch.zeros(0, 5, 5, 3, dtype=torch.uint8), wp, 3, 4, False, 4, torch.ones(4), None, [1, 1],
                     [1, 1, 1, 1], [1, 1], 1)
     assert out.shape == (0, 5, 5, 4)
-    s, codes = O.quantize_activate(torch.zeros(0, 3, 5, 5), _qparams(0, 1, False), 4, False, keep_idx=torch.tensor([1]))
+    s, codes = O.quantize_activate(torch.zeros(0, 3, 5, 5), _qparams(0, 1, False), 4, False, fp_in_idx=torch.tensor([1]))
     assert codes.shape == (0, 5, 5, 3) and s.shape == (0, 5, 5, 1)
 
 

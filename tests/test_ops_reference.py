@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import hybridops as ho
-from hybridops.ops import packing, reference
-from hybridops.ops.packing import levels, pack_codes, pack_weight, packed_size, unpack_codes, unpack_weight
+from hybridops.kernels import packing
+from hybridops.ops import reference
+from hybridops.kernels.packing import levels, pack_codes, pack_weight, packed_size, unpack_codes, unpack_weight
 
 
 # ----------------------------------------------------------------------------- packing
@@ -138,11 +139,11 @@ def test_qconv2d_float_epilogue_matches_hand_formula():
     wq = _random_codes((cout, cin, 3, 3), 4, True, g)
     scale = torch.rand(cout, generator=g) + 0.1
     bias = torch.randn(cout, generator=g)
-    fp_idx = torch.tensor([4, 1])
+    fp_out_idx = torch.tensor([4, 1])
     fp_out = torch.randn(2, 4, 3, 2, generator=g)
     args = (pack_codes(a.permute(0, 2, 3, 1), 4), pack_weight(wq, 4), cin, 4, False, 4, scale, bias,
             [1, 1], [0, 0, 0, 0], [1, 1], 1)
-    y = torch.ops.hybridops.qconv2d(*args, True, fp_out, fp_idx, None, 4, False, torch.float32, "torch")
+    y = torch.ops.hybridops.qconv2d(*args, True, fp_out, fp_out_idx, None, 4, False, torch.float32, "torch")
     acc = _direct_int64_conv(a, wq, (1, 1), (0, 0, 0, 0), (1, 1), 1).permute(0, 2, 3, 1).float()
     expect = acc * scale + bias
     expect[..., 4] += fp_out[..., 0]
@@ -150,7 +151,7 @@ def test_qconv2d_float_epilogue_matches_hand_formula():
     torch.testing.assert_close(y, expect.relu(), atol=1e-5, rtol=1e-6)
     # requantized output: the packed codes of the same y
     qp = torch.tensor([0.25, 0.0])
-    codes = torch.ops.hybridops.qconv2d(*args, True, fp_out, fp_idx, qp, 4, False, torch.float32, "torch")
+    codes = torch.ops.hybridops.qconv2d(*args, True, fp_out, fp_out_idx, qp, 4, False, torch.float32, "torch")
     assert codes.dtype == torch.uint8 and codes.shape == (2, 4, 3, 3)
     assert torch.equal(unpack_codes(codes, 4, cout, False).to(torch.int16),
                        reference.codes_from_qparams(y, qp, 4, False))
@@ -168,7 +169,7 @@ def test_quantize_activate_reference():
     torch.testing.assert_close(xs, t[:, [3, 0]].permute(0, 2, 3, 1))
     expect = ho.quantize_codes(t.permute(0, 2, 3, 1), torch.tensor(0.5), torch.tensor(0.25), 4, False)[0]
     assert torch.equal(unpack_codes(codes, 4, 5, False).to(torch.int16), expect)
-    # without keep_idx the slice is an empty (0,) tensor
+    # without fp_in_idx the slice is an empty (0,) tensor
     xs2, codes2 = torch.ops.hybridops.quantize_activate(x, qp, 4, False, None, None, False, None, None, "torch")
     assert xs2.shape == (0,) and codes2.shape == (2, 3, 4, 3)
 

@@ -116,7 +116,7 @@ gpu = pytest.mark.gpu
 
 
 def _case(bits_a, a_signed, bits_w, n=2, cin=64, h=9, w=10, cout=48, k=3, seed=0):
-    from hybridops.ops import packing
+    from hybridops.kernels import packing
 
     g = torch.Generator().manual_seed(seed)
     la, lw = packing.levels(bits_a, a_signed), packing.levels(bits_w, True)
@@ -139,14 +139,14 @@ def test_sm90_matches_reference(tile_m, out):
     geo = ([2, 1], [1, 0, 2, 1], [1, 2], 1)  # stride 2x1, asymmetric padding, dilation 1x2
     ho, wo = (9 + 1 - 2 - 1) // 2 + 1, (10 + 3 - 4 - 1) // 1 + 1
     # The FP branch with a repeated channel (added twice, in index order) and a strided view.
-    fp_idx = torch.tensor([47, 0, 5, 0], device="cuda")
+    fp_out_idx = torch.tensor([47, 0, 5, 0], device="cuda")
     fp_out = torch.randn(2, ho, wo, 8, device="cuda")[..., ::2]
     if out.startswith("codes"):
         rq_bits, rq_signed = (8, True) if out == "codes8s" else (6, False)
         qp = torch.tensor([0.05, 0.0], device="cuda")
-        tail = (bias, *geo, not rq_signed, fp_out, fp_idx, qp, rq_bits, rq_signed, torch.float32)
+        tail = (bias, *geo, not rq_signed, fp_out, fp_out_idx, qp, rq_bits, rq_signed, torch.float32)
     else:
-        tail = (bias, *geo, True, fp_out, fp_idx, None, 4, False, getattr(torch, out))
+        tail = (bias, *geo, True, fp_out, fp_out_idx, None, 4, False, getattr(torch, out))
     from hybridops.ops import reference
 
     ops = torch.ops.hybridops

@@ -50,11 +50,11 @@ def _run_ptx(asm: str, word: "np.ndarray") -> tuple:
 @pytest.mark.parametrize("signed", [False, True])
 def test_swar_nibble_unpacking_matches_the_format(signed):
     """The inline PTX that splits four packed bytes per register (GPU only) gives, byte for byte,
-    the codes of hybridops.ops.packing.unpack_codes: every byte value in every byte position."""
+    the codes of hybridops.kernels.packing.unpack_codes: every byte value in every byte position."""
     np = pytest.importorskip("numpy")
     pytest.importorskip("triton")
     from hybridops.kernels import _common
-    from hybridops.ops.packing import unpack_codes
+    from hybridops.kernels.packing import unpack_codes
 
     asm = (_common.SWAR_SIGNED_ASM if signed else _common.SWAR_UNSIGNED_ASM).value
     rng = np.random.default_rng(0)

@@ -47,7 +47,7 @@ import torch
 
 import hybridops  # noqa: F401  (registers the hybridops:: ops)
 from hybridops.backend import backend_unavailable_reason
-from hybridops.ops import packing
+from hybridops.kernels import packing
 
 ops = torch.ops.hybridops
 GPU = torch.cuda.is_available()
@@ -317,7 +317,7 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
     bias = (torch.randn(cout, generator=gen) * 0.5).to(DEVICE)
     kept = sorted({cout - 1, 0, cout // 2, cout // 3})
     fp_out = torch.randn(n, ho, wo, 2 * len(kept), generator=gen).to(DEVICE)[..., ::2]  # a strided NHWC view
-    fp_idx = torch.tensor(kept[::-1], device=DEVICE)
+    fp_out_idx = torch.tensor(kept[::-1], device=DEVICE)
     base = (x_codes, w_packed, cin, ba, asg, bw, scale)
     geo = ([stride[0], stride[1]], list(pad), [dil[0], dil[1]], groups)
     mode = c["mode"]
@@ -325,13 +325,13 @@ def run_case(c: Dict, backend: str) -> Optional[str]:
         tail = (None, *geo, False, None, None, None, 4, False, torch.int32)
     elif mode in ("float", "half"):
         dt = torch.float32 if mode == "float" else (torch.bfloat16 if GPU else torch.float16)
-        tail = (bias, *geo, True, fp_out, fp_idx, None, 4, False, dt)
+        tail = (bias, *geo, True, fp_out, fp_out_idx, None, 4, False, dt)
     else:
         rq_bits, rq_signed = {"requant4": (4, False), "requant8s": (8, True), "requant6": (6, False)}[mode]
-        y = ops.qconv2d(*base, bias, *geo, not rq_signed, fp_out, fp_idx, None, 4, False, torch.float32, "torch")
+        y = ops.qconv2d(*base, bias, *geo, not rq_signed, fp_out, fp_out_idx, None, 4, False, torch.float32, "torch")
         hi = y.abs().max().item() or 1.0
         qp = torch.tensor([1 / hi, 0.0], device=DEVICE)
-        tail = (bias, *geo, not rq_signed, fp_out, fp_idx, qp, rq_bits, rq_signed, torch.float32)
+        tail = (bias, *geo, not rq_signed, fp_out, fp_out_idx, qp, rq_bits, rq_signed, torch.float32)
     if c["kind"] == "hybrid":
         return _hybrid_case(c, base, geo, bias, kept, n, h, w, k, gen)
     if c["kind"] == "qconv_sm90":
@@ -366,22 +366,22 @@ def _hybrid_case(c, base, geo, bias, kept, n, h, w, k, gen) -> Optional[str]:
     fp_in = torch.randn(n, h, w, c_f, generator=gen).to(DEVICE, dt)
     fp_weight = (torch.randn(len(kept), c_f, k, k, generator=gen) * 0.2).to(DEVICE)
     fp_bias = torch.randn(len(kept), generator=gen).to(DEVICE)
-    fp_idx = torch.tensor(kept[::-1], device=DEVICE)
+    fp_out_idx = torch.tensor(kept[::-1], device=DEVICE)
     fp_ref = reference.pruned_branch_conv(fp_in.float(), fp_weight.to(dt).float(), fp_bias, *geo[:3])
     requant = c["mode"] == "requant4"
     qp = None
     if requant:
-        y = ops.qconv2d(*base, bias, *geo, True, fp_ref, fp_idx, None, 4, False, torch.float32, "torch")
+        y = ops.qconv2d(*base, bias, *geo, True, fp_ref, fp_out_idx, None, 4, False, torch.float32, "torch")
         qp = torch.tensor([1 / (y.abs().max().item() or 1.0), 0.0], device=DEVICE)
     tail = (bias, *geo, True)
     os.environ["HYBRIDOPS_FUSE_BRANCH"] = "always"
     try:
         with poisoned():
-            got = ops.hybrid_conv2d(*base, *tail, fp_in, fp_weight, fp_bias, fp_idx, qp, 4, False, torch.float32,
+            got = ops.hybrid_conv2d(*base, *tail, fp_in, fp_weight, fp_bias, fp_out_idx, qp, 4, False, torch.float32,
                                     "triton")
     finally:
         del os.environ["HYBRIDOPS_FUSE_BRANCH"]
-    ref = ops.qconv2d(*base, *tail, fp_ref, fp_idx, qp, 4, False, torch.float32, "torch")
+    ref = ops.qconv2d(*base, *tail, fp_ref, fp_out_idx, qp, 4, False, torch.float32, "torch")
     if not requant:
         return "unwritten (NaN-poisoned) output elements" if got.isnan().any() else _close(got, ref)
     cout = base[1].shape[0]

@@ -162,7 +162,7 @@ const float* opt_f32(const c10::optional<at::Tensor>& t, at::Tensor& hold) {
 std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
                                           int64_t zp, const c10::optional<at::Tensor>& bn_scale,
                                           const c10::optional<at::Tensor>& bn_shift, bool relu,
-                                          const c10::optional<at::Tensor>& keep_idx, bool slice_bf16) {
+                                          const c10::optional<at::Tensor>& fp_in_idx, bool slice_bf16) {
   TORCH_CHECK(x.dim() == 4 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "quantize_activate kernel: x must be a 4-D float32 or bfloat16 tensor.");
   const QP q = make_qp(qparams, bits, is_signed, zp);
@@ -174,12 +174,12 @@ std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor&
   const int64_t* keep = nullptr;
   int64_t nkeep = 0;
   at::Tensor slice;
-  if (keep_idx.has_value() && keep_idx->defined()) {
-    hk = keep_idx->to(at::kLong).contiguous();
+  if (fp_in_idx.has_value() && fp_in_idx->defined()) {
+    hk = fp_in_idx->to(at::kLong).contiguous();
     keep = hk.data_ptr<int64_t>();
     nkeep = hk.numel();
-    // The slice is gathered through keep_idx: an index outside [0, C) would read out of bounds.
-    for (int64_t j = 0; j < nkeep; ++j) TORCH_CHECK(keep[j] >= 0 && keep[j] < C, "keep_idx must index channels in [0, ", C, ").");
+    // The slice is gathered through fp_in_idx: an index outside [0, C) would read out of bounds.
+    for (int64_t j = 0; j < nkeep; ++j) TORCH_CHECK(keep[j] >= 0 && keep[j] < C, "fp_in_idx must index channels in [0, ", C, ").");
     slice = at::empty({N, H, W, nkeep}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
   } else {
     slice = at::empty({0}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
@@ -208,7 +208,7 @@ at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int
 }
 
 // y0: fp32 (P, C) contiguous (oneDNN's acc * scale, NHWC). fp: (P, K) float32 / bfloat16,
-// fp_idx: K distinct channels. mode 0: fp32 output written into y0 (returned); 1: bf16; 2: u8
+// fp_out_idx: K distinct channels. mode 0: fp32 output written into y0 (returned); 1: bf16; 2: u8
 // codes with rq (re-quantization).
 template <typename F>
 at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const int64_t* idx, int64_t K, bool relu,
@@ -242,7 +242,7 @@ at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const i
 }
 
 at::Tensor epilogue(at::Tensor y0, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& fp_out,
-                    const c10::optional<at::Tensor>& fp_idx, bool relu, int64_t mode,
+                    const c10::optional<at::Tensor>& fp_out_idx, bool relu, int64_t mode,
                     const c10::optional<at::Tensor>& rq_qparams, int64_t rq_bits, bool rq_signed, int64_t rq_zp) {
   TORCH_CHECK(y0.scalar_type() == at::kFloat && y0.is_contiguous(), "epilogue kernel: y0 must be contiguous float32.");
   TORCH_CHECK(mode >= 0 && mode <= 2, "epilogue kernel: mode must be 0, 1 or 2.");
@@ -254,7 +254,7 @@ at::Tensor epilogue(at::Tensor y0, const c10::optional<at::Tensor>& bias, const 
     rq = make_qp(*rq_qparams, rq_bits, rq_signed, rq_zp);
   }
   if (fp_out.has_value() && fp_out->defined() && fp_out->numel()) {
-    hi = fp_idx->to(at::kLong).contiguous();
+    hi = fp_out_idx->to(at::kLong).contiguous();
     const int64_t K = hi.numel();
     if (fp_out->scalar_type() == at::kBFloat16) {
       hf = fp_out->contiguous();

@@ -49,7 +49,7 @@ inline bool qconv2d_eligible(const at::Tensor& x_codes, const at::Tensor& w_pack
                              bool a_signed, int64_t bits_w, const at::Tensor& scale,
                              const std::optional<at::Tensor>& bias, at::IntArrayRef stride, at::IntArrayRef padding,
                              at::IntArrayRef dilation, int64_t groups, const std::optional<at::Tensor>& fp_out,
-                             const std::optional<at::Tensor>& fp_idx, const std::optional<at::Tensor>& requant_qparams,
+                             const std::optional<at::Tensor>& fp_out_idx, const std::optional<at::Tensor>& requant_qparams,
                              int64_t requant_bits, at::ScalarType out_dtype) {
   // Operands: one code per byte (Hopper has no int4 MMA; nibble-packed codes stay on the
   // hand-written kernel), int8-representable (unsigned 8-bit codes reach 255), contiguous NHWC /
@@ -77,10 +77,10 @@ inline bool qconv2d_eligible(const at::Tensor& x_codes, const at::Tensor& w_pack
   // Epilogue: a float scale and bias per output channel, the FP branch as the op takes it, and
   // an output of fp32, bf16 or one-byte codes.
   if (!float_vector(scale, cout, x_codes) || (bias.has_value() && !float_vector(bias, cout, x_codes))) return false;
-  if (fp_out.has_value() != fp_idx.has_value()) return false;
+  if (fp_out.has_value() != fp_out_idx.has_value()) return false;
   if (fp_out.has_value()) {
     const auto& f = *fp_out;
-    const auto& j = *fp_idx;
+    const auto& j = *fp_out_idx;
     if (f.device() != x_codes.device() || j.device() != x_codes.device() || j.dim() != 1 ||
         (j.scalar_type() != at::kInt && j.scalar_type() != at::kLong) ||
         f.sizes() != at::IntArrayRef({n, ho, wo, j.size(0)}) ||

@@ -67,7 +67,7 @@ struct ReluIf {
 };
 
 // Re-quantization to one code per byte (5-8 bits; eq 6-9, quant_code of common.cuh): signed codes
-// as int8 bit patterns, unsigned ones up to 255, as hybridops/ops/packing.py stores them.
+// as int8 bit patterns, unsigned ones up to 255, as kernels/packing.py stores them.
 template <class T>
 struct QuantCodes {
   using Arguments = QuantArgs;
@@ -84,9 +84,9 @@ struct QuantCodes {
 };
 
 // A custom EVT node with one child (the scaled, biased value): adds the FP branch's outputs
-// through the inverse channel map built per call from fp_idx (qconv2d_sm90_op.cu): first[co] is
-// the first column j of fp_out with fp_idx[j] == co (or -1), next[j] the following column with the
-// same channel (or -1). A channel fed by several columns (fp_idx may repeat; reference.qconv2d's
+// through the inverse channel map built per call from fp_out_idx (qconv2d_sm90_op.cu): first[co] is
+// the first column j of fp_out with fp_out_idx[j] == co (or -1), next[j] the following column with the
+// same channel (or -1). A channel fed by several columns (fp_out_idx may repeat; reference.qconv2d's
 // index_add then adds each in index order) walks its chain; distinct indices give chains of one.
 // It reads global memory directly in visit(): each element needs its own (pixel, column) of
 // fp_out, a gather no broadcast node expresses, and fp_k is usually a small fraction of C_out.

@@ -64,11 +64,11 @@ LaunchResult run_tile(int tile_m, const HybridConvArgs& a, const std::function<v
 at::Tensor qconv2d_sm90(const at::Tensor& x_codes, const at::Tensor& w_packed, int64_t in_channels, int64_t bits_a,
                         bool a_signed, int64_t bits_w, const at::Tensor& scale, const std::optional<at::Tensor>& bias,
                         at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
-                        bool relu, const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_idx,
+                        bool relu, const std::optional<at::Tensor>& fp_out, const std::optional<at::Tensor>& fp_out_idx,
                         const std::optional<at::Tensor>& requant_qparams, int64_t requant_bits, bool requant_signed,
                         at::ScalarType out_dtype, int64_t tile_m) {
   TORCH_CHECK(qconv2d_eligible(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                               dilation, groups, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype),
+                               dilation, groups, fp_out, fp_out_idx, requant_qparams, requant_bits, out_dtype),
               "cuda_qconv2d_sm90: this call is not one the CUTLASS Hopper kernel takes (an sm_90 GPU, groups=1, 5-8 bit "
               "codes one per byte, C_in and C_out multiples of 16, TMA im2col limits, fp32/bf16 or one-byte code "
               "output); cuda_qconv2d runs every call and picks this kernel where it applies.");
@@ -101,7 +101,7 @@ at::Tensor qconv2d_sm90(const at::Tensor& x_codes, const at::Tensor& w_packed, i
   at::Tensor fp, chain;
   if (fp_out.has_value()) {
     fp = fp_out->contiguous();
-    const at::Tensor idx = fp_idx->contiguous();
+    const at::Tensor idx = fp_out_idx->contiguous();
     const int64_t fp_k = idx.size(0);
     chain = at::empty({cout + fp_k}, x_codes.options().dtype(at::kInt));
     const int threads = static_cast<int>(cout + fp_k);
@@ -147,7 +147,7 @@ TORCH_LIBRARY_FRAGMENT(hybridops, m) {
   m.def(
       "cuda_qconv2d_sm90(Tensor x_codes, Tensor w_packed, int in_channels, int bits_a, bool a_signed, int bits_w, "
       "Tensor scale, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, bool relu, "
-      "Tensor? fp_out, Tensor? fp_idx, Tensor? requant_qparams, int requant_bits, bool requant_signed, "
+      "Tensor? fp_out, Tensor? fp_out_idx, Tensor? requant_qparams, int requant_bits, bool requant_signed, "
       "ScalarType out_dtype, int tile_m) -> Tensor");
 }
 

@@ -1,6 +1,6 @@
-"""Custom ops (``torch.library``, namespace ``hybridops``), their reference implementations and
-the packed storage format."""
-from . import packing, reference
+"""Custom ops (``torch.library``, namespace ``hybridops``) and their reference implementations.
+The packed storage format they read is :mod:`hybridops.kernels.packing`."""
+from . import reference
 from .custom_ops import fake_quantize, hybrid_conv2d, qconv2d, quantize_activate
 
-__all__ = ["packing", "reference", "fake_quantize", "hybrid_conv2d", "qconv2d", "quantize_activate"]
+__all__ = ["reference", "fake_quantize", "hybrid_conv2d", "qconv2d", "quantize_activate"]

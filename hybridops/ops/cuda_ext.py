@@ -8,10 +8,10 @@ never fails: :func:`load` raises only when the extension is actually asked for.
 Op signatures are those of :mod:`hybridops.ops.reference` (without ``backend``):
 
 * ``cuda_fake_quantize(x, qparams, bits, signed) -> Tensor`` (dtype and layout of ``x``);
-* ``cuda_quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx,
+* ``cuda_quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx,
   slice_dtype) -> (x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, packed(C)))``;
 * ``cuda_qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
-  padding, dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits,
+  padding, dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits,
   requant_signed, out_dtype) -> NHWC output``.
 
 The optional extension ``hybridops._C_sm90`` (``csrc/sm90/``, built when the CUTLASS headers are
@@ -28,12 +28,12 @@ import importlib
 
 import torch
 
-from .packing import packed_size
-from .geometry import conv_out_size
+from ..kernels.packing import packed_size
+from ..kernels.geometry import conv_out_size
 
 # Must equal hybridops::kOpsVersion in csrc/ops.h: a build from older sources is refused as stale
 # instead of failing later with a schema mismatch.
-OPS_VERSION = 1
+OPS_VERSION = 2
 
 _fakes_registered = False
 
@@ -96,23 +96,23 @@ def _register_fakes() -> None:
         return torch.empty_like(x)
 
     @torch.library.register_fake("hybridops::cuda_quantize_activate")
-    def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype):
+    def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype):
         n, c, h, w = x.shape
         sdt = slice_dtype or x.dtype
         codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
-        if keep_idx is None:
+        if fp_in_idx is None:
             return x.new_empty((0,), dtype=sdt), codes
-        return x.new_empty((n, h, w, keep_idx.shape[0]), dtype=sdt), codes
+        return x.new_empty((n, h, w, fp_in_idx.shape[0]), dtype=sdt), codes
 
     @torch.library.register_fake("hybridops::cuda_qconv2d")
     def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
-          relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype):
+          relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype):
         return _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation)
 
     if sm90() is not None:
         @torch.library.register_fake("hybridops::cuda_qconv2d_sm90")
         def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-              groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, tile_m):
+              groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype, tile_m):
             # One code per byte: packed_size is the channel count at 5-8 bits, all this op takes.
             return _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation)
 

@@ -7,15 +7,15 @@ trace through the ops.
 """
 from __future__ import annotations
 
-import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
 from . import backends as _registered  # noqa: F401  (fills the registry)
+from ..kernels import derived
 from . import reference, registry
-from .geometry import conv_out_hw
-from .packing import check_bits, packed_size
+from ..kernels.geometry import conv_out_hw
+from ..kernels.packing import check_bits, packed_size
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -31,7 +31,7 @@ def _check(cond: bool, msg) -> None:
         raise ValueError(msg() if callable(msg) else msg)
 
 
-def _check_qparams(qparams: torch.Tensor, like: torch.Tensor, name: str = "qparams") -> None:
+def check_qparams(qparams: torch.Tensor, like: torch.Tensor, name: str = "qparams") -> None:
     _check(qparams.dtype == torch.float32 and qparams.shape == (2,),
            lambda: f"{name} must be a float32 tensor [alpha, beta] of shape (2,), got {qparams.dtype} "
                    f"{tuple(qparams.shape)}.")
@@ -46,33 +46,28 @@ def _check_channel_vec(t: Optional[torch.Tensor], n: int, like: torch.Tensor, na
     _check(t.device == like.device, lambda: f"{name} is on {t.device} but the input is on {like.device}.")
 
 
-# Index tensors already validated, with the version they had then: deployed layers pass the same
-# buffer on every call, so the (synchronising) check runs once per buffer, not once per call.
-# (Keyed by id with a weak reference to confirm identity: tensors cannot be weak dict keys,
-# whose lookups compare keys with ==.)
-_index_checked: Dict[int, tuple] = {}
-
-
-def _check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
+def check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
     """``idx`` holds distinct channel indices in ``[0, channels)``: kernels write through it, so a
     bad index would be an out-of-bounds write, and a repeat would be added once or twice
-    depending on the backend."""
-    seen = _index_checked.get(id(idx))
-    if (seen is not None and seen[0]() is idx and seen[1:] == (idx._version, channels)) or idx.numel() == 0:
+    depending on the backend. Deployed layers pass the same buffer on every call, so the
+    (synchronising) check runs once per buffer version (:mod:`hybridops.kernels.derived`)."""
+    if idx.numel() == 0:
         return
     if idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # no synchronisation is allowed inside a CUDA graph capture (warm up first)
-    lo, hi = int(idx.min()), int(idx.max())
-    _check(0 <= lo and hi < channels,
-           lambda: f"{name} must index channels in [0, {channels}), got values in [{lo}, {hi}].")
-    _check(torch.unique(idx).numel() == idx.numel(),
-           lambda: f"{name} must hold distinct channel indices (each kept channel is added once), got repeats.")
-    if len(_index_checked) > 4096:  # entries of freed tensors only cost memory; drop them now and then
-        _index_checked.clear()
-    _index_checked[id(idx)] = (weakref.ref(idx), idx._version, channels)
+
+    def check():
+        lo, hi = int(idx.min()), int(idx.max())
+        _check(0 <= lo and hi < channels,
+               lambda: f"{name} must index channels in [0, {channels}), got values in [{lo}, {hi}].")
+        _check(torch.unique(idx).numel() == idx.numel(),
+               lambda: f"{name} must hold distinct channel indices (each kept channel is added once), got repeats.")
+        return True
+
+    derived.cached("checked_index", (idx,), (name, channels), check)
 
 
-def _check_unsigned8(bits: int, signed: bool, backend: str) -> None:
+def check_unsigned8(bits: int, signed: bool, backend: str) -> None:
     _check(not (bits == 8 and not signed and not registry.backend_spec(backend).unsigned8),
            lambda: f"unsigned 8-bit activation codes (0..255) do not fit the {backend} backend's int8 kernels (their "
                    f"activation operand is signed 8-bit); use bits <= 7, or the torch or onednn backend.")
@@ -84,7 +79,7 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     """Fake-quantized ``x`` (eq 6-7 if ``signed``, else eq 8-9): ``code / levels``, dtype of x."""
     check_bits(bits)
     _check(x.dtype in _FLOAT_DTYPES, lambda: f"fake_quantize expects a floating-point tensor, got {x.dtype}.")
-    _check_qparams(qparams, x)
+    check_qparams(qparams, x)
     return _impl("fake_quantize", backend)(x, qparams, bits, signed)
 
 
@@ -120,24 +115,24 @@ fake_quantize.register_autograd(_fake_quantize_backward, setup_context=_fake_qua
 
 
 # ----------------------------------------------------------------------------- quantize_activate
-def quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend):
+def quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, backend):
     """:func:`quantize_activate` outside the dispatcher: the same checks and backend kernel with
     no autograd and no tracing, for eager inference (deployed layers call it under
     ``torch.no_grad()``; the dispatcher's own cost is tens of microseconds per call)."""
     check_bits(bits)
     _check(x.dim() == 4, lambda: f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
     _check(x.dtype in _FLOAT_DTYPES, lambda: f"quantize_activate expects a floating-point x, got {x.dtype}.")
-    _check_qparams(qparams, x)
+    check_qparams(qparams, x)
     c = x.shape[1]
     _check_channel_vec(bn_scale, c, x, "bn_scale")
     _check_channel_vec(bn_shift, c, x, "bn_shift")
-    if keep_idx is not None:
-        _check(keep_idx.dim() == 1 and keep_idx.dtype in (torch.int32, torch.int64),
-               lambda: f"keep_idx must be a 1-D int32/int64 index tensor, got {keep_idx.dtype} "
-                       f"{tuple(keep_idx.shape)}.")
-        _check(keep_idx.device == x.device, lambda: f"keep_idx is on {keep_idx.device} but x is on {x.device}.")
-    _check_unsigned8(bits, signed, backend)
-    return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype)
+    if fp_in_idx is not None:
+        _check(fp_in_idx.dim() == 1 and fp_in_idx.dtype in (torch.int32, torch.int64),
+               lambda: f"fp_in_idx must be a 1-D int32/int64 index tensor, got {fp_in_idx.dtype} "
+                       f"{tuple(fp_in_idx.shape)}.")
+        _check(fp_in_idx.device == x.device, lambda: f"fp_in_idx is on {fp_in_idx.device} but x is on {x.device}.")
+    check_unsigned8(bits, signed, backend)
+    return _impl("quantize_activate", backend)(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype)
 
 
 @torch.library.custom_op("hybridops::quantize_activate", mutates_args=())
@@ -149,37 +144,37 @@ def quantize_activate(
     bn_scale: Optional[torch.Tensor],
     bn_shift: Optional[torch.Tensor],
     relu: bool,
-    keep_idx: Optional[torch.Tensor],
+    fp_in_idx: Optional[torch.Tensor],
     slice_dtype: Optional[torch.dtype],
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
-    return quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype,
+    return quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
                                        backend)
 
 
 @quantize_activate.register_fake
-def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend):
+def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, backend):
     n, c, h, w = x.shape
     codes = x.new_empty((n, h, w, registry.code_bytes(c, bits, backend)), dtype=torch.uint8)
-    if keep_idx is None:
+    if fp_in_idx is None:
         return x.new_empty((0,), dtype=slice_dtype or x.dtype), codes
-    return x.new_empty((n, h, w, keep_idx.shape[0]), dtype=slice_dtype or x.dtype), codes
+    return x.new_empty((n, h, w, fp_in_idx.shape[0]), dtype=slice_dtype or x.dtype), codes
 
 
 def _qa_setup(ctx, inputs, output):
-    x, qparams, bits, signed, bn_scale, bn_shift, relu, keep_idx, slice_dtype, backend = inputs
-    ctx.save_for_backward(x, bn_scale, bn_shift, keep_idx)
+    x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, backend = inputs
+    ctx.save_for_backward(x, bn_scale, bn_shift, fp_in_idx)
     ctx.relu = relu
 
 
 def _qa_backward(ctx, grad_slice, grad_codes):
     # Codes are integers and carry no gradient (the quantized branch is frozen in deployed
     # mode); the input receives the gradient of the float slice read by the pruned branch.
-    x, bn_scale, bn_shift, keep_idx = ctx.saved_tensors
-    if keep_idx is None or grad_slice is None or grad_slice.numel() == 0:
+    x, bn_scale, bn_shift, fp_in_idx = ctx.saved_tensors
+    if fp_in_idx is None or grad_slice is None or grad_slice.numel() == 0:
         return (torch.zeros_like(x),) + (None,) * 9
-    idx = keep_idx.to(torch.long)
+    idx = fp_in_idx.to(torch.long)
     xs = x.index_select(1, idx).permute(0, 2, 3, 1).float()
     g = grad_slice.float()
     sc = bn_scale.float().index_select(0, idx) if bn_scale is not None else None
@@ -191,7 +186,7 @@ def _qa_backward(ctx, grad_slice, grad_codes):
     if sc is not None:
         g = g * sc
     grad_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    # keep_idx may repeat a channel (a grouped conv's kept outputs that share a group read the
+    # fp_in_idx may repeat a channel (a grouped conv's kept outputs that share a group read the
     # same input channels): the gradients of the copies add up.
     grad_x.index_add_(1, idx, g.permute(0, 3, 1, 2))
     return (grad_x.to(x.dtype),) + (None,) * 9
@@ -209,14 +204,14 @@ def qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation) -> Tuple[int
 
 
 def qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
+                      dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
                       backend):
     """:func:`qconv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
     _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend)
+                      dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, out_dtype, backend)
     return _impl("qconv2d", backend)(
         x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
-        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+        relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
 
 
 @torch.library.custom_op("hybridops::qconv2d", mutates_args=())
@@ -235,7 +230,7 @@ def qconv2d(
     groups: int,
     relu: bool,
     fp_out: Optional[torch.Tensor],
-    fp_idx: Optional[torch.Tensor],
+    fp_out_idx: Optional[torch.Tensor],
     requant_qparams: Optional[torch.Tensor],
     requant_bits: int,
     requant_signed: bool,
@@ -245,12 +240,12 @@ def qconv2d(
     """Packed low-bit implicit-GEMM convolution with the hybrid epilogue; see
     :func:`hybridops.ops.reference.qconv2d` for the exact semantics."""
     return qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                             dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed,
+                             dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed,
                              out_dtype, backend)
 
 
 def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                      dilation, groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, out_dtype, backend):
+                      dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, out_dtype, backend):
     check_bits(bits_a, "bits_a")
     check_bits(bits_w, "bits_w")
     _check(x_codes.dtype == torch.uint8 and x_codes.dim() == 4,
@@ -279,7 +274,7 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
     _check(ho >= 1 and wo >= 1,
            lambda: f"the convolution has an empty output ({ho}x{wo}): input {x_codes.shape[1]}x{x_codes.shape[2]} is "
                    f"smaller than the dilated kernel after padding.")
-    _check_unsigned8(bits_a, a_signed, backend)
+    check_unsigned8(bits_a, a_signed, backend)
     c_out = w_packed.shape[0]
     if out_dtype == torch.int32:
         _check(bias is None and not relu and fp_out is None and requant_qparams is None,
@@ -289,26 +284,26 @@ def _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, 
         _check(out_dtype in _FLOAT_DTYPES, lambda: f"out_dtype must be int32 or a float dtype, got {out_dtype}.")
     _check_channel_vec(scale, c_out, x_codes, "scale")
     _check_channel_vec(bias, c_out, x_codes, "bias")
-    _check((fp_out is None) == (fp_idx is None), "fp_out and fp_idx must be given together.")
+    _check((fp_out is None) == (fp_out_idx is None), "fp_out and fp_out_idx must be given together.")
     if fp_out is not None:
         n, ho_, wo_, _ = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
-        _check(fp_idx.dim() == 1 and fp_idx.dtype in (torch.int32, torch.int64),
-               lambda: f"fp_idx must be a 1-D int32/int64 index tensor, got {fp_idx.dtype} {tuple(fp_idx.shape)}.")
-        _check(tuple(fp_out.shape) == (n, ho_, wo_, fp_idx.shape[0]),
-               lambda: f"fp_out must have shape {(n, ho_, wo_, fp_idx.shape[0])} (NHWC, kept channels), got "
+        _check(fp_out_idx.dim() == 1 and fp_out_idx.dtype in (torch.int32, torch.int64),
+               lambda: f"fp_out_idx must be a 1-D int32/int64 index tensor, got {fp_out_idx.dtype} {tuple(fp_out_idx.shape)}.")
+        _check(tuple(fp_out.shape) == (n, ho_, wo_, fp_out_idx.shape[0]),
+               lambda: f"fp_out must have shape {(n, ho_, wo_, fp_out_idx.shape[0])} (NHWC, kept channels), got "
                f"{tuple(fp_out.shape)}.")
         _check(fp_out.dtype in _FLOAT_DTYPES, lambda: f"fp_out must be floating point, got {fp_out.dtype}.")
-        _check(fp_out.device == x_codes.device and fp_idx.device == x_codes.device,
-               "fp_out and fp_idx must be on the same device as x_codes.")
-        _check_channel_index(fp_idx, "fp_idx", c_out)
+        _check(fp_out.device == x_codes.device and fp_out_idx.device == x_codes.device,
+               "fp_out and fp_out_idx must be on the same device as x_codes.")
+        check_channel_index(fp_out_idx, "fp_out_idx", c_out)
     if requant_qparams is not None:
         check_bits(requant_bits, "requant_bits")
-        _check_qparams(requant_qparams, x_codes, "requant_qparams")
+        check_qparams(requant_qparams, x_codes, "requant_qparams")
 
 
 @qconv2d.register_fake
 def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu,
-      fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
+      fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
     n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
     if requant_qparams is not None:
         return x_codes.new_empty((n, ho, wo, registry.code_bytes(c_out, requant_bits, backend)), dtype=torch.uint8)
@@ -316,12 +311,12 @@ def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, str
 
 
 def _qconv_setup(ctx, inputs, output):
-    fp_out, fp_idx, requant_qparams, relu = inputs[13], inputs[14], inputs[15], inputs[12]
+    fp_out, fp_out_idx, requant_qparams, relu = inputs[13], inputs[14], inputs[15], inputs[12]
     ctx.has_fp = fp_out is not None
     ctx.relu = relu
     ctx.requant = requant_qparams is not None
     ctx.fp_dtype = fp_out.dtype if fp_out is not None else None
-    ctx.save_for_backward(fp_idx, output if (relu and fp_out is not None) else None)
+    ctx.save_for_backward(fp_out_idx, output if (relu and fp_out is not None) else None)
 
 
 def _qconv_backward(ctx, grad):
@@ -332,11 +327,11 @@ def _qconv_backward(ctx, grad):
         if ctx.requant:
             raise RuntimeError("qconv2d cannot backpropagate through re-quantized (integer) outputs; "
                                "use a float out_dtype when the pruned branch is being trained.")
-        fp_idx, out = ctx.saved_tensors
+        fp_out_idx, out = ctx.saved_tensors
         g = grad.float()
         if ctx.relu:
             g = torch.where(out > 0, g, torch.zeros_like(g))
-        grads[13] = g.index_select(-1, fp_idx.to(torch.long)).to(ctx.fp_dtype)
+        grads[13] = g.index_select(-1, fp_out_idx.to(torch.long)).to(ctx.fp_dtype)
     return tuple(grads)
 
 
@@ -344,8 +339,20 @@ qconv2d.register_autograd(_qconv_backward, setup_context=_qconv_setup)
 
 
 # ----------------------------------------------------------------------------- hybrid_conv2d
+def fused_branch(backend: str, m: int, c_out: int, cin_g: int, kept: int, taps: int, slice_channels: int,
+                 slice_dtype: torch.dtype, groups: int, device: torch.device):
+    """The backend's fused kernel (``fused_hybrid_conv2d``: the pruned branch computed inside the
+    integer conv) when it has one and its own roofline (``fuse_pruned_branch``) says fusing pays
+    for this layer, else None: the one place where that decision is made."""
+    fused = registry.optional_implementation(backend, "fused_hybrid_conv2d")
+    pays = registry.optional_implementation(backend, "fuse_pruned_branch")
+    if fused is None or pays is None:
+        return None
+    return fused if pays(m, c_out, cin_g, kept, taps, slice_channels, slice_dtype, groups, device) else None
+
+
 def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
-                            dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits,
+                            dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits,
                             requant_signed, out_dtype, backend):
     """:func:`hybrid_conv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
     _check(out_dtype != torch.int32, "hybrid_conv2d adds the pruned branch in the float epilogue: out_dtype must be "
@@ -360,30 +367,27 @@ def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bi
            and tuple(fp_weight.shape[2:]) == tuple(w_packed.shape[1:3]) and fp_weight.dtype in _FLOAT_DTYPES,
            lambda: f"fp_weight must be float (K_p, {fp_in.shape[3]}, {w_packed.shape[1]}, {w_packed.shape[2]}) "
                    f"(kept rows, slice channels, the conv's kernel), got {fp_weight.dtype} {tuple(fp_weight.shape)}.")
-    _check(fp_idx.dim() == 1 and fp_idx.shape[0] == fp_weight.shape[0],
-           lambda: f"fp_idx must hold one output channel per kept row ({fp_weight.shape[0]}), got "
-                   f"{tuple(fp_idx.shape)}.")
+    _check(fp_out_idx.dim() == 1 and fp_out_idx.shape[0] == fp_weight.shape[0],
+           lambda: f"fp_out_idx must hold one output channel per kept row ({fp_weight.shape[0]}), got "
+                   f"{tuple(fp_out_idx.shape)}.")
     _check(fp_bias is None or (tuple(fp_bias.shape) == (fp_weight.shape[0],) and fp_bias.dtype in _FLOAT_DTYPES),
            lambda: f"fp_bias must be float ({fp_weight.shape[0]},), got {fp_bias.dtype} {tuple(fp_bias.shape)}.")
     _check(all(t.device == x_codes.device for t in (fp_in, fp_weight) + ((fp_bias,) if fp_bias is not None else ())),
            "fp_in, fp_weight and fp_bias must be on the same device as x_codes.")
-    _check(fp_idx.dtype in (torch.int32, torch.int64) and fp_idx.device == x_codes.device,
-           lambda: f"fp_idx must be an int32/int64 index tensor on {x_codes.device}, got {fp_idx.dtype} on "
-                   f"{fp_idx.device}.")
-    _check_channel_index(fp_idx, "fp_idx", c_out)
-    # a backend fuses only with both functions: the kernel and its choice of where that pays
-    fused = registry.optional_implementation(backend, "fused_hybrid_conv2d")
-    pays = registry.optional_implementation(backend, "fuse_pruned_branch")
-    if fused is not None and pays is not None and pays(
-            n * ho * wo, c_out, in_channels // groups, fp_weight.shape[0], w_packed.shape[1] * w_packed.shape[2],
-            fp_in.shape[3], fp_in.dtype, groups, x_codes.device):
+    _check(fp_out_idx.dtype in (torch.int32, torch.int64) and fp_out_idx.device == x_codes.device,
+           lambda: f"fp_out_idx must be an int32/int64 index tensor on {x_codes.device}, got {fp_out_idx.dtype} on "
+                   f"{fp_out_idx.device}.")
+    check_channel_index(fp_out_idx, "fp_out_idx", c_out)
+    fused = fused_branch(backend, n * ho * wo, c_out, in_channels // groups, fp_weight.shape[0],
+                         w_packed.shape[1] * w_packed.shape[2], fp_in.shape[3], fp_in.dtype, groups, x_codes.device)
+    if fused is not None:
         return fused(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-                     groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed,
+                     groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits, requant_signed,
                      out_dtype)
     fp_out = reference.pruned_branch_conv(fp_in, fp_weight, fp_bias, stride, padding, dilation)
     return _impl("qconv2d", backend)(
         x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
-        relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+        relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
 
 
 @torch.library.custom_op("hybridops::hybrid_conv2d", mutates_args=())
@@ -404,7 +408,7 @@ def hybrid_conv2d(
     fp_in: torch.Tensor,
     fp_weight: torch.Tensor,
     fp_bias: Optional[torch.Tensor],
-    fp_idx: torch.Tensor,
+    fp_out_idx: torch.Tensor,
     requant_qparams: Optional[torch.Tensor],
     requant_bits: int,
     requant_signed: bool,
@@ -418,13 +422,13 @@ def hybrid_conv2d(
     case runs the branch as its own conv. Not differentiable: training goes through
     :func:`qconv2d` with ``fp_out``."""
     return hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
-                                   padding, dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams,
+                                   padding, dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams,
                                    requant_bits, requant_signed, out_dtype, backend)
 
 
 @hybrid_conv2d.register_fake
 def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups, relu,
-      fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
+      fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype, backend):
     n, ho, wo, c_out = qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation)
     if requant_qparams is not None:
         return x_codes.new_empty((n, ho, wo, registry.code_bytes(c_out, requant_bits, backend)), dtype=torch.uint8)

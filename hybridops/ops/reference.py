@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .packing import levels, pack_codes, unpack_codes, unpack_weight
+from ..kernels.packing import levels, pack_codes, unpack_codes, unpack_weight
 
 
 def codes_from_qparams(t: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
@@ -54,7 +54,7 @@ def quantize_activate(
     bn_scale: Optional[torch.Tensor] = None,
     bn_shift: Optional[torch.Tensor] = None,
     relu: bool = False,
-    keep_idx: Optional[torch.Tensor] = None,
+    fp_in_idx: Optional[torch.Tensor] = None,
     slice_dtype: Optional[torch.dtype] = None,
 ):
     """Fused quantize-activate.
@@ -62,9 +62,9 @@ def quantize_activate(
     x: ``(N, C, H, W)`` float, any memory format. Computes in fp32
     ``t = relu?(x * bn_scale[c] + bn_shift[c])`` and returns ``(x_slice, codes)``:
 
-    * ``x_slice``: ``(N, H, W, len(keep_idx))`` in ``slice_dtype`` (default ``x.dtype``), the
-      channels ``keep_idx`` of ``t``, which the full-precision branch consumes; an empty
-      ``(0,)`` tensor when ``keep_idx`` is None;
+    * ``x_slice``: ``(N, H, W, len(fp_in_idx))`` in ``slice_dtype`` (default ``x.dtype``), the
+      channels ``fp_in_idx`` of ``t``, which the full-precision branch consumes; an empty
+      ``(0,)`` tensor when ``fp_in_idx`` is None;
     * ``codes``: ``uint8 (N, H, W, packed(C))``, the packed codes of ``t`` (eq 8-9, or 6-7 if
       ``signed``).
 
@@ -79,10 +79,10 @@ def quantize_activate(
     if relu:
         t = torch.relu(t)
     codes = pack_codes(codes_from_qparams(t, qparams.to(torch.float32), bits, signed), bits)
-    if keep_idx is None:
+    if fp_in_idx is None:
         x_slice = x.new_empty((0,), dtype=slice_dtype or x.dtype)
     else:
-        x_slice = t.index_select(-1, keep_idx.to(torch.long)).to(slice_dtype or x.dtype).contiguous()
+        x_slice = t.index_select(-1, fp_in_idx.to(torch.long)).to(slice_dtype or x.dtype).contiguous()
     return x_slice, codes
 
 
@@ -123,7 +123,7 @@ def qconv2d(
     groups: int,
     relu: bool = False,
     fp_out: Optional[torch.Tensor] = None,
-    fp_idx: Optional[torch.Tensor] = None,
+    fp_out_idx: Optional[torch.Tensor] = None,
     requant_qparams: Optional[torch.Tensor] = None,
     requant_bits: int = 4,
     requant_signed: bool = False,
@@ -133,7 +133,7 @@ def qconv2d(
 
     x_codes: ``uint8 (N, H, W, packed(C_in))``; w_packed: ``uint8 (C_out, KH, KW, packed(C_in/g))``.
     ``acc = sum(A_q * W_q)`` exactly in int32; then, in fp32,
-    ``y = acc * scale[co] + bias[co]``, ``y[..., fp_idx[j]] += fp_out[..., j]`` (the pruned
+    ``y = acc * scale[co] + bias[co]``, ``y[..., fp_out_idx[j]] += fp_out[..., j]`` (the pruned
     branch, given only for its kept channels), ``y = relu(y)`` if asked. Returns NHWC:
 
     * ``out_dtype=torch.int32``: the raw accumulators (no epilogue arguments allowed);
@@ -152,7 +152,7 @@ def qconv2d(
     if bias is not None:
         y = y + bias.to(torch.float32)
     if fp_out is not None:
-        y = y.index_add(-1, fp_idx.to(torch.long), fp_out.to(torch.float32))
+        y = y.index_add(-1, fp_out_idx.to(torch.long), fp_out.to(torch.float32))
     if relu:
         y = torch.relu(y)
     if requant_qparams is not None:
@@ -181,10 +181,10 @@ def pruned_branch_conv(fp_in: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Op
 
 
 def hybrid_conv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-                  groups, relu, fp_in, fp_weight, fp_bias, fp_idx, requant_qparams, requant_bits, requant_signed,
+                  groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits, requant_signed,
                   out_dtype) -> torch.Tensor:
     """A whole hybrid layer from codes: :func:`qconv2d` with ``fp_out`` the pruned branch's conv
     (:func:`pruned_branch_conv`, ungrouped) of the float slice ``fp_in``."""
     fp_out = pruned_branch_conv(fp_in, fp_weight, fp_bias, stride, padding, dilation)
     return qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-                   groups, relu, fp_out, fp_idx, requant_qparams, requant_bits, requant_signed, out_dtype)
+                   groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype)

@@ -15,7 +15,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .packing import packed_size
+from ..kernels.packing import packed_size
 
 OPS = ("fake_quantize", "quantize_activate", "qconv2d")
 
@@ -32,7 +32,7 @@ class BackendSpec:
         auto_rank: order among the backends ``"auto"`` may pick on a device it runs on (lower
             first); ``None``: only used when asked for by name.
         nibble_codes: activation codes of <= 4 bits travel two per byte (the storage format of
-            :mod:`hybridops.ops.packing`); False: one code per byte, the compute format of int8
+            :mod:`hybridops.kernels.packing`); False: one code per byte, the compute format of int8
             units that consume one code per byte (the CPU's AMX / VNNI).
         unsigned8: accepts unsigned 8-bit activation codes (0..255); int8 tensor-core kernels
             cannot (their A operand is signed 8-bit).
@@ -119,6 +119,16 @@ def implementation(name: str, op: str):
     if reason:
         raise RuntimeError(unavailable_reason(name, "cpu"))
     return getattr(_load(name), op)
+
+
+@functools.lru_cache(maxsize=None)
+def loaded(name: str):
+    """Backend ``name``'s namespace, loaded on first use; ValueError for an unknown name,
+    RuntimeError with the reason where it cannot load."""
+    backend_spec(name)
+    if _load_error(name):
+        raise RuntimeError(unavailable_reason(name, "cpu"))
+    return _load(name)
 
 
 def optional_implementation(name: str, op: str) -> Optional[Callable]:
