@@ -72,6 +72,15 @@ def cached(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable, b
     return value
 
 
+def peek(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable):
+    """The live entry :func:`cached` would return, or None (builds nothing): for tests."""
+    hit = _entries.get((tag, key, tuple(id(t) for t in sources)))
+    if hit is not None and hit[1] == tuple(fingerprint(t) for t in sources) and \
+            all(r() is t for r, t in zip(hit[0], sources)):
+        return hit[2]
+    return None
+
+
 def clear(tag: Optional[str] = None) -> None:
     """Drop every entry (or those of one ``tag``); they are rebuilt on next use."""
     with _lock:

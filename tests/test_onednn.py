@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridops.ops import custom_ops, registry
+from hybridops.kernels import derived
+from hybridops.ops import custom_ops, layer_op, registry
 from hybridops.ops import reference as R
 from hybridops.kernels.geometry import conv_out_hw
 from hybridops.kernels.packing import levels, pack_codes, pack_weight
@@ -230,20 +231,20 @@ def test_weight_prepacked_once_and_repacked_after_in_place_change():
     u8, ref, wp, scale, bias, g = _conv_inputs(k)
     args = (8, 4, True, 4, scale, None, [1, 1], [1, 1, 1, 1], [1, 1], 1)
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
-    n_entries = len(O._wcache._d)
+    n_entries = derived.size("onednn_int_weight")
     # packed for the input shape (N, C, H, W): oneDNN picks the blocked layout the conv runs on
     key = (4, 8, 1, (1, 1), (1, 1), (1, 1), 8, (1, 8, 5, 5), 0, None)
-    first = O._wcache.get(wp, key)
+    first = derived.peek("onednn_int_weight", (wp,), key)
     assert first is not None
     O.qconv2d(u8, wp, *args, out_dtype=torch.int32)
-    assert len(O._wcache._d) == n_entries and O._wcache.get(wp, key) is first
+    assert derived.size("onednn_int_weight") == n_entries and derived.peek("onednn_int_weight", (wp,), key) is first
     wp.copy_(pack_weight(-R.unpack_weight(wp, 4, 8), 4))  # in place: bumps _version, so the cache must re-pack
     assert torch.equal(O.qconv2d(u8, wp, *args, out_dtype=torch.int32), R.qconv2d(ref, wp, *args, out_dtype=torch.int32))
-    # one packing per input shape, at most PER_TENSOR of them per weight (many resolutions: bounded)
+    # one packing per input shape, at most PER_SOURCES of them per weight (many resolutions: bounded)
     for hw in range(3, 15):
         xs = torch.randint(0, 16, (1, hw, hw, 8), dtype=torch.uint8)
         O.qconv2d(xs, wp, *args, out_dtype=torch.int32)
-    assert sum(k[0] == id(wp) for k in O._wcache._d) <= O._IdCache.PER_TENSOR
+    assert sum(k[2] == (id(wp),) for k in derived._entries if k[0] == "onednn_int_weight") <= derived.PER_SOURCES
 
 
 # ----------------------------------------------------------------------------- FP branch
@@ -363,7 +364,8 @@ def test_fp_dtype_bad_input(monkeypatch):
     dep = ho.deploy_(conv.eval(), backend="onednn")
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         dep[0].set_fp_dtype_(torch.int8)
-    monkeypatch.setattr(dep[0], "_inference_fp_dtypes", (torch.float32,))  # as on a CPU without bf16
+    # as on a CPU without bf16
+    monkeypatch.setattr(registry.loaded("onednn"), "fp_conv_dtypes", (torch.float32,))
     with pytest.raises(ValueError, match="no torch.bfloat16 convolution"):
         dep[0].set_fp_dtype_(torch.bfloat16)
 
@@ -380,18 +382,25 @@ def test_merged_stem_packed_once_per_weight_version():
     ho.hybridize_(stem, ho.HybridConfig(keep=0.25), example_inputs=x)
     dep = ho.deploy_(stem.eval(), backend="onednn")[0]
     assert dep.path == "merged"
+    sources = (dep.w_packed, dep.scale, dep.bias, dep.fp_weight, dep.fp_bias, dep.fp_in_idx, dep.fp_out_idx)
+
+    def merged():
+        return layer_op.merged_weight_and_bias(dep.spec, *sources, torch.float32)
+
     with torch.no_grad():
-        w, b = dep._merged_weight_and_bias(torch.float32)
+        w, b = merged()
         expect = F.conv2d(x, w, b, 2, 3)
         y = dep(x)
-        cached = dep._merged_cache[2]
+        cached = derived.peek("merged_weight", sources, (dep.spec, torch.float32))
+        assert cached is not None
         torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
-        assert torch.equal(dep(x), y) and dep._merged_cache[2] is cached  # not rebuilt
+        assert torch.equal(dep(x), y)
+        assert derived.peek("merged_weight", sources, (dep.spec, torch.float32)) is cached  # not rebuilt
         dep.fp_weight.mul_(2.0)  # an online update of the FP branch: the merged weight follows
-        w2, b2 = dep._merged_weight_and_bias(torch.float32)
+        w2, b2 = merged()
         torch.testing.assert_close(dep(x), F.conv2d(x, w2, b2, 2, 3), rtol=1e-5, atol=1e-5)
-        assert dep._merged_cache[2] is not cached
-    # training through the layer still differentiates the FP branch (F.conv2d path)
+        assert derived.peek("merged_weight", sources, (dep.spec, torch.float32)) is not cached
+    # training through the layer still differentiates the FP branch
     dep.fp_weight.requires_grad_(True)
     dep(x).sum().backward()
     assert dep.fp_weight.grad is not None and dep.fp_weight.grad.abs().sum() > 0

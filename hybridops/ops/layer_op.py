@@ -166,9 +166,9 @@ def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias
     for that dtype: ``(N, K, Ho, Wo)``."""
     dt = x.dtype
     if spec.kind == "linear":
-        n = x.shape[0]
-        return F.linear(x.view(n, -1), weight.flatten(1).to(dt), None if bias is None else bias.to(dt)).view(
-            n, -1, 1, 1)
+        n, c = x.shape[0], x.shape[1]
+        return F.linear(x.reshape(n, c), weight.flatten(1).to(dt), None if bias is None else bias.to(dt)).view(
+            n, weight.shape[0], 1, 1)
     fast = getattr(ns, "fp_conv2d", None)
     if fast is not None and dt in ns.fp_conv_dtypes:
         return fast(x, weight, bias, spec.stride, padding, spec.dilation, groups)
@@ -391,7 +391,7 @@ def _conv_backward(spec: LayerSpec, g: torch.Tensor, x: torch.Tensor, w: torch.T
     asymmetric)."""
     if spec.kind == "linear":
         n = x.shape[0]
-        g2, x2 = g.reshape(n, -1), x.reshape(n, -1)
+        g2, x2 = g.reshape(n, g.shape[1]), x.reshape(n, x.shape[1])
         gx = (g2 @ w.flatten(1)).view(x.shape) if need_x else None
         return gx, (g2.t() @ x2).view(w.shape), g2.sum(0)
     top, bottom, left, right = padding
