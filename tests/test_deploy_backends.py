@@ -65,14 +65,16 @@ def test_kernel_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 
 @pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend (TRITON_INTERPRET=1 or a GPU)")
-def test_triton_inference_fuses_the_pruned_branch_and_training_does_not(hybrid_model, monkeypatch):
-    """At inference the triton backend's ungrouped hybrid layers run as one kernel each, the pruned
-    branch inside the integer conv (hybridops::hybrid_conv2d); while the branch trains they keep
-    the separate float conv that autograd differentiates."""
+def test_triton_fuses_the_pruned_branch_in_inference_and_training(hybrid_model, monkeypatch):
+    """On the triton backend every ungrouped hybrid layer runs as one kernel, the pruned branch
+    inside the integer conv, also while the branch trains: the forward is the layer op's, and its
+    gradients come from the op's backward (hybridops/ops/layer_op.py), equal to the reference
+    backend's."""
     from hybridops.kernels import qconv
 
     model, x = hybrid_model
     fast = ho.deploy_(copy.deepcopy(model), "triton")
+    ref = ho.deploy_(copy.deepcopy(model), "torch")
     launches = []
     kernel = qconv._qconv_kernel
 
@@ -91,6 +93,11 @@ def test_triton_inference_fuses_the_pruned_branch_and_training_does_not(hybrid_m
         fast(x)
     assert sum(launches) == len(hybrid)
     launches.clear()
-    ho.freeze_quantized_(fast)
-    fast(x).sum().backward()
-    assert launches and not any(launches)
+    grads = []
+    for m in (fast, ref):
+        params = ho.freeze_quantized_(m)
+        m(x).sum().backward()
+        grads.append([p.grad for p in params])
+    assert sum(launches) == len(hybrid)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
