@@ -358,13 +358,15 @@ def _backward(ctx, grad):
             if fp_in_idx is not None and s.groups == 1:
                 gw = gw.index_select(1, fp_in_idx)
             gb = gb.index_select(0, fp_out_idx)
+    elif kept == 0:  # a quantized-only layer: nothing in it is differentiable
+        gx = torch.zeros(xp.shape, dtype=torch.float32, device=xp.device) if need_x else None
+        gw, gb = torch.zeros_like(fp_weight), None
     else:  # hybrid and fp_only: the pruned branch alone is differentiable
         dt = ctx.fp_dtype or x.dtype
         gk = g.index_select(1, fp_out_idx).to(dt)
         read = fp_in_idx if fp_in_idx is not None else None
         xs = (xp.index_select(1, read) if read is not None else xp).to(dt)
-        gxs, gw, gb = _conv_backward(s, gk, xs, fp_weight.to(dt), padding, _fp_groups(s, kept),
-                                     need_x and kept > 0)
+        gxs, gw, gb = _conv_backward(s, gk, xs, fp_weight.to(dt), padding, _fp_groups(s, kept), need_x)
         gx = None
         if gxs is not None:
             gx = torch.zeros(xp.shape, dtype=torch.float32, device=xp.device)
