@@ -38,6 +38,7 @@ before, such layers — as the paper's online update does with the last classifi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -114,6 +115,7 @@ class _DeployedBase(nn.Module):
         # dtype the pruned branch computes in (None: the input's); set_fp_dtype_
         self.fp_dtype: Optional[torch.dtype] = None
         self._set_spec()
+        self.validate()
 
     # ------------------------------------------------------------------ format and state
     @property
@@ -177,7 +179,7 @@ class _DeployedBase(nn.Module):
     def _set_spec(self, **changes) -> None:
         spec = self._spec
         if changes:
-            spec = LayerSpec(**{**spec.__dict__, **changes})
+            spec = dataclasses.replace(spec, **changes)
         self._spec, self._spec_ints = spec, spec.to_ints()
 
     def set_codes_input_(self) -> None:
@@ -279,6 +281,10 @@ class _DeployedBase(nn.Module):
         Done when the layer is deployed or loaded, so that a forward checks only its input; call it
         after editing a deployed layer's tensors by hand."""
         layer_op.check_layer_tensors(self._spec, *self._tensors(), self.backend)
+        self._validated = self._index_versions()
+
+    def _index_versions(self) -> tuple:
+        return (self.fp_out_idx._version, None if self.fp_in_idx is None else self.fp_in_idx._version)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -291,9 +297,16 @@ class _DeployedBase(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`)."""
-        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, self.w_packed, self.scale, self.bias,
-                                     self.in_qparams, self.fp_weight, self.fp_bias, self.fp_in_idx, self.fp_out_idx,
-                                     self.out_qparams, self.fp_dtype, self.backend)
+        # the dicts directly: nn.Module.__getattr__ per tensor is a sizeable part of the host budget
+        b, p = self._buffers, self._parameters
+        if not torch.compiler.is_compiling() and self._validated != (
+                b["fp_out_idx"]._version, None if b["fp_in_idx"] is None else b["fp_in_idx"]._version):
+            # an index buffer edited in place since it was checked: check again before a kernel
+            # writes through it (tracing reads no version: compiled graphs check in the op)
+            self.validate()
+        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, b["w_packed"], b["scale"], b["bias"],
+                                     b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"], b["fp_out_idx"],
+                                     b["out_qparams"], self.fp_dtype, self.backend)
 
     def extra_repr(self) -> str:
         q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",
@@ -399,6 +412,8 @@ class DeployedLinear(_DeployedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input (..., {self.in_features}), got {tuple(x.shape)}.")
+        if x.dim() == 2:
+            return self._forward(x.reshape(x.shape[0], self.in_features, 1, 1)).view(x.shape[0], self.out_features)
         lead = x.shape[:-1]
         y = self._forward(x.reshape(-1, self.in_features, 1, 1))
         return y.reshape(*lead, self.out_features)

@@ -37,10 +37,10 @@ _entries: Dict[tuple, tuple] = {}
 
 def fingerprint(t: Optional[torch.Tensor]):
     """What identifies a tensor's contents short of reading them: in-place updates bump
-    ``_version``; ``param.data = ...`` and device moves replace the storage."""
+    ``_version``; ``param.data = ...`` and device moves replace the storage (its address)."""
     if t is None:
         return None
-    return t._version, t.data_ptr(), t.device, t.dtype, t.shape
+    return t._version, t.data_ptr(), t.dtype, t.shape
 
 
 def cached(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable, build: Callable[[], T]) -> T:

@@ -1,5 +1,5 @@
-"""torch.compile and the custom ops: a deployed torchvision ResNet-18 compiles with fullgraph=True
-(no graph breaks: every hybridops op has a fake kernel) and matches eager exactly."""
+"""torch.compile and the custom ops: deployed models compile with fullgraph=True (no graph breaks:
+a deployed layer is one hybridops op with a fake kernel) and match eager."""
 import pytest
 import torch
 import torch.nn as nn
@@ -62,3 +62,69 @@ def test_compile_fullgraph_through_the_fused_hybrid_op():
         ref = model(x)
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
     assert torch.equal(got, ref)
+
+
+# ----------------------------------------------------------------------------- Inductor, fullgraph
+_CPU_BACKEND = "onednn" if backend_unavailable_reason("onednn", "cpu") is None else "torch"
+
+
+def _deployed(model: nn.Module):
+    x = torch.randn(1, 3, 64, 64)
+    ho.hybridize_(model.eval(), ho.HybridConfig(keep=0.25), example_inputs=x)
+    return ho.deploy_(model, _CPU_BACKEND), (x,)
+
+
+class _Scores(nn.Module):
+    """The tracker's Siamese forward as one tensor (its dict of cls / loc maps, flattened)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, x):
+        out = self.model(z, x)
+        return torch.cat([out["cls"].flatten(), out["loc"].flatten()])
+
+
+def _tracker():
+    from apps.tracking import ModelConfig, SiamRPNPP
+    from apps.tracking.hybrid import deploy, hybridize_tracker
+
+    model = SiamRPNPP(ModelConfig.small()).eval()
+    z, x = torch.rand(1, 3, 63, 63) * 255, torch.rand(1, 3, 127, 127) * 255
+    hybridize_tracker(model, "hybrid", example_inputs=(z, x))
+    deploy(model, _CPU_BACKEND)
+    return _Scores(model).eval(), (z, x)
+
+
+MODELS = {
+    "resnet18": lambda: _deployed(torchvision.models.resnet18(num_classes=10)),
+    "resnet50": lambda: _deployed(torchvision.models.resnet50(num_classes=10)),
+    "convnext_tiny": lambda: _deployed(torchvision.models.convnext_tiny(num_classes=10)),
+    "tracker": _tracker,
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_inductor_fullgraph_deployed_model(name):
+    """torch.compile(fullgraph=True) with Inductor (the default backend) on the CPU: no graph
+    break, no recompilation on new inputs of the same shapes or after an online update of a pruned
+    branch (prepacked weights live inside the op, not in traced code), and eager's result (bit for
+    bit on the ResNets; ConvNeXt's LayerNorm / GELU and the tracker's weighted head sums are fused
+    and reordered by Inductor, so rtol 1e-5 there)."""
+    torch.manual_seed(0)
+    model, args = MODELS[name]()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        eager, got = model(*args), compiled(*args)
+        if name.startswith("resnet"):
+            assert torch.equal(got, eager)
+        else:
+            torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            args2 = tuple(torch.rand_like(a) * a.max() for a in args)
+            torch.testing.assert_close(compiled(*args2), model(*args2), rtol=1e-5, atol=1e-5)
+            dep = next(m for m in model.modules() if isinstance(m, ho.DeployedConv2d) and m.kept_channels)
+            dep.fp_weight.mul_(1.5)
+            torch.testing.assert_close(compiled(*args2), model(*args2), rtol=1e-5, atol=1e-5)

@@ -13,7 +13,7 @@ in the layer.
 
 Output layout: ``(N, C_out, Ho, Wo)`` in the input's memory format (channels_last in,
 channels_last out; otherwise contiguous) and dtype; NHWC codes ``(N, Ho, Wo, bytes)`` when the
-layer re-quantizes for a chained consumer; contiguous NCHW in the model's float dtype (that of
+layer re-quantizes for a chained consumer; channels_last NCHW in the model's float dtype (that of
 ``fp_weight``) for a codes input.
 
 Two entry points, one implementation (:func:`run_layer`):
@@ -166,9 +166,10 @@ def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias
     for that dtype: ``(N, K, Ho, Wo)``."""
     dt = x.dtype
     if spec.kind == "linear":
-        n, c = x.shape[0], x.shape[1]
-        return F.linear(x.reshape(n, c), weight.flatten(1).to(dt), None if bias is None else bias.to(dt)).view(
-            n, weight.shape[0], 1, 1)
+        n, c, k = x.shape[0], x.shape[1], weight.shape[0]
+        w = weight.view(k, c) if weight.dtype == dt else weight.view(k, c).to(dt)
+        b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
+        return F.linear(x.view(n, c), w, b).view(n, k, 1, 1)
     fast = getattr(ns, "fp_conv2d", None)
     if fast is not None and dt in ns.fp_conv_dtypes:
         return fast(x, weight, bias, spec.stride, padding, spec.dilation, groups)
@@ -195,7 +196,10 @@ def _mode_pad_index(n: int, before: int, after: int, mode: str, device) -> torch
 
 
 def _output(y_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """NCHW of the kernels' NHWC output: as it is (channels_last) or a contiguous copy."""
     y = y_nhwc.permute(0, 3, 1, 2)
+    if channels_last and y_nhwc.is_contiguous():
+        return y
     return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
 
 
@@ -213,11 +217,15 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
         y = ns.qconv2d(x, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
                        spec.stride, spec.padding, spec.dilation, spec.groups, spec.relu, None, None, out_qparams,
                        spec.out_bits or 8, spec.out_signed, fp_weight.dtype)
-        return y if out_qparams is not None else y.permute(0, 3, 1, 2).contiguous()
-    channels_last = _is_channels_last(x)
+        # NHWC written by the kernel: an NCHW view of it is channels_last, as nn.Conv2d gives for
+        # channels_last input (the chain's first layer read the model's input)
+        return y if out_qparams is not None else _output(y, True)
+    nhwc = x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = nhwc and not x.is_contiguous()
     if spec.padding_mode != "zeros":
         top, bottom, left, right = spec.padding
         x = F.pad(x, (left, right, top, bottom), mode=spec.padding_mode)
+        nhwc = x.is_contiguous(memory_format=torch.channels_last)
     padding = spec.zero_padding
     kept = fp_weight.shape[0]
     fp_dt = fp_dtype or x.dtype
@@ -234,25 +242,26 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
     # a regrouping of the input channels, when x is not NHWC already (the epilogue reads the
     # branch's output per pixel), or when the branch computes in another dtype; otherwise the
     # branch reads x itself (a write and a read fewer).
-    sliced = kept > 0 and (fp_in_idx is not None or fp_dt != x.dtype
-                           or not x.is_contiguous(memory_format=torch.channels_last))
+    sliced = kept > 0 and (fp_in_idx is not None or fp_dt != x.dtype or not nhwc)
     read = (fp_in_idx if fp_in_idx is not None else _identity_index(spec.in_channels, x.device)) if sliced else None
     x_slice, codes = ns.quantize_activate(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read, fp_dt)
     fp_out = None
     rq_bits = spec.out_bits or 8  # read only with out_qparams
     if kept:
-        fp_in = x_slice if sliced else x.permute(0, 2, 3, 1)
-        n, ho, wo = x.shape[0], *conv_out_hw(x.shape[2], x.shape[3], *spec.kernel_size, spec.stride, padding,
-                                              spec.dilation)
-        fused = fused_branch(backend, n * ho * wo, spec.out_channels, spec.in_channels // spec.groups, kept,
-                             spec.kernel_size[0] * spec.kernel_size[1], fp_in.shape[3], fp_in.dtype, spec.groups,
-                             x.device) if spec.kind == "conv2d" else None
+        fused = None
+        if spec.kind == "conv2d" and getattr(ns, "fused_hybrid_conv2d", None) is not None:
+            fp_in = x_slice if sliced else x.permute(0, 2, 3, 1)
+            n, (ho, wo) = x.shape[0], conv_out_hw(x.shape[2], x.shape[3], *spec.kernel_size, spec.stride, padding,
+                                                  spec.dilation)
+            fused = fused_branch(backend, n * ho * wo, spec.out_channels, spec.in_channels // spec.groups, kept,
+                                 spec.kernel_size[0] * spec.kernel_size[1], fp_in.shape[3], fp_in.dtype, spec.groups,
+                                 x.device)
         if fused is not None:
             y = fused(codes, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
                       spec.stride, padding, spec.dilation, spec.groups, spec.relu, fp_in, fp_weight, fp_bias,
                       fp_out_idx, out_qparams, rq_bits, spec.out_signed, x.dtype)
             return y if out_qparams is not None else _output(y, channels_last)
-        fp_out = _float_conv(ns, spec, fp_in.permute(0, 3, 1, 2), fp_weight, fp_bias, padding,
+        fp_out = _float_conv(ns, spec, x_slice.permute(0, 3, 1, 2) if sliced else x, fp_weight, fp_bias, padding,
                              _fp_groups(spec, kept)).permute(0, 2, 3, 1)
     y = ns.qconv2d(codes, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
                    spec.stride, padding, spec.dilation, spec.groups, spec.relu, fp_out,
@@ -315,9 +324,9 @@ def _(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_ou
     n = x.shape[0]
     if s.out_bits is not None:
         return x.new_empty((n, ho, wo, registry.code_bytes(s.out_channels, s.out_bits, backend)), dtype=torch.uint8)
+    fmt = torch.channels_last if (s.codes_input or _is_channels_last(x)) else torch.contiguous_format
     if s.codes_input:
-        return x.new_empty((n, s.out_channels, ho, wo), dtype=fp_weight.dtype)
-    fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        return torch.empty((n, s.out_channels, ho, wo), dtype=fp_weight.dtype, device=x.device, memory_format=fmt)
     return torch.empty((n, s.out_channels, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
 
 
@@ -420,12 +429,5 @@ def hybrid_layer(spec: LayerSpec, spec_ints: List[int], x: torch.Tensor, w_packe
         return hybrid_layer_op(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
                                out_qparams, spec_ints, fp_dtype, backend)
     check_input(spec, x, fp_weight, backend)
-    for idx in (fp_out_idx, fp_in_idx):
-        if idx is not None and idx._version:
-            # an index buffer edited in place since the layer checked it: check it again before a
-            # kernel writes through it
-            check_layer_tensors(spec, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
-                                out_qparams, backend)
-            break
     return run_layer(spec, x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
                      out_qparams, fp_dtype, backend)

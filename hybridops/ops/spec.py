@@ -96,7 +96,7 @@ class LayerSpec:
             if self.bits_a is None:
                 raise ValueError("only an integer layer (quantized input) can re-quantize its output to codes.")
 
-    @property
+    @functools.cached_property
     def path(self) -> str:
         if self.bits_w is None:
             return "fp_only"
@@ -104,7 +104,7 @@ class LayerSpec:
             return "merged"
         return "codes" if self.codes_input else "hybrid"
 
-    @property
+    @functools.cached_property
     def zero_padding(self) -> Tuple[int, int, int, int]:
         """The padding the conv itself applies (the border of other modes is made explicitly)."""
         return self.padding if self.padding_mode == "zeros" else (0, 0, 0, 0)
