@@ -5,18 +5,15 @@ channel-pruned full-precision network (Gumbel-softmax channel gates), after Jung
 "Online Hybrid Lightweight Representations Learning: Its Application to Visual Tracking"
 (IJCAI 2022). Importing this package touches no GPU and compiles nothing.
 
-Layers of the package, imports flowing one way (docs/design.md): this API -> conversion
-(``conversion``, ``network``, ``fusion``, ``losses``, ``online``, ``bops``, ``training``) -> layers
-(``layers``, ``deployed``, ``quant``, ``prune``) -> ops (``ops/``: custom ops, reference, registry)
--> kernels (``hybridops.kernels``, ``hybridops._C``).
+The package's layers and the direction of its imports: docs/design.md, section 2.
 """
-from .backend import available_backends, backend_unavailable_reason, get_backend, resolve_backend, set_backend, use_backend
+from .backend_selection import available_backends, backend_unavailable_reason, get_backend, resolve_backend, set_backend, use_backend
 from .bops import BopsReport, bops_report, count_bops, layer_bops
 from .config import HybridConfig, PruneConfig, QuantConfig
-from .conversion import (ConversionReport, backends_in_use, calibrate_, deploy_, deploy_layer, hybridize_,
+from .conversion import (ConversionReport, backends_in_use, calibrate_, deploy_, hybridize_,
                          load_deployed_)
 from .deployed import DeployedConv2d, DeployedLinear
-from .layers import HybridConv2d, HybridLinear, PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear
+from .layers import HybridConv2d, HybridLinear, PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, deploy_layer
 from .losses import prune_loss, quant_loss, regularization
 from .network import HybridNetwork, find_pruned_producers, fold_batchnorm_
 from .online import fp_parameters, freeze_quantized_

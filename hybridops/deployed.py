@@ -12,7 +12,7 @@ arguments — and holds, as buffers and parameters:
   ``fp_in_idx`` (the input channels the branch reads, gathered by the quantize-activate pass;
   ``None`` when it reads the whole input).
 
-:func:`hybridops.deploy_` fills them from a trained layer (:func:`hybridops.conversion.deploy_layer`);
+:func:`hybridops.deploy_` fills them from a trained layer (:func:`hybridops.layers.deploy_layer`);
 :func:`hybridops.load_deployed_` rebuilds a deployed model from its ``state_dict`` alone.
 
 What a layer computes besides its tensors — geometry, bit widths, epilogue, input and output
@@ -329,7 +329,7 @@ class DeployedConv2d(_DeployedBase):
         fp_in_channels: input channels the pruned branch reads when its producer was pruned too
             (None: all); ungrouped layers only.
         fp_bias: whether the pruned branch has a bias.
-        backend: which kernels run the quantized branch (see :mod:`hybridops.backend`).
+        backend: which kernels run the quantized branch (see :mod:`hybridops.backend_selection`).
 
     Input and output are ``(N, C, H, W)``; the output has the memory format ``nn.Conv2d`` would
     give (channels_last in, channels_last out; contiguous in, contiguous out) and the input's dtype.

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-from .backend import resolve_backend
+from .backend_selection import resolve_backend
 from .deployed import DeployedConv2d, DeployedLinear
 from .kernels import derived
 from .kernels.packing import levels, pack_weight

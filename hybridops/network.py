@@ -30,7 +30,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from .config import HybridConfig, PruneConfig, QuantConfig
 from .conversion import Config, deploy_, float_layer_order, hybridize_
 from .graph import set_submodule, trace
-from .layers import PRUNED_LAYERS, QUANT_LAYERS
+from .layers import PRUNED_LAYERS
 
 # Modules and functions that map a zero channel to a zero channel, channel for channel.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,

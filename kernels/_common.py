@@ -8,7 +8,6 @@ floats is launched with ``enable_fp_fusion=False``: otherwise the compiler contr
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
 
 import torch
 import triton
@@ -18,7 +17,7 @@ import triton.language as tl
 # numpy never contracts, so this is also correct under TRITON_INTERPRET=1.
 LAUNCH_OPTS = {"enable_fp_fusion": False}
 
-# Read here, not from hybridops.backend: kernels import nothing above the op layer.
+# Read here, not from hybridops.backend_selection: kernels import nothing above the op layer.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 

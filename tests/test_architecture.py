@@ -1,12 +1,12 @@
 """The package's layering, checked on the source: imports flow one way,
 
     hybridops API (__init__, network) -> conversion / fusion / bops / losses / online / training / graph
-    -> layers / deployed / quant / prune / config / backend -> ops -> kernels
+    -> layers / deployed / quant / prune / config / backend_selection -> ops -> kernels
 
 and nothing flows back: kernels import nothing from the package but the compiled CPU kernels
 (the format, geometry and derived-tensor cache they share with the op layer live in
 ``kernels/``); no import hides inside a function; an ``importlib.import_module`` of a literal name
-(how ``hybridops/ops/backends.py`` loads the optional Triton kernels and compiled extensions on
+(how ``hybridops/ops/registry.py`` loads the optional Triton kernels and compiled extensions on
 first use) counts as an import and follows the same rules, and no other module imports by
 string; no module plugs a function into another through a module global (a hidden upward edge);
 and ``import hybridops`` loads neither Triton, a backend's kernels, the tracking app nor
@@ -29,13 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {
     "kernels": 0,
     "ops": 1,
-    "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend": 2,
+    "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend_selection": 2,
     "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3, "training": 3,
     "network": 4, "__init__": 5,
 }
 SAME_RANK_OK = {
     ("layers", "config"), ("layers", "prune"), ("layers", "quant"),  # a layer is built from its quantizer and gate
-    ("layers", "backend"),  # eval-mode forwards run the deployed twin on the default backend
+    ("layers", "backend_selection"),  # eval-mode forwards run the deployed twin on the default backend
     ("layers", "deployed"),  # a trainable layer packs itself into its deployed twin (deploy_layer)
     ("conversion", "fusion"),  # deploy_ fuses epilogues after swapping layers
     ("fusion", "graph"),  # fusion reads the traced graph
@@ -46,7 +46,7 @@ KERNEL_MAY_IMPORT = {"hybridops._C_cpu"}
 KERNEL_LEAVES = {"hybridops.kernels", "hybridops.kernels.packing", "hybridops.kernels.geometry",
                  "hybridops.kernels.derived"}
 # the backend registrations and the cuda backend's loader of its compiled extensions
-STRING_IMPORTS_OK = {"hybridops.ops.backends", "hybridops.ops.cuda_ext"}
+STRING_IMPORTS_OK = {"hybridops.ops.registry", "hybridops.ops.cuda_ext"}
 
 
 def _sources():

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torchvision
 
 import hybridops as ho
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from ptxas_report import resource_usage
 from test_kernels import (CONV_CASES, assert_same, conv_case_id, conv_cases, conv_inputs, epilogue_inputs,
                           make_qparams, poison_cuda_allocator, run_qconv)
 
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.ops import cuda_ext, registry
 
 ops = torch.ops.hybridops

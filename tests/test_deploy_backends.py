@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import hybridops as ho
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_BACKENDS = [b for b in ("triton", "cuda") if backend_unavailable_reason(b, DEVICE) is None]

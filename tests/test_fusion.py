@@ -9,7 +9,7 @@ import torch.nn as nn
 import torchvision
 
 import hybridops as ho
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.fusion import fuse_epilogues_
 
 BACKENDS = ["torch"] + [b for b in ("triton", "cuda") if backend_unavailable_reason(b, "cpu") is None]

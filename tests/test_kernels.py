@@ -2,7 +2,7 @@
 ``hybridops._C``) against the plain-torch reference, through the ``hybridops::`` custom ops.
 
 Every test takes the ``backend`` fixture, parametrized over the kernel backends; a backend that
-cannot run here is skipped with the reason of :func:`hybridops.backend.backend_unavailable_reason`.
+cannot run here is skipped with the reason of :func:`hybridops.backend_selection.backend_unavailable_reason`.
 Tensors live on the GPU when there is one, else on the CPU (where only Triton runs, under
 ``TRITON_INTERPRET=1``). Integer results (accumulators, packed codes) must be exactly equal;
 float outputs equal up to one unit in the last place of the final rounding (``TOL``): the kernels
@@ -25,7 +25,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.kernels import packing
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridops as ho
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.kernels.packing import levels, pack_weight
 from hybridops.ops import layer_op
 from hybridops.ops.spec import SPEC_INTS, LayerSpec, spec_from_ints

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 
 
 @pytest.mark.skipif(backend_unavailable_reason("triton", "cpu") is not None,

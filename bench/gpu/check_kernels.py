@@ -46,7 +46,7 @@ from typing import Dict, Iterator, List, Optional
 import torch
 
 import hybridops  # noqa: F401  (registers the hybridops:: ops)
-from hybridops.backend import backend_unavailable_reason
+from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.kernels import packing
 
 ops = torch.ops.hybridops

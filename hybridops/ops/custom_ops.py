@@ -1,7 +1,7 @@
 """The ``hybridops::`` custom ops: argument checks, backend dispatch, fake (meta) kernels, autograd.
 
-Every op takes a ``backend`` string (a name from the registry, :mod:`hybridops.ops.backends`:
-``torch``, ``triton``, ``cuda``, ``onednn``) already resolved by the caller (:func:`hybridops.backend.resolve_backend`), so the backend that ran is never a guess.
+Every op takes a ``backend`` string (a name from the registry, :mod:`hybridops.ops.registry`:
+``torch``, ``triton``, ``cuda``, ``onednn``) already resolved by the caller (:func:`hybridops.backend_selection.resolve_backend`), so the backend that ran is never a guess.
 The fake implementations compute output shapes only, so ``torch.compile`` and CUDA graphs can
 trace through the ops.
 """
@@ -11,7 +11,6 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from . import backends as _registered  # noqa: F401  (fills the registry)
 from ..kernels import derived
 from . import reference, registry
 from ..kernels.geometry import conv_out_hw
@@ -115,10 +114,8 @@ fake_quantize.register_autograd(_fake_quantize_backward, setup_context=_fake_qua
 
 
 # ----------------------------------------------------------------------------- quantize_activate
-def quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, backend):
-    """:func:`quantize_activate` outside the dispatcher: the same checks and backend kernel with
-    no autograd and no tracing, for eager inference (deployed layers call it under
-    ``torch.no_grad()``; the dispatcher's own cost is tens of microseconds per call)."""
+def _quantize_activate_impl(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, backend):
+    """The body of :func:`quantize_activate`: its checks, then the backend's kernel."""
     check_bits(bits)
     _check(x.dim() == 4, lambda: f"quantize_activate expects x of shape (N, C, H, W), got {tuple(x.shape)}.")
     _check(x.dtype in _FLOAT_DTYPES, lambda: f"quantize_activate expects a floating-point x, got {x.dtype}.")
@@ -149,7 +146,7 @@ def quantize_activate(
     backend: str,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Fused quantize-activate; see :func:`hybridops.ops.reference.quantize_activate`."""
-    return quantize_activate_inference(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
+    return _quantize_activate_impl(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
                                        backend)
 
 
@@ -203,10 +200,10 @@ def qconv2d_out_shape(x_codes, w_packed, stride, padding, dilation) -> Tuple[int
     return n, ho, wo, c_out
 
 
-def qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+def _qconv2d_impl(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
                       dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype,
                       backend):
-    """:func:`qconv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
+    """The body of :func:`qconv2d`: its checks, then the backend's kernel."""
     _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
                       dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, out_dtype, backend)
     return _impl("qconv2d", backend)(
@@ -239,7 +236,7 @@ def qconv2d(
 ) -> torch.Tensor:
     """Packed low-bit implicit-GEMM convolution with the hybrid epilogue; see
     :func:`hybridops.ops.reference.qconv2d` for the exact semantics."""
-    return qconv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+    return _qconv2d_impl(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
                              dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed,
                              out_dtype, backend)
 
@@ -351,10 +348,10 @@ def fused_branch(backend: str, m: int, c_out: int, cin_g: int, kept: int, taps: 
     return fused if pays(m, c_out, cin_g, kept, taps, slice_channels, slice_dtype, groups, device) else None
 
 
-def hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
+def _hybrid_conv2d_impl(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
                             dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams, requant_bits,
                             requant_signed, out_dtype, backend):
-    """:func:`hybrid_conv2d` outside the dispatcher (see :func:`quantize_activate_inference`)."""
+    """The body of :func:`hybrid_conv2d`: its checks, then the fused kernel or the composition."""
     _check(out_dtype != torch.int32, "hybrid_conv2d adds the pruned branch in the float epilogue: out_dtype must be "
                                      "a float dtype (or use qconv2d for raw accumulators).")
     _check_qconv_args(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding,
@@ -421,7 +418,7 @@ def hybrid_conv2d(
     computes the branch inside the qconv kernel where its roofline says that pays; every other
     case runs the branch as its own conv. Not differentiable: training goes through
     :func:`qconv2d` with ``fp_out``."""
-    return hybrid_conv2d_inference(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
+    return _hybrid_conv2d_impl(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
                                    padding, dilation, groups, relu, fp_in, fp_weight, fp_bias, fp_out_idx, requant_qparams,
                                    requant_bits, requant_signed, out_dtype, backend)
 

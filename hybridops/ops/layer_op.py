@@ -231,7 +231,8 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
     fp_dt = fp_dtype or x.dtype
     if path == "merged":
         y = _merged(ns, spec, x, w_packed, scale, bias, fp_weight, fp_bias, fp_in_idx, fp_out_idx, padding)
-        return _output(F.relu(y) if spec.relu else y, channels_last)
+        y = F.relu(y) if spec.relu else y
+        return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if path == "fp_only":
         xs = x.index_select(1, fp_in_idx) if fp_in_idx is not None else x
         fp = _float_conv(ns, spec, xs.to(fp_dt), fp_weight, fp_bias, padding, _fp_groups(spec, kept)).to(x.dtype)
@@ -280,7 +281,7 @@ def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, f
                               (spec, x.dtype), lambda: merged_weight_and_bias(*args))
     else:
         w, b = merged_weight_and_bias(*args)
-    return _float_conv(ns, spec, x, w, b, padding, spec.groups).permute(0, 2, 3, 1)
+    return _float_conv(ns, spec, x, w, b, padding, spec.groups)
 
 
 # ----------------------------------------------------------------------------- the custom op

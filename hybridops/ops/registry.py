@@ -3,19 +3,24 @@
 A backend is a namespace with three functions taking exactly the positional arguments of the
 functions of the same names in :mod:`hybridops.ops.reference` — ``fake_quantize``,
 ``quantize_activate`` and ``qconv2d`` — plus the facts the op layer needs about it
-(:class:`BackendSpec`). The backends fill the registry in :mod:`hybridops.ops.backends`, one
-:func:`register_backend` call each; nothing in the op layer names a backend. Loading is deferred
+(:class:`BackendSpec`). The registrations, one :func:`register_backend` call per backend, are at
+the end of this module; nothing else in the op layer names a backend. A new backend adds its
+launcher module (``kernels/`` or ``csrc/``) and one call there. Loading is deferred
 to first use so that importing hybridops never imports Triton or the compiled extension.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import os
+import types
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..kernels.packing import packed_size
+from . import reference
 
 OPS = ("fake_quantize", "quantize_activate", "qconv2d")
 
@@ -139,19 +144,63 @@ def optional_implementation(name: str, op: str) -> Optional[Callable]:
     return getattr(_load(name), op, None)
 
 
-def inference_fp_conv(name: str) -> Tuple[Optional[Callable], Tuple[torch.dtype, ...]]:
-    """Backend ``name``'s float convolution for a deployed layer's pruned branch at inference
-    (weights packed once into the backend's layout; no autograd) and the input dtypes it takes
-    on this machine, or ``(None, ())`` where the backend has none and the branch runs as
-    ``F.conv2d``. Signature: ``fp_conv2d(x (N, C, H, W), weight, bias, stride, padding (top,
-    bottom, left, right), dilation, groups) -> (N, K, Ho, Wo)`` in ``x``'s dtype."""
-    if _load_error(name):
-        return None, ()
-    ns = _load(name)
-    fn = getattr(ns, "fp_conv2d", None)
-    return (fn, tuple(ns.fp_conv_dtypes)) if fn is not None else (None, ())
-
-
 def code_bytes(channels: int, bits: int, backend: str) -> int:
     """Bytes per pixel of ``channels`` activation codes in ``backend``'s code format."""
     return packed_size(channels, bits) if backend_spec(backend).nibble_codes else channels
+
+
+# ----------------------------------------------------------------------------- the registrations
+def _triton_ops():
+    # Triton is an optional dependency: importing it here, on first use, keeps hybridops
+    # importable without it.
+    quantize = importlib.import_module("hybridops.kernels.quantize")
+    qconv = importlib.import_module("hybridops.kernels.qconv")
+    return types.SimpleNamespace(fake_quantize=quantize.fake_quantize,
+                                 quantize_activate=quantize.quantize_activate, qconv2d=qconv.qconv2d,
+                                 fused_hybrid_conv2d=qconv.fused_hybrid_conv2d,
+                                 fuse_pruned_branch=qconv.fuse_pruned_branch)
+
+
+def _cuda_ops():
+    # The compiled extension is optional (CPU-only installs have none).
+    importlib.import_module("hybridops.ops.cuda_ext").load()
+    ops = torch.ops.hybridops
+    return types.SimpleNamespace(fake_quantize=ops.cuda_fake_quantize, quantize_activate=ops.cuda_quantize_activate,
+                                 qconv2d=ops.cuda_qconv2d)
+
+
+def triton_interpreter() -> bool:
+    """True when Triton kernels run on the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_device(device: torch.device):
+    if device.type != "cuda" and not triton_interpreter():
+        return (f"the triton backend runs on CUDA tensors (or on the CPU with TRITON_INTERPRET=1), "
+                f"got a tensor on {device}.")
+    return None
+
+
+def _onednn_ops():
+    # needs the compiled CPU kernels (hybridops._C_cpu), which an install without a C++ compiler lacks
+    onednn = importlib.import_module("hybridops.kernels.onednn")
+
+    def fake_quantize(x, qparams, bits, signed):
+        # float64 stays in float64: the reference computes in it, the C++ kernel in fp32
+        impl = reference.fake_quantize if x.dtype == torch.float64 else onednn.fake_quantize
+        return impl(x, qparams, bits, signed)
+
+    return types.SimpleNamespace(fake_quantize=fake_quantize, quantize_activate=onednn.quantize_activate,
+                                 qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d,
+                                 fp_conv_dtypes=(torch.float32, torch.bfloat16) if onednn.bf16_supported()
+                                 else (torch.float32,))
+
+
+register_backend(BackendSpec("torch", load=lambda: reference, unsigned8=True))
+register_backend(BackendSpec("triton", load=_triton_ops, devices=("cuda",), auto_rank=1, device_check=_triton_device,
+                             hint="the triton backend needs Triton (pip install triton)."))
+register_backend(BackendSpec("cuda", load=_cuda_ops, devices=("cuda",), auto_rank=0,
+                             hint="the cuda backend needs the compiled extension hybridops._C; reinstall with a CUDA "
+                                  "toolkit: pip install --no-build-isolation -e ."))
+register_backend(BackendSpec("onednn", load=_onednn_ops, devices=("cpu",), auto_rank=0, nibble_codes=False,
+                             unsigned8=True))

@@ -1,6 +1,6 @@
 """Backend selection: one switch for which kernels deployed layers run on.
 
-The registered backends (:mod:`hybridops.ops.backends`): ``torch`` (the plain-PyTorch reference,
+The registered backends (:mod:`hybridops.ops.registry`): ``torch`` (the plain-PyTorch reference,
 exact, any device), ``onednn`` (the CPU's int8 units through PyTorch's oneDNN), ``triton`` and
 ``cuda`` (``csrc/``) on CUDA devices. One switch picks the backend (:func:`set_backend`, the
 :func:`use_backend` context manager, or ``backend=`` of :func:`hybridops.deploy_`); ``"auto"``
@@ -15,8 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from .ops.backends import triton_interpreter
-from .ops.registry import auto_candidates, backend_names, unavailable_reason
+from .ops.registry import auto_candidates, backend_names, triton_interpreter, unavailable_reason
 
 _default = "auto"
 
