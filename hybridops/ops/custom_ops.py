@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from ..kernels import derived
 from . import reference, registry
@@ -50,8 +51,8 @@ def check_channel_index(idx: torch.Tensor, name: str, channels: int) -> None:
     bad index would be an out-of-bounds write, and a repeat would be added once or twice
     depending on the backend. Deployed layers pass the same buffer on every call, so the
     (synchronising) check runs once per buffer version (:mod:`hybridops.kernels.derived`)."""
-    if idx.numel() == 0:
-        return
+    if idx.numel() == 0 or is_fake(idx) or idx.device.type == "meta":
+        return  # no values to read (a layer built or traced under fake tensors)
     if idx.is_cuda and torch.cuda.is_current_stream_capturing():
         return  # no synchronisation is allowed inside a CUDA graph capture (warm up first)
 
