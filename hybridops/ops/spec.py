@@ -133,7 +133,7 @@ def spec_from_ints(v: Sequence[int]) -> LayerSpec:
     """The :class:`LayerSpec` that :meth:`LayerSpec.to_ints` flattened (validated again)."""
     if len(v) != SPEC_INTS:
         raise ValueError(f"a layer spec has {SPEC_INTS} ints, got {len(v)}.")
-    t = tuple(int(i) for i in v)
+    t = tuple(v)
     if not (0 <= t[0] < len(KINDS) and 0 <= t[14] < len(PADDING_MODES)):
         raise ValueError(f"a layer spec's kind and padding mode must be indices into {KINDS} and {PADDING_MODES}.")
     return _from_tuple(t)
