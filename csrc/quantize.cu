@@ -234,12 +234,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), w = x.size(3);
   const auto scale = channel_vector(bn_scale, c, "cuda_quantize_activate: bn_scale", x);
   const auto shift = channel_vector(bn_shift, c, "cuda_quantize_activate: bn_shift", x);
-  std::optional<at::Tensor> keep;
-  if (fp_in_idx.has_value()) keep = index_vector(*fp_in_idx, "cuda_quantize_activate: fp_in_idx", x);
+  std::optional<at::Tensor> in_idx;
+  if (fp_in_idx.has_value()) in_idx = index_vector(*fp_in_idx, "cuda_quantize_activate: fp_in_idx", x);
 
   const int64_t pc = packed_size(c, bits);
   at::Tensor codes = at::empty({n, h, w, pc}, x.options().dtype(at::kByte));
-  at::Tensor x_slice = keep.has_value() ? at::empty({n, h, w, keep->size(0)}, x.options().dtype(sdt))
+  at::Tensor x_slice = in_idx.has_value() ? at::empty({n, h, w, in_idx->size(0)}, x.options().dtype(sdt))
                                         : at::empty({0}, x.options().dtype(sdt));
   const int64_t work = n * h * w * ((c + 7) / 8);
   if (work == 0) return {x_slice, codes};
@@ -259,9 +259,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
   p.bn_shift = shift ? shift->data_ptr<float>() : nullptr;
   p.codes = codes.data_ptr<uint8_t>();
   p.packed_c = static_cast<int>(pc);
-  p.fp_in_idx = keep ? keep->data_ptr() : nullptr;
-  p.fp_in_idx64 = keep && keep->scalar_type() == at::kLong;
-  p.k = keep ? static_cast<int>(keep->size(0)) : 0;
+  p.fp_in_idx = in_idx ? in_idx->data_ptr() : nullptr;
+  p.fp_in_idx64 = in_idx && in_idx->scalar_type() == at::kLong;
+  p.k = in_idx ? static_cast<int>(in_idx->size(0)) : 0;
   p.x_slice = x_slice.data_ptr();
   p.slice_dtype = dtype_code(sdt);
   auto stream = c10::cuda::getCurrentCUDAStream();

@@ -39,6 +39,7 @@ before, such layers — as the paper's online update does with the last classifi
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -196,6 +197,7 @@ class _DeployedBase(nn.Module):
                              "(a pruned branch must stay trainable, which needs float outputs).")
         self._set_spec(out_bits=int(bits), out_signed=bool(signed))
         self.out_qparams = qparams.detach().float().clone().to(self.scale.device)
+        self.validate()
 
     def set_fp_dtype_(self, dtype: Optional[torch.dtype]) -> None:
         """Compute the pruned branch in ``dtype`` whatever the model's dtype: ``torch.bfloat16``
@@ -270,6 +272,7 @@ class _DeployedBase(nn.Module):
             self._buffers[n] = t.to(fn(t.new_empty(1)).device)
         if self._buffers.get("w_packed") is not None:
             self._buffers["w_packed"] = self._buffers["w_packed"].contiguous()
+        self.validate()  # new tensors: checked now (and the old ones no longer held)
         return self
 
     def _tensors(self) -> tuple:
@@ -280,11 +283,14 @@ class _DeployedBase(nn.Module):
         """Check every tensor against the layer's spec (shapes, dtypes, devices, index ranges).
         Done when the layer is deployed or loaded, so that a forward checks only its input; call it
         after editing a deployed layer's tensors by hand."""
-        layer_op.check_layer_tensors(self._spec, *self._tensors(), self.backend)
-        self._validated = self._index_versions()
+        tensors = self._tensors()
+        layer_op.check_layer_tensors(self._spec, *tensors, self.backend)
+        self._validated = (tensors, self._index_versions(tensors))
 
-    def _index_versions(self) -> tuple:
-        return (self.fp_out_idx._version, None if self.fp_in_idx is None else self.fp_in_idx._version)
+    @staticmethod
+    def _index_versions(tensors: tuple) -> tuple:
+        in_idx, out_idx = tensors[6], tensors[7]
+        return out_idx._version, None if in_idx is None else in_idx._version
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -299,14 +305,15 @@ class _DeployedBase(nn.Module):
         """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`)."""
         # the dicts directly: nn.Module.__getattr__ per tensor is a sizeable part of the host budget
         b, p = self._buffers, self._parameters
-        if not torch.compiler.is_compiling() and self._validated != (
-                b["fp_out_idx"]._version, None if b["fp_in_idx"] is None else b["fp_in_idx"]._version):
-            # an index buffer edited in place since it was checked: check again before a kernel
-            # writes through it (tracing reads no version: compiled graphs check in the op)
-            self.validate()
-        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, b["w_packed"], b["scale"], b["bias"],
-                                     b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"], b["fp_out_idx"],
-                                     b["out_qparams"], self.fp_dtype, self.backend)
+        t = (b["w_packed"], b["scale"], b["bias"], b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"],
+             b["fp_out_idx"], b["out_qparams"])
+        if not torch.compiler.is_compiling():
+            checked, versions = self._validated
+            if not all(map(operator.is_, t, checked)) or self._index_versions(t) != versions:
+                # a tensor replaced, or an index buffer edited in place, since the layer was checked:
+                # check again before a kernel writes through it (compiled graphs check in the op)
+                self.validate()
+        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, *t, self.fp_dtype, self.backend)
 
     def extra_repr(self) -> str:
         q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",

@@ -27,7 +27,8 @@ import torch
 T = TypeVar("T")
 
 # Entries per (tag, sources): a source used with many extra keys (input shapes) keeps only the
-# latest few (the oldest is dropped and rebuilt if met again).
+# latest few (the oldest is dropped and rebuilt if met again). Entries without sources (constants
+# such as an identity index per size) are not bounded.
 PER_SOURCES = 8
 
 # reentrant: dropping an entry can free a tensor whose weakref callback drops another entry
@@ -40,7 +41,15 @@ def fingerprint(t: Optional[torch.Tensor]):
     ``_version``; ``param.data = ...`` and device moves replace the storage (its address)."""
     if t is None:
         return None
-    return t._version, t.data_ptr(), t.dtype, t.shape
+    return t._version, t.data_ptr(), t.device, t.dtype, t.shape
+
+
+def _capturing(sources) -> bool:
+    """A CUDA graph capture is under way (for a CUDA source; with none, on any initialised GPU)."""
+    cuda = [t for t in sources if t is not None and t.is_cuda]
+    if cuda or (not sources and torch.cuda.is_initialized()):
+        return torch.cuda.is_current_stream_capturing()
+    return False
 
 
 def cached(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable, build: Callable[[], T]) -> T:
@@ -53,8 +62,7 @@ def cached(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable, b
     hit = _entries.get(full)
     if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], sources)):
         return hit[2]
-    first = next((t for t in sources if t is not None), None)
-    if first is not None and first.is_cuda and torch.cuda.is_current_stream_capturing():
+    if _capturing(sources):
         return build()
     value = build()
 
@@ -65,10 +73,12 @@ def cached(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable, b
 
     refs = tuple((lambda: None) if t is None else weakref.ref(t, drop) for t in sources)
     with _lock:
-        same = [k for k in _entries if k[0] == tag and k[2] == ids and k != full]
-        for k in same[: max(0, len(same) + 1 - PER_SOURCES)]:
-            del _entries[k]
+        # (entries without sources are constants, one per key: never evicted)
+        same = [k for k in list(_entries) if ids and k[0] == tag and k[2] == ids and k != full]
+        # dropped values are released after the lock: freeing one can run other entries' callbacks
+        dropped = [_entries.pop(k, None) for k in same[: max(0, len(same) + 1 - PER_SOURCES)]]
         _entries[full] = (refs, state, value)
+    del dropped
     return value
 
 
@@ -84,11 +94,11 @@ def peek(tag: str, sources: Sequence[Optional[torch.Tensor]], key: Hashable):
 def clear(tag: Optional[str] = None) -> None:
     """Drop every entry (or those of one ``tag``); they are rebuilt on next use."""
     with _lock:
-        for k in [k for k in _entries if tag is None or k[0] == tag]:
-            del _entries[k]
+        dropped = [_entries.pop(k, None) for k in list(_entries) if tag is None or k[0] == tag]
+    del dropped  # released after the lock (see cached)
 
 
 def size(tag: Optional[str] = None) -> int:
     """How many entries are held (of one ``tag``): for tests and the soak benchmark."""
     with _lock:
-        return sum(1 for k in _entries if tag is None or k[0] == tag)
+        return sum(1 for k in list(_entries) if tag is None or k[0] == tag)

@@ -170,7 +170,7 @@ def test_quantize_activate_fused(backend, layout, dtype, slice_dtype, bits, sign
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
-def test_quantize_activate_repeated_keep_idx(backend, layout, index_dtype):
+def test_quantize_activate_repeated_input_channels(backend, layout, index_dtype):
     # A grouped conv's pruned branch reads its group's input channels once per kept output.
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2, 6, 3, 5, generator=gen).to(DEVICE)
@@ -340,7 +340,7 @@ def test_qconv2d_fp_add_unsorted_index(backend, idx_dtype, cin, cout, groups):
 
 
 @pytest.mark.parametrize("kept,match", [([5, 3, 0, 3], "distinct"), ([0, 24], r"\[0, 24\)"), ([-1, 2], r"\[0, 24\)")])
-def test_qconv2d_rejects_bad_fp_idx(backend, kept, match):
+def test_qconv2d_rejects_bad_fp_out_idx(backend, kept, match):
     """A repeated or out-of-range kept-channel index is an error on every backend (kernels write
     through it), not a backend-dependent sum or an out-of-bounds write."""
     x_codes, w_packed, gen = conv_inputs(1, 16, 5, 5, 24, 3, 1, 4, False, 4, seed=7)

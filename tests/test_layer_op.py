@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import hybridops as ho
 from hybridops.backend_selection import backend_unavailable_reason
+from hybridops.kernels import derived
 from hybridops.kernels.packing import levels, pack_weight
 from hybridops.ops import layer_op
 from hybridops.ops.spec import SPEC_INTS, LayerSpec, spec_from_ints
@@ -325,3 +326,52 @@ def test_the_op_validates_every_argument():
     args[1] = args[1][:, :, :, :-1]
     with pytest.raises(ValueError, match="w_packed must be uint8"):
         torch.ops.hybridops.hybrid_layer(*args)
+
+
+def test_a_replaced_tensor_is_checked_before_the_kernels_read_it():
+    layer, x = _layer("hybrid", BACKENDS[-1])
+    layer.fp_out_idx = torch.tensor([0, 1, 2, 3, 6000000])
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fp_out_idx must index channels in \[0, 16\)"):
+        layer(x)
+    layer, x = _layer("hybrid", BACKENDS[-1])
+    layer.fp_weight = nn.Parameter(torch.zeros(4, 12, 3, 3))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"fp_bias must be float \(4,\), got torch.float32 \(5,\)"):
+        layer(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_training_only_the_branch_bias(backend):
+    layer, x = _layer("hybrid", backend)
+    layer.fp_weight.requires_grad_(False)
+    layer.fp_bias.requires_grad_(True)
+    (gb,) = torch.autograd.grad(layer(x).sum(), [layer.fp_bias])
+    # d sum / d fp_bias[j] = number of output positions (no ReLU)
+    torch.testing.assert_close(gb, torch.full_like(gb, 2 * 7 * 6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_input_smaller_than_the_kernel_is_one_sentence(backend):
+    layer, _ = _layer("hybrid_sliced_in", backend)  # 3x3, stride 2, padding (1, 0, 2, 1)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"empty output \(0x.*\): input 1x5 is smaller"):
+        layer(torch.randn(1, 12, 1, 5))
+
+
+def test_identity_indices_are_constants_not_evicted():
+    for c in range(1, 3 * derived.PER_SOURCES):
+        layer_op._identity_index(c, torch.device("cpu"))
+    first = layer_op._identity_index(1, torch.device("cpu"))
+    assert first is layer_op._identity_index(1, torch.device("cpu")) and torch.equal(first, torch.arange(1))
+
+
+def test_clearing_the_cache_while_entries_free_each_other():
+    """Dropping a trainable layer's deployed twin frees its tensors, whose callbacks drop the
+    entries derived from them: clearing the cache then must not trip over them."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    ho.hybridize_(conv, ho.HybridConfig(keep=0.5), example_inputs=x)
+    with torch.no_grad():
+        conv.eval()(x)
+    assert derived.size("deployed_twin") >= 1
+    derived.clear()
+    assert derived.size() == 0

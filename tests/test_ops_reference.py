@@ -308,7 +308,7 @@ def test_backend_resolution_and_errors():
     assert ho.get_backend() == "auto"
 
 
-def test_quantize_activate_gradient_with_repeated_keep_idx():
+def test_quantize_activate_gradient_with_repeated_input_channels():
     # a grouped conv's pruned branch gathers the same input channel once per kept output channel
     # of its group: the gradients of the repeated copies must add up
     torch.manual_seed(0)

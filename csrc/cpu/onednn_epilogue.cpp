@@ -86,17 +86,17 @@ QP make_qp(const at::Tensor& qparams, int64_t bits, bool is_signed, int64_t zp) 
   return r;
 }
 
-// The kept channels of one NHWC row of W pixels into row r of the (N*H, W, nkeep) slice.
-static void gather_slice(const float* t, int64_t W, int64_t C, const int64_t* keep, int64_t nkeep, void* slice,
+// The channels fp_in_idx lists, of one NHWC row of W pixels, into row r of the (N*H, W, n_in) slice.
+static void gather_slice(const float* t, int64_t W, int64_t C, const int64_t* in_idx, int64_t n_in, void* slice,
                          int64_t r, bool slice_bf16) {
   for (int64_t w = 0; w < W; ++w) {
     const float* tw = t + w * C;
     if (slice_bf16) {
-      c10::BFloat16* s = static_cast<c10::BFloat16*>(slice) + (r * W + w) * nkeep;
-      for (int64_t j = 0; j < nkeep; ++j) s[j] = c10::BFloat16(tw[keep[j]]);
+      c10::BFloat16* s = static_cast<c10::BFloat16*>(slice) + (r * W + w) * n_in;
+      for (int64_t j = 0; j < n_in; ++j) s[j] = c10::BFloat16(tw[in_idx[j]]);
     } else {
-      float* s = static_cast<float*>(slice) + (r * W + w) * nkeep;
-      for (int64_t j = 0; j < nkeep; ++j) s[j] = tw[keep[j]];
+      float* s = static_cast<float*>(slice) + (r * W + w) * n_in;
+      for (int64_t j = 0; j < n_in; ++j) s[j] = tw[in_idx[j]];
     }
   }
 }
@@ -105,7 +105,7 @@ static void gather_slice(const float* t, int64_t W, int64_t C, const int64_t* ke
 // (float32 or bfloat16) or an empty tensor, codes uint8 (N, H, W, C)).
 template <typename T>
 void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float* bn_b, bool relu,
-               const int64_t* keep, int64_t nkeep, uint8_t* codes, void* slice, bool slice_bf16) {
+               const int64_t* in_idx, int64_t n_in, uint8_t* codes, void* slice, bool slice_bf16) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
   const T* xp = x.data_ptr<T>();
@@ -124,7 +124,7 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
         // NHWC fp32 row used as is: one read of x, one write of codes (and the slice)
         const float* xf = reinterpret_cast<const float*>(xr);
         codes_row(xf, cr, W * C, q);
-        if (nkeep) gather_slice(xf, W, C, keep, nkeep, slice, r, slice_bf16);
+        if (n_in) gather_slice(xf, W, C, in_idx, n_in, slice, r, slice_bf16);
         continue;
       }
       if (sC == 1) {
@@ -148,7 +148,7 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
         if (relu) for (int64_t c = 0; c < C; ++c) tw[c] = (tw[c] < 0.0f) ? 0.0f : tw[c];
       }
       codes_row(t.data(), cr, W * C, q);
-      if (nkeep) gather_slice(t.data(), W, C, keep, nkeep, slice, r, slice_bf16);
+      if (n_in) gather_slice(t.data(), W, C, in_idx, n_in, slice, r, slice_bf16);
     }
   });
 }
@@ -171,25 +171,25 @@ std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor&
   at::Tensor hs, hb, hk;
   const float* s = opt_f32(bn_scale, hs);
   const float* b = opt_f32(bn_shift, hb);
-  const int64_t* keep = nullptr;
-  int64_t nkeep = 0;
+  const int64_t* in_idx = nullptr;
+  int64_t n_in = 0;
   at::Tensor slice;
   if (fp_in_idx.has_value() && fp_in_idx->defined()) {
     hk = fp_in_idx->to(at::kLong).contiguous();
-    keep = hk.data_ptr<int64_t>();
-    nkeep = hk.numel();
+    in_idx = hk.data_ptr<int64_t>();
+    n_in = hk.numel();
     // The slice is gathered through fp_in_idx: an index outside [0, C) would read out of bounds.
-    for (int64_t j = 0; j < nkeep; ++j) TORCH_CHECK(keep[j] >= 0 && keep[j] < C, "fp_in_idx must index channels in [0, ", C, ").");
-    slice = at::empty({N, H, W, nkeep}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
+    for (int64_t j = 0; j < n_in; ++j) TORCH_CHECK(in_idx[j] >= 0 && in_idx[j] < C, "fp_in_idx must index channels in [0, ", C, ").");
+    slice = at::empty({N, H, W, n_in}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
   } else {
     slice = at::empty({0}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
   }
   if (N * H * W * C == 0) return {slice, codes};
-  void* sp = nkeep ? slice.data_ptr() : nullptr;
+  void* sp = n_in ? slice.data_ptr() : nullptr;
   if (x.scalar_type() == at::kFloat)
-    qa_kernel<float>(x, q, s, b, relu, keep, nkeep, codes.data_ptr<uint8_t>(), sp, slice_bf16);
+    qa_kernel<float>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16);
   else
-    qa_kernel<c10::BFloat16>(x, q, s, b, relu, keep, nkeep, codes.data_ptr<uint8_t>(), sp, slice_bf16);
+    qa_kernel<c10::BFloat16>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16);
   return {slice, codes};
 }
 

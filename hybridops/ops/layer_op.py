@@ -19,13 +19,14 @@ layer re-quantizes for a chained consumer; channels_last NCHW in the model's flo
 Two entry points, one implementation (:func:`run_layer`):
 
 * the registered custom op (fake kernel, autograd, opcheck): used whenever gradients are
-  needed, under ``torch.compile`` / export tracing and under a dispatch mode. It validates every
-  argument on every call;
+  needed, under ``torch.compile`` / export tracing and under a dispatch mode. It checks the input
+  on every call and the layer's tensors against the spec once per version of each;
 * eager inference (no gradient needed, nothing tracing) calls :func:`run_layer` directly: the
   dispatcher's own cost (11-16 us per call measured on the project's 2-core CI machine, more than
   the whole host budget of a layer) would be paid for nothing there. The layer validated its
   tensors when it was built or loaded (:func:`check_layer_tensors`); per call only what a wrong
-  input can reach is checked (:func:`check_input`).
+  input can reach is checked (:func:`check_input`); the layer checks its tensors again when one is
+  replaced or an index buffer changes.
 
 Gradients (online updates train the pruned branch): only ``x``, ``fp_weight`` and ``fp_bias``
 are differentiable; the quantized branch is frozen integer data, so the gradient reaches ``x``
@@ -37,6 +38,7 @@ from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from ..kernels import derived
 from ..kernels.geometry import conv_out_hw
@@ -63,6 +65,10 @@ def check_input(spec: LayerSpec, x: torch.Tensor, like: torch.Tensor, backend: s
                lambda: f"this {spec.kind} layer expects input (N, {spec.in_channels}, H, W), got {tuple(x.shape)}.")
         _check(x.dtype.is_floating_point, lambda: f"this {spec.kind} layer expects a floating-point input, got "
                                                   f"{x.dtype}.")
+    h, w = (x.shape[1], x.shape[2]) if spec.codes_input else (x.shape[2], x.shape[3])
+    ho, wo = conv_out_hw(h, w, *spec.kernel_size, spec.stride, spec.padding, spec.dilation)
+    _check(ho >= 1 and wo >= 1, lambda: f"the convolution has an empty output ({ho}x{wo}): input {h}x{w} is smaller "
+                                        f"than the dilated kernel {tuple(spec.kernel_size)} after padding.")
     _check(x.device == like.device, lambda: f"the input is on {x.device} but the layer's weights are on "
                                             f"{like.device}: move one of them.")
 
@@ -116,6 +122,10 @@ def check_layer_tensors(spec: LayerSpec, w_packed, scale, bias, in_qparams, fp_w
         else:
             _check(fp_in_idx.shape[0] == k * cin_g, lambda: f"a grouped layer's fp_in_idx lists the {cin_g} input "
                                                             f"channels of each of the {k} kept channels' groups.")
+            if fp_in_idx.numel() and not is_fake(fp_in_idx) and fp_in_idx.device.type != "meta":
+                lo, hi = int(fp_in_idx.min()), int(fp_in_idx.max())  # (repeats are expected here)
+                _check(0 <= lo and hi < spec.in_channels, lambda: f"fp_in_idx must index channels in [0, "
+                                                                  f"{spec.in_channels}), got values in [{lo}, {hi}].")
     if spec.bits_a is not None:
         check_unsigned8(spec.bits_a, spec.a_signed, backend)
 
@@ -349,7 +359,7 @@ def _backward(ctx, grad):
         raise RuntimeError("hybrid_layer cannot backpropagate through re-quantized (integer) outputs; deploy without "
                            "chaining codes into a layer whose pruned branch trains.")
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[5], ctx.needs_input_grad[6]
-    g = grad.float()
+    g = grad.to(torch.promote_types(grad.dtype, torch.float32))
     if s.relu:
         g = torch.where(out > 0, g, torch.zeros_like(g))
     # grad with respect to x padded by the padding mode (then sent back through that gather)
@@ -372,16 +382,17 @@ def _backward(ctx, grad):
     else:  # hybrid and fp_only: the pruned branch alone is differentiable
         dt = ctx.fp_dtype or x.dtype
         gk = g.index_select(1, fp_out_idx).to(dt)
-        read = fp_in_idx if fp_in_idx is not None else None
+        read = fp_in_idx
         xs = (xp.index_select(1, read) if read is not None else xp).to(dt)
         gxs, gw, gb = _conv_backward(s, gk, xs, fp_weight.to(dt), padding, _fp_groups(s, kept), need_x)
         gx = None
         if gxs is not None:
-            gx = torch.zeros(xp.shape, dtype=torch.float32, device=xp.device)
+            acc_dt = torch.promote_types(gxs.dtype, torch.float32)
+            gx = torch.zeros(xp.shape, dtype=acc_dt, device=xp.device)
             if read is not None:  # a grouped branch may read a channel twice: the copies add up
-                gx.index_add_(1, read.long(), gxs.float())
+                gx.index_add_(1, read.long(), gxs.to(acc_dt))
             else:
-                gx += gxs.float()
+                gx += gxs.to(acc_dt)
     if gx is not None and mode != "zeros":
         h, w_ = x.shape[2], x.shape[3]
         back = torch.zeros((gx.shape[0], gx.shape[1], h, gx.shape[3]), dtype=gx.dtype, device=gx.device)
@@ -423,8 +434,9 @@ def hybrid_layer(spec: LayerSpec, spec_ints: List[int], x: torch.Tensor, w_packe
     """A deployed layer's forward: the registered op where autograd, tracing or a dispatch mode
     needs it, else :func:`run_layer` directly (see the module docstring). ``spec_ints`` is
     ``spec.to_ints()``, made once by the layer."""
-    if (torch.is_grad_enabled() and (x.requires_grad or fp_weight.requires_grad)) or torch.compiler.is_compiling() \
-            or torch._C._len_torch_dispatch_stack():
+    if (torch.is_grad_enabled() and (x.requires_grad or fp_weight.requires_grad
+                                     or (fp_bias is not None and fp_bias.requires_grad))) \
+            or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return hybrid_layer_op(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
                                out_qparams, spec_ints, fp_dtype, backend)
     check_input(spec, x, fp_weight, backend)
