@@ -39,7 +39,6 @@ before, such layers — as the paper's online update does with the last classifi
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -285,12 +284,21 @@ class _DeployedBase(nn.Module):
         after editing a deployed layer's tensors by hand."""
         tensors = self._tensors()
         layer_op.check_layer_tensors(self._spec, *tensors, self.backend)
-        self._validated = (tensors, self._index_versions(tensors))
+        self._validated = self._index_versions(tensors)
 
     @staticmethod
     def _index_versions(tensors: tuple) -> tuple:
         in_idx, out_idx = tensors[6], tensors[7]
         return out_idx._version, None if in_idx is None else in_idx._version
+
+    _TENSOR_NAMES = frozenset(("w_packed", "scale", "bias", "in_qparams", "fp_weight", "fp_bias", "fp_in_idx",
+                               "fp_out_idx", "out_qparams"))
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in self._TENSOR_NAMES:
+            # a tensor replaced (layer.fp_out_idx = ...): checked before the next forward uses it
+            self.__dict__["_validated"] = None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -307,12 +315,11 @@ class _DeployedBase(nn.Module):
         b, p = self._buffers, self._parameters
         t = (b["w_packed"], b["scale"], b["bias"], b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"],
              b["fp_out_idx"], b["out_qparams"])
-        if not torch.compiler.is_compiling():
-            checked, versions = self._validated
-            if not all(map(operator.is_, t, checked)) or self._index_versions(t) != versions:
-                # a tensor replaced, or an index buffer edited in place, since the layer was checked:
-                # check again before a kernel writes through it (compiled graphs check in the op)
-                self.validate()
+        if not torch.compiler.is_compiling() and self._validated != (
+                t[7]._version, None if t[6] is None else t[6]._version):
+            # a tensor replaced, or an index buffer edited in place, since the layer was checked:
+            # check again before a kernel writes through it (compiled graphs check in the op)
+            self.validate()
         return layer_op.hybrid_layer(self._spec, self._spec_ints, x, *t, self.fp_dtype, self.backend)
 
     def extra_repr(self) -> str:

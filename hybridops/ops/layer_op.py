@@ -54,23 +54,32 @@ _TENSOR_NAMES = ("w_packed", "scale", "bias", "in_qparams", "fp_weight", "fp_bia
 # ----------------------------------------------------------------------------- checks
 def check_input(spec: LayerSpec, x: torch.Tensor, like: torch.Tensor, backend: str) -> None:
     """The per-call checks: what a wrong input can reach (rank, channel count or code width,
-    dtype, device)."""
+    dtype, device, a size the kernel does not fit). Plain branches: this runs on every call."""
     if spec.codes_input:
         width = registry.code_bytes(spec.in_channels, spec.bits_a, backend)
-        _check(x.dtype == torch.uint8 and x.dim() == 4 and x.shape[3] == width,
-               lambda: f"this {spec.kind} layer is chained after a quantized layer and expects its codes (N, H, W, "
-                       f"{width}) uint8, got {x.dtype} {tuple(x.shape)}.")
+        if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[3] != width:
+            raise ValueError(f"this {spec.kind} layer is chained after a quantized layer and expects its codes "
+                             f"(N, H, W, {width}) uint8, got {x.dtype} {tuple(x.shape)}.")
+        h, w = x.shape[1], x.shape[2]
     else:
-        _check(x.dim() == 4 and x.shape[1] == spec.in_channels,
-               lambda: f"this {spec.kind} layer expects input (N, {spec.in_channels}, H, W), got {tuple(x.shape)}.")
-        _check(x.dtype.is_floating_point, lambda: f"this {spec.kind} layer expects a floating-point input, got "
-                                                  f"{x.dtype}.")
-    h, w = (x.shape[1], x.shape[2]) if spec.codes_input else (x.shape[2], x.shape[3])
+        if x.dim() != 4 or x.shape[1] != spec.in_channels:
+            raise ValueError(f"this {spec.kind} layer expects input (N, {spec.in_channels}, H, W), got "
+                             f"{tuple(x.shape)}.")
+        if not x.dtype.is_floating_point:
+            raise ValueError(f"this {spec.kind} layer expects a floating-point input, got {x.dtype}.")
+        h, w = x.shape[2], x.shape[3]
+    if x.device != like.device:
+        raise ValueError(f"the input is on {x.device} but the layer's weights are on {like.device}: move one of "
+                         f"them.")
+    min_h, min_w = spec.min_input_hw
+    if h < min_h or w < min_w:
+        raise ValueError(_empty_output_sentence(spec, h, w))
+
+
+def _empty_output_sentence(spec: LayerSpec, h: int, w: int) -> str:
     ho, wo = conv_out_hw(h, w, *spec.kernel_size, spec.stride, spec.padding, spec.dilation)
-    _check(ho >= 1 and wo >= 1, lambda: f"the convolution has an empty output ({ho}x{wo}): input {h}x{w} is smaller "
-                                        f"than the dilated kernel {tuple(spec.kernel_size)} after padding.")
-    _check(x.device == like.device, lambda: f"the input is on {x.device} but the layer's weights are on "
-                                            f"{like.device}: move one of them.")
+    return (f"the convolution has an empty output ({ho}x{wo}): input {h}x{w} is smaller than the dilated kernel "
+            f"{tuple(spec.kernel_size)} after padding.")
 
 
 def check_layer_tensors(spec: LayerSpec, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,

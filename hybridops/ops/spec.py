@@ -109,6 +109,12 @@ class LayerSpec:
         """The padding the conv itself applies (the border of other modes is made explicitly)."""
         return self.padding if self.padding_mode == "zeros" else (0, 0, 0, 0)
 
+    @functools.cached_property
+    def min_input_hw(self) -> Tuple[int, int]:
+        """The smallest input height and width with a non-empty output (padding counted)."""
+        (kh, kw), (dh, dw), (t, b, l, r) = self.kernel_size, self.dilation, self.padding
+        return dh * (kh - 1) + 1 - t - b, dw * (kw - 1) + 1 - l - r
+
     def to_ints(self) -> List[int]:
         """The ``int[]`` argument of ``hybridops::hybrid_layer`` (read back by :func:`spec_from_ints`)."""
         return [KINDS.index(self.kind), self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
