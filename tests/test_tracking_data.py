@@ -101,7 +101,7 @@ def test_otb_tiger1_drops_ground_truth_rows_before_the_start(tmp_path):
 def test_otb_range_mismatch_and_overrides(tmp_path):
     # David renumbered 1..471: OTB's range does not fit; refused rather than misaligned.
     renumbered = _otb(tmp_path, "David", range(1, 472), 471)
-    with pytest.raises(SequenceError, match="fit neither .* pass start_frame and end_frame"):
+    with pytest.raises(SequenceError, match=r"fit neither .* pass start_frame \(hybridops-track: --start-frame\)"):
         read_otb_sequence(renumbered, check_images=False)
     assert read_otb_sequence(renumbered, check_images=False, start_frame=1).frames[0].name == "0001.jpg"
     other = tmp_path / "Unknown"
@@ -291,3 +291,59 @@ def test_real_otb_crossing_when_present():
     assert len(s) == 120 and s.frames[0].name == "0001.jpg" and s.frames[-1].name == "0120.jpg"
     np.testing.assert_array_equal(s.boxes[0], [205, 151, 17, 50])
     assert s.valid.all() and s.image(0).ndim == 3
+
+
+# -- layout detection and the start frame --------------------------------------------------------
+def _gt(folder, n, name="groundtruth.txt"):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(_lines(_rows(n)))
+    return folder
+
+
+def test_layouts_are_detected_from_their_files(tmp_path):
+    from hybridops_tracking.data import detect_format
+
+    otb = tmp_path / "otb"
+    _images(_gt(otb / "Car", 3, "groundtruth_rect.txt") / "img", range(1, 4))
+    got = tmp_path / "got"
+    for s in ("GOT-10k_Train_000001", "GOT-10k_Train_000002"):
+        _images(_gt(got / s, 3), range(1, 4), fmt="{:08d}.jpg")
+        (got / s / "absence.label").write_text("0\n0\n0\n")
+    (got / "list.txt").write_text("GOT-10k_Train_000001\nGOT-10k_Train_000002\n")
+    lasot = tmp_path / "lasot"
+    seq = _gt(lasot / "airplane" / "airplane-1", 3)
+    _images(seq / "img", range(1, 4), fmt="{:08d}.jpg")
+    (seq / "full_occlusion.txt").write_text("0,0,0\n")
+    (seq / "out_of_view.txt").write_text("0,0,0\n")
+    vot = tmp_path / "vot"
+    _images(_gt(vot / "ball", 3) / "color", range(1, 4), fmt="{:08d}.jpg")
+    (vot / "list.txt").write_text("ball\n")
+    uav = tmp_path / "uav"
+    (uav / "anno" / "UAV123").mkdir(parents=True)
+    for root, fmt in ((otb, "otb"), (otb / "Car", "otb"), (got, "got10k"), (got / "GOT-10k_Train_000001", "got10k"),
+                      (lasot, "lasot"), (lasot / "airplane" / "airplane-1", "lasot"), (vot, "vot"), (uav, "uav123")):
+        assert detect_format(root) == fmt, root
+    assert [s.name for s in load_dataset(lasot)] == ["airplane-1"]  # no format given
+    assert len(load_dataset(got)) == 2
+    with pytest.raises(SequenceError, match="not recognisable from its files; pass --format"):
+        detect_format(_images(_gt(tmp_path / "bare" / "s", 3), range(1, 4)).parent)
+    # --format still overrides: the GOT-10k folders read as VOT sequences (same files)
+    assert [s.name for s in load_dataset(got, "vot")] == ["GOT-10k_Train_000001", "GOT-10k_Train_000002"]
+
+
+def test_start_frame_through_load_dataset_and_the_cli(tmp_path, capsys):
+    """Ground truth starting at frame 11 of 20 images: the reader asks for the start frame, and
+    load_dataset / hybridops-track --start-frame pass it."""
+    from hybridops_tracking import cli
+
+    seq = _gt(tmp_path / "Late", 10, "groundtruth_rect.txt")
+    _images(seq / "img", range(1, 21))
+    with pytest.raises(SequenceError, match=r"pass start_frame \(hybridops-track: --start-frame\)"):
+        load_dataset(seq)
+    (s,) = load_dataset(seq, start_frame=11)
+    assert s.frames[0].name == "0011.jpg" and len(s.frames) == 10
+    _images(_gt(tmp_path / "Other", 20, "groundtruth_rect.txt") / "img", range(1, 21))
+    with pytest.raises(SequenceError, match="holds 2 sequences; a start frame applies to one sequence"):
+        load_dataset(tmp_path, start_frame=11)
+    args = cli.build_parser().parse_args(["rescore", str(tmp_path / "r"), "--data", str(seq), "--start-frame", "11"])
+    assert cli._sequences(args, seq)[0].frames[0].name == "0011.jpg" and args.format == "otb"

@@ -13,9 +13,9 @@ from .attributes import OTB_ATTRIBUTES, attribute_groups, load_attributes, read_
 from .boxes import center_iou, decode, encode, generate_anchors
 from .benchmark import evaluate, rescore, run_sequence, write_overlay, write_tracker_results
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import (FORMATS, Sequence, SequenceError, SynthConfig, list_sequences, load_dataset, make_synthetic_benchmark,
-                   read_got10k_sequence, read_lasot_sequence, read_otb_sequence, read_uav123_sequence, read_vot_sequence,
-                   synthetic_sequence, write_otb_sequence)
+from .data import (FORMATS, Sequence, SequenceError, SynthConfig, detect_format, list_sequences, load_dataset,
+                   make_synthetic_benchmark, read_got10k_sequence, read_lasot_sequence, read_otb_sequence,
+                   read_uav123_sequence, read_vot_sequence, synthetic_sequence, write_otb_sequence)
 from .hybrid import VARIANTS, hybridize_tracker, online_parameters
 from .metrics import center_error, norm_precision_curve, overlap, precision_curve, success_curve, summarize
 from .model import ModelConfig, SiamRPNPP, xcorr_depthwise
@@ -28,7 +28,7 @@ __all__ = [
     "read_otb_sequence", "write_otb_sequence", "list_sequences", "synthetic_sequence", "make_synthetic_benchmark",
     "overlap", "center_error", "precision_curve", "success_curve", "summarize", "TrainConfig", "PairSampler",
     "train", "VARIANTS", "hybridize_tracker", "online_parameters", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "FORMATS", "load_dataset", "read_got10k_sequence", "read_lasot_sequence", "read_vot_sequence",
+    "CheckpointError", "FORMATS", "detect_format", "load_dataset", "read_got10k_sequence", "read_lasot_sequence", "read_vot_sequence",
     "read_uav123_sequence", "norm_precision_curve", "evaluate", "rescore", "run_sequence", "write_overlay",
     "write_tracker_results", "OTB_ATTRIBUTES", "attribute_groups", "load_attributes", "read_attribute_file",
 ]

@@ -7,7 +7,7 @@ Examples::
     hybridops-track train --out hybrid.pt --variant hybrid --init float.pt --steps 60
     hybridops-track track data/synth/synth_000 --checkpoint hybrid.pt --online --out runs/s0
     hybridops-track evaluate data/synth --checkpoint hybrid.pt --out runs/eval
-    hybridops-track evaluate /data/LaSOT --format lasot --checkpoint model.pth --out runs/lasot --skip-bad
+    hybridops-track evaluate /data/LaSOT --checkpoint model.pth --out runs/lasot --skip-bad
     hybridops-track rescore runs/eval --data data/synth
     hybridops-track rescore runs/otb --data /data/OTB100 --attrs /data/OTB100/OTB100.json
     hybridops-track compare --out bench/results/tracking
@@ -67,7 +67,11 @@ def _add_device(p):
 
 def _add_data(p):
     from .data import FORMATS
-    p.add_argument("--format", choices=FORMATS, default="otb", help="data set layout (default otb)")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="data set layout (default: detected from the folder's files; this overrides it)")
+    p.add_argument("--start-frame", type=int, default=None, metavar="N",
+                   help="number of the first annotated frame, for one OTB or UAV123 sequence whose range its files "
+                        "do not give (the reader says when)")
     p.add_argument("--skip-bad", action="store_true",
                    help="leave out sequences that cannot be read (each is reported) instead of stopping")
 
@@ -135,9 +139,10 @@ def cmd_train(args) -> int:
 
 
 def _sequences(args, root):
-    from .data import load_dataset
+    from .data import detect_format, load_dataset
     skipped = []
-    seqs = load_dataset(root, args.format, skip_bad=args.skip_bad, skipped=skipped)
+    args.format = args.format or detect_format(root)  # named in the reports
+    seqs = load_dataset(root, args.format, skip_bad=args.skip_bad, skipped=skipped, start_frame=args.start_frame)
     for name, why in skipped:
         print(f"skipped {name}: {why}", file=sys.stderr)
     return seqs

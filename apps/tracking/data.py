@@ -216,7 +216,7 @@ def read_otb_sequence(path: Union[str, Path], check_images: bool = True, target:
         frames, boxes = _otb_range(seq_name, frames, boxes, start, end, img_dir, gt)
     elif len(frames) > len(boxes):
         raise SequenceError(f"{seq_name}: {len(frames)} images in {img_dir} but {len(boxes)} boxes in {gt}, and the "
-                            "first annotated frame is not known; pass start_frame (or end_frame).")
+                            "first annotated frame is not known; pass start_frame (hybridops-track: --start-frame).")
     _match(seq_name, frames, boxes, img_dir, gt)
     if check_images:
         _check_images(seq_name, frames)
@@ -244,7 +244,8 @@ def _otb_range(name: str, frames: List[Path], boxes: np.ndarray, start: Optional
     last = end if end is not None else "the last"
     raise SequenceError(f"{name}: {len(boxes)} boxes in {gt} fit neither the {stop - i0} images numbered "
                         f"{start if start is not None else 'the first'} to {last} in {img_dir} nor one per image "
-                        f"from the first; pass start_frame and end_frame if this copy's range differs from OTB's.")
+                        f"from the first; pass start_frame (hybridops-track: --start-frame) if this copy's range differs "
+                        f"from OTB's.")
 
 
 def _flags(path: Path, n: int, name: str) -> Optional[np.ndarray]:
@@ -337,7 +338,8 @@ def read_uav123_sequence(anno: Union[str, Path], root: Optional[Union[str, Path]
             img_dir = base / parent
         else:
             raise SequenceError(f"{name}: no image folder {img_dir}" + (
-                f"; it is a part of {base / parent}, pass its start_frame" if parent != name else "") + ".")
+                f"; it is a part of {base / parent}, pass its start_frame (hybridops-track: --start-frame)"
+                if parent != name else "") + ".")
     frames = sorted_frames(img_dir)
     if start_frame is not None:
         frames = [f for f in frames if (_frame_number(f) or 0) >= start_frame][:len(boxes)]
@@ -361,14 +363,18 @@ def list_sequences(root: Union[str, Path]) -> List[Path]:
     return seqs
 
 
-def _dataset_jobs(root: Path, fmt: str, check_images: bool):
+def _dataset_jobs(root: Path, fmt: str, check_images: bool, start_frame: Optional[int] = None):
     """``[(name, reader)]`` for every sequence of ``root`` in format ``fmt``."""
     from functools import partial
+    if start_frame is not None and fmt not in ("otb", "uav123"):
+        raise SequenceError(f"a start frame applies to OTB and UAV123 sequences (the others number every frame), not "
+                            f"to {fmt}.")
     if fmt == "uav123":
         anno_dir = root / "anno" / "UAV123"
         if not anno_dir.is_dir():
             raise SequenceError(f"{root}: no anno/UAV123/ folder (UAV123 layout: anno/UAV123/*.txt + data_seq/UAV123/).")
-        return [(a.stem, partial(read_uav123_sequence, a, root, check_images)) for a in sorted(anno_dir.glob("*.txt"))]
+        return [(a.stem, partial(read_uav123_sequence, a, root, check_images, start_frame))
+                for a in sorted(anno_dir.glob("*.txt"))]
     readers = {"got10k": read_got10k_sequence, "lasot": read_lasot_sequence, "vot": read_vot_sequence}
     if fmt == "otb":
         jobs = []
@@ -376,7 +382,7 @@ def _dataset_jobs(root: Path, fmt: str, check_images: bool):
             files = otb_groundtruth_files(p)
             targets = [t for t, _ in files] if len(files) > 1 else [files[0][0] if files else None]
             jobs += [(p.name if t is None else f"{p.name}-{t}",
-                      partial(read_otb_sequence, p, check_images, t)) for t in targets]
+                      partial(read_otb_sequence, p, check_images, t, start_frame)) for t in targets]
         return jobs
     if fmt not in readers:
         raise SequenceError(f"unknown data set format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -396,19 +402,67 @@ def _dataset_jobs(root: Path, fmt: str, check_images: bool):
     return [(p.name, partial(readers[fmt], p, check_images)) for p in folders]
 
 
-def load_dataset(root: Union[str, Path], fmt: str = "otb", skip_bad: bool = False, check_images: bool = True,
-                 skipped: Optional[List[Tuple[str, str]]] = None) -> List[Sequence]:
+def _sequence_format(path: Path) -> Optional[str]:
+    """The layout of one sequence folder, from the files only that layout has, or None."""
+    if otb_groundtruth_files(path):
+        return "otb"
+    if not (path / "groundtruth.txt").is_file():
+        return None
+    if (path / "full_occlusion.txt").is_file() or (path / "out_of_view.txt").is_file():
+        return "lasot"
+    if (path / "absence.label").is_file() or (path / "cover.label").is_file() or (path / "meta_info.ini").is_file():
+        return "got10k"
+    if (path / "color").is_dir() or any(path.glob("*.tag")) or any(path.glob("*.label")):
+        return "vot"
+    return None
+
+
+def detect_format(root: Union[str, Path]) -> str:
+    """The layout of the data set (or sequence) folder ``root``, one of :data:`FORMATS`, from the
+    files that identify it: UAV123's ``anno/UAV123/``; OTB's ``groundtruth_rect.txt``; LaSOT's
+    ``full_occlusion.txt`` / ``out_of_view.txt`` (sequences grouped by category); GOT-10k's
+    ``absence.label`` / ``cover.label`` / ``meta_info.ini``; VOT's ``color/`` folder or ``*.tag``
+    files. Raises :class:`SequenceError` naming ``--format`` where the folder does not say."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SequenceError(f"{root} is not a directory.")
+    if (root / "anno" / "UAV123").is_dir():
+        return "uav123"
+    found = _sequence_format(root)
+    if found is None:
+        subs = sorted(p for p in root.iterdir() if p.is_dir())
+        for p in subs[:20]:  # a few sequences say it; a category folder of LaSOT one level down
+            found = _sequence_format(p) or next(
+                (f for q in sorted(p.iterdir())[:5] if q.is_dir() for f in [_sequence_format(q)] if f == "lasot"), None)
+            if found is not None:
+                break
+    if found is None:
+        raise SequenceError(f"{root}: the data set layout is not recognisable from its files; pass --format "
+                            f"({', '.join(FORMATS)}).")
+    return found
+
+
+def load_dataset(root: Union[str, Path], fmt: Optional[str] = None, skip_bad: bool = False, check_images: bool = True,
+                 skipped: Optional[List[Tuple[str, str]]] = None,
+                 start_frame: Optional[int] = None) -> List[Sequence]:
     """Every sequence of the data set at ``root`` (a data set folder or one sequence folder).
 
-    ``fmt``: one of :data:`FORMATS`. A sequence that cannot be read raises its one-line
-    :class:`SequenceError`, or with ``skip_bad`` is left out and ``(name, reason)`` appended to
-    ``skipped``.
+    ``fmt``: one of :data:`FORMATS`, or None to detect it from the folder (:func:`detect_format`).
+    ``start_frame``: the number of the first annotated frame, for one OTB or UAV123 sequence whose
+    range its files do not give (the reader says when). A sequence that cannot be read raises its
+    one-line :class:`SequenceError`, or with ``skip_bad`` is left out and ``(name, reason)``
+    appended to ``skipped``.
     """
     root = Path(root)
     if not root.is_dir():
         raise SequenceError(f"{root} is not a directory.")
+    fmt = fmt or detect_format(root)
+    jobs = _dataset_jobs(root, fmt, check_images, start_frame)
+    if start_frame is not None and len(jobs) != 1:
+        raise SequenceError(f"{root} holds {len(jobs)} sequences; a start frame applies to one sequence: point at its "
+                            f"folder.")
     seqs = []
-    for name, read in _dataset_jobs(root, fmt, check_images):
+    for name, read in jobs:
         try:
             seqs.append(read())
         except SequenceError as e:
