@@ -250,20 +250,27 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     return out.to(x.dtype).view(x.shape) if x.dtype != torch.float32 else out.view(x.shape)
 
 
-def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
-                      slice_dtype=None):
+def quantize_activate_flagged(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
+                              slice_dtype=None):
     """One pass over ``x (N, C, H, W)`` (any memory format; channels_last reads fastest):
-    ``(x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, C))`` in this backend's code format."""
+    ``(x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, C), nonfinite)`` in this backend's code
+    format; ``nonfinite``: whether ``x`` held a NaN or an infinity (tested in the same pass)."""
     sd = slice_dtype or x.dtype
     xk = x if x.dtype in (torch.float32, torch.bfloat16) else x.to(torch.float32)
     slice_bf16 = sd == torch.bfloat16
-    x_slice, codes = _C.quantize_activate(xk, qparams, bits, signed, zero_point(bits, signed), bn_scale, bn_shift,
-                                          relu, fp_in_idx, slice_bf16)
+    x_slice, codes, nonfinite = _C.quantize_activate(xk, qparams, bits, signed, zero_point(bits, signed), bn_scale,
+                                                     bn_shift, relu, fp_in_idx, slice_bf16)
     if fp_in_idx is not None and sd not in (torch.float32, torch.bfloat16):
         x_slice = x_slice.to(sd)
     elif fp_in_idx is None and x_slice.dtype != sd:
         x_slice = x.new_empty((0,), dtype=sd)
-    return x_slice, codes
+    return x_slice, codes, nonfinite
+
+
+def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
+                      slice_dtype=None):
+    """:func:`quantize_activate_flagged` without the flag: the op contract's two outputs."""
+    return quantize_activate_flagged(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype)[:2]
 
 
 def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,

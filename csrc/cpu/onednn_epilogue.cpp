@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -55,19 +56,25 @@ static inline float code_of(float t, const QP& q) {
 
 // out[c] = code(t[c]) + zp for a row of n values: the hot loop of quantize-activate and of the
 // re-quantizing epilogue. One clone per ISA, chosen at load time: AVX-512, AVX2, or the baseline
-// x86-64 (SSE2).
+// x86-64 (SSE2). Returns whether the row held a NaN or an infinity (t - t is 0 exactly for finite
+// t): a code cannot carry it, so the caller propagates it (hybridops/ops/layer_op.py); the test
+// rides in the same vector loop.
 template <bool SIGNED>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void codes_row_v(const float* __restrict t, uint8_t* __restrict out, int64_t n, float alpha, float beta, float lv,
+bool codes_row_v(const float* __restrict t, uint8_t* __restrict out, int64_t n, float alpha, float beta, float lv,
                  int zp) {
   const float fzp = static_cast<float>(zp);
-  for (int64_t c = 0; c < n; ++c)
+  int nonfinite = 0;
+  for (int64_t c = 0; c < n; ++c) {
     out[c] = static_cast<uint8_t>(static_cast<int>(code_v<SIGNED>(t[c], alpha, beta, lv) + fzp));
+    nonfinite |= !(t[c] - t[c] == 0.0f);
+  }
+  return nonfinite != 0;
 }
 
-static void codes_row(const float* t, uint8_t* out, int64_t n, const QP& q) {
-  if (q.is_signed) codes_row_v<true>(t, out, n, q.alpha, q.beta, q.lv, q.zp);
-  else codes_row_v<false>(t, out, n, q.alpha, q.beta, q.lv, q.zp);
+static bool codes_row(const float* t, uint8_t* out, int64_t n, const QP& q) {
+  return q.is_signed ? codes_row_v<true>(t, out, n, q.alpha, q.beta, q.lv, q.zp)
+                     : codes_row_v<false>(t, out, n, q.alpha, q.beta, q.lv, q.zp);
 }
 
 template <typename T>
@@ -101,10 +108,11 @@ static void gather_slice(const float* t, int64_t W, int64_t C, const int64_t* in
   }
 }
 
-// x: (N, C, H, W) float32 or bfloat16, any strides. Returns (slice (N, H, W, K) in slice_dtype
-// (float32 or bfloat16) or an empty tensor, codes uint8 (N, H, W, C)).
+// x: (N, C, H, W) float32 or bfloat16, any strides. Writes the slice (N, H, W, K) in slice_dtype
+// (float32 or bfloat16) and the codes uint8 (N, H, W, C); returns whether x held a NaN or an
+// infinity.
 template <typename T>
-void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float* bn_b, bool relu,
+bool qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float* bn_b, bool relu,
                const int64_t* in_idx, int64_t n_in, uint8_t* codes, void* slice, bool slice_bf16) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t sN = x.stride(0), sC = x.stride(1), sH = x.stride(2), sW = x.stride(3);
@@ -113,7 +121,9 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
   // A few rows per task: at batch 1 a layer has only tens of rows and a task must amortise the
   // thread wake-up.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, W * C));
+  std::atomic<bool> nonfinite{false};
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    bool bad = false;
     std::vector<float> t(static_cast<size_t>(W * C));  // one row of t, NHWC
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t n = r / H, h = r % H;
@@ -123,7 +133,7 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
       if (direct) {
         // NHWC fp32 row used as is: one read of x, one write of codes (and the slice)
         const float* xf = reinterpret_cast<const float*>(xr);
-        codes_row(xf, cr, W * C, q);
+        bad |= codes_row(xf, cr, W * C, q);
         if (n_in) gather_slice(xf, W, C, in_idx, n_in, slice, r, slice_bf16);
         continue;
       }
@@ -147,10 +157,12 @@ void qa_kernel(const at::Tensor& x, const QP& q, const float* bn_s, const float*
         // relu keeps NaN (torch.relu(nan) is nan), so the slice carries it like the reference.
         if (relu) for (int64_t c = 0; c < C; ++c) tw[c] = (tw[c] < 0.0f) ? 0.0f : tw[c];
       }
-      codes_row(t.data(), cr, W * C, q);
+      bad |= codes_row(t.data(), cr, W * C, q);
       if (n_in) gather_slice(t.data(), W, C, in_idx, n_in, slice, r, slice_bf16);
     }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
   });
+  return nonfinite.load();
 }
 
 const float* opt_f32(const c10::optional<at::Tensor>& t, at::Tensor& hold) {
@@ -159,7 +171,8 @@ const float* opt_f32(const c10::optional<at::Tensor>& t, at::Tensor& hold) {
   return hold.data_ptr<float>();
 }
 
-std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
+// (slice, codes, whether x held a NaN or an infinity)
+std::tuple<at::Tensor, at::Tensor, bool> quantize_activate(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
                                           int64_t zp, const c10::optional<at::Tensor>& bn_scale,
                                           const c10::optional<at::Tensor>& bn_shift, bool relu,
                                           const c10::optional<at::Tensor>& fp_in_idx, bool slice_bf16) {
@@ -184,13 +197,13 @@ std::vector<at::Tensor> quantize_activate(const at::Tensor& x, const at::Tensor&
   } else {
     slice = at::empty({0}, x.options().dtype(slice_bf16 ? at::kBFloat16 : at::kFloat));
   }
-  if (N * H * W * C == 0) return {slice, codes};
+  if (N * H * W * C == 0) return {slice, codes, false};
   void* sp = n_in ? slice.data_ptr() : nullptr;
-  if (x.scalar_type() == at::kFloat)
-    qa_kernel<float>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16);
-  else
-    qa_kernel<c10::BFloat16>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16);
-  return {slice, codes};
+  const bool nonfinite =
+      x.scalar_type() == at::kFloat
+          ? qa_kernel<float>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16)
+          : qa_kernel<c10::BFloat16>(x, q, s, b, relu, in_idx, n_in, codes.data_ptr<uint8_t>(), sp, slice_bf16);
+  return {slice, codes, nonfinite};
 }
 
 // fake_quantize of a contiguous float32 tensor: code * (1 / levels), in fp32.

@@ -264,7 +264,38 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
     # branch reads x itself (a write and a read fewer).
     sliced = kept > 0 and (fp_in_idx is not None or fp_dt != x.dtype or not nhwc)
     read = (fp_in_idx if fp_in_idx is not None else _identity_index(spec.in_channels, x.device)) if sliced else None
-    x_slice, codes = ns.quantize_activate(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read, fp_dt)
+    flagged = getattr(ns, "quantize_activate_flagged", None)
+    if flagged is not None:  # the pass also says whether x held a NaN or an infinity
+        x_slice, codes, nonfinite = flagged(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read, fp_dt)
+    else:
+        x_slice, codes = ns.quantize_activate(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read,
+                                              fp_dt)
+        nonfinite = False
+    y = _hybrid(ns, spec, x, codes, x_slice, sliced, w_packed, scale, bias, fp_weight, fp_bias, fp_out_idx,
+                out_qparams, padding, kept, backend, channels_last)
+    if nonfinite:
+        if out_qparams is not None:
+            raise ValueError("the input holds a NaN or an infinity, which the codes this layer hands to the next "
+                             "one cannot carry: deploy with fuse=False to propagate it, or clean the input.")
+        y = y.masked_fill(_nonfinite_outputs(spec, x, padding), float("nan"))
+    return y
+
+
+def _nonfinite_outputs(spec: LayerSpec, x: torch.Tensor, padding) -> torch.Tensor:
+    """``(N, C_out, Ho, Wo)`` bool: the outputs whose window reads a NaN or an infinity of ``x``
+    (any channel of their group), which float PyTorch's conv makes NaN (or infinite): a code
+    cannot carry them, so the integer conv's outputs there are replaced by NaN."""
+    n, c, h, w = x.shape
+    g = spec.groups
+    bad = (~torch.isfinite(x)).view(n, g, c // g, h, w).any(2).to(torch.float32)
+    ones = bad.new_ones((g, 1, *spec.kernel_size))
+    hits = reference.float_conv2d(bad, ones, None, spec.stride, padding, spec.dilation, g) > 0
+    return hits.repeat_interleave(spec.out_channels // g, dim=1)
+
+
+def _hybrid(ns, spec: LayerSpec, x, codes, x_slice, sliced: bool, w_packed, scale, bias, fp_weight, fp_bias,
+            fp_out_idx, out_qparams, padding, kept: int, backend: str, channels_last: bool) -> torch.Tensor:
+    """The integer conv with the pruned branch (fused into it where the backend says so)."""
     fp_out = None
     rq_bits = spec.out_bits or 8  # read only with out_qparams
     if kept:

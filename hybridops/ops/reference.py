@@ -86,6 +86,14 @@ def quantize_activate(
     return x_slice, codes
 
 
+def quantize_activate_flagged(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
+                              slice_dtype=None):
+    """:func:`quantize_activate` and whether ``x`` held a NaN or an infinity (which no code can
+    carry: the whole-layer op propagates it, hybridops/ops/layer_op.py)."""
+    return (*quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype),
+            not bool(torch.isfinite(x).all()))
+
+
 def int_conv2d(
     a: torch.Tensor,
     w: torch.Tensor,

@@ -191,6 +191,7 @@ def _onednn_ops():
         return impl(x, qparams, bits, signed)
 
     return types.SimpleNamespace(fake_quantize=fake_quantize, quantize_activate=onednn.quantize_activate,
+                                 quantize_activate_flagged=onednn.quantize_activate_flagged,
                                  qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d,
                                  fp_conv_dtypes=(torch.float32, torch.bfloat16) if onednn.bf16_supported()
                                  else (torch.float32,))
