@@ -11,6 +11,7 @@ reason; nothing silently falls back to another one.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator, Optional
 
 import torch
@@ -18,6 +19,8 @@ import torch
 from .ops.registry import auto_candidates, backend_names, triton_interpreter, unavailable_reason
 
 _default = "auto"
+# device types for which "auto" has said that it falls back to the reference backend
+_warned_reference: set = set()
 
 __all__ = ["available_backends", "backend_unavailable_reason", "get_backend", "resolve_backend", "set_backend",
            "triton_interpreter", "use_backend"]
@@ -63,9 +66,17 @@ def resolve_backend(name: Optional[str], device) -> str:
     device = torch.device(device)
     name = name or _default
     if name == "auto":
+        reasons = []
         for candidate in auto_candidates(device):
-            if unavailable_reason(candidate, device) is None:
+            reason = unavailable_reason(candidate, device)
+            if reason is None:
                 return candidate
+            reasons.append(reason)
+        if reasons and device.type not in _warned_reference:
+            # a fast backend exists for this device but cannot run: say so once, not silently 10x slower
+            _warned_reference.add(device.type)
+            warnings.warn(f"backend='auto' runs the reference backend (torch) on {device.type}: {reasons[0]}",
+                          RuntimeWarning, stacklevel=2)
         return "torch"
     reason = unavailable_reason(name, device)
     if reason:

@@ -2,6 +2,7 @@
 the interpreter on a CPU-only machine). Integer accumulation is exact on every backend and the
 epilogue performs the same fp32 operations, so outputs agree to fp32 rounding."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -101,3 +102,21 @@ def test_triton_fuses_the_pruned_branch_in_inference_and_training(hybrid_model, 
     assert sum(launches) == len(hybrid)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_says_once_when_it_falls_back_to_the_reference(monkeypatch):
+    """When the CPU's compiled kernels cannot load, "auto" runs the reference backend and warns
+    once with the reason (the registry's sentence names the fix)."""
+    from hybridops import backend_selection
+    from hybridops.ops import registry
+
+    monkeypatch.setattr(backend_selection, "_warned_reference", set())
+    real = registry.unavailable_reason
+    monkeypatch.setattr(backend_selection, "unavailable_reason",
+                        lambda name, device: "the onednn backend failed to load (ImportError: no _C_cpu); reinstall"
+                        if name == "onednn" else real(name, device))
+    with pytest.warns(RuntimeWarning, match=r"runs the reference backend \(torch\) on cpu: the onednn backend failed"):
+        assert ho.resolve_backend("auto", "cpu") == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ho.resolve_backend("auto", "cpu") == "torch"  # once
