@@ -422,23 +422,27 @@ def detect_format(root: Union[str, Path]) -> str:
     files that identify it: UAV123's ``anno/UAV123/``; OTB's ``groundtruth_rect.txt``; LaSOT's
     ``full_occlusion.txt`` / ``out_of_view.txt`` (sequences grouped by category); GOT-10k's
     ``absence.label`` / ``cover.label`` / ``meta_info.ini``; VOT's ``color/`` folder or ``*.tag``
-    files. Raises :class:`SequenceError` naming ``--format`` where the folder does not say."""
+    files. ``groundtruth.txt`` files that say none of these raise :class:`SequenceError` naming
+    ``--format``; a folder with no ground truth at all is taken for OTB, whose reader names what
+    is missing."""
     root = Path(root)
     if not root.is_dir():
         raise SequenceError(f"{root} is not a directory.")
     if (root / "anno" / "UAV123").is_dir():
         return "uav123"
     found = _sequence_format(root)
+    subs = sorted(p for p in root.iterdir() if p.is_dir())
     if found is None:
-        subs = sorted(p for p in root.iterdir() if p.is_dir())
         for p in subs[:20]:  # a few sequences say it; a category folder of LaSOT one level down
             found = _sequence_format(p) or next(
                 (f for q in sorted(p.iterdir())[:5] if q.is_dir() for f in [_sequence_format(q)] if f == "lasot"), None)
             if found is not None:
                 break
     if found is None:
-        raise SequenceError(f"{root}: the data set layout is not recognisable from its files; pass --format "
-                            f"({', '.join(FORMATS)}).")
+        if (root / "groundtruth.txt").is_file() or any((p / "groundtruth.txt").is_file() for p in subs[:20]):
+            raise SequenceError(f"{root}: the data set layout is not recognisable from its files; pass --format "
+                                f"({', '.join(FORMATS)}).")
+        return "otb"  # nothing says otherwise: the OTB reader then names what is missing
     return found
 
 
