@@ -51,7 +51,7 @@ def main():
     with torch.no_grad():
         for i in tqdm(range(a.calls), desc="soak", mininterval=5):
             model(inputs[i % a.shapes])
-            if (i + 1) % 500 == 0 or i + 1 == warm:
+            if (i + 1) % 500 == 0 or i + 1 in (warm, a.calls):
                 samples.append({"calls": i + 1, "rss_mib": rss_mib(), "cache_entries": derived.size()})
     after_warm = [s for s in samples if s["calls"] >= warm]
     first, last = after_warm[0], after_warm[-1]

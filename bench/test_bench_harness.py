@@ -244,3 +244,36 @@ def test_ablation_data_is_deterministic_and_balanced():
     xt, yt, _ = ablation.make_data(200, 4, t1)  # a test set of the same classes
     assert xt.shape == (200, 3, ablation.IMAGE, ablation.IMAGE) and int(yt.max()) < ablation.CLASSES
     assert torch.bincount(y1, minlength=ablation.CLASSES).min() > 20
+
+
+def test_host_cost_stubs_replay_the_kernels_exactly():
+    """bench_overhead.py's stubs replay each kernel's recorded output: a stubbed forward equals the
+    real one (so the host table times the real control flow), and the kernels come back after."""
+    import bench_overhead
+    from hybridops.ops import layer_op, registry
+
+    backend = ho.resolve_backend("auto", "cpu")
+    ns = registry.loaded(backend)
+    real_qconv = ns.qconv2d
+    for name, layer, x in bench_overhead._layers(backend):
+        with torch.no_grad():
+            expect = layer(x)
+            with bench_overhead._Stubs(ns) as stubs:
+                for _ in range(3):
+                    stubs.rewind()
+                    got = layer(x)
+                    assert torch.equal(got, expect), name
+    assert ns.qconv2d is real_qconv and layer_op.F is F
+
+
+def test_soak_script_writes_its_table(tmp_path, monkeypatch):
+    import sys
+
+    import bench_soak
+
+    monkeypatch.setattr(bench_soak, "OUT", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bench_soak.py", "--calls", "12", "--shapes", "3", "--threads", "1"])
+    bench_soak.main()
+    res = json.loads((tmp_path / "soak.json").read_text())
+    assert res["calls"] == 12 and res["samples"][-1]["calls"] == 12 and res["rss_end_mib"] > 0
+    assert "Resident memory once the caches are warm" in (tmp_path / "soak.md").read_text()
