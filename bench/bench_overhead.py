@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 import types
@@ -35,7 +34,7 @@ from hybridops.ops import layer_op, registry
 
 OUT = Path(__file__).parent / "results" / "overhead"
 TARGET_US = 10.0
-KERNELS = ("quantize_activate", "qconv2d", "fp_conv2d")
+KERNELS = ("quantize_activate", "quantize_activate_flagged", "qconv2d", "fp_conv2d")
 
 
 def _isa(backend: str) -> str:
@@ -44,16 +43,6 @@ def _isa(backend: str) -> str:
     import hybridops.kernels.onednn as O
 
     return O.isa()
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class _Stubs:
@@ -169,7 +158,7 @@ def host(backend: str) -> dict:
     with torch.no_grad():
         pace = {"nn.Identity()(x)": _per_call_us(lambda: ident(t), best=True),
                 "torch.add(x, x)": _per_call_us(lambda: torch.add(t, t), best=True)}
-    return {"env": {**environment(), "cpu_model": _cpu_name(), "onednn_isa": _isa(backend), "threads": 1,
+    return {"env": {**environment(), "onednn_isa": _isa(backend), "threads": 1,
                     "backend": backend}, "target_us": TARGET_US, "rows": rows, "pace_us": pace}
 
 
@@ -195,12 +184,12 @@ def compile_table(backend: str, threads: int) -> dict:
             compiled_ms = statistics.median(r[1] for r in rounds) / 1e3
         rows.append({"model": name, "eager_ms": eager_ms, "compiled_ms": compiled_ms,
                      "speedup": eager_ms / compiled_ms, "equal": ok, "compile_s": compile_s})
-    return {"env": {**environment(), "cpu_model": _cpu_name(), "onednn_isa": _isa(backend), "threads": threads,
+    return {"env": {**environment(), "onednn_isa": _isa(backend), "threads": threads,
                     "backend": backend}, "rows": rows}
 
 
 def _env_lines(env: dict) -> str:
-    return (f"{env['date']}, {env['cpu_model']}, oneDNN ISA `{env['onednn_isa']}`, torch {env['torch']}, "
+    return (f"{env['date']}, {env['cpu']}, oneDNN ISA `{env['onednn_isa']}`, torch {env['torch']}, "
             f"{env['threads']} thread(s), backend `{env['backend']}`")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
@@ -12,13 +13,21 @@ import torch.nn as nn
 import torchvision
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.is_file() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else (platform.processor() or platform.machine())
+
+
 def environment() -> Dict[str, str]:
     """What every result file records beside its figures."""
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
     try:

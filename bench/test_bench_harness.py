@@ -254,6 +254,8 @@ def test_host_cost_stubs_replay_the_kernels_exactly():
 
     backend = ho.resolve_backend("auto", "cpu")
     ns = registry.loaded(backend)
+    kernels = {k for k in vars(ns) if k.startswith(("quantize_activate", "qconv2d", "fp_conv2d", "fused_hybrid"))}
+    assert kernels <= set(bench_overhead.KERNELS), "a kernel the host table would time for real"
     real_qconv = ns.qconv2d
     for name, layer, x in bench_overhead._layers(backend):
         with torch.no_grad():

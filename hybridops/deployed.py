@@ -275,8 +275,11 @@ class _DeployedBase(nn.Module):
         return self
 
     def _tensors(self) -> tuple:
-        return (self.w_packed, self.scale, self.bias, self.in_qparams, self.fp_weight, self.fp_bias, self.fp_in_idx,
-                self.fp_out_idx, self.out_qparams)
+        """The op's tensor arguments, in its order. Read from the module's dicts directly:
+        ``nn.Module.__getattr__`` per tensor is a sizeable part of a forward's host budget."""
+        b, p = self._buffers, self._parameters
+        return (b["w_packed"], b["scale"], b["bias"], b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"],
+                b["fp_out_idx"], b["out_qparams"])
 
     def validate(self) -> None:
         """Check every tensor against the layer's spec (shapes, dtypes, devices, index ranges).
@@ -311,12 +314,8 @@ class _DeployedBase(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`)."""
-        # the dicts directly: nn.Module.__getattr__ per tensor is a sizeable part of the host budget
-        b, p = self._buffers, self._parameters
-        t = (b["w_packed"], b["scale"], b["bias"], b["in_qparams"], p["fp_weight"], p.get("fp_bias"), b["fp_in_idx"],
-             b["fp_out_idx"], b["out_qparams"])
-        if not torch.compiler.is_compiling() and self._validated != (
-                t[7]._version, None if t[6] is None else t[6]._version):
+        t = self._tensors()
+        if not torch.compiler.is_compiling() and self._validated != self._index_versions(t):
             # a tensor replaced, or an index buffer edited in place, since the layer was checked:
             # check again before a kernel writes through it (compiled graphs check in the op)
             self.validate()

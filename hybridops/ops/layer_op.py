@@ -422,15 +422,14 @@ def _backward(ctx, grad):
     else:  # hybrid and fp_only: the pruned branch alone is differentiable
         dt = ctx.fp_dtype or x.dtype
         gk = g.index_select(1, fp_out_idx).to(dt)
-        read = fp_in_idx
-        xs = (xp.index_select(1, read) if read is not None else xp).to(dt)
+        xs = (xp.index_select(1, fp_in_idx) if fp_in_idx is not None else xp).to(dt)
         gxs, gw, gb = _conv_backward(s, gk, xs, fp_weight.to(dt), padding, _fp_groups(s, kept), need_x)
         gx = None
         if gxs is not None:
             acc_dt = torch.promote_types(gxs.dtype, torch.float32)
             gx = torch.zeros(xp.shape, dtype=acc_dt, device=xp.device)
-            if read is not None:  # a grouped branch may read a channel twice: the copies add up
-                gx.index_add_(1, read.long(), gxs.to(acc_dt))
+            if fp_in_idx is not None:  # a grouped branch may read a channel twice: the copies add up
+                gx.index_add_(1, fp_in_idx.long(), gxs.to(acc_dt))
             else:
                 gx += gxs.to(acc_dt)
     if gx is not None and mode != "zeros":
