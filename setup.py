@@ -1,10 +1,14 @@
 """Build and install hybridops.
 
-``pip install .`` works on a CPU-only machine. The CUDA C++ extension (``csrc/``) is built only
-when torch is importable at build time and a CUDA toolkit is found; use
-``pip install --no-build-isolation .`` so the build sees the installed torch.
+``pip install .`` works on a CPU-only machine. pyproject.toml declares the build's requirements;
+the README installs them first and builds with ``--no-build-isolation`` so that the extensions are
+compiled against the installed torch. The CPU extension (``csrc/cpu/``) is required; the CUDA one
+(``csrc/``) is built when a CUDA toolkit is found. An extension that was asked for and cannot be
+compiled ends the install with one sentence naming it and the switch that skips it; nothing is
+dropped silently. bench/install_matrix.py checks the install across pip and setuptools versions.
 
 Environment variables:
+  HYBRIDOPS_BUILD_CPU=0|1    0 skips the CPU extension hybridops._C_cpu (default 1: required).
   HYBRIDOPS_BUILD_CUDA=0|1   0 skips the CUDA extension; 1 requires it (the build fails loudly
                              instead of silently skipping). Default: build if possible.
   HYBRIDOPS_CUDA_ARCHS       any of 8.0, 8.6, 8.9, 9.0, 9.0a separated by ";" (default "8.0;9.0", what
@@ -25,7 +29,9 @@ from pathlib import Path
 
 from setuptools import setup
 
-ROOT = Path(__file__).parent
+# Absolute: a PEP 517 build may run setup.py by a relative path, and the compiler wrapper below
+# is run from the build folder.
+ROOT = Path(__file__).resolve().parent
 # Architectures the CUDA extension may be built for (HYBRIDOPS_CUDA_ARCHS): Ampere, Ampere
 # GA10x, Ada, Hopper, and Hopper with its architecture-specific features.
 CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "9.0a")
@@ -153,16 +159,19 @@ def cpu_extension():
     """Return (ext_modules, cmdclass) for csrc/cpu/ (hybridops._C_cpu, the onednn backend's own
     kernels), or empty ones when torch is not importable at build time. Plain C++ (no CUDA, no
     ISA flags beyond the compiler's default), so it builds on any machine with a C++ compiler.
-    HYBRIDOPS_BUILD_CPU=0 skips it (the onednn backend then reports why it cannot load)."""
+    Required unless HYBRIDOPS_BUILD_CPU=0 skips it (the onednn backend then reports why it cannot
+    load)."""
     if os.environ.get("HYBRIDOPS_BUILD_CPU", "1").lower() in ("0", "false", "no", "off"):
         return [], {}
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        return [], {}
-    if not sources:
-        return [], {}
+        # An isolated build without torch would drop the kernels silently and leave the package on
+        # its 10x slower reference backend.
+        sys.exit("hybridops: torch is not importable while building, so the CPU kernels cannot be "
+                 "compiled: install torch first and add --no-build-isolation (or set HYBRIDOPS_BUILD_CPU=0 "
+                 "to install without them).")
     # -ffp-contract=off: the quantizer must round every fp32 multiply and add separately, as the
     # reference does (a fused multiply-add would change codes at rounding boundaries).
     # -fno-trapping-math: lets the compiler turn float comparisons into selects and vectorise the
@@ -170,6 +179,47 @@ def cpu_extension():
     ext = CppExtension(name="hybridops._C_cpu", sources=sources,
                        extra_compile_args=["-O3", "-ffp-contract=off", "-fno-fast-math", "-fno-trapping-math"])
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+
+
+def check_wheel_command():
+    """Building a wheel, editable or not, needs a ``bdist_wheel`` command: setuptools has its own
+    from 70.1; older ones take it from the wheel package. Without one, setuptools fails with
+    "invalid command 'bdist_wheel'"; say what to do instead."""
+    if not {"bdist_wheel", "editable_wheel", "dist_info"} & set(sys.argv[1:]):  # dist_info runs bdist_wheel
+        return
+    from importlib.metadata import entry_points, version
+
+    if not any(ep.name == "bdist_wheel" for ep in entry_points(group="distutils.commands")):
+        sys.exit(f"hybridops: setuptools {version('setuptools')} cannot build wheels without the wheel package: "
+                 f"pip install 'setuptools>=70.1' (the README's requirements.txt does) or pip install wheel.")
+
+
+check_wheel_command()
+
+# The switch that skips each extension, named when its build fails.
+SKIP_SWITCH = {"hybridops._C": "HYBRIDOPS_BUILD_CUDA=0", "hybridops._C_sm90": "HYBRIDOPS_BUILD_SM90=0",
+               "hybridops._C_cpu": "HYBRIDOPS_BUILD_CPU=0"}
+
+
+def failing_loudly(build_ext):
+    """``build_ext`` whose failure to compile an extension (or to run the compiler at all) ends the
+    install with one sentence naming it, after the compiler's own output, instead of a traceback
+    through setuptools."""
+    class BuildExt(build_ext):
+        def build_extensions(self):
+            self.hybridops_building = None
+            try:
+                super().build_extensions()
+            except Exception as e:  # CompileError, LinkError, a ninja or compiler-check failure
+                names = [self.hybridops_building] if self.hybridops_building else [x.name for x in self.extensions]
+                raise SystemExit(f"hybridops: could not compile {', '.join(names)} ({type(e).__name__}: {e}); "
+                                 f"the compiler's output is above; fix it or set "
+                                 f"{' and '.join(SKIP_SWITCH[n] for n in names)} to install without it.") from e
+
+        def build_extension(self, ext):
+            self.hybridops_building = ext.name
+            super().build_extension(ext)
+    return BuildExt
 
 
 ext_modules, cmdclass = cuda_extension()
@@ -180,6 +230,8 @@ else:
     _cpu_ext, _cpu_cmd = cpu_extension()
     ext_modules = ext_modules + _cpu_ext
     cmdclass = {**_cpu_cmd, **cmdclass}
+if "build_ext" in cmdclass:
+    cmdclass["build_ext"] = failing_loudly(cmdclass["build_ext"])
 
 setup(
     name="hybridops",
@@ -205,5 +257,5 @@ setup(
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    entry_points={"console_scripts": ["hybridops-track=hybridops_tracking.cli:main"]},
+    entry_points={"console_scripts": ["hybridops-track=hybridops_tracking.launcher:main"]},
 )

@@ -26,6 +26,9 @@ TORCH_LIBRARY_FRAGMENT(hybridops, m) {
       "cuda_quantize_activate(Tensor x, Tensor qparams, int bits, bool signed, Tensor? bn_scale, "
       "Tensor? bn_shift, bool relu, Tensor? fp_in_idx, ScalarType? slice_dtype) -> (Tensor, Tensor)");
   m.def(
+      "cuda_quantize_activate_flagged(Tensor x, Tensor qparams, int bits, bool signed, Tensor? bn_scale, "
+      "Tensor? bn_shift, bool relu, Tensor? fp_in_idx, ScalarType? slice_dtype) -> (Tensor, Tensor, Tensor)");
+  m.def(
       "cuda_qconv2d(Tensor x_codes, Tensor w_packed, int in_channels, int bits_a, bool a_signed, int bits_w, "
       "Tensor scale, Tensor? bias, int[] stride, int[] padding, int[] dilation, int groups, bool relu, "
       "Tensor? fp_out, Tensor? fp_out_idx, Tensor? requant_qparams, int requant_bits, bool requant_signed, "
@@ -92,6 +95,7 @@ at::Tensor qconv2d_dispatch(
 TORCH_LIBRARY_IMPL(hybridops, CUDA, m) {
   m.impl("cuda_fake_quantize", &hybridops::fake_quantize_cuda);
   m.impl("cuda_quantize_activate", &hybridops::quantize_activate_cuda);
+  m.impl("cuda_quantize_activate_flagged", &hybridops::quantize_activate_flagged_cuda);
   m.impl("cuda_qconv2d", &hybridops::qconv2d_dispatch);
 }
 

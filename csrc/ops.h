@@ -16,7 +16,7 @@
 namespace hybridops {
 
 // Bumped whenever a schema below changes, so that Python can tell a stale build from a current one.
-constexpr int kOpsVersion = 2;
+constexpr int kOpsVersion = 3;
 
 // fake_quantize(x, qparams[alpha, beta], bits, signed) -> code / levels, dtype and strides of x.
 at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed);
@@ -24,6 +24,13 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, in
 // quantize_activate: x (N, C, H, W) float, any strides -> (x_slice (N, H, W, K) or (0,),
 // codes uint8 (N, H, W, packed(C))).
 std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
+    const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
+    const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype);
+
+// quantize_activate_flagged: quantize_activate's outputs and int32 (1,) nonfinite, 1 when an
+// activated value was NaN or infinite (found in the same pass), else 0.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activate_flagged_cuda(
     const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
     const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
     const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype);

@@ -29,6 +29,15 @@ __device__ __forceinline__ float to_compute(at::Half v) { return static_cast<flo
 __device__ __forceinline__ float to_compute(at::BFloat16 v) { return static_cast<float>(v); }
 
 // ---------------------------------------------------------------------------- fake_quantize
+// code * (1 / levels), or NaN where t is NaN or infinite: an output that depends on a non-finite
+// input stays non-finite, as in float PyTorch (a code would hide it).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ scalar_t fake_code(acc_t t, acc_t alpha, acc_t beta, acc_t lv, acc_t inv, bool is_signed) {
+  const acc_t r = t - t == acc_t(0) ? quant_code<acc_t>(t, alpha, beta, lv, is_signed) * inv
+                                    : static_cast<acc_t>(NAN);
+  return static_cast<scalar_t>(r);
+}
+
 // x and y share one dense memory layout, so the op runs over storage order. Each thread moves
 // 16 bytes per step when VEC > 1 (128-bit accesses are what saturate HBM).
 template <typename scalar_t, int VEC>
@@ -49,12 +58,11 @@ __global__ void __launch_bounds__(kThreads) fake_quantize_kernel(const scalar_t*
     if (VEC > 1 && i + VEC <= n) {
       Pack p = *reinterpret_cast<const Pack*>(x + i);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k)
-        p.v[k] = static_cast<scalar_t>(quant_code<acc_t>(to_compute(p.v[k]), alpha, beta, lv, is_signed) * inv);
+      for (int k = 0; k < VEC; ++k) p.v[k] = fake_code<scalar_t, acc_t>(to_compute(p.v[k]), alpha, beta, lv, inv, is_signed);
       *reinterpret_cast<Pack*>(y + i) = p;
     } else {
       for (int64_t k = i; k < i + VEC && k < n; ++k)
-        y[k] = static_cast<scalar_t>(quant_code<acc_t>(to_compute(x[k]), alpha, beta, lv, is_signed) * inv);
+        y[k] = fake_code<scalar_t, acc_t>(to_compute(x[k]), alpha, beta, lv, inv, is_signed);
     }
   }
 }
@@ -76,6 +84,7 @@ struct QAParams {
   int k;
   void* x_slice;                        // (N, H, W, K) in slice_dtype
   int slice_dtype;
+  int* nonfinite;                       // (1,) set to 1 where an activated value is NaN or infinite, or null
 };
 
 // t = relu?(x * bn_scale[c] + bn_shift[c]) in fp32, each operation rounded on its own.
@@ -132,14 +141,17 @@ __global__ void __launch_bounds__(kThreads) quantize_activate_kernel(QAParams p)
   float v[8];
   qa_load8(p, base, c0, v);
   int q[8];
+  bool nonfinite = false;
 #pragma unroll
   for (int k = 0; k < 8; ++k) {
     const int ch = c0 + k;
     // Channels past C become the zero code that pads an odd channel count.
-    q[k] = ch < p.c ? static_cast<int>(quant_code<float>(qa_activate(p, v[k], ch), alpha, beta, lv,
-                                                         p.is_signed))
-                    : 0;
+    const float t = ch < p.c ? qa_activate(p, v[k], ch) : 0.f;
+    nonfinite |= !(t - t == 0.f);
+    q[k] = ch < p.c ? static_cast<int>(quant_code<float>(t, alpha, beta, lv, p.is_signed)) : 0;
   }
+  // A code cannot carry a NaN or an infinity: the caller is told (one atomic, only when it happens).
+  if (nonfinite && p.nonfinite) atomicOr(p.nonfinite, 1);
   uint8_t* out = p.codes + pix * p.packed_c;
   if (p.bits <= 4) {
     uint32_t word = 0;
@@ -214,10 +226,14 @@ at::Tensor fake_quantize_cuda(const at::Tensor& x, const at::Tensor& qparams, in
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
+namespace {
+
+// Both quantize_activate ops; nonfinite, when given, is a zeroed int32 (1,) the kernel sets to 1
+// if an activated value is NaN or infinite.
+std::tuple<at::Tensor, at::Tensor> quantize_activate_impl(
     const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
     const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
-    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype) {
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype, int* nonfinite) {
   TORCH_CHECK(x.is_cuda(), "cuda_quantize_activate: x must be a CUDA tensor, got a tensor on ", x.device(), ".");
   TORCH_CHECK(x.dim() == 4, "cuda_quantize_activate: x must have shape (N, C, H, W) (any memory format), got ",
               x.sizes(), ".");
@@ -264,12 +280,36 @@ std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
   p.k = in_idx ? static_cast<int>(in_idx->size(0)) : 0;
   p.x_slice = x_slice.data_ptr();
   p.slice_dtype = dtype_code(sdt);
+  p.nonfinite = nonfinite;
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "cuda_quantize_activate", [&] {
     quantize_activate_kernel<scalar_t><<<grid_for(work), kThreads, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {x_slice, codes};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> quantize_activate_cuda(
+    const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
+    const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype) {
+  return quantize_activate_impl(x, qparams, bits, is_signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
+                                nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activate_flagged_cuda(
+    const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed,
+    const std::optional<at::Tensor>& bn_scale, const std::optional<at::Tensor>& bn_shift, bool relu,
+    const std::optional<at::Tensor>& fp_in_idx, std::optional<at::ScalarType> slice_dtype) {
+  TORCH_CHECK(x.is_cuda(), "cuda_quantize_activate_flagged: x must be a CUDA tensor, got a tensor on ", x.device(),
+              ".");
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor flag = at::zeros({1}, x.options().dtype(at::kInt));
+  auto [x_slice, codes] = quantize_activate_impl(x, qparams, bits, is_signed, bn_scale, bn_shift, relu, fp_in_idx,
+                                                 slice_dtype, flag.data_ptr<int>());
+  return {x_slice, codes, flag};
 }
 
 }  // namespace hybridops

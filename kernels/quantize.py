@@ -33,6 +33,7 @@ def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, I
         alpha = tl.load(qp_ptr).to(tl.float64)
         beta = tl.load(qp_ptr + 1).to(tl.float64)
         y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float64) * INV_LEVELS
+        y = tl.where(t - t == 0.0, y, float("nan"))
     else:
         t = x.to(tl.float32)
         alpha = tl.load(qp_ptr)
@@ -40,11 +41,14 @@ def _fake_quantize_kernel(x_ptr, out_ptr, qp_ptr, numel, LEVELS: tl.constexpr, I
         # The reference multiplies by the reciprocal (as torch does for a scalar divisor on CUDA),
         # which also avoids fp32 '/', an approximate div.full on NVIDIA GPUs.
         y = quant_codes(t, alpha, beta, LEVELS, SIGNED).to(tl.float32) * INV_LEVELS
+        y = tl.where(t - t == 0.0, y, float("nan"))
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """``code / levels`` for every element of ``x`` (eq 6-7 if ``signed``, else eq 8-9).
+    """``code / levels`` for every element of ``x`` (eq 6-7 if ``signed``, else eq 8-9); NaN where
+    ``x`` is NaN or infinite (``t - t`` is 0 exactly for finite ``t``), as float PyTorch would
+    propagate it.
 
     x: any shape and strides, float16/bfloat16/float32 (computed in fp32) or float64 (in fp64);
     qparams: ``float32 (2,) = [alpha, beta]``. Returns a tensor like ``torch.empty_like(x)``
@@ -81,10 +85,10 @@ def _activate(x, c, c_ok, scale_ptr, shift_ptr, HAS_SCALE: tl.constexpr, HAS_SHI
 
 @triton.jit
 def _quantize_activate_kernel(
-    x_ptr, codes_ptr, slice_ptr, qp_ptr, scale_ptr, shift_ptr, slot_ptr, keep_ptr, repeat_ptr,
+    x_ptr, codes_ptr, slice_ptr, qp_ptr, scale_ptr, shift_ptr, slot_ptr, keep_ptr, repeat_ptr, flag_ptr,
     C, HW, sxn, sxp, sxc, CODE_ROW, SLICE_ROW, C_TILES,
     LEVELS: tl.constexpr, SIGNED: tl.constexpr, NIBBLE: tl.constexpr, HAS_SCALE: tl.constexpr,
-    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_SLICE: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, RELU: tl.constexpr, HAS_SLICE: tl.constexpr, FLAG: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One tile of ``BLOCK_P`` pixels of image ``program_id(1)``.
@@ -99,6 +103,8 @@ def _quantize_activate_kernel(
       ``fp_in_idx`` repeats a channel when a grouped pruned branch reads it for several kept
       outputs (``repeat[k] = 1``). Only those channels are read a second time; without repeats
       these programs exit after one small load.
+    * ``FLAG``: ``flag_ptr[0]`` (int32, zeroed) is set to 1 when an activated value of the tile is
+      NaN or infinite, which no code can carry (one atomic, only when it happens).
     """
     pid_p = tl.program_id(0)
     n = tl.program_id(1).to(tl.int64)
@@ -114,6 +120,11 @@ def _quantize_activate_kernel(
         x = tl.load(x_pix + c[None, :] * sxc, mask=mask, other=0.0)
         t = _activate(x, c, c_ok, scale_ptr, shift_ptr, HAS_SCALE, HAS_SHIFT, RELU)
         q = quant_codes(t, tl.load(qp_ptr), tl.load(qp_ptr + 1), LEVELS, SIGNED)
+        if FLAG:
+            # t - t is 0 exactly for finite t, NaN for NaN and both infinities
+            bad = tl.max(tl.max(tl.where(mask & (t - t != 0.0), 1, 0), axis=1), axis=0)
+            if bad > 0:
+                tl.atomic_max(flag_ptr, 1)
         # The channel past an odd C pads its byte with a zero code (packing format).
         q = tl.where(c_ok[None, :], q, 0)
         if NIBBLE:
@@ -165,6 +176,25 @@ def _slot_and_repeats(keep: torch.Tensor, channels: int):
     return slot, (slot[keep.to(torch.long)] != back).to(torch.int8)
 
 
+def quantize_activate_flagged(
+    x: torch.Tensor,
+    qparams: torch.Tensor,
+    bits: int,
+    signed: bool,
+    bn_scale: Optional[torch.Tensor] = None,
+    bn_shift: Optional[torch.Tensor] = None,
+    relu: bool = False,
+    fp_in_idx: Optional[torch.Tensor] = None,
+    slice_dtype: Optional[torch.dtype] = None,
+):
+    """:func:`quantize_activate`'s ``(x_slice, codes)`` and ``nonfinite``, an ``int32 (1,)`` tensor
+    on x's device, 1 when an activated value was NaN or infinite (found in the same pass)."""
+    flag = torch.zeros((1,), dtype=torch.int32, device=x.device)
+    x_slice, codes = _quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
+                                        flag)
+    return x_slice, codes, flag
+
+
 def quantize_activate(
     x: torch.Tensor,
     qparams: torch.Tensor,
@@ -185,6 +215,11 @@ def quantize_activate(
     (default ``x.dtype``; an empty ``(0,)`` tensor without ``fp_in_idx``, which may repeat
     channels) and ``codes uint8 (N, H, W, packed(C))`` (eq 8-9, or eq 6-7 if ``signed``).
     """
+    return _quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype, None)
+
+
+def _quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype,
+                       flag: Optional[torch.Tensor]):
     check_device(x, "x")
     n, c, h, w = x.shape
     sdt = slice_dtype or x.dtype
@@ -222,10 +257,10 @@ def quantize_activate(
     _quantize_activate_kernel[grid](
         x, codes, x_slice if has_slice else codes, qparams.contiguous(),
         bn_scale.contiguous() if bn_scale is not None else x, bn_shift.contiguous() if bn_shift is not None else x,
-        slot, keep, repeat,
+        slot, keep, repeat, flag if flag is not None else codes,
         c, h * w, x.stride(0), sxp, x.stride(1), codes.shape[3], kp, c_tiles,
         LEVELS=levels(bits, signed), SIGNED=signed, NIBBLE=bits <= 4, HAS_SCALE=bn_scale is not None,
-        HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=has_slice,
+        HAS_SHIFT=bn_shift is not None, RELU=relu, HAS_SLICE=has_slice, FLAG=flag is not None,
         BLOCK_P=block_p, BLOCK_C=block_c, **LAUNCH_OPTS,
     )
     return x_slice, codes

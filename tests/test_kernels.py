@@ -98,7 +98,7 @@ def assert_same(got: torch.Tensor, ref: torch.Tensor) -> None:
 def test_fake_quantize(backend, dtype, bits, signed):
     gen = torch.Generator().manual_seed(bits)
     x = torch.randn(3, 5, 7, 9, generator=gen) * 2
-    # NaN has code 0; infinities and 3.0 sit on the clamp; both zero signs.
+    # NaN and the infinities give NaN (a code would hide them); 3.0 sits on the clamp; both zero signs.
     x[0, 0, 0, :6] = torch.tensor([math.nan, math.inf, -math.inf, -0.0, 0.0, 3.0])
     x = x.to(DEVICE, dtype)
     qp = make_qparams(-2.0, 3.0, signed)
@@ -106,8 +106,9 @@ def test_fake_quantize(backend, dtype, bits, signed):
                        (x.flatten()[1:], True)):
         got = ops.fake_quantize(inp, qp, bits, signed, backend)
         ref = ops.fake_quantize(inp, qp, bits, signed, "torch")
-        # Codes are exact, and so is code * (1 / levels): equal in every dtype.
-        assert got.dtype == ref.dtype and torch.equal(got, ref)
+        # Codes are exact, and so is code * (1 / levels): equal in every dtype, NaN where x is not finite.
+        assert got.dtype == ref.dtype and torch.equal(got.isnan(), ~torch.isfinite(inp))
+        assert torch.equal(got.nan_to_num(), ref.nan_to_num())
         assert got.stride() == ref.stride()
         if dense:  # a dense input keeps its layout
             assert got.stride() == inp.stride()

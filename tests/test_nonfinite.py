@@ -10,7 +10,7 @@ import torchvision
 import hybridops as ho
 from hybridops.backend_selection import backend_unavailable_reason
 
-BACKENDS = [b for b in ("torch", "onednn") if backend_unavailable_reason(b, "cpu") is None]
+BACKENDS = [b for b in ("torch", "onednn", "triton") if backend_unavailable_reason(b, "cpu") is None]
 
 
 def _deployed(conv: nn.Conv2d, backend: str, keep: float = 0.3):
@@ -65,3 +65,33 @@ def test_a_layer_handing_codes_on_refuses_a_nonfinite_input(backend):
     x[0, 0, 2, 2] = float("nan")
     with torch.no_grad(), pytest.raises(ValueError, match="NaN or an infinity, which the codes this layer hands"):
         model(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("signed", [False, True])
+def test_fake_quantizer_makes_nonfinite_inputs_nan(backend, dtype, signed):
+    from hybridops.ops import custom_ops, reference
+    x = torch.randn(2, 3, 5, 7, dtype=dtype)
+    x[0, 1, 2, 3], x[1, 0, 4, 6], x[1, 2, 0, 0] = float("nan"), float("inf"), float("-inf")
+    qp = torch.tensor([0.4, 0.1 if signed else 0.5])
+    y = custom_ops.fake_quantize(x, qp, 4, signed, backend)
+    bad = ~torch.isfinite(x)
+    assert y.dtype == dtype and torch.equal(torch.isnan(y), bad)
+    assert torch.equal(y[~bad], reference.fake_quantize(x, qp, 4, signed)[~bad])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_trainable_quantized_model_propagates_like_float(value):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 3, 8, 8)
+    ho.hybridize_(model, ho.QuantConfig(), example_inputs=x)
+    model.train()
+    x[0, 0, 3, 3] = value
+    y = model(x)
+    # float PyTorch: the 5x5 neighbourhood of the pixel (two 3x3 convs), every channel
+    expect = torch.zeros(1, 8, 8, 8, dtype=torch.bool)
+    expect[:, :, 1:6, 1:6] = True
+    assert torch.equal(~torch.isfinite(y), expect) and torch.isnan(y[expect]).all()
+    y.nan_to_num(0.0).sum().backward()  # the STE backward runs through NaN inputs without an error

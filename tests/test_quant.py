@@ -168,9 +168,9 @@ def test_fake_quantize_nan_and_inf_documented():
     assert codes.tolist() == [0, 7, -7, 4]
     codes_u, _ = ho.quantize_codes(x, C, D, 4, False)
     assert codes_u.tolist() == [0, 15, 0, 8]
+    # the fake quantizer's float output keeps them non-finite, as float PyTorch would (NaN)
     fq = ho.fake_quantize(x, C, D, 4, True)
-    assert not bool(fq.isnan().any())
-    assert fq.tolist()[:3] == [0.0, 1.0, -1.0]
+    assert fq.isnan().tolist() == [True, True, True, False]
     # ... and the STE passes no gradient through a NaN element
     xg = x.clone().requires_grad_()
     ho.fake_quantize(xg, C, D, 4, True).sum().backward()

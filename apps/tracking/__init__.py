@@ -9,26 +9,43 @@ SiamRPN++ checkpoints), :mod:`.train`
 (per-attribute results from OTB / pysot attribute files), :mod:`.benchmark` and
 :mod:`.compare` (evaluation, the variant table), :mod:`.cli` (``hybridops-track``).
 """
-from .attributes import OTB_ATTRIBUTES, attribute_groups, load_attributes, read_attribute_file
-from .boxes import center_iou, decode, encode, generate_anchors
-from .benchmark import evaluate, rescore, run_sequence, write_overlay, write_tracker_results
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import (FORMATS, Sequence, SequenceError, SynthConfig, detect_format, list_sequences, load_dataset,
-                   make_synthetic_benchmark, read_got10k_sequence, read_lasot_sequence, read_otb_sequence,
-                   read_uav123_sequence, read_vot_sequence, synthetic_sequence, write_otb_sequence)
-from .hybrid import VARIANTS, hybridize_tracker, online_parameters
-from .metrics import center_error, norm_precision_curve, overlap, precision_curve, success_curve, summarize
-from .model import ModelConfig, SiamRPNPP, xcorr_depthwise
-from .tracker import OnlineConfig, SiamRPNTracker, TrackParams
-from .train import PairSampler, TrainConfig, train
+import importlib
 
-__all__ = [
-    "ModelConfig", "SiamRPNPP", "xcorr_depthwise", "generate_anchors", "encode", "decode", "center_iou",
-    "TrackParams", "OnlineConfig", "SiamRPNTracker", "Sequence", "SequenceError", "SynthConfig",
-    "read_otb_sequence", "write_otb_sequence", "list_sequences", "synthetic_sequence", "make_synthetic_benchmark",
-    "overlap", "center_error", "precision_curve", "success_curve", "summarize", "TrainConfig", "PairSampler",
-    "train", "VARIANTS", "hybridize_tracker", "online_parameters", "save_checkpoint", "load_checkpoint",
-    "CheckpointError", "FORMATS", "detect_format", "load_dataset", "read_got10k_sequence", "read_lasot_sequence", "read_vot_sequence",
-    "read_uav123_sequence", "norm_precision_curve", "evaluate", "rescore", "run_sequence", "write_overlay",
-    "write_tracker_results", "OTB_ATTRIBUTES", "attribute_groups", "load_attributes", "read_attribute_file",
-]
+# Each public name and the module that defines it, imported on first use: the modules need the
+# [tracking] extra (numpy, tqdm, matplotlib, torchvision), and the console script's launcher
+# (.launcher) must be importable without them to say so in one line. The training loop is
+# ``hybridops_tracking.train.train``: a lazy package attribute of that name would be the function or
+# the submodule depending on import order.
+_EXPORTS = {
+    "OTB_ATTRIBUTES": "attributes", "attribute_groups": "attributes", "load_attributes": "attributes",
+    "read_attribute_file": "attributes",
+    "center_iou": "boxes", "decode": "boxes", "encode": "boxes", "generate_anchors": "boxes",
+    "evaluate": "benchmark", "rescore": "benchmark", "run_sequence": "benchmark", "write_overlay":
+    "benchmark", "write_tracker_results": "benchmark",
+    "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
+    "FORMATS": "data", "Sequence": "data", "SequenceError": "data", "SynthConfig": "data",
+    "detect_format": "data", "list_sequences": "data", "load_dataset": "data",
+    "make_synthetic_benchmark": "data", "read_got10k_sequence": "data", "read_lasot_sequence": "data",
+    "read_otb_sequence": "data", "read_uav123_sequence": "data", "read_vot_sequence": "data",
+    "synthetic_sequence": "data", "write_otb_sequence": "data",
+    "VARIANTS": "hybrid", "hybridize_tracker": "hybrid", "online_parameters": "hybrid",
+    "center_error": "metrics", "norm_precision_curve": "metrics", "overlap": "metrics",
+    "precision_curve": "metrics", "success_curve": "metrics", "summarize": "metrics",
+    "ModelConfig": "model", "SiamRPNPP": "model", "xcorr_depthwise": "model",
+    "OnlineConfig": "tracker", "SiamRPNTracker": "tracker", "TrackParams": "tracker",
+    "PairSampler": "train", "TrainConfig": "train",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -206,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor, bool> quantize_activate(const at::Tensor& x, 
   return {slice, codes, nonfinite};
 }
 
-// fake_quantize of a contiguous float32 tensor: code * (1 / levels), in fp32.
+// fake_quantize of a contiguous float32 tensor: code * (1 / levels), in fp32; NaN where x is NaN
+// or infinite (t - t is 0 exactly for finite t), so that float PyTorch's propagation survives it.
 at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int64_t bits, bool is_signed) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "fake_quantize kernel: contiguous float32 x.");
   const QP q = make_qp(qparams, bits, is_signed, 0);
@@ -215,7 +216,7 @@ at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, x.numel(), 32768, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) op[i] = code_of(xp[i], q) * inv;
+    for (int64_t i = a; i < b; ++i) op[i] = xp[i] - xp[i] == 0.0f ? code_of(xp[i], q) * inv : NAN;
   });
   return out;
 }

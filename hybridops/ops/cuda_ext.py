@@ -10,6 +10,8 @@ Op signatures are those of :mod:`hybridops.ops.reference` (without ``backend``):
 * ``cuda_fake_quantize(x, qparams, bits, signed) -> Tensor`` (dtype and layout of ``x``);
 * ``cuda_quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx,
   slice_dtype) -> (x_slice (N, H, W, K) or (0,), codes uint8 (N, H, W, packed(C)))``;
+* ``cuda_quantize_activate_flagged(...)``: the same arguments, and a third output ``int32 (1,)``,
+  1 when an activated value was NaN or infinite (found in the same pass; the layer reads it);
 * ``cuda_qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride,
   padding, dilation, groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits,
   requant_signed, out_dtype) -> NHWC output``.
@@ -33,7 +35,7 @@ from ..kernels.geometry import conv_out_size
 
 # Must equal hybridops::kOpsVersion in csrc/ops.h: a build from older sources is refused as stale
 # instead of failing later with a schema mismatch.
-OPS_VERSION = 2
+OPS_VERSION = 3
 
 _fakes_registered = False
 
@@ -97,12 +99,11 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("hybridops::cuda_quantize_activate")
     def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype):
-        n, c, h, w = x.shape
-        sdt = slice_dtype or x.dtype
-        codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
-        if fp_in_idx is None:
-            return x.new_empty((0,), dtype=sdt), codes
-        return x.new_empty((n, h, w, fp_in_idx.shape[0]), dtype=sdt), codes
+        return _quantize_activate_fake(x, bits, fp_in_idx, slice_dtype)
+
+    @torch.library.register_fake("hybridops::cuda_quantize_activate_flagged")
+    def _(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype):
+        return (*_quantize_activate_fake(x, bits, fp_in_idx, slice_dtype), x.new_empty((1,), dtype=torch.int32))
 
     @torch.library.register_fake("hybridops::cuda_qconv2d")
     def _(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
@@ -115,6 +116,16 @@ def _register_fakes() -> None:
               groups, relu, fp_out, fp_out_idx, requant_qparams, requant_bits, requant_signed, out_dtype, tile_m):
             # One code per byte: packed_size is the channel count at 5-8 bits, all this op takes.
             return _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation)
+
+
+def _quantize_activate_fake(x, bits, fp_in_idx, slice_dtype):
+    """The (x_slice, codes) of cuda_quantize_activate for these arguments, shape and dtype only."""
+    n, c, h, w = x.shape
+    sdt = slice_dtype or x.dtype
+    codes = x.new_empty((n, h, w, packed_size(c, bits)), dtype=torch.uint8)
+    if fp_in_idx is None:
+        return x.new_empty((0,), dtype=sdt), codes
+    return x.new_empty((n, h, w, fp_in_idx.shape[0]), dtype=sdt), codes
 
 
 def _qconv_fake(x_codes, w_packed, stride, padding, requant_qparams, requant_bits, out_dtype, dilation):

@@ -266,7 +266,8 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
     read = (fp_in_idx if fp_in_idx is not None else _identity_index(spec.in_channels, x.device)) if sliced else None
     flagged = getattr(ns, "quantize_activate_flagged", None)
     if flagged is not None:  # the pass also says whether x held a NaN or an infinity
-        x_slice, codes, nonfinite = flagged(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read, fp_dt)
+        x_slice, codes, flag = flagged(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read, fp_dt)
+        nonfinite = _flag_set(flag)
     else:
         x_slice, codes = ns.quantize_activate(x, in_qparams, spec.bits_a, spec.a_signed, None, None, False, read,
                                               fp_dt)
@@ -279,6 +280,18 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
                              "one cannot carry: deploy with fuse=False to propagate it, or clean the input.")
         y = y.masked_fill(_nonfinite_outputs(spec, x, padding), float("nan"))
     return y
+
+
+def _flag_set(flag) -> bool:
+    """Whether the quantize pass saw a NaN or an infinity: a bool from the CPU kernels; an int32
+    (1,) tensor on the GPU, read back (a 4-byte copy that waits for the pass). While a CUDA graph
+    is captured no read can happen: a captured layer does not propagate non-finite inputs
+    (docs/layer_op.md)."""
+    if isinstance(flag, bool):
+        return flag
+    if flag.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return bool(flag.item())
 
 
 def _nonfinite_outputs(spec: LayerSpec, x: torch.Tensor, padding) -> torch.Tensor:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..kernels.geometry import conv_out_size
 from ..kernels.packing import levels, pack_codes, unpack_codes, unpack_weight
 
 
@@ -37,13 +38,15 @@ def codes_from_qparams(t: torch.Tensor, qparams: torch.Tensor, bits: int, signed
 
 
 def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """``code / levels`` for every element of ``x`` (eq 6-7 or 8-9), in the dtype of ``x``.
-    Computed in fp32 (float64 inputs stay float64)."""
+    """``code / levels`` for every element of ``x`` (eq 6-7 or 8-9), in the dtype of ``x``;
+    NaN where ``x`` is NaN or infinite (a code would hide it from what follows, which float
+    PyTorch would make non-finite). Computed in fp32 (float64 inputs stay float64)."""
     t = x if x.dtype == torch.float64 else x.to(torch.float32)
     q = codes_from_qparams(t, qparams.to(t.dtype), bits, signed)
     # A multiplication by the reciprocal (what torch does for a scalar divisor on CUDA), so that
     # every backend and device rounds the same way.
-    return (q.to(t.dtype) * (1.0 / levels(bits, signed))).to(x.dtype)
+    y = q.to(t.dtype) * (1.0 / levels(bits, signed))
+    return torch.where(torch.isfinite(t), y, float("nan")).to(x.dtype)
 
 
 def quantize_activate(
@@ -112,8 +115,24 @@ def int_conv2d(
     dt = torch.float32 if (bound < 2**24 and a.device.type == "cpu") else torch.float64
     top, bottom, left, right = padding
     ap = F.pad(a.to(dt), (left, right, top, bottom))
-    out = F.conv2d(ap, w.to(dt), None, tuple(stride), 0, tuple(dilation), groups)
+    out = _conv2d(ap, w.to(dt), None, stride, (0, 0), dilation, groups)
     return torch.round(out).to(torch.int32)
+
+
+def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+            padding_hw: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """``F.conv2d`` (symmetric ``padding_hw``) run with stride 1 along a dimension that has one
+    output, which is the same output: the stride only moves windows after the first.
+
+    PyTorch 2.14.1's fp32 CPU convolution (oneDNN's ``brg_conv_fwd``) leaves outputs unwritten
+    for a batch > 1 single-channel input in NHWC memory (what unpacked codes and channel slices
+    are) at stride (1, > 1) with one output along W: the reference then returned whatever the
+    memory held (found by bench/fuzz_onednn.py, docs/cpu_backend.md)."""
+    ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], 2 * padding_hw[0], dilation[0])
+    wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], 2 * padding_hw[1], dilation[1])
+    run_stride = (1 if ho == 1 else stride[0], 1 if wo == 1 else stride[1])
+    out = F.conv2d(x, weight, bias, run_stride, tuple(padding_hw), tuple(dilation), groups)
+    return out if run_stride == tuple(stride) else out[:, :, :ho, :wo]
 
 
 def qconv2d(
@@ -176,7 +195,7 @@ def float_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Ten
     if top != bottom or left != right:
         x = F.pad(x, (left, right, top, bottom))
         top = left = 0
-    return F.conv2d(x, weight, bias, stride, (top, left), dilation, groups)
+    return _conv2d(x, weight, bias, stride, (top, left), dilation, groups)
 
 
 def pruned_branch_conv(fp_in: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Optional[torch.Tensor],

@@ -156,7 +156,8 @@ def _triton_ops():
     quantize = importlib.import_module("hybridops.kernels.quantize")
     qconv = importlib.import_module("hybridops.kernels.qconv")
     return types.SimpleNamespace(fake_quantize=quantize.fake_quantize,
-                                 quantize_activate=quantize.quantize_activate, qconv2d=qconv.qconv2d,
+                                 quantize_activate=quantize.quantize_activate,
+                                 quantize_activate_flagged=quantize.quantize_activate_flagged, qconv2d=qconv.qconv2d,
                                  fused_hybrid_conv2d=qconv.fused_hybrid_conv2d,
                                  fuse_pruned_branch=qconv.fuse_pruned_branch)
 
@@ -166,6 +167,7 @@ def _cuda_ops():
     importlib.import_module("hybridops.ops.cuda_ext").load()
     ops = torch.ops.hybridops
     return types.SimpleNamespace(fake_quantize=ops.cuda_fake_quantize, quantize_activate=ops.cuda_quantize_activate,
+                                 quantize_activate_flagged=ops.cuda_quantize_activate_flagged,
                                  qconv2d=ops.cuda_qconv2d)
 
 
