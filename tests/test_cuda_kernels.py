@@ -407,6 +407,7 @@ def test_opcheck_cuda_ops():
     torch.library.opcheck(ops.cuda_quantize_activate, (x.to(memory_format=torch.channels_last), qp, 5, True,
                                                        torch.rand(5, device="cuda"), None, False, None,
                                                        torch.float16))
+    torch.library.opcheck(ops.cuda_quantize_activate_flagged, (x, qp, 4, False, None, None, True, keep, None))
     for cin, cout in [(6, 5), (32, 24)]:
         x_codes, w_packed, gen = conv_inputs(1, cin, 4, 4, cout, 3, 1, 4, False, 4)
         scale, bias, fp_out, fp_out_idx = epilogue_inputs(cout, 4, 4, 1, gen, [4, 1], torch.float32)
@@ -419,3 +420,25 @@ def test_opcheck_cuda_ops():
         torch.library.opcheck(ops.cuda_qconv2d, (x_codes, w_packed, cin, 4, False, 4, scale, None, [2, 1],
                                                  [0, 1, 2, 0], [1, 1], 1, False, None, None, None, 4, False,
                                                  torch.int32))
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_quantize_activate_flags_nonfinite_inputs(layout):
+    x = torch.randn(2, 13, 5, 6, device="cuda")
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    qp = make_qparams(-1.0, 1.0, True)
+    keep = torch.tensor([3, 1, 12], device="cuda")
+    s, codes, flag = ops.cuda_quantize_activate_flagged(x, qp, 4, True, None, None, False, keep, None)
+    rs, rcodes = ops.cuda_quantize_activate(x, qp, 4, True, None, None, False, keep, None)
+    assert flag.dtype == torch.int32 and flag.tolist() == [0]
+    assert torch.equal(codes, rcodes) and torch.equal(s, rs)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = x.clone()
+        bad[1, 12, 4, 5] = value  # the last channel of the last pixel: the tail of the last tile
+        assert ops.cuda_quantize_activate_flagged(bad, qp, 4, True, None, None, False, keep, None)[2].tolist() == [1]
+    # a ReLU maps -inf to 0, which is finite: the flag follows the activated value, as float PyTorch would
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("-inf")
+    assert ops.cuda_quantize_activate_flagged(bad, qp, 4, True, None, None, True, keep, None)[2].tolist() == [0]

@@ -95,3 +95,25 @@ def test_trainable_quantized_model_propagates_like_float(value):
     expect[:, :, 1:6, 1:6] = True
     assert torch.equal(~torch.isfinite(y), expect) and torch.isnan(y[expect]).all()
     y.nan_to_num(0.0).sum().backward()  # the STE backward runs through NaN inputs without an error
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_quantize_pass_flags_activated_nonfinite_values(backend):
+    from hybridops.ops import registry
+    flagged = registry.implementation(backend, "quantize_activate_flagged")
+    torch.manual_seed(0)
+    x = torch.randn(2, 13, 5, 6)
+    qp = torch.tensor([0.5, 0.5])
+    keep = torch.tensor([3, 1, 12])
+
+    def flag(t, relu=False):
+        return bool(torch.as_tensor(flagged(t, qp, 4, True, None, None, relu, keep, None)[2]))
+
+    assert not flag(x) and not flag(x.contiguous(memory_format=torch.channels_last))
+    for value in (float("nan"), float("inf"), float("-inf")):
+        bad = x.clone()
+        bad[1, 12, 4, 5] = value  # the last element: the tail of the last tile
+        assert flag(bad) and flag(bad.contiguous(memory_format=torch.channels_last))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("-inf")
+    assert not flag(bad, relu=True)  # relu(-inf) = 0 is finite, as in float PyTorch

@@ -49,6 +49,16 @@ def fake_quantize(x: torch.Tensor, qparams: torch.Tensor, bits: int, signed: boo
     return torch.where(torch.isfinite(t), y, float("nan")).to(x.dtype)
 
 
+def _activated(x, bn_scale, bn_shift, relu) -> torch.Tensor:
+    """``t = relu?(x * bn_scale[c] + bn_shift[c])`` in fp32, NHWC."""
+    t = x.permute(0, 2, 3, 1).to(torch.float32)
+    if bn_scale is not None:
+        t = t * bn_scale.to(torch.float32)
+    if bn_shift is not None:
+        t = t + bn_shift.to(torch.float32)
+    return torch.relu(t) if relu else t
+
+
 def quantize_activate(
     x: torch.Tensor,
     qparams: torch.Tensor,
@@ -74,13 +84,7 @@ def quantize_activate(
     (The float output comes first so that autograd tooling that sums all outputs starts from a
     float.)
     """
-    t = x.permute(0, 2, 3, 1).to(torch.float32)
-    if bn_scale is not None:
-        t = t * bn_scale.to(torch.float32)
-    if bn_shift is not None:
-        t = t + bn_shift.to(torch.float32)
-    if relu:
-        t = torch.relu(t)
+    t = _activated(x, bn_scale, bn_shift, relu)
     codes = pack_codes(codes_from_qparams(t, qparams.to(torch.float32), bits, signed), bits)
     if fp_in_idx is None:
         x_slice = x.new_empty((0,), dtype=slice_dtype or x.dtype)
@@ -91,10 +95,11 @@ def quantize_activate(
 
 def quantize_activate_flagged(x, qparams, bits, signed, bn_scale=None, bn_shift=None, relu=False, fp_in_idx=None,
                               slice_dtype=None):
-    """:func:`quantize_activate` and whether ``x`` held a NaN or an infinity (which no code can
-    carry: the whole-layer op propagates it, hybridops/ops/layer_op.py)."""
+    """:func:`quantize_activate` and whether an activated value ``t`` is NaN or infinite (which no
+    code can carry: the whole-layer op propagates it, hybridops/ops/layer_op.py). As on every
+    backend, the test is on ``t``: a ReLU maps -inf to 0, as float PyTorch would."""
     return (*quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype),
-            not bool(torch.isfinite(x).all()))
+            not bool(torch.isfinite(_activated(x, bn_scale, bn_shift, relu)).all()))
 
 
 def int_conv2d(
