@@ -33,6 +33,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import hybridops as ho  # noqa: E402
 from common import MODEL_INPUT, build_model, environment, time_ms, write_json  # noqa: E402
+import peers  # noqa: E402
 
 
 def _bytes(module: nn.Module) -> int:
@@ -152,6 +153,13 @@ def cpu_baselines(float_model: nn.Module, x32: torch.Tensor, compile_: bool = Fa
             out["torch.ao int8 (x86)"] = {"float": False, "ms": time_ms(lambda: q(x32), x32.device)}
     except Exception as e:  # e.g. a model FX cannot trace
         out["torch.ao int8 (x86)"] = {"float": False, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+    for name, (is_float, build) in tqdm(peers.build_all(float_model, x32).items(), desc="CPU peers", leave=False):
+        try:
+            run = build()
+            with torch.no_grad():
+                out[name] = {"float": is_float, "ms": time_ms(lambda: run(x32), x32.device)}
+        except Exception as e:  # not installed, or failing on this model: reported with the reason
+            out[name] = {"float": is_float, "skipped": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
     return out
 
 
