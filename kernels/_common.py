@@ -7,6 +7,7 @@ floats is launched with ``enable_fp_fusion=False``: otherwise the compiler contr
 """
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -19,6 +20,47 @@ LAUNCH_OPTS = {"enable_fp_fusion": False}
 
 # Read here, not from hybridops.backend_selection: kernels import nothing above the op layer.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _interpreter_index(v) -> int:
+    """A loop bound as a Python int under the interpreter, where every scalar (a kernel argument,
+    ``tl.program_id``, and whatever a kernel computes from them, even ``it_lo = 0``) is a
+    ``tl.tensor`` holding a one-element numpy array."""
+    if isinstance(v, tl.constexpr):
+        v = v.value
+    if isinstance(v, tl.tensor):
+        data = v.handle.data
+        if data.size != 1:
+            raise TypeError(f"a loop bound must be a scalar, got a tensor of shape {tuple(v.shape)}")
+        return int(data.reshape(()))
+    return operator.index(v)
+
+
+def _interpreter_range(arg1, arg2=None, step=None, **hints):
+    """``tl.range`` under TRITON_INTERPRET=1: Python's range over the bounds as ints; the compiler
+    hints (``num_stages``, ...) mean nothing there."""
+    start, end = (0, arg1) if arg2 is None else (arg1, arg2)
+    return range(_interpreter_index(start), _interpreter_index(end), 1 if step is None else _interpreter_index(step))
+
+
+# The kernels' loops over run-time bounds: ``for i in loop_range(lo, hi)`` (builtin ``range`` and
+# ``tl.range`` take the same arguments, keywords included).
+#
+# Compiled, this *is* ``tl.range``: the code generator resolves the global and sees
+# ``triton.language.range`` itself, so the loop (pipelining and all) is the IR that
+# ``tl.range(...)`` or the builtin ``range(...)`` gives (builtin ``range`` lowers as ``tl.range``
+# with its defaults): no argument, constexpr or other, is added to the kernels, and their TTGIR
+# and PTX are unchanged (checked for every shipped tile and variant on Triton 3.6 and 3.8).
+# Chosen at import, like the interpreter itself (triton.jit reads TRITON_INTERPRET when it wraps).
+#
+# Interpreted, the interpreter runs the kernel as Python, where ``range(lo, hi)`` calls
+# ``__index__`` on ``lo`` and ``hi``: ``tl.tensor``s whose data is a one-element (not
+# zero-dimensional) numpy array. Up to Triton 3.6 the interpreter's ``__index__`` is
+# ``int(self.handle.data)``, which NumPy 2.4 refuses ("only 0-dimensional arrays can be converted
+# to Python scalars": the NumPy 1.25 deprecation of scalar conversion of ndim > 0 arrays, expired);
+# Triton 3.8 squeezes the array first (triton-lang/triton#9171). Converting the bounds here makes
+# the loops independent of both, on every Triton and NumPy version.
+loop_range = _interpreter_range if INTERPRET else tl.range
 
 
 def check_device(t: torch.Tensor, name: str) -> None:

@@ -31,7 +31,7 @@ from .packing import levels, packed_size, unpack_codes
 from .geometry import conv_out_size
 
 from . import tiles
-from ._common import (INTERPRET, LAUNCH_OPTS, check_device, check_grid, check_int32_span, pack_pairs,
+from ._common import (INTERPRET, LAUNCH_OPTS, check_device, check_grid, check_int32_span, loop_range, pack_pairs,
                       quant_codes, unpack_nibble, unpack_nibbles)
 from .derived import cached
 from .quantize import inverse_index
@@ -184,7 +184,7 @@ def _qconv_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     g_first = n0 // COUT_G
     g_last = (tl.minimum(n0 + BLOCK_N, C_OUT) - 1) // COUT_G
-    for g in range(g_first, g_last + 1):
+    for g in loop_range(g_first, g_last + 1):
         c0 = g * CIN_G
         w_ok = (co_ok & (co >= g * COUT_G) & (co < (g + 1) * COUT_G))[None, :]
         it_lo = 0
@@ -196,21 +196,21 @@ def _qconv_kernel(
             # Groups starting mid-byte load code by code anyway: one loop, masked throughout and not
             # pipelined (the main / tail split below, and pipelining, spilled registers here).
             n_chunks = tl.cdiv(CIN_G, BLOCK_K)
-            for it in tl.range(it_lo, it_hi, num_stages=1):
+            for it in loop_range(it_lo, it_hi, num_stages=1):
                 acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it // n_chunks, (it % n_chunks) * BLOCK_K,
                               c0, H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED,
                               SWAR, True, BLOCK_M, BLOCK_K)
         else:
             # Full K steps, taps and channel chunks in one flat loop so that the compiler pipelines
             # all of it: channels are never masked here (only the image border): vector loads.
-            for it in range(it_lo, tl.minimum(it_hi, main_end)):
+            for it in loop_range(it_lo, tl.minimum(it_hi, main_end)):
                 acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it // n_full, (it % n_full) * BLOCK_K, c0,
                               H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED, SWAR,
                               False, BLOCK_M, BLOCK_K)
             if not K_FULL:
                 # One masked step per tap, not pipelined: a second pipeline's buffers made the
                 # small tiles spill, and this loop is short.
-                for it in tl.range(tl.maximum(it_lo, main_end), it_hi, num_stages=1):
+                for it in loop_range(tl.maximum(it_lo, main_end), it_hi, num_stages=1):
                     acc = _k_step(acc, x_img, w_rows, ih0, iw0, m_ok, w_ok, kk, it - main_end, n_full * BLOCK_K, c0,
                                   H, W, CIN_G, sxh, sxw, sxc, swh, sww, KW, DIL_H, DIL_W, A_NIB, A_SIGNED, A_ALIGNED,
                                   SWAR, True, BLOCK_M, BLOCK_K)
@@ -244,7 +244,7 @@ def _fp_branch(xf_ptr, wf_ptr, img, ih0, iw0, m_ok, co, co_ok, H, W, CF, sxfn, s
     kf = tl.arange(0, BLOCK_KF)
     n_chunks = tl.cdiv(CF, BLOCK_KF)
     accf = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for it in range(0, KH * KW * n_chunks):
+    for it in loop_range(0, KH * KW * n_chunks):
         tap = it // n_chunks
         k0 = (it % n_chunks) * BLOCK_KF
         kh = tap // KW

@@ -160,9 +160,10 @@ def _compile_all() -> list:
         out.append({"kernel": f"fake_quantize {dt}", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
     p = ptx(Q._quantize_activate_kernel,
             {"x_ptr": "*bf16", "codes_ptr": "*u8", "slice_ptr": "*bf16", "qp_ptr": "*fp32", "scale_ptr": "*fp32",
-             "shift_ptr": "*fp32", "slot_ptr": "*i32", "keep_ptr": "*i64", "repeat_ptr": "*i8"},
+             "shift_ptr": "*fp32", "slot_ptr": "*i32", "keep_ptr": "*i64", "repeat_ptr": "*i8",
+             "flag_ptr": "*i32"},
             dict(LEVELS=15, SIGNED=False, NIBBLE=True, HAS_SCALE=True, HAS_SHIFT=True, RELU=True, HAS_SLICE=True,
-                 BLOCK_P=16, BLOCK_C=64), num_warps=4)
+                 FLAG=True, BLOCK_P=16, BLOCK_C=64), num_warps=4)
     out.append({"kernel": "quantize_activate", "fma": len(re.findall(r"\bfma\.rn", p)), "mma": None})
     sig = {"x_ptr": "*u8", "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "fp_ptr": "*bf16",
            "slot_ptr": "*i32", "rq_ptr": "*fp32", "xf_ptr": "*bf16", "wf_ptr": "*bf16", "fb_ptr": "*fp32"}

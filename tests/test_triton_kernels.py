@@ -66,3 +66,29 @@ def test_swar_nibble_unpacking_matches_the_format(signed):
     np.testing.assert_array_equal(got, expect)
 
 
+
+
+@pytest.mark.skipif(backend_unavailable_reason("triton", "cpu") is not None,
+                    reason="checks the interpreter's loops; needs Triton and TRITON_INTERPRET=1")
+def test_interpreter_loops_take_one_element_array_bounds():
+    """Under the interpreter every scalar of a kernel is a tl.tensor over a one-element numpy array,
+    and the kernels' run-time loops take such bounds through ``_common.loop_range``: Python ints,
+    whether or not the interpreter's own ``__index__`` can convert them (Triton <= 3.6 calls
+    ``int()`` on the array, which NumPy >= 2.4 refuses). Compiled, ``loop_range`` is ``tl.range``."""
+    np = pytest.importorskip("numpy")
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    from hybridops.kernels import _common
+
+    def scalar(v):
+        return tl.tensor(TensorHandle(np.array([v], dtype=np.int32), tl.int32), tl.int32)
+
+    assert _common.loop_range is _common._interpreter_range
+    assert list(_common.loop_range(scalar(2), scalar(7), num_stages=1)) == [2, 3, 4, 5, 6]
+    assert list(_common.loop_range(scalar(3))) == [0, 1, 2]
+    assert list(_common.loop_range(0, scalar(9), scalar(4))) == [0, 4, 8]
+    assert list(_common.loop_range(scalar(5), tl.constexpr(3))) == []
+    block = tl.tensor(TensorHandle(np.arange(2, dtype=np.int32), tl.int32), tl.block_type(tl.int32, [2]))
+    with pytest.raises(TypeError, match="must be a scalar"):
+        _common.loop_range(block)
