@@ -109,9 +109,12 @@ def run_case(case: Case, work: Path) -> Result:
     py = str(venv / "bin" / "python")
 
     def done(outcome: str) -> Result:
-        p = subprocess.run([py, "-c", "import pip, setuptools, importlib.util as u; w = u.find_spec('wheel');"
-                            "import importlib.metadata as m; print(f'pip {pip.__version__}, setuptools "
-                            "{setuptools.__version__}, wheel ' + (m.version('wheel') if w else 'none'))"],
+        # read from the venv's metadata: importing setuptools there meets the system's distutils hack
+        p = subprocess.run([py, "-c", "import importlib.metadata as m\n"
+                            "def v(n):\n"
+                            "    try: return m.version(n)\n"
+                            "    except m.PackageNotFoundError: return 'none'\n"
+                            "print(f\"pip {v('pip')}, setuptools {v('setuptools')}, wheel {v('wheel')}\")"],
                            env=env, capture_output=True, text=True, cwd=elsewhere)
         return Result(case, p.stdout.strip() or "?", outcome, time.perf_counter() - t0, "\n".join(log))
 
