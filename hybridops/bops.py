@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .deployed import DeployedConv2d, DeployedLinear
+from .thin import full_width_
 from .layers import HYBRID_LAYERS, LINEAR_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
 
 FP_BITS = 32
@@ -171,6 +172,7 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
     network's RC counts both branches against one baseline).
     """
     probe = copy.deepcopy(model).eval()
+    full_width_(probe)  # the layers' hooks below count; a thin pruned network's forward skips them
     if device is None:
         p = next(probe.parameters(), None)
         device = p.device if p is not None else "cpu"

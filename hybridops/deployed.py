@@ -43,6 +43,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
 from .kernels.packing import packed_size
@@ -320,6 +321,37 @@ class _DeployedBase(nn.Module):
             # check again before a kernel writes through it (compiled graphs check in the op)
             self.validate()
         return layer_op.hybrid_layer(self._spec, self._spec_ints, x, *t, self.fp_dtype, self.backend)
+
+    def thin_forward(self, x: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The pruned branch alone on the kept channels (``fp_only`` layers, ungrouped): ``x`` holds
+        the input channels ``fp_in_idx`` (all when None) in that order, or, with ``columns``, only
+        those of them at positions ``columns`` (the others being zero, their weight columns are
+        skipped); the result holds the output channels ``fp_out_idx``, without the scatter into the
+        full width (hybridops/thin.py chains these). Plain torch ops: differentiable in the
+        branch's weights (online updates)."""
+        if self.path != "fp_only" or self.groups != 1:
+            raise ValueError(f"thin_forward runs ungrouped layers without a quantized branch, got path {self.path!r} "
+                             f"and groups={self.groups}.")
+        reads = self.in_channels if self.fp_in_idx is None else int(self.fp_in_idx.numel())
+        if columns is not None:
+            reads = int(columns.numel())
+        if x.shape[1 if self._kind == "conv2d" else -1] != reads:
+            raise ValueError(f"{type(self).__name__}.thin_forward expects the {reads} channels its branch reads, "
+                             f"got input {tuple(x.shape)}.")
+        dt = self.fp_dtype or x.dtype
+        w = (self.fp_weight if columns is None else self.fp_weight.index_select(1, columns)).to(dt)
+        b = self.fp_bias.to(dt) if self.fp_bias is not None else None
+        if self._kind == "linear":
+            y = F.linear(x.to(dt), w.flatten(1), b)
+        else:
+            top, bottom, left, right = self.padding
+            if self.padding_mode != "zeros" or top != bottom or left != right:
+                x = F.pad(x, (left, right, top, bottom), mode=self.padding_mode if self.padding_mode != "zeros"
+                          else "constant")
+                top = left = 0
+            y = F.conv2d(x.to(dt), w, b, self.stride, (top, left), self.dilation)
+        y = F.relu(y) if self.relu else y
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",

@@ -31,6 +31,7 @@ from .config import HybridConfig, PruneConfig, QuantConfig
 from .conversion import Config, deploy_, float_layer_order, hybridize_
 from .graph import set_submodule, trace
 from .layers import PRUNED_LAYERS
+from .thin import thin_network_
 
 # Modules and functions that map a zero channel to a zero channel, channel for channel.
 _ZERO_PRESERVING_MODULES = (nn.ReLU, nn.ReLU6, nn.MaxPool2d, nn.Dropout, nn.Identity, nn.AdaptiveAvgPool2d,
@@ -208,8 +209,12 @@ class HybridNetwork(nn.Module):
                 fp_dtype: Optional[torch.dtype] = None) -> "HybridNetwork":
         """Deploy every branch in place: packed integer weights for a quantized branch, and for a
         pruned one rows and (compounded) columns of dropped channels removed (``fp_dtype`` as in
-        :func:`hybridops.deploy_`)."""
+        :func:`hybridops.deploy_`). A pruned branch then runs on its kept channels end to end
+        (:func:`hybridops.thin.thin_network_`: no scatter into the full width between layers; the
+        same layers, parameters and state dict keys)."""
         for i, net in enumerate(self.branches):
             # (an explicit map, even an empty one, deploys the branch as a plain model)
             deploy_(net, backend, self.in_channel_map(i), fuse=fuse, fp_dtype=fp_dtype)
+            if isinstance(self.configs[i], PruneConfig):
+                thin_network_(net)
         return self

@@ -30,7 +30,7 @@ RANKS = {
     "kernels": 0,
     "ops": 1,
     "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend_selection": 2,
-    "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3, "training": 3,
+    "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3, "training": 3, "thin": 3,
     "network": 4, "__init__": 5,
 }
 SAME_RANK_OK = {
@@ -39,6 +39,8 @@ SAME_RANK_OK = {
     ("layers", "deployed"),  # a trainable layer packs itself into its deployed twin (deploy_layer)
     ("conversion", "fusion"),  # deploy_ fuses epilogues after swapping layers
     ("fusion", "graph"),  # fusion reads the traced graph
+    ("thin", "graph"),  # the thin pruned network is a rewrite of the traced graph
+    ("bops", "thin"),  # counting runs a thin network's layers whole (their hooks count)
 }
 KERNEL_MAY_IMPORT = {"hybridops._C_cpu"}
 # the modules of kernels/ that import hybridops loads (pure PyTorch: the format, the geometry, the

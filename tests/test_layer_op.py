@@ -375,3 +375,19 @@ def test_clearing_the_cache_while_entries_free_each_other():
     assert derived.size("deployed_twin") >= 1
     derived.clear()
     assert derived.size() == 0
+
+
+@pytest.mark.parametrize("hw,layout", [(1, "nchw"), (6, "channels_last"), (1, "channels_last")])
+def test_inplace_relu_after_a_layer_in_grad_mode(hw, layout):
+    # the op's output may be a view of its NHWC result (a permute; a 1x1 output's contiguous());
+    # autograd forbids in-place ops on a view made inside a custom op, which ReLU(inplace=True) is
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(inplace=True)).eval()
+    x = torch.randn(2, 8, hw, hw)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.5, fp_first_input=False), example_inputs=x)
+    ho.deploy_(model, "torch", fuse=False)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = model(x)
+    y.sum().backward()
+    assert model[0].fp_weight.grad is not None and torch.equal(y, y.clamp_min(0))

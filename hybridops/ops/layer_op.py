@@ -217,9 +217,18 @@ def _mode_pad_index(n: int, before: int, after: int, mode: str, device) -> torch
 def _output(y_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """NCHW of the kernels' NHWC output: as it is (channels_last) or a contiguous copy."""
     y = y_nhwc.permute(0, 3, 1, 2)
-    if channels_last and y_nhwc.is_contiguous():
-        return y
-    return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
+    if not (channels_last and y_nhwc.is_contiguous()):
+        y = y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
+    return _unviewed(y)
+
+
+def _unviewed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a tensor of its own over the same memory (no copy): autograd forbids in-place ops
+    on a view made inside a custom op, and ``ReLU(inplace=True)`` after a layer is one (the permute
+    above is a view; so is ``contiguous()`` when it has nothing to do, e.g. a 1x1 output)."""
+    if t._base is None:
+        return t
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
