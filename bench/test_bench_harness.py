@@ -122,10 +122,15 @@ def test_speedup_report_on_cpu(tmp_path):
     # every float path a CPU user could pick, and torch.ao's int8 model, timed or skipped with a reason
     base = result["end_to_end"]["cpu_baselines"]
     assert {"fp32 eager", "fp32 channels_last", "bf16 channels_last", "fp32 TorchScript frozen",
-            "torch.ao int8 (x86)"} <= set(base)
+            "torch.ao int8 (x86)", "OpenVINO fp32", "OpenVINO bf16", "OpenVINO int8 (NNCF)",
+            "torchao PT2E int8 + compile"} <= set(base)
+    for name, b in base.items():  # a peer that is not installed says how to install it
+        if "not installed" in b.get("skipped", ""):
+            assert "requirements-peers.txt" in b["skipped"], name
     assert all(("ms" in b and b["ms"] > 0) or b["skipped"] for b in base.values())
     assert result["end_to_end"]["fastest_float_ms"] == min(b["ms"] for b in base.values() if b["float"] and "ms" in b)
     assert "the fastest float path" in table
+    assert result["end_to_end"]["network_eager_ms"] > 0 and "deployed network-level hybrid" in table
 
 
 # ----------------------------------------------------------------------------- the GPU suite
@@ -279,3 +284,25 @@ def test_soak_script_writes_its_table(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "soak.json").read_text())
     assert res["calls"] == 12 and res["samples"][-1]["calls"] == 12 and res["rss_end_mib"] > 0
     assert "Resident memory once the caches are warm" in (tmp_path / "soak.md").read_text()
+
+
+def test_onednn_fuzz_script_passes_and_reports_a_mismatch(monkeypatch, capsys):
+    """bench/fuzz_onednn.py: a clean sweep exits 0 and names its seed; against int32 accumulators
+    off by one it exits 1 with the seed, the first failing case and the side that differs."""
+    onednn = pytest.importorskip("hybridops.kernels.onednn", reason="the onednn backend did not load")
+    import fuzz_onednn
+
+    assert fuzz_onednn.main(["--cases", "10", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "seed 7, 10 cases" in out and "10 of 10 cases run" in out and "no mismatch" in out
+    exact = onednn.qconv2d
+
+    def off_by_one(*args, **kwargs):
+        y = exact(*args, **kwargs)
+        return y + 1 if y.dtype == torch.int32 else y
+
+    monkeypatch.setattr(onednn, "qconv2d", off_by_one)
+    assert fuzz_onednn.main(["--cases", "10", "--seed", "7"]) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH (seed 7), case 1 as drawn: {'n': " in out and "onednn's int32 accumulators differ" in out
+    assert "Falsifying example" in out  # hypothesis's shrunk case

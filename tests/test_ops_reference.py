@@ -99,6 +99,9 @@ GEOMETRIES = [
     (4, 4, (3, 3), (1, 2), (1, 1, 1, 1), (1, 1), 4, 6, 6, 3, False, 2),     # depthwise
     (3, 5, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 1, 5, 8, False, 8),     # 1x1, batch-1 rows, 8-bit
     (9, 2, (7, 7), (3, 3), (4, 4, 4, 4), (1, 1), 1, 5, 5, 8, True, 8),      # padding > kernel/2, 7x7
+    # one channel, one output along a strided W: PyTorch's fp32 CPU conv leaves outputs unwritten
+    # (bench/fuzz_onednn.py's find, the residual mismatch in docs/cpu_backend.md)
+    (1, 2, (2, 3), (1, 3), (3, 2, 0, 2), (1, 1), 1, 3, 2, 2, True, 2),
 ]
 
 
@@ -116,6 +119,19 @@ def test_qconv2d_int32_accumulators_exact(geo):
     expect = _direct_int64_conv(a, wq, stride, pad, dil, groups).permute(0, 2, 3, 1)
     assert acc.dtype == torch.int32 and acc.shape == expect.shape
     assert torch.equal(acc.to(torch.int64), expect)
+
+
+def test_float_conv2d_one_output_along_a_strided_dimension():
+    # a batch-2 single-channel input in NHWC memory (a channel slice) at stride (1, 3) with one
+    # output along W: PyTorch's fp32 CPU conv alone leaves outputs unwritten there
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 4, 1, generator=g).permute(0, 3, 1, 2)
+    w, b = torch.randn(3, 1, 2, 3, generator=g), torch.randn(3, generator=g)
+    for top, bottom, left, right in ((0, 0, 0, 0), (1, 2, 0, 1)):
+        y = reference.float_conv2d(x, w, b, (1, 3), (top, bottom, left, right), (1, 1))
+        expect = F.conv2d(F.pad(x.double(), (left, right, top, bottom)), w.double(), b.double(), (1, 3))
+        assert y.shape == expect.shape and expect.shape[2:] == (6 + top + bottom - 1, 1)
+        torch.testing.assert_close(y.double(), expect, rtol=1e-5, atol=1e-5)
 
 
 def test_int_conv2d_exact_above_fp32_mantissa():

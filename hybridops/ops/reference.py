@@ -129,10 +129,10 @@ def _conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     """``F.conv2d`` (symmetric ``padding_hw``) run with stride 1 along a dimension that has one
     output, which is the same output: the stride only moves windows after the first.
 
-    PyTorch 2.14.1's fp32 CPU convolution (oneDNN's ``brg_conv_fwd``) leaves outputs unwritten
-    for a batch > 1 single-channel input in NHWC memory (what unpacked codes and channel slices
-    are) at stride (1, > 1) with one output along W: the reference then returned whatever the
-    memory held (found by bench/fuzz_onednn.py, docs/cpu_backend.md)."""
+    PyTorch 2.14.1's fp32 CPU convolution (oneDNN's ``brg_conv_fwd``) gets a batch > 1
+    single-channel input in NHWC memory (what unpacked codes and channel slices are) at stride
+    (1, s > 1) with one output along W wrong: output rows s apart in its first rows, the rest
+    unwritten (found by bench/fuzz_onednn.py, docs/cpu_backend.md)."""
     ho = conv_out_size(x.shape[2], weight.shape[2], stride[0], 2 * padding_hw[0], dilation[0])
     wo = conv_out_size(x.shape[3], weight.shape[3], stride[1], 2 * padding_hw[1], dilation[1])
     run_stride = (1 if ho == 1 else stride[0], 1 if wo == 1 else stride[1])
