@@ -8,8 +8,11 @@ becomes is decided by a handler per config type (:data:`CONVERTERS`).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -130,7 +133,26 @@ CONVERTERS: Dict[type, Callable[[nn.Module, Config, bool, bool], nn.Module]] = {
 }
 
 
-def _skip_reason(module: nn.Module, name: str, config: Config, filter_fn: Optional[FilterFn]) -> Optional[str]:
+@functools.lru_cache(maxsize=None)
+def _children_read_directly(cls: type) -> FrozenSet[str]:
+    """Names of the child modules whose ``weight`` or ``bias`` the forward of ``cls`` reads itself
+    (torchvision's ShiftedWindowAttention hands ``self.qkv.weight`` to a function): a converted
+    child has no such tensor, so the parent would fail or bypass it."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):  # built in, or no source file
+        return frozenset()
+    return frozenset(re.findall(r"self\.(\w+)\.(?:weight|bias)\b", source))
+
+
+def _read_directly(model: nn.Module) -> Dict[str, str]:
+    """``{qualified name: parent type}`` of the layers whose parent reads their weights itself."""
+    return {f"{n}.{c}" if n else c: type(m).__name__ for n, m in model.named_modules()
+            for c in _children_read_directly(type(m))}
+
+
+def _skip_reason(module: nn.Module, name: str, config: Config, filter_fn: Optional[FilterFn],
+                 read_directly: Mapping[str, str]) -> Optional[str]:
     """None if ``module`` is converted, "" if it is no layer at all (the walker descends into it),
     else why the layer is skipped."""
     if isinstance(module, CONVERTED_LAYERS):
@@ -139,6 +161,8 @@ def _skip_reason(module: nn.Module, name: str, config: Config, filter_fn: Option
         if isinstance(module, _UNSUPPORTED + _FLOAT_LAYERS):
             return f"{type(module).__name__} is not supported (only nn.Conv2d and nn.Linear are)"
         return ""
+    if name in read_directly:
+        return f"its parent {read_directly[name]} reads its weight directly, which a converted layer does not have"
     if type(module) is nn.Linear and not config.convert_linear:
         return "config.convert_linear is False"
     if filter_fn is not None and not filter_fn(module, name):
@@ -197,7 +221,8 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     if handler is None:
         raise TypeError(f"config must be one of {[t.__name__ for t in CONFIG_TYPES]}, got {type(config).__name__}.")
     report = ConversionReport(config)
-    reasons = {n: _skip_reason(m, n, config, filter_fn) for n, m in model.named_modules()}
+    read_directly = _read_directly(model)
+    reasons = {n: _skip_reason(m, n, config, filter_fn, read_directly) for n, m in model.named_modules()}
     candidates = {n for n, why in reasons.items() if why is None}
     order = float_layer_order(model, example_inputs)
     # The first layer to see the raw input (converted or not) keeps it in full precision; the last
@@ -207,7 +232,7 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     output_layer = order[-1] if order else None
 
     def visit(child: nn.Module, qual: str):
-        why = reasons[qual] if qual in reasons else _skip_reason(child, qual, config, filter_fn)
+        why = reasons[qual] if qual in reasons else _skip_reason(child, qual, config, filter_fn, read_directly)
         if why is None:
             quantize_input = not (qual == first_layer and getattr(config, "fp_first_input", False))
             report.converted.append(qual)

@@ -81,3 +81,41 @@ def test_channels_last_linear_models(ctor, linear_name, positions):
     with torch.no_grad():
         y_deployed = model(x)
     torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+
+
+def test_swin_t_converts_with_its_attention_projections_left_in_float():
+    # torchvision's ShiftedWindowAttention hands self.qkv.weight and self.proj.weight to a function:
+    # those Linear layers stay float (with the reason) and everything else converts and deploys
+    torch.manual_seed(0)
+    model = torchvision.models.swin_t(num_classes=10).eval()
+    nn.init.normal_(model.head.weight, std=0.02)
+    x = torch.randn(2, 3, 64, 64)
+    report = ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
+    skipped = dict(report.skipped)
+    assert {n.rsplit(".", 1)[1] for n in skipped} == {"qkv", "proj"} and len(skipped) == 24
+    assert all("ShiftedWindowAttention reads its weight directly" in why for why in skipped.values())
+    assert isinstance(model.features[1][0].mlp[0], ho.HybridLinear) and isinstance(model.features[0][0], ho.HybridConv2d)
+    with torch.no_grad():
+        y_hybrid = model(x)
+    ho.deploy_(model, backend="torch")
+    assert isinstance(model.features[1][0].mlp[0], ho.DeployedLinear)
+    with torch.no_grad():
+        y_deployed = model(x)
+    assert y_hybrid.abs().max() > 0
+    torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+
+
+def test_a_layer_whose_weight_its_parent_reads_is_not_converted():
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.other = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.linear(x, self.lin.weight) + self.other(x)
+
+    model = Reads()
+    report = ho.hybridize_(model, ho.HybridConfig(convert_linear=True), example_inputs=torch.randn(3, 4))
+    assert report.converted == ["other"] and [n for n, _ in report.skipped] == ["lin"]
+    assert model(torch.randn(3, 4)).shape == (3, 4)
