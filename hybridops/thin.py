@@ -119,12 +119,10 @@ class _Rewriter:
         new = self.graph.node_copy(node, lambda n: self.full(self.values[n]))
         return _Value(new)
 
-    def columns(self, v: _Value, reads: Optional[Tuple[int, ...]], width: int) -> fx.Node:
-        """The channels ``reads`` (None: all ``width``) of value ``v``, in that order."""
+    def columns(self, v: _Value, reads: Tuple[int, ...], width: int) -> fx.Node:
+        """The channels ``reads`` of value ``v`` (``width`` channels in full), in that order."""
         if v.channels == reads:
             return v.node
-        if reads is None:
-            return self.full(v) if v.channels is not None else v.node
         if v.channels is None:
             if reads == tuple(range(width)):
                 return v.node

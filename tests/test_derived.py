@@ -1,12 +1,13 @@
 """The package's one cache of derived tensors (kernels/derived.py): built once per source version,
 rebuilt when a source changes, dropped with any source, bounded per source, thread-safe."""
 import gc
-import threading
 
 import pytest
 import torch
 
 from hybridops.kernels import derived
+
+from concurrency import run_in_threads
 
 
 @pytest.fixture(autouse=True)
@@ -60,24 +61,16 @@ def test_threads_share_the_table():
     """Eight threads building and reading entries of shared and own sources: every value is the
     one its key asks for, and the table ends with exactly the live entries."""
     shared = [torch.full((4,), float(i)) for i in range(16)]
-    errors = []
 
     def work(seed):
         own = torch.full((4,), float(seed))
-        try:
-            for r in range(300):
-                i = (seed * 7 + r) % 16
-                v = derived.cached("t", (shared[i],), r % 3, lambda: shared[i] + r % 3)
-                assert torch.equal(v, shared[i] + r % 3)
-                assert torch.equal(derived.cached("own", (own,), 0, lambda: own * 2), own * 2)
-        except AssertionError as e:  # reported by the main thread
-            errors.append(e)
+        for r in range(300):
+            i = (seed * 7 + r) % 16
+            v = derived.cached("t", (shared[i],), r % 3, lambda: shared[i] + r % 3)
+            assert torch.equal(v, shared[i] + r % 3)
+            assert torch.equal(derived.cached("own", (own,), 0, lambda: own * 2), own * 2)
 
-    threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    errors = run_in_threads(work, 8)
     gc.collect()
     assert not errors
     assert derived.size("t") == 16 * 3 and derived.size("own") == 0

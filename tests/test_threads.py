@@ -1,13 +1,13 @@
 """One deployed model served from several Python threads (the kernels release the GIL): every
 output equals the single-threaded one, bit for bit, whatever the other threads' input shapes."""
-import threading
-
 import pytest
 import torch
 import torchvision
 
 import hybridops as ho
 from hybridops.backend_selection import backend_unavailable_reason
+
+from concurrency import run_in_threads
 
 BACKENDS = [b for b in ("torch", "onednn") if backend_unavailable_reason(b, "cpu") is None]
 
@@ -26,25 +26,15 @@ def test_four_threads_with_different_shapes_match_one_thread(backend):
     with torch.no_grad():
         expect = [[model(x) for x in xs] for xs in inputs]
     got = [[None] * 3 for _ in range(4)]
-    errors = []
-    start = threading.Barrier(4)
 
     def serve(t):
-        try:
-            start.wait()
-            with torch.no_grad():
-                for _ in range(4):
-                    for k, x in enumerate(inputs[t]):
-                        y = model(x)
-                        assert torch.equal(y, expect[t][k]), f"thread {t}, input {k}: differs"
-                        got[t][k] = y
-        except Exception as e:  # reported by the main thread
-            errors.append(e)
+        with torch.no_grad():
+            for _ in range(4):
+                for k, x in enumerate(inputs[t]):
+                    y = model(x)
+                    assert torch.equal(y, expect[t][k]), f"thread {t}, input {k}: differs"
+                    got[t][k] = y
 
-    threads = [threading.Thread(target=serve, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    errors = run_in_threads(serve, 4)
     assert not errors, errors[0]
     assert all(y is not None for ys in got for y in ys)

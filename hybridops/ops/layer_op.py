@@ -217,15 +217,16 @@ def _mode_pad_index(n: int, before: int, after: int, mode: str, device) -> torch
 def _output(y_nhwc: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """NCHW of the kernels' NHWC output: as it is (channels_last) or a contiguous copy."""
     y = y_nhwc.permute(0, 3, 1, 2)
-    if not (channels_last and y_nhwc.is_contiguous()):
-        y = y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
-    return _unviewed(y)
+    if channels_last and y_nhwc.is_contiguous():
+        return y
+    return y.contiguous(memory_format=torch.channels_last) if channels_last else y.contiguous()
 
 
 def _unviewed(t: torch.Tensor) -> torch.Tensor:
     """``t`` as a tensor of its own over the same memory (no copy): autograd forbids in-place ops
-    on a view made inside a custom op, and ``ReLU(inplace=True)`` after a layer is one (the permute
-    above is a view; so is ``contiguous()`` when it has nothing to do, e.g. a 1x1 output)."""
+    on a view made inside a custom op, and ``ReLU(inplace=True)`` after a layer is one (the op's
+    output is often a view: ``_output``'s permute, or ``contiguous()`` with nothing to do, e.g. a
+    1x1 output). The eager path, which calls run_layer directly, needs none of this."""
     if t._base is None:
         return t
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
@@ -360,7 +361,8 @@ def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, f
 # Registered with torch.library's low-level API rather than the custom_op decorator: the same
 # schema, fake kernel, autograd and opcheck, without the decorator's per-call wrapper (an output
 # aliasing check and an extra Python frame: 16 against 8 us per call measured on the CI machine).
-# The outputs are always fresh tensors (run_layer never returns an input or a view of one).
+# The outputs are always fresh tensors (run_layer never returns an input; a view of its own
+# result is made a tensor of its own, _unviewed).
 _LIB = torch.library.Library("hybridops", "FRAGMENT")
 _LIB.define("hybrid_layer(Tensor x, Tensor? w_packed, Tensor? scale, Tensor? bias, Tensor? in_qparams, "
             "Tensor fp_weight, Tensor? fp_bias, Tensor? fp_in_idx, Tensor fp_out_idx, Tensor? out_qparams, "
@@ -377,7 +379,7 @@ def _hybrid_layer_impl(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias,
     derived.cached("checked_layer", tensors, (s, backend), lambda: check_layer_tensors(s, *tensors, backend) or True)
     check_input(s, x, fp_weight, backend)
     with torch.no_grad():
-        return run_layer(s, x, *tensors, fp_dtype, backend)
+        return _unviewed(run_layer(s, x, *tensors, fp_dtype, backend))
 
 
 _LIB.impl("hybrid_layer", _hybrid_layer_impl, "CompositeExplicitAutograd")

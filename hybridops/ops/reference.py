@@ -84,7 +84,12 @@ def quantize_activate(
     (The float output comes first so that autograd tooling that sums all outputs starts from a
     float.)
     """
-    t = _activated(x, bn_scale, bn_shift, relu)
+    return _codes_and_slice(x, _activated(x, bn_scale, bn_shift, relu), qparams, bits, signed, fp_in_idx,
+                            slice_dtype)
+
+
+def _codes_and_slice(x, t, qparams, bits, signed, fp_in_idx, slice_dtype):
+    """:func:`quantize_activate`'s outputs from the activated ``t`` (NHWC fp32)."""
     codes = pack_codes(codes_from_qparams(t, qparams.to(torch.float32), bits, signed), bits)
     if fp_in_idx is None:
         x_slice = x.new_empty((0,), dtype=slice_dtype or x.dtype)
@@ -98,8 +103,8 @@ def quantize_activate_flagged(x, qparams, bits, signed, bn_scale=None, bn_shift=
     """:func:`quantize_activate` and whether an activated value ``t`` is NaN or infinite (which no
     code can carry: the whole-layer op propagates it, hybridops/ops/layer_op.py). As on every
     backend, the test is on ``t``: a ReLU maps -inf to 0, as float PyTorch would."""
-    return (*quantize_activate(x, qparams, bits, signed, bn_scale, bn_shift, relu, fp_in_idx, slice_dtype),
-            not bool(torch.isfinite(_activated(x, bn_scale, bn_shift, relu)).all()))
+    t = _activated(x, bn_scale, bn_shift, relu)
+    return (*_codes_and_slice(x, t, qparams, bits, signed, fp_in_idx, slice_dtype), not bool(torch.isfinite(t).all()))
 
 
 def int_conv2d(
