@@ -17,6 +17,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 import torch
 import torch.nn as nn
 
+from .attention import HybridMultiheadAttention, rewrite_reason
 from .backend_selection import resolve_backend
 from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
@@ -197,6 +198,28 @@ def float_layer_order(model: nn.Module, example_inputs=None) -> List[str]:
     return [n for n in _call_order(model, example_inputs) if n in known] or float_layers
 
 
+def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[FilterFn],
+                        report: "ConversionReport") -> None:
+    """Every ``nn.MultiheadAttention`` that converts becomes a :class:`HybridMultiheadAttention`
+    (the same function, its projections ``nn.Linear`` children), which the conversion then walks
+    into like any module; one it cannot rewrite stays whole and the report says why."""
+    if not getattr(config, "convert_linear", True):
+        return
+
+    def visit(child: nn.Module, qual: str):
+        if type(child) is not nn.MultiheadAttention:
+            return None
+        if filter_fn is not None and not filter_fn(child, qual):
+            return _KEEP
+        why = rewrite_reason(child)
+        if why is not None:
+            report.skipped.append((qual, why))
+            return _KEEP
+        return HybridMultiheadAttention.from_float(child)
+
+    swap_modules_(model, visit)
+
+
 def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Optional[FilterFn] = None,
                example_inputs=None) -> ConversionReport:
     """Swap every ``nn.Conv2d`` (and ``nn.Linear`` if ``config.convert_linear``) in ``model`` for
@@ -221,6 +244,7 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     if handler is None:
         raise TypeError(f"config must be one of {[t.__name__ for t in CONFIG_TYPES]}, got {type(config).__name__}.")
     report = ConversionReport(config)
+    _rewrite_attention_(model, config, filter_fn, report)
     read_directly = _read_directly(model)
     reasons = {n: _skip_reason(m, n, config, filter_fn, read_directly) for n, m in model.named_modules()}
     candidates = {n for n, why in reasons.items() if why is None}

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RANKS = {
     "kernels": 0,
     "ops": 1,
-    "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend_selection": 2,
+    "config": 2, "quant": 2, "prune": 2, "layers": 2, "deployed": 2, "backend_selection": 2, "attention": 2,
     "graph": 3, "fusion": 3, "bops": 3, "losses": 3, "online": 3, "conversion": 3, "training": 3, "thin": 3,
     "network": 4, "__init__": 5,
 }

@@ -117,6 +117,73 @@ def test_qconv2d_residual_mismatch_geometry(bits_a):
                        rq_signed=True, fp_dt=torch.float32))
 
 
+@pytest.mark.parametrize("bits_a,a_signed", [(2, False), (4, True), (5, False), (8, True), (8, False)])
+@pytest.mark.parametrize("n,h,w", [(1, 1, 1), (3, 1, 1), (2, 3, 4), (197, 1, 1)])
+def test_qconv2d_pointwise_runs_on_the_int8_matmul(bits_a, a_signed, n, h, w, monkeypatch):
+    # A 1x1 kernel at stride 1, unpadded, one group is a matrix product of the pixels (a Linear's
+    # rows are (M, C, 1, 1)): it runs on oneDNN's int8 matmul, exactly as the convolution did.
+    k = dict(n=n, groups=1, cin=24, cout=20, kh=1, kw=1, stride=[1, 1], dil=[1, 1], pad=[0, 0, 0, 0], h=h, w=w,
+             bits_a=bits_a, a_signed=a_signed, bits_w=4, relu=a_signed, seed=bits_a + n, rq_bits=4,
+             rq_signed=not a_signed, fp_dt=torch.bfloat16 if a_signed else torch.float32)
+    calls = {"matmul": 0, "conv": 0}
+
+    def counted(name, fn):
+        def call(*args):
+            calls[name] += 1
+            return fn(*args)
+        return call
+
+    O.pairs_saturate()  # (measured once with both primitives: before the count starts)
+    monkeypatch.setattr(O, "_qlinear", counted("matmul", O._qlinear))
+    monkeypatch.setattr(O, "_qconv", counted("conv", O._qconv))
+    check_qconv2d(k)
+    assert calls["matmul"] > 0 and calls["conv"] == 0
+
+
+def test_fp_linear():
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(37, 48, generator=g), torch.randn(7, 48, generator=g), torch.randn(7, generator=g)
+    ref = F.linear(x, w, b)
+    with torch.no_grad():
+        y = O.fp_linear(x, w, b)
+        assert y.shape == (37, 7) and y.dtype == torch.float32
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        if O.bf16_supported():  # bf16 operands, fp32 accumulation, bf16 output
+            yb = O.fp_linear(x, w, b, torch.bfloat16)
+            assert yb.dtype == torch.bfloat16
+            torch.testing.assert_close(yb.float(), ref, rtol=3e-2, atol=1e-1)
+        assert O.fp_linear(x[:0], w, b).shape == (0, 7)
+        w.mul_(-1)  # an online update in place: the next call reads the new weight
+        torch.testing.assert_close(O.fp_linear(x, w, b), -ref + 2 * b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="no-grad"):
+        O.fp_linear(x, w.requires_grad_(), b)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        O.fp_linear(x, w.detach(), b, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_whole_row_slice_and_linear_rows(dtype):
+    # fp_in_idx listing every channel in order copies or converts the row without a gather; a
+    # Linear's rows (M, C, 1, 1) take the direct path. bf16 rounding (half to even, NaN, inf,
+    # overflow to inf) must equal torch's .to(torch.bfloat16) bit for bit.
+    x = torch.randn(9, 40, 1, 1) * 3
+    flat = x.view(-1)
+    flat[:6] = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.4e38, 1.0 + 2.0 ** -8, 1.0 + 3 * 2.0 ** -8])
+    qp = qparams(-1.5, 2.0, True)
+    idx = torch.arange(40)
+    s, codes = O.quantize_activate(x, qp, 4, True, fp_in_idx=idx, slice_dtype=dtype)
+    rs, rcodes = R.quantize_activate(x, qp, 4, True, fp_in_idx=idx, slice_dtype=dtype)
+    assert torch.equal(ref_codes_of(codes, 4, True), rcodes)
+    assert s.dtype == dtype and torch.equal(s.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).view(-1)[1:],
+                                            rs.view(torch.int16 if dtype == torch.bfloat16 else torch.int32).view(-1)[1:])
+    assert s.view(-1)[0].isnan()
+    # the bf16 epilogue output rounds the same way
+    y0 = torch.randn(9, 1, 1, 40) * 1e3
+    y0.view(-1)[:3] = torch.tensor([1.0 + 2.0 ** -8, 3.4e38, -(1.0 + 3 * 2.0 ** -8)])
+    y = O._epilogue(y0.clone(), None, None, None, False, None, 0, False, torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), y0.to(torch.bfloat16).view(torch.int16))
+
+
 def test_int32_exact_past_2_pow_24():
     # 8-bit unsigned x 8-bit weights, 3x3 x 256 channels: |acc| can reach 255*127*2304 > 2^24, so
     # the backend splits the reduction; the accumulators must still be exact.

@@ -3,10 +3,12 @@
 A backend is a namespace with three functions taking exactly the positional arguments of the
 functions of the same names in :mod:`hybridops.ops.reference` — ``fake_quantize``,
 ``quantize_activate`` and ``qconv2d`` — plus the facts the op layer needs about it
-(:class:`BackendSpec`). The registrations, one :func:`register_backend` call per backend, are at
-the end of this module; nothing else in the op layer names a backend. A new backend adds its
-launcher module (``kernels/`` or ``csrc/``) and one call there. Loading is deferred
-to first use so that importing hybridops never imports Triton or the compiled extension.
+(:class:`BackendSpec`), and optional ones the op layer looks up by name (the fused hybrid conv,
+``quantized_attention_finite`` for ``hybridops::quantized_attention``). The registrations, one
+:func:`register_backend` call per backend, are at the end of this module; nothing else in the op
+layer names a backend. A new backend adds its launcher module (``kernels/`` or ``csrc/``) and one
+call there. Loading is deferred to first use so that importing hybridops never imports Triton or
+the compiled extension.
 """
 from __future__ import annotations
 
@@ -155,11 +157,13 @@ def _triton_ops():
     # importable without it.
     quantize = importlib.import_module("hybridops.kernels.quantize")
     qconv = importlib.import_module("hybridops.kernels.qconv")
+    attention = importlib.import_module("hybridops.kernels.attention")
     return types.SimpleNamespace(fake_quantize=quantize.fake_quantize,
                                  quantize_activate=quantize.quantize_activate,
                                  quantize_activate_flagged=quantize.quantize_activate_flagged, qconv2d=qconv.qconv2d,
                                  fused_hybrid_conv2d=qconv.fused_hybrid_conv2d,
-                                 fuse_pruned_branch=qconv.fuse_pruned_branch)
+                                 fuse_pruned_branch=qconv.fuse_pruned_branch,
+                                 quantized_attention_finite=attention.quantized_attention_finite)
 
 
 def _cuda_ops():
@@ -186,15 +190,23 @@ def _triton_device(device: torch.device):
 def _onednn_ops():
     # needs the compiled CPU kernels (hybridops._C_cpu), which an install without a C++ compiler lacks
     onednn = importlib.import_module("hybridops.kernels.onednn")
+    attention = importlib.import_module("hybridops.kernels.onednn_attention")
 
     def fake_quantize(x, qparams, bits, signed):
         # float64 stays in float64: the reference computes in it, the C++ kernel in fp32
         impl = reference.fake_quantize if x.dtype == torch.float64 else onednn.fake_quantize
         return impl(x, qparams, bits, signed)
 
+    def quantized_attention_finite(q, *args):
+        # float64 likewise (gradcheck's dtype); the int8 path quantizes in fp32
+        impl = reference.quantized_attention_finite if q.dtype == torch.float64 \
+            else attention.quantized_attention_finite
+        return impl(q, *args)
+
     return types.SimpleNamespace(fake_quantize=fake_quantize, quantize_activate=onednn.quantize_activate,
                                  quantize_activate_flagged=onednn.quantize_activate_flagged,
-                                 qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d,
+                                 qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d, fp_linear=onednn.fp_linear,
+                                 quantized_attention_finite=quantized_attention_finite,
                                  fp_conv_dtypes=(torch.float32, torch.bfloat16) if onednn.bf16_supported()
                                  else (torch.float32,))
 
