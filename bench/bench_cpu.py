@@ -1,6 +1,7 @@
 """CPU microbenchmarks of the onednn backend and end-to-end CPU timings (docs/cpu_backend.md).
 
     python bench/bench_cpu.py layers            # ResNet-50 3x3 layers, batch 1, 1 thread
+    python bench/bench_cpu.py linear            # ViT-B Linear layers, batch 1 / 16, 1 / 2 threads
     python bench/bench_cpu.py models --threads 2 # ResNet-18/50 deployed hybrid vs float / torch.ao int8
     python bench/bench_cpu.py tracker --threads 2 # the tracker's network per frame, float vs deployed
     python bench/bench_cpu.py passes --threads 2  # a deployed model's forward split into its passes
@@ -97,6 +98,56 @@ def bench_layers(reps):
                      f"{r:.2f}x | {best / th:.2f}x | {'met' if r >= 1.8 else f'missed by {1.8 / r:.2f}x'} |")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"layers_r50_3x3_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ViT-B's Linear layers (in, out) at 197 tokens per image
+VIT_B_LINEAR = [(768, 768), (768, 3072), (3072, 768)]
+
+
+def bench_linear(reps):
+    """ViT-B's Linear layers, batch 1 and 16 (197 tokens per image), 1 and 2 threads: the deployed
+    hybrid Linear (4/4 bits, keep 0.1, onednn; FP branch bf16 where the CPU has it) against
+    the bf16 Linear with weights prepacked once (oneDNN, ``torch.ops.mkldnn._linear_pointwise``)
+    and fp32 ``F.linear``. Target (issue 21): hybrid >= 1.6x the bf16 Linear."""
+    bf16 = O.bf16_supported()
+    fdt = torch.bfloat16 if bf16 else None
+    rows = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for batch in (1, 16):
+            for c_in, c_out in VIT_B_LINEAR:
+                torch.manual_seed(0)
+                lin = torch.nn.Sequential(torch.nn.Linear(c_in, c_out))
+                x = torch.randn(batch, 197, c_in)
+                ho.hybridize_(lin, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1, fp_first_input=False),
+                              example_inputs=x)
+                ho.deploy_(lin.eval(), backend="onednn", fp_dtype=fdt)
+                w = lin[0].dequantized_weight()
+                with torch.no_grad():
+                    t_hyb = median_ms(lambda: lin(x), reps)
+                    t_fp = median_ms(lambda: torch.nn.functional.linear(x, w), max(10, reps // 3))
+                    t_bf = None
+                    if bf16:
+                        wm, xb = w.to(torch.bfloat16).to_mkldnn(), x.to(torch.bfloat16).view(-1, c_in)
+                        t_bf = median_ms(lambda: torch.ops.mkldnn._linear_pointwise(xb, wm, None, "none", [], ""), reps)
+                rows.append((threads, batch, c_in, c_out, t_hyb, t_bf, t_fp))
+                print(rows[-1], flush=True)
+    lines = [f"# ViT-B Linear layers, 197 tokens per image, medians ({datetime.date.today()}, torch {torch.__version__}, "
+             f"oneDNN ISA {O.isa()})", "",
+             "Command: `python bench/bench_cpu.py linear`. hybrid = a deployed `Linear` (4/4 bits, keep 0.1, onednn: "
+             f"quantize pass, int8 matmul, {'bf16' if bf16 else 'fp32'} FP branch on the prepacked float matmul, "
+             "epilogue); bf16 = oneDNN's bf16 matmul with the weight prepacked once (what `torch.compile` with "
+             "freezing runs); fp32 = `F.linear`. Target (issue 21): hybrid >= 1.6x the bf16 Linear.", "",
+             "| threads | batch | in -> out | hybrid ms | bf16 ms | fp32 ms | bf16 / hybrid | target 1.6x |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for th, b, ci, co, t_h, t_b, t_f in rows:
+        best = min(t for t in (t_b, t_f) if t is not None)
+        r = best / t_h
+        lines.append(f"| {th} | {b} | {ci} -> {co} | {t_h:.3f} | {'n/a' if t_b is None else f'{t_b:.3f}'} | "
+                     f"{t_f:.3f} | {r:.2f}x | {'met' if r >= 1.6 else f'missed by {1.6 / r:.2f}x'} |")
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"linear_vit_b_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -284,13 +335,15 @@ def bench_passes(names, threads, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["layers", "models", "tracker", "passes"])
+    ap.add_argument("what", choices=["layers", "linear", "models", "tracker", "passes"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--models", default="resnet18,resnet50")
     a = ap.parse_args()
     if a.what == "layers":
         bench_layers(a.reps)
+    elif a.what == "linear":
+        bench_linear(a.reps)
     elif a.what == "models":
         bench_models(a.models.split(","), a.threads, a.reps)
     elif a.what == "passes":

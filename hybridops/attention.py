@@ -25,13 +25,31 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def rewrite_reason(mha: nn.MultiheadAttention) -> Optional[str]:
-    """None if ``mha`` can be rewritten as a :class:`HybridMultiheadAttention`, else why not."""
-    if mha.bias_k is not None:
-        return "nn.MultiheadAttention with add_bias_kv=True is not supported"
-    if mha.add_zero_attn:
-        return "nn.MultiheadAttention with add_zero_attn=True is not supported"
+def is_torchvision_window_attention(module: nn.Module) -> bool:
+    """torchvision's Swin (v1) window attention, recognised without importing torchvision."""
+    cls = type(module)
+    return cls.__name__ == "ShiftedWindowAttention" and cls.__module__.startswith("torchvision.")
+
+
+def rewrite_reason(module: nn.Module) -> Optional[str]:
+    """None if ``module`` (an ``nn.MultiheadAttention`` or torchvision's ``ShiftedWindowAttention``)
+    can be rewritten with its projections as layers, else why not."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.bias_k is not None:
+            return "nn.MultiheadAttention with add_bias_kv=True is not supported"
+        if module.add_zero_attn:
+            return "nn.MultiheadAttention with add_zero_attn=True is not supported"
     return None
+
+
+def rewrite(module: nn.Module) -> nn.Module:
+    """The module that computes what ``module`` does with its projections as ``nn.Linear``
+    children (see :func:`rewrite_reason`)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return HybridMultiheadAttention.from_float(module)
+    if is_torchvision_window_attention(module):
+        return HybridWindowAttention.from_float(module)
+    raise TypeError(f"no attention rewrite for {type(module).__name__}.")
 
 
 class HybridMultiheadAttention(nn.Module):
@@ -155,3 +173,97 @@ class HybridMultiheadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+class HybridWindowAttention(nn.Module):
+    """torchvision's Swin (v1) ``ShiftedWindowAttention`` with its projections called as modules.
+
+    torchvision's forward passes ``self.qkv.weight`` and ``self.proj.weight`` to
+    ``shifted_window_attention``; this one computes the same windows (pad to whole windows, cyclic
+    shift, per-window attention with the relative position bias and the shifted-window mask,
+    projection, reverse) through ``self.qkv(x)`` and ``self.proj(x)``, so both convert. Its
+    state dict is the original's. Build it with :meth:`from_float`."""
+
+    def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
+        self.window_size, self.shift_size = list(window_size), list(shift_size)
+        self.num_heads, self.attention_dropout, self.dropout = num_heads, attention_dropout, dropout
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        # the table row of each (query, key) pair of a window: their offset along h and w, from 0
+        ch, cw = torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing="ij")
+        coords = torch.stack((ch.flatten(), cw.flatten()))
+        rel = coords[:, :, None] - coords[:, None, :]
+        index = (rel[0] + wh - 1) * (2 * ww - 1) + rel[1] + ww - 1
+        self.register_buffer("relative_position_index", index.flatten())
+
+    @classmethod
+    @torch.no_grad()
+    def from_float(cls, module: nn.Module) -> "HybridWindowAttention":
+        dim = module.proj.in_features
+        new = cls(dim, module.window_size, module.shift_size, module.num_heads, module.qkv.bias is not None,
+                  module.proj.bias is not None, module.attention_dropout, module.dropout)
+        new.load_state_dict(module.state_dict())
+        new.to(module.proj.weight.device, module.proj.weight.dtype)
+        new.train(module.training)
+        return new
+
+    def _bias(self) -> torch.Tensor:
+        length = self.window_size[0] * self.window_size[1]
+        table = self.relative_position_bias_table[self.relative_position_index]
+        return table.view(length, length, self.num_heads).permute(2, 0, 1).unsqueeze(0)  # (1, heads, L, L)
+
+    @staticmethod
+    def _shift_mask(pad_h: int, pad_w: int, window, shift, device) -> torch.Tensor:
+        """(windows, L, L): -100 between tokens that the cyclic shift brought together from
+        different regions (torchvision's value), 0 elsewhere."""
+        region = torch.zeros((pad_h, pad_w), device=device)
+        bounds = [((0, -window[i]), (-window[i], -shift[i]), (-shift[i], None)) for i in range(2)]
+        count = 0
+        for h0, h1 in bounds[0]:
+            for w0, w1 in bounds[1]:
+                region[h0:h1, w0:w1] = count
+                count += 1
+        region = region.view(pad_h // window[0], window[0], pad_w // window[1], window[1]).permute(0, 2, 1, 3)
+        region = region.reshape(-1, window[0] * window[1])
+        diff = region.unsqueeze(1) - region.unsqueeze(2)
+        return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"{type(self).__name__} expects (N, H, W, C), got {tuple(x.shape)}.")
+        b, h, w, c = x.shape
+        win = self.window_size
+        pad_b, pad_r = (win[0] - h % win[0]) % win[0], (win[1] - w % win[1]) % win[1]
+        x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        pad_h, pad_w = x.shape[1], x.shape[2]
+        # a window as large as the (padded) map: nothing to shift along that axis
+        shift = [0 if win[i] >= (pad_h, pad_w)[i] else self.shift_size[i] for i in range(2)]
+        if sum(shift):
+            x = torch.roll(x, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        nh, nw = pad_h // win[0], pad_w // win[1]
+        length = win[0] * win[1]
+        x = x.view(b, nh, win[0], nw, win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b * nh * nw, length, c)
+        heads, d = self.num_heads, c // self.num_heads
+        q, k, v = self.qkv(x).reshape(x.shape[0], length, 3, heads, d).permute(2, 0, 3, 1, 4)
+        mask = self._bias()
+        if sum(shift):
+            shifted = self._shift_mask(pad_h, pad_w, win, shift, x.device).to(mask.dtype)
+            mask = (mask + shifted.unsqueeze(1).unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(
+                b * nh * nw, 1, length, length))
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
+                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.proj(x.transpose(1, 2).reshape(b * nh * nw, length, c))
+        x = F.dropout(x, p=self.dropout, training=self.training)
+        x = x.view(b, nh, nw, win[0], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
+        if sum(shift):
+            x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
+        return x[:, :h, :w, :].contiguous()
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}"

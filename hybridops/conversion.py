@@ -17,7 +17,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 import torch
 import torch.nn as nn
 
-from .attention import HybridMultiheadAttention, rewrite_reason
+from .attention import is_torchvision_window_attention, rewrite as rewrite_attention, rewrite_reason
 from .backend_selection import resolve_backend
 from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
@@ -200,14 +200,15 @@ def float_layer_order(model: nn.Module, example_inputs=None) -> List[str]:
 
 def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[FilterFn],
                         report: "ConversionReport") -> None:
-    """Every ``nn.MultiheadAttention`` that converts becomes a :class:`HybridMultiheadAttention`
-    (the same function, its projections ``nn.Linear`` children), which the conversion then walks
-    into like any module; one it cannot rewrite stays whole and the report says why."""
+    """Every ``nn.MultiheadAttention`` and torchvision ``ShiftedWindowAttention`` becomes its
+    rewrite in :mod:`.attention` (the same function, its projections called as ``nn.Linear``
+    children), which the conversion then walks into like any module; one it cannot rewrite stays
+    whole and the report says why."""
     if not getattr(config, "convert_linear", True):
         return
 
     def visit(child: nn.Module, qual: str):
-        if type(child) is not nn.MultiheadAttention:
+        if type(child) is not nn.MultiheadAttention and not is_torchvision_window_attention(child):
             return None
         if filter_fn is not None and not filter_fn(child, qual):
             return _KEEP
@@ -215,7 +216,7 @@ def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[Fi
         if why is not None:
             report.skipped.append((qual, why))
             return _KEEP
-        return HybridMultiheadAttention.from_float(child)
+        return rewrite_attention(child)
 
     swap_modules_(model, visit)
 
@@ -404,6 +405,14 @@ def load_deployed_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], bac
                and "init" in state}
     if not records:
         raise ValueError("the state_dict holds no deployed layer (save a model after hybridops.deploy_).")
+
+    def attention(child: nn.Module, qual: str):
+        # an attention module the conversion rewrote (its projections hold deployed layers)
+        if type(child) is not nn.MultiheadAttention and not is_torchvision_window_attention(child):
+            return None
+        return rewrite_attention(child) if any(n.startswith(qual + ".") for n in records) else _KEEP
+
+    swap_modules_(model, attention)
     absorbed = []
     for name, state in records.items():
         try:

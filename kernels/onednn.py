@@ -424,7 +424,9 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
 def fp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
               compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The pruned full-precision branch of a ``Linear`` (inference, no autograd): ``x (M, C) @
-    weight (K, C)^T + bias`` on oneDNN's matmul with ``weight`` reordered once (:mod:`.derived`).
+    weight^T + bias`` on oneDNN's matmul with ``weight`` (``(K, C)`` or a deployed layer's
+    ``(K, C, 1, 1)``: the cache is keyed by the tensor itself, so pass the same one every call, not
+    a fresh view) reordered once (:mod:`.derived`).
     In float32 it takes 0.39-0.45x the time of ``F.linear`` at ViT-B shapes (197 rows, 77-307 of
     768-3072 features kept) on AVX-512 VNNI; in bfloat16 the same as ``F.linear`` (both oneDNN).
     Returns ``(M, K)`` in ``compute_dtype`` (default ``x.dtype``: float32 or bfloat16)."""
@@ -442,7 +444,8 @@ def fp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     x = x if x.is_contiguous() else x.contiguous()
     if x.shape[0] == 0:  # oneDNN rejects zero-sized tensors
         return x.new_empty((0, weight.shape[0]))
-    w = cached("onednn_linear_weight", (weight,), dt, lambda: weight.detach().to(dt).contiguous().to_mkldnn())
+    w = cached("onednn_linear_weight", (weight,), dt,
+               lambda: weight.detach().flatten(1).to(dt).contiguous().to_mkldnn())
     b = None
     if bias is not None:
         b = cached("onednn_float_bias", (bias,), dt, lambda: bias.detach().to(dt).contiguous())

@@ -4,6 +4,7 @@ training step, deploy, deployed outputs equal the hybrid model's, and the BOPs o
 checked by hand (eq 17 at its real number of positions)."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import hybridops as ho
+from hybridops.attention import HybridMultiheadAttention, HybridWindowAttention
 
 
 def test_hybrid_linear_reads_the_last_axis():
@@ -47,8 +49,7 @@ def test_channels_last_linear_models(ctor, linear_name, positions):
     x = torch.randn(2, 3, 32, 32)
     report = ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
     assert len(report.converted) > 20
-    # nn.MultiheadAttention reads out_proj.weight itself: that Linear stays float, and says why
-    assert all("NonDynamicallyQuantizableLinear" in why for _, why in report.skipped)
+    assert report.skipped == []  # nn.MultiheadAttention's projections convert too (its rewrite)
 
     # one training step moves the weights, intervals and gates and keeps the loss finite
     model.train()
@@ -83,26 +84,153 @@ def test_channels_last_linear_models(ctor, linear_name, positions):
     torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
 
 
-def test_swin_t_converts_with_its_attention_projections_left_in_float():
-    # torchvision's ShiftedWindowAttention hands self.qkv.weight and self.proj.weight to a function:
-    # those Linear layers stay float (with the reason) and everything else converts and deploys
+def test_swin_t_converts_its_window_attention_projections():
+    # torchvision's ShiftedWindowAttention hands self.qkv.weight and self.proj.weight to a function;
+    # its rewrite (HybridWindowAttention: the same windows, projections called as modules) lets
+    # them convert; the model deploys, equals the hybrid, and reloads into a fresh Swin-T
     torch.manual_seed(0)
     model = torchvision.models.swin_t(num_classes=10).eval()
     nn.init.normal_(model.head.weight, std=0.02)
+    fresh = copy.deepcopy(model)
     x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        y_float = model(x)
     report = ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
-    skipped = dict(report.skipped)
-    assert {n.rsplit(".", 1)[1] for n in skipped} == {"qkv", "proj"} and len(skipped) == 24
-    assert all("ShiftedWindowAttention reads its weight directly" in why for why in skipped.values())
-    assert isinstance(model.features[1][0].mlp[0], ho.HybridLinear) and isinstance(model.features[0][0], ho.HybridConv2d)
+    assert report.skipped == []
+    attn = model.features[1][1].attn
+    assert isinstance(attn, HybridWindowAttention) and isinstance(attn.qkv, ho.HybridLinear)
+    assert isinstance(attn.proj, ho.HybridLinear) and isinstance(model.features[0][0], ho.HybridConv2d)
     with torch.no_grad():
         y_hybrid = model(x)
+    assert (y_hybrid - y_float).norm() / y_float.norm() < 0.5  # untrained 4-bit conversion stays near float
     ho.deploy_(model, backend="torch")
-    assert isinstance(model.features[1][0].mlp[0], ho.DeployedLinear)
+    assert isinstance(model.features[1][1].attn.qkv, ho.DeployedLinear)
     with torch.no_grad():
         y_deployed = model(x)
     assert y_hybrid.abs().max() > 0
     torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+    ho.load_deployed_(fresh, model.state_dict(), backend="torch")
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y_deployed)
+
+
+@pytest.mark.parametrize("shape", [(2, 14, 14, 96), (1, 20, 13, 96), (2, 7, 7, 96), (1, 3, 5, 96)])
+def test_window_attention_rewrite_equals_torchvision(shape):
+    # shifted and unshifted windows, padded maps, a map smaller than a window (no shift)
+    torch.manual_seed(0)
+    for shift in ([0, 0], [3, 3]):
+        ref = torchvision.models.swin_transformer.ShiftedWindowAttention(96, [7, 7], shift, 3).eval()
+        nn.init.normal_(ref.relative_position_bias_table, std=1.0)  # a bias that matters
+        new = HybridWindowAttention.from_float(ref).eval()
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(new(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def _mha_inputs(batch_first: bool, kdim: int, n=3, lq=5, lk=7, e=16):
+    g = torch.Generator().manual_seed(kdim)
+    q = torch.randn(n, lq, e, generator=g)
+    k = torch.randn(n, lk, kdim, generator=g)
+    v = torch.randn(n, lk, kdim, generator=g)
+    if not batch_first:
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+    return q, k, v
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("kdim", [16, 12])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_multihead_attention_rewrite_equals_torch(batch_first, kdim, need_weights):
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first, kdim=kdim, vdim=kdim).eval()
+    new = HybridMultiheadAttention.from_float(mha).eval()
+    q, k, v = _mha_inputs(batch_first, kdim)
+    pad = torch.zeros(3, 7, dtype=torch.bool)
+    pad[1, 4:] = True
+    masks = [dict(), dict(key_padding_mask=pad), dict(attn_mask=torch.rand(5, 7) > 0.7),
+             dict(attn_mask=torch.randn(3 * 4, 5, 7), key_padding_mask=torch.zeros(3, 7).masked_fill(pad, -1e4))]
+    for kw in masks:
+        if "attn_mask" in kw and kw["attn_mask"].dtype == torch.bool:
+            kw["attn_mask"][:, 0] = False  # no fully masked row
+        with torch.no_grad():
+            a, wa = mha(q, k, v, need_weights=need_weights, **kw)
+            b, wb = new(q, k, v, need_weights=need_weights, **kw)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+        assert (wa is None) == (wb is None)
+        if wa is not None:
+            torch.testing.assert_close(wb, wa, rtol=1e-5, atol=1e-6)
+    # unbatched input
+    q1, k1, v1 = (t[0] if batch_first else t[:, 0] for t in (q, k, v))
+    with torch.no_grad():
+        torch.testing.assert_close(new(q1, k1, v1)[0], mha(q1, k1, v1)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_bad_input_and_unsupported_forms():
+    mha = nn.MultiheadAttention(16, 4, batch_first=True)
+    new = HybridMultiheadAttention.from_float(mha)
+    q, k, v = _mha_inputs(True, 16)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        new(q, k, v, key_padding_mask=torch.zeros(3, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="2-D attn_mask must be"):
+        new(q, k, v, attn_mask=torch.zeros(4, 7))
+    with pytest.raises(RuntimeError, match="Need attn_mask"):
+        new(q, k, v, is_causal=True)
+    with pytest.raises(ValueError, match="share batch and length"):
+        new(q, k[:, :6], v)
+    # add_bias_kv has no rewrite: the module stays float and the report says why
+    model = nn.Sequential(nn.Linear(16, 16))
+    model.attn = nn.MultiheadAttention(16, 4, add_bias_kv=True)
+    report = ho.hybridize_(model, ho.HybridConfig(convert_linear=True))
+    assert ("attn", "nn.MultiheadAttention with add_bias_kv=True is not supported") in report.skipped
+    assert type(model.attn) is nn.MultiheadAttention
+
+
+def test_vit_attention_projections_deploy_and_reload():
+    torch.manual_seed(0)
+    model = _vit().eval()
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
+    attn = model.encoder.layers.encoder_layer_0.self_attention
+    assert isinstance(attn, HybridMultiheadAttention) and isinstance(attn.out_proj, ho.HybridLinear)
+    with torch.no_grad():
+        y_hybrid = model(x)
+    ho.deploy_(model, backend="onednn" if "onednn" in ho.available_backends() else "torch")
+    assert isinstance(attn.q_proj, ho.DeployedLinear) and isinstance(attn.out_proj, ho.DeployedLinear)
+    with torch.no_grad():
+        y_deployed = model(x)
+    torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+    ho.load_deployed_(fresh, model.state_dict(), backend=attn.q_proj.backend)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y_deployed)
+
+
+def test_timm_vit_converts_trains_deploys_and_reloads():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32).eval()
+    fresh = copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32)
+    report = ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
+    assert report.skipped == [] and "blocks.0.attn.qkv" in report.converted
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    loss = F.cross_entropy(model(x), torch.tensor([1, 7])) + ho.regularization(model, 1e-2, 1e-4)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    assert torch.isfinite(loss)
+    model.eval()
+    with torch.no_grad():
+        y_hybrid = model(x)
+    ho.deploy_(model, backend="onednn" if "onednn" in ho.available_backends() else "torch")
+    assert isinstance(model.blocks[0].attn.qkv, ho.DeployedLinear)
+    with torch.no_grad():
+        y_deployed = model(x)
+    torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+    ho.load_deployed_(fresh, model.state_dict(), backend=model.blocks[0].attn.qkv.backend)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y_deployed)
 
 
 def test_a_layer_whose_weight_its_parent_reads_is_not_converted():

@@ -188,7 +188,7 @@ def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias
         n, c, k = x.shape[0], x.shape[1], weight.shape[0]
         fast_linear = getattr(ns, "fp_linear", None)
         if fast_linear is not None and dt in ns.fp_conv_dtypes:
-            return fast_linear(x.reshape(n, c), weight.view(k, c), bias).view(n, k, 1, 1)
+            return fast_linear(x.reshape(n, c), weight, bias).view(n, k, 1, 1)
         w = weight.view(k, c) if weight.dtype == dt else weight.view(k, c).to(dt)
         b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
         return F.linear(x.view(n, c), w, b).view(n, k, 1, 1)
