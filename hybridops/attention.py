@@ -1,4 +1,5 @@
-"""Multi-head attention whose projections are layers of their own, so that they convert.
+"""Attention modules whose projections are layers of their own, so that they convert, and whose
+attention products may run on quantized activations (:class:`AttentionProducts`).
 
 ``nn.MultiheadAttention`` keeps its input projection as one parameter (``in_proj_weight``) and
 hands ``out_proj.weight`` to ``F.multi_head_attention_forward`` itself: neither is a layer that
@@ -13,7 +14,13 @@ Call signature and results are ``nn.MultiheadAttention``'s (``batch_first``, unb
 ``key_padding_mask``, ``attn_mask`` with ``True`` = not allowed or additive, ``need_weights``
 with head-averaged weights, dropout on the weights in training). What it does not rewrite
 (``add_bias_kv``, ``add_zero_attn``) :func:`rewrite_reason` names; conversion then leaves the
-module in float and reports why.
+module in float and reports why. torchvision's Swin (v1) window attention gets the same treatment
+(:class:`HybridWindowAttention`); timm's ``Attention`` calls its ``qkv`` and ``proj`` layers
+itself and converts as it is, and is rewritten (:class:`HybridTimmAttention`) only to quantize its
+attention products.
+
+With ``bits_attention`` (``HybridConfig(bits_attention=6)``: the paper's HybTransT) a rewritten
+module's attention products run through :class:`AttentionProducts`.
 """
 from __future__ import annotations
 
@@ -24,11 +31,118 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .backend_selection import resolve_backend
+from .ops.attention import quantized_attention
+from .quant import IntervalQuantizer
+
+
+class AttentionProducts(nn.Module):
+    """The two products of one attention module, ``softmax(Q K^T * scale + mask) V``: float, or
+    on quantized activations (``bits``; the paper's HybTransT "att" part). Its own module so that
+    :func:`hybridops.count_bops` sees the products' shapes.
+
+    Quantized: Q, K and V become signed ``bits``-bit codes, each through its own learnable QIL
+    interval (``c``, ``d``; the top code is worth ``c + d``), and ``Q K^T`` is an exact integer
+    product (``hybridops::quantized_attention``, docs/attention.md). Training mode computes the
+    same function on fake-quantized values (``code / levels * (c + d)``, straight-through
+    gradients to the inputs and the intervals, LSQ gradient scaling as every
+    :class:`IntervalQuantizer`) with ``F.scaled_dot_product_attention``, which also applies
+    attention dropout. Eval mode runs the op (its own straight-through autograd) on ``backend``
+    (set by :func:`hybridops.deploy_`; ``"auto"``: the default backend of the device). The
+    intervals calibrate on the first inputs they see, or in :func:`hybridops.calibrate_`'s pass."""
+
+    def __init__(self, bits: Optional[int] = None, quantize_v: bool = True, device=None):
+        super().__init__()
+        self.bits = bits
+        quantizer = (lambda: IntervalQuantizer(bits, True, device=device, batched=True)) if bits is not None else None
+        self.q_quant = quantizer() if quantizer else None
+        self.k_quant = quantizer() if quantizer else None
+        self.v_quant = quantizer() if (quantizer and quantize_v) else None
+        # a float flag (not bool) so that distributed backends can broadcast it with the buffers
+        self.register_buffer("calibrated_flag", torch.zeros((), device=device))
+        self._calibrated_cache = False
+        self.backend = "auto"
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits is not None
+
+    @property
+    def calibrated(self) -> bool:
+        if not self.quantized:
+            return True
+        if not self._calibrated_cache:
+            self._calibrated_cache = bool(self.calibrated_flag)
+        return self._calibrated_cache
+
+    def reset_calibration_(self) -> None:
+        self.calibrated_flag.fill_(0.0)
+        self._calibrated_cache = False
+
+    @torch.no_grad()
+    def calibrate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """MSE-optimal clips of q, k and v (signed codes)."""
+        for quantizer, t in ((self.q_quant, q), (self.k_quant, k), (self.v_quant, v)):
+            if quantizer is not None:
+                quantizer.calibrate(t, signed=True)
+        self.calibrated_flag.fill_(1.0)
+
+    @staticmethod
+    def _clip(quantizer: IntervalQuantizer) -> torch.Tensor:
+        return (quantizer.c + quantizer.d).float()
+
+    def dequantized(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """``(code / levels * (c + d))`` of q, k and v (v as it is without its quantizer), with
+        straight-through gradients: the values whose float products the op computes exactly
+        (calibrate first)."""
+        qh = self.q_quant(q) * self._clip(self.q_quant).to(q.dtype)
+        kh = self.k_quant(k) * self._clip(self.k_quant).to(k.dtype)
+        vh = v if self.v_quant is None else self.v_quant(v) * self._clip(self.v_quant).to(v.dtype)
+        return qh, kh, vh
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                dropout_p: float = 0.0) -> torch.Tensor:
+        """``(B, H, Lq, D)``, ``(B, H, Lk, D)``, ``(B, H, Lk, Dv)`` -> ``(B, H, Lq, Dv)``;
+        ``attn_mask`` additive float or bool (True: attend), broadcastable to the scores;
+        ``dropout_p`` applies in training mode only."""
+        dropout_p = dropout_p if self.training else 0.0
+        if not self.quantized:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        if not self.calibrated:
+            self.calibrate(q, k, v)
+        if self.training:
+            return F.scaled_dot_product_attention(*self.dequantized(q, k, v), attn_mask=attn_mask,
+                                                  dropout_p=dropout_p)
+        vq = self.v_quant
+        return quantized_attention(q, k, v, self.q_quant.qparams(), self.k_quant.qparams(),
+                                   None if vq is None else vq.qparams(), self._clip(self.q_quant),
+                                   self._clip(self.k_quant), None if vq is None else self._clip(vq), self.bits,
+                                   attn_mask, False, None, resolve_backend(self.backend, q.device))
+
+    def extra_repr(self) -> str:
+        if not self.quantized:
+            return "float"
+        return f"bits={self.bits}, quantize_v={self.v_quant is not None}, backend={self.backend!r}"
+
 
 def is_torchvision_window_attention(module: nn.Module) -> bool:
     """torchvision's Swin (v1) window attention, recognised without importing torchvision."""
     cls = type(module)
     return cls.__name__ == "ShiftedWindowAttention" and cls.__module__.startswith("torchvision.")
+
+
+def is_timm_attention(module: nn.Module) -> bool:
+    """timm's ViT ``Attention`` (``timm.layers.attention``), recognised without importing timm."""
+    cls = type(module)
+    return cls.__name__ == "Attention" and cls.__module__ == "timm.layers.attention"
+
+
+def rewritable(module: nn.Module, bits_attention: Optional[int]) -> bool:
+    """Whether the conversion rewrites ``module``: ``nn.MultiheadAttention`` and torchvision's
+    window attention always (their projections cannot convert otherwise), timm's ``Attention``
+    only to quantize its products (its projections convert as they are)."""
+    return (type(module) is nn.MultiheadAttention or is_torchvision_window_attention(module)
+            or (bits_attention is not None and is_timm_attention(module)))
 
 
 def rewrite_reason(module: nn.Module) -> Optional[str]:
@@ -39,16 +153,21 @@ def rewrite_reason(module: nn.Module) -> Optional[str]:
             return "nn.MultiheadAttention with add_bias_kv=True is not supported"
         if module.add_zero_attn:
             return "nn.MultiheadAttention with add_zero_attn=True is not supported"
+    if is_timm_attention(module) and not math.isclose(module.scale, module.head_dim ** -0.5):
+        return "timm Attention with a scale other than head_dim ** -0.5 is not supported"
     return None
 
 
-def rewrite(module: nn.Module) -> nn.Module:
+def rewrite(module: nn.Module, bits_attention: Optional[int] = None) -> nn.Module:
     """The module that computes what ``module`` does with its projections as ``nn.Linear``
-    children (see :func:`rewrite_reason`)."""
+    children (see :func:`rewrite_reason`), its attention products quantized to
+    ``bits_attention`` bits (:class:`AttentionProducts`) unless None."""
     if isinstance(module, nn.MultiheadAttention):
-        return HybridMultiheadAttention.from_float(module)
+        return HybridMultiheadAttention.from_float(module, bits_attention)
     if is_torchvision_window_attention(module):
-        return HybridWindowAttention.from_float(module)
+        return HybridWindowAttention.from_float(module, bits_attention)
+    if is_timm_attention(module):
+        return HybridTimmAttention.from_float(module, bits_attention)
     raise TypeError(f"no attention rewrite for {type(module).__name__}.")
 
 
@@ -59,7 +178,7 @@ class HybridMultiheadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = False,
-                 device=None, dtype=None):
+                 bits_attention: Optional[int] = None, device=None, dtype=None):
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}.")
@@ -71,16 +190,17 @@ class HybridMultiheadAttention(nn.Module):
         self.k_proj = nn.Linear(self.kdim, embed_dim, bias=bias, **kw)
         self.v_proj = nn.Linear(self.vdim, embed_dim, bias=bias, **kw)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **kw)
+        self.attention = AttentionProducts(bits_attention, device=device)
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, mha: nn.MultiheadAttention) -> "HybridMultiheadAttention":
+    def from_float(cls, mha: nn.MultiheadAttention, bits_attention: Optional[int] = None) -> "HybridMultiheadAttention":
         why = rewrite_reason(mha)
         if why is not None:
             raise ValueError(why + ".")
         w = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, mha.dropout, mha.in_proj_bias is not None, mha.kdim, mha.vdim,
-                  mha.batch_first, device=w.device, dtype=w.dtype)
+                  mha.batch_first, bits_attention, device=w.device, dtype=w.dtype)
         e = mha.embed_dim
         if mha._qkv_same_embed_dim:
             weights = mha.in_proj_weight.split(e)
@@ -155,6 +275,13 @@ class HybridMultiheadAttention(nn.Module):
         p_drop = self.dropout if self.training else 0.0
         weights = None
         if need_weights:
+            # the probabilities are returned: computed here, in plain PyTorch, on the values the
+            # attention products would quantize (pass need_weights=False for the kernel)
+            att = self.attention
+            if att.quantized:
+                if not att.calibrated:
+                    att.calibrate(q, k, v)
+                q, k, v = att.dequantized(q, k, v)
             scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(d))
             if mask is not None:
                 scores = scores + mask
@@ -162,7 +289,7 @@ class HybridMultiheadAttention(nn.Module):
             weights = probs.mean(1) if average_attn_weights else probs
             out = F.dropout(probs, p_drop, self.training) @ v
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p_drop)
+            out = self.attention(q, k, v, mask, p_drop)
         out = self.out_proj(out.transpose(1, 2).reshape(n, lq, self.embed_dim))
         if not batched:
             out = out.squeeze(0)
@@ -185,7 +312,8 @@ class HybridWindowAttention(nn.Module):
     state dict is the original's. Build it with :meth:`from_float`."""
 
     def __init__(self, dim: int, window_size, shift_size, num_heads: int, qkv_bias: bool = True,
-                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0):
+                 proj_bias: bool = True, attention_dropout: float = 0.0, dropout: float = 0.0,
+                 bits_attention: Optional[int] = None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim={dim} must be divisible by num_heads={num_heads}.")
@@ -201,14 +329,18 @@ class HybridWindowAttention(nn.Module):
         rel = coords[:, :, None] - coords[:, None, :]
         index = (rel[0] + wh - 1) * (2 * ww - 1) + rel[1] + ww - 1
         self.register_buffer("relative_position_index", index.flatten())
+        self.attention = AttentionProducts(bits_attention)
 
     @classmethod
     @torch.no_grad()
-    def from_float(cls, module: nn.Module) -> "HybridWindowAttention":
+    def from_float(cls, module: nn.Module, bits_attention: Optional[int] = None) -> "HybridWindowAttention":
         dim = module.proj.in_features
         new = cls(dim, module.window_size, module.shift_size, module.num_heads, module.qkv.bias is not None,
-                  module.proj.bias is not None, module.attention_dropout, module.dropout)
-        new.load_state_dict(module.state_dict())
+                  module.proj.bias is not None, module.attention_dropout, module.dropout, bits_attention)
+        missing, unexpected = new.load_state_dict(module.state_dict(), strict=False)
+        if unexpected or any(not key.startswith("attention.") for key in missing):  # (the quantizers are new)
+            raise ValueError(f"{type(module).__name__} does not have torchvision's layout "
+                             f"(missing {missing}, unexpected {unexpected}).")
         new.to(module.proj.weight.device, module.proj.weight.dtype)
         new.train(module.training)
         return new
@@ -256,8 +388,7 @@ class HybridWindowAttention(nn.Module):
             shifted = self._shift_mask(pad_h, pad_w, win, shift, x.device).to(mask.dtype)
             mask = (mask + shifted.unsqueeze(1).unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(
                 b * nh * nw, 1, length, length))
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype),
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        x = self.attention(q, k, v, mask.to(q.dtype), self.attention_dropout)
         x = self.proj(x.transpose(1, 2).reshape(b * nh * nw, length, c))
         x = F.dropout(x, p=self.dropout, training=self.training)
         x = x.view(b, nh, nw, win[0], win[1], c).permute(0, 1, 3, 2, 4, 5).reshape(b, pad_h, pad_w, c)
@@ -267,3 +398,43 @@ class HybridWindowAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"window_size={self.window_size}, shift_size={self.shift_size}, num_heads={self.num_heads}"
+
+
+class HybridTimmAttention(nn.Module):
+    """timm's ViT ``Attention`` with its products through :class:`AttentionProducts`: the same
+    children (``qkv``, ``q_norm``, ``k_norm``, ``norm``, ``gate``, ``proj``, dropouts) and the same
+    forward as timm 1.0's, so its state dict is the original's plus ``attention.*``. Build it with
+    :meth:`from_float`."""
+
+    def __init__(self, module: nn.Module, bits_attention: Optional[int]):
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = module.num_heads, module.head_dim, module.attn_dim
+        self.qkv, self.q_norm, self.k_norm = module.qkv, module.q_norm, module.k_norm
+        self.attn_drop, self.norm, self.gate = module.attn_drop, module.norm, module.gate
+        self.proj, self.proj_drop = module.proj, module.proj_drop
+        self.attention = AttentionProducts(bits_attention, device=module.qkv.weight.device)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, bits_attention: Optional[int] = None) -> "HybridTimmAttention":
+        why = rewrite_reason(module)
+        if why is not None:
+            raise ValueError(why + ".")
+        new = cls(module, bits_attention)
+        new.train(module.training)
+        return new
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if is_causal:
+            if attn_mask is not None:
+                raise ValueError("pass either attn_mask or is_causal=True, not both.")
+            attn_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        x = self.attention(q, k, v, attn_mask, self.attn_drop.p)
+        x = self.norm(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+        if gate is not None:
+            x = x * gate
+        return self.proj_drop(self.proj(x))

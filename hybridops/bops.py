@@ -10,6 +10,13 @@ conv; the number of rows for a linear layer), taken from a real forward pass. A 
 costs its quantized branch plus its pruned branch with the pruned branch's real (kept) ``C_in``
 and ``C_out``. ``RC = hybrid BOPs / baseline BOPs``, the baseline being the same layer at 32/32
 bits with every channel.
+
+The two products of an attention module the conversion rewrote (:class:`hybridops.attention.
+AttentionProducts`) count as two rows, ``<name>.qk`` and ``<name>.pv``, by the same formula: per
+query row and head, ``Q K^T`` reads ``head_dim`` inputs for each of ``L_k`` outputs (``b x b``
+bits when quantized) and ``P V`` reads ``L_k`` probabilities (32 bits) for each of ``head_dim``
+outputs against V (``b`` bits when quantized). Float ones run in full precision (like a float
+layer). docs/attention.md compares this with the paper's "att 6/32".
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .attention import AttentionProducts
 from .deployed import DeployedConv2d, DeployedLinear
 from .thin import full_width_
 from .layers import HYBRID_LAYERS, LINEAR_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
@@ -226,6 +234,34 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
         if desc is not None:
             linear = isinstance(m, (nn.Linear, DeployedLinear) + LINEAR_LAYERS)
             hooks.append(m.register_forward_hook(hook_for(name, desc, linear)))
+    def attention_hook(name: str):
+        def hook(mod, inp, out):
+            q, k, v = inp[:3]
+            positions = q.numel() // q.shape[-1]  # one per query row and head
+            d, lk, dv = q.shape[-1], k.shape[-2], v.shape[-1]
+            v_bits = mod.v_quant.bits if (mod.quantized and mod.v_quant is not None) else FP_BITS
+            # Q K^T: a query row against every key (b x b bits when quantized); P V: the row's
+            # probabilities (32 bits) against V (b bits when V is quantized)
+            for suffix, c_in, c_out, bits in ((".qk", d, lk, (mod.bits, mod.bits) if mod.quantized else None),
+                                              (".pv", lk, dv, (FP_BITS, v_bits) if mod.quantized else None)):
+                base = layer_bops(c_in, c_out, 1, FP_BITS, FP_BITS) * positions
+                q_bops = layer_bops(c_in, c_out, 1, *bits) * positions if bits else 0.0
+                key = name + suffix
+                if key in rows:  # called again in the same forward (weights shared): add up
+                    r = rows[key]
+                    r.positions += positions
+                    r.baseline, r.quant = r.baseline + base, r.quant + q_bops
+                    r.pruned += 0.0 if bits else base
+                    continue
+                rows[key] = LayerBops(key, "att" if bits else "float", bits[0] if bits else FP_BITS,
+                                      bits[1] if bits else FP_BITS, c_in, c_out, 1, positions, 0, 0, base, q_bops,
+                                      0.0 if bits else base)
+                order.append(key)
+        return hook
+
+    for name, m in probe.named_modules():
+        if isinstance(m, AttentionProducts):
+            hooks.append(m.register_forward_hook(attention_hook(name)))
     with torch.no_grad():
         probe(torch.randn(*input_shape, device=device, dtype=dtype))
     for h in hooks:

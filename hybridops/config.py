@@ -45,6 +45,10 @@ class QuantConfig:
             ``alpha_W |W| + beta_W``; None (default): each layer's own values at calibration. Fixed
             targets such as 0.5 / 0.25 (the middle of the interval) pushed the calibrated weights
             (mean ~0.2-0.45) towards more clipping and cost accuracy (docs/design.md §4).
+        bits_attention: quantize the activations of the attention products (Q, K, V) to this
+            many bits in the attention modules the conversion rewrites (``nn.MultiheadAttention``,
+            torchvision's Swin window attention; hybridops/attention.py), ``Q K^T`` then an exact
+            integer product; None (default): the products stay float. The paper's HybTransT: 6.
     """
 
     bits_w: int = 4
@@ -54,10 +58,13 @@ class QuantConfig:
     normalize: bool = True
     mu0: Optional[float] = None
     sigma0: Optional[float] = None
+    bits_attention: Optional[int] = None
 
     def __post_init__(self):
         _check_bits("bits_w", self.bits_w)
         _check_bits("bits_a", self.bits_a)
+        if self.bits_attention is not None:
+            _check_bits("bits_attention", self.bits_attention)
         if not ((self.mu0 is None or 0.0 <= self.mu0 <= 1.0) and (self.sigma0 is None or self.sigma0 >= 0.0)):
             raise ValueError(f"mu0 must lie in [0, 1] and sigma0 be non-negative, got mu0={self.mu0!r}, "
                              f"sigma0={self.sigma0!r}.")
@@ -121,7 +128,7 @@ class HybridConfig(QuantConfig):
     def quant(self) -> QuantConfig:
         """The quantized half of this config (the quantized copy of a network-level hybrid)."""
         return QuantConfig(self.bits_w, self.bits_a, self.fp_first_input, self.convert_linear, self.normalize,
-                           self.mu0, self.sigma0)
+                           self.mu0, self.sigma0, self.bits_attention)
 
     def prune(self) -> PruneConfig:
         """The pruned half of this config (the pruned copy of a network-level hybrid)."""

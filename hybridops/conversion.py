@@ -17,7 +17,7 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 import torch
 import torch.nn as nn
 
-from .attention import is_torchvision_window_attention, rewrite as rewrite_attention, rewrite_reason
+from .attention import AttentionProducts, rewritable, rewrite as rewrite_attention, rewrite_reason
 from .backend_selection import resolve_backend
 from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
@@ -207,8 +207,10 @@ def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[Fi
     if not getattr(config, "convert_linear", True):
         return
 
+    bits = getattr(config, "bits_attention", None)
+
     def visit(child: nn.Module, qual: str):
-        if type(child) is not nn.MultiheadAttention and not is_torchvision_window_attention(child):
+        if not rewritable(child, bits):
             return None
         if filter_fn is not None and not filter_fn(child, qual):
             return _KEEP
@@ -216,7 +218,7 @@ def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[Fi
         if why is not None:
             report.skipped.append((qual, why))
             return _KEEP
-        return rewrite_attention(child)
+        return rewrite_attention(child, bits)
 
     swap_modules_(model, visit)
 
@@ -320,15 +322,18 @@ def calibrate_(model: nn.Module, example_inputs) -> nn.Module:
     per such layer (NaN at the second SGD step at 64x64 input). Trained or eval-mode BatchNorms use
     their running statistics (what the deployed model computes)."""
     layers = quant_layers(model)
-    if not layers:
+    attention = [m for m in model.modules() if isinstance(m, AttentionProducts)]
+    if not layers and not attention:
         return model  # nothing to fit (a pruned-only model): no forward pass
     for m in layers:
         m.calibrated_flag.fill_(0.0)
         m._calibrated_cache = False
+    for m in attention:
+        m.reset_calibration_()
     fresh = _untrained_training_batchnorms(model)
     with _eval_mode(model), _batch_statistics(fresh):
         _run(model, example_inputs)
-    missing = [type(m).__name__ for m in layers if not m.calibrated]
+    missing = [type(m).__name__ for m in layers + attention if not m.calibrated]
     if missing:
         raise RuntimeError(f"{len(missing)} converted layers were not reached by the calibration forward pass; "
                            "pass inputs that run the whole model.")
@@ -362,13 +367,17 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
     if own is not None and in_channel_map is None:
         return own(backend=backend, fuse=fuse, fp_dtype=fp_dtype)
     in_channel_map = in_channel_map or {}
-    uncalibrated = [n for n, m in model.named_modules() if isinstance(m, HYBRID_LAYERS + QUANT_LAYERS) and not m.calibrated]
+    uncalibrated = [n for n, m in model.named_modules()
+                    if isinstance(m, HYBRID_LAYERS + QUANT_LAYERS + (AttentionProducts,)) and not m.calibrated]
     if uncalibrated:
         raise RuntimeError(f"deploy_ needs calibrated layers; {uncalibrated[:3]} are not: call "
                            "hybridops.calibrate_(model, example_inputs) or run a forward pass first.")
     count = [0]
 
     def visit(child: nn.Module, qual: str):
+        if isinstance(child, AttentionProducts):  # its intervals stay; it runs the op on the backend
+            child.backend = resolve_backend(backend, child.calibrated_flag.device)
+            return _KEEP
         if not isinstance(child, TRAINABLE_LAYERS):
             return None
         count[0] += 1
@@ -407,10 +416,15 @@ def load_deployed_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], bac
         raise ValueError("the state_dict holds no deployed layer (save a model after hybridops.deploy_).")
 
     def attention(child: nn.Module, qual: str):
-        # an attention module the conversion rewrote (its projections hold deployed layers)
-        if type(child) is not nn.MultiheadAttention and not is_torchvision_window_attention(child):
+        # an attention module the conversion rewrote: its products are quantized, or its
+        # projections hold deployed layers
+        quantizer = state_dict.get(f"{qual}.attention.q_quant._extra_state")
+        bits = None if quantizer is None else int(quantizer["bits"])
+        if not rewritable(child, bits):
             return None
-        return rewrite_attention(child) if any(n.startswith(qual + ".") for n in records) else _KEEP
+        if bits is None and not any(n.startswith(qual + ".") for n in records):
+            return _KEEP
+        return rewrite_attention(child, bits)
 
     swap_modules_(model, attention)
     absorbed = []
@@ -431,6 +445,9 @@ def load_deployed_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], bac
     for name in absorbed:
         _set_submodule(model, name, nn.Identity())
     model.load_state_dict(state_dict, strict=strict)
+    for m in model.modules():
+        if isinstance(m, AttentionProducts):
+            m.backend = resolve_backend(backend, m.calibrated_flag.device)
     return model
 
 

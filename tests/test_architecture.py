@@ -37,6 +37,7 @@ SAME_RANK_OK = {
     ("layers", "config"), ("layers", "prune"), ("layers", "quant"),  # a layer is built from its quantizer and gate
     ("layers", "backend_selection"),  # eval-mode forwards run the deployed twin on the default backend
     ("layers", "deployed"),  # a trainable layer packs itself into its deployed twin (deploy_layer)
+    ("attention", "quant"), ("attention", "backend_selection"),  # the attention products' quantizers and kernels
     ("conversion", "fusion"),  # deploy_ fuses epilogues after swapping layers
     ("fusion", "graph"),  # fusion reads the traced graph
     ("thin", "graph"),  # the thin pruned network is a rewrite of the traced graph

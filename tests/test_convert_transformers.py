@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision
 
 import hybridops as ho
-from hybridops.attention import HybridMultiheadAttention, HybridWindowAttention
+from hybridops.attention import AttentionProducts, HybridMultiheadAttention, HybridWindowAttention
 
 
 def test_hybrid_linear_reads_the_last_axis():
@@ -247,3 +247,68 @@ def test_a_layer_whose_weight_its_parent_reads_is_not_converted():
     report = ho.hybridize_(model, ho.HybridConfig(convert_linear=True), example_inputs=torch.randn(3, 4))
     assert report.converted == ["other"] and [n for n, _ in report.skipped] == ["lin"]
     assert model(torch.randn(3, 4)).shape == (3, 4)
+
+
+def _attention_models():
+    timm = pytest.importorskip("timm")
+    return [("vit", _vit, (2, 3, 32, 32), "encoder.layers.encoder_layer_0.self_attention"),
+            ("swin", lambda: torchvision.models.swin_t(num_classes=10), (2, 3, 64, 64), "features.1.1.attn"),
+            ("timm", lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=32),
+             (2, 3, 32, 32), "blocks.0.attn")]
+
+
+@pytest.mark.parametrize("which", ["vit", "swin", "timm"])
+def test_quantized_attention_products_train_deploy_reload_and_count(which):
+    # bits_attention=6 (the paper's HybTransT): every rewritten attention module quantizes Q, K, V
+    # with learnable intervals; a training step moves them, the deployed model (the integer-QK^T
+    # op) equals the trained one in eval, reloads into a fresh model, and count_bops has the rows
+    _, ctor, shape, attn_name = next(m for m in _attention_models() if m[0] == which)
+    torch.manual_seed(0)
+    model = ctor().eval()
+    head = getattr(model, "head", None) or getattr(getattr(model, "heads", None), "head", None)
+    nn.init.normal_(head.weight, std=0.02)
+    fresh = copy.deepcopy(model)
+    x = torch.randn(shape)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.25, bits_attention=6), example_inputs=x)
+    products = model.get_submodule(attn_name).attention
+    assert isinstance(products, AttentionProducts) and products.quantized and products.calibrated
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loss = F.cross_entropy(model(x), torch.tensor([1, 7])) + ho.regularization(model, 1e-2, 1e-4)
+    opt.zero_grad()
+    loss.backward()
+    assert products.q_quant.c.grad is not None and products.q_quant.c.grad.abs() > 0
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        y_hybrid = model(x)
+    rows = {r.name: r for r in ho.count_bops(model, shape).layers}
+    qk, pv = rows[f"{attn_name}.attention.qk"], rows[f"{attn_name}.attention.pv"]
+    assert (qk.kind, qk.bits_a, qk.bits_w, pv.bits_a, pv.bits_w) == ("att", 6, 6, 32, 6)
+    assert qk.quant == pytest.approx(qk.positions * qk.c_in * qk.c_out * (36 + 12 + math.log2(qk.c_in)))
+    backend = "onednn" if "onednn" in ho.available_backends() else "torch"
+    ho.deploy_(model, backend=backend)
+    assert products.backend == backend
+    with torch.no_grad():
+        y_deployed = model(x)
+    torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+    ho.load_deployed_(fresh, model.state_dict(), backend=backend)
+    assert isinstance(fresh.get_submodule(attn_name).attention, AttentionProducts)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y_deployed)
+
+
+def test_multihead_attention_need_weights_with_quantized_products():
+    # need_weights=True returns the probabilities of the quantized products (computed in PyTorch)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()  # head_dim 8: the op's smallest
+    new = HybridMultiheadAttention.from_float(mha, bits_attention=6).eval()
+    q, k, v = _mha_inputs(True, 32, e=32)
+    with torch.no_grad():
+        out_w, weights = new(q, k, v, need_weights=True)
+        out, none = new(q, k, v, need_weights=False)
+    assert none is None and weights.shape == (3, 5, 7)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3, 5))
+    torch.testing.assert_close(out_w, out, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = mha(q, k, v, need_weights=False)[0]
+    assert 0 < (out - ref).norm() / ref.norm() < 0.2  # 6-bit products: close, not equal

@@ -1,0 +1,133 @@
+"""The ``onednn`` backend's quantized attention (``hybridops::quantized_attention``) on the CPU.
+
+Codes come from the backend's vectorised quantize pass (``hybridops._C_cpu``, bitwise equal to the
+reference's codes), the integer scores ``S_int = Cq @ Ck^T`` from ``torch._int_mm`` on int8 codes
+(oneDNN's s8 x s8 -> s32 GEMM: VNNI / AMX), one call per (batch, head), then the reference's fp32
+scale, mask and softmax, and ``P @ V`` in bf16 for bf16 inputs (fp32 otherwise). Design and
+measurements: docs/attention.md.
+
+``torch._int_mm`` has no batched form on the CPU, and its K operand is fastest as a contiguous
+``(D, Lk)`` matrix: a transposed view of ``(Lk, D)`` codes took 60x longer at ViT-B shapes
+(measured, torch 2.14.1, AMD EPYC with AVX-512 VNNI), so K's codes are transposed once (int8, a
+quarter of a float copy). Where oneDNN's int8 GEMM is not exact (:func:`int_mm_exact`: on AVX2
+without VNNI the u8 x s8 pairs of ``vpmaddubsw`` saturate at 16 bits) the product runs as a float
+matmul of the codes instead, exact while ``D * 127^2 < 2^24``, in float64 beyond.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+
+from . import onednn
+
+# fp32 holds every integer below 2^24 exactly
+_EXACT_F32 = 1 << 24
+# The fp32 scores of one group of heads (and their softmax, the same size): small enough to stay in
+# cache between the passes over them. Measured at 2 threads (AMD EPYC, VNNI): at TransT's
+# 8 x 1024 x 1024 all heads at once (33 MB per pass, fresh pages every call) took 65 ms, groups
+# of 1 MiB and 4 MiB 9-11 ms, 16 MiB 32 ms; ViT-B's 12 x 197 x 197 was 2.8 ms at once, 1.2 ms in
+# 1 MiB groups.
+SCORE_BYTES = 1 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def int_mm_exact() -> bool:
+    """Whether ``torch._int_mm`` on int8 gives exact int32 products on this CPU: worst-case
+    operands (every code +-127) and random ones against int64."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (24, 64), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (64, 40), dtype=torch.int8, generator=g)
+    a[0].fill_(127)
+    a[1].fill_(-127)
+    b[:, 0].fill_(127)
+    return torch.equal(torch._int_mm(a, b).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64))
+
+
+def codes(x: torch.Tensor, qparams: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed codes of ``x (B, H, L, D)`` as int8 ``(B, H, L, D)``, contiguous: the C++ quantize
+    pass reads the rows of ``x`` as pixels of a ``(B*H, D, L, 1)`` channels-last image and writes
+    ``code + 2^(b-1)`` bytes; subtracting the zero point in uint8 wraps to the code's int8 bits."""
+    b, h, length, d = x.shape
+    img = x.reshape(b * h, length, 1, d).permute(0, 3, 1, 2)
+    _, u8 = onednn.quantize_activate(img, qparams, bits, True)
+    return torch.sub(u8, onednn.zero_point(bits, True)).view(torch.int8).view(b, h, length, d)
+
+
+def int_scores(cq: torch.Tensor, ck_t: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``S_int = Cq @ Ck^T`` exactly: ``cq`` int8 ``(n, Lq, D)``, ``ck_t`` int8 ``(n, D, Lk)``
+    contiguous -> int32 ``(n, Lq, Lk)`` (written into ``out`` when given)."""
+    n, lq, d = cq.shape
+    lk = ck_t.shape[-1]
+    if out is None:
+        out = torch.empty((n, lq, lk), dtype=torch.int32)
+    if not int_mm_exact():
+        dt = torch.float32 if d * 127 * 127 < _EXACT_F32 else torch.float64
+        return out.copy_(torch.matmul(cq.to(dt), ck_t.to(dt)))
+    for i in range(n):
+        torch._int_mm(cq[i], ck_t[i], out=out[i])
+    return out
+
+
+def _dead_rows(attn_mask: torch.Tensor) -> torch.Tensor:
+    """Rows of the mask that allow no key (their softmax is NaN; the contract makes them 0)."""
+    if attn_mask.dtype == torch.bool:
+        return ~attn_mask.any(-1, keepdim=True)
+    return (attn_mask == float("-inf")).all(-1, keepdim=True)
+
+
+def heads_per_group(lq: int, lk: int, heads: int) -> int:
+    """How many heads' scores are computed at once: as many as keep one group's fp32 scores within
+    :data:`SCORE_BYTES`, at least one."""
+    return max(1, min(heads, SCORE_BYTES // (4 * lq * lk)))
+
+
+def quantized_attention_finite(q, k, v, q_qparams, k_qparams, v_qparams: Optional[torch.Tensor], s_qk,
+                               step_v: Optional[torch.Tensor], bits, attn_mask: Optional[torch.Tensor],
+                               is_causal) -> torch.Tensor:
+    """See :func:`hybridops.ops.reference.quantized_attention_finite` (same arguments, same
+    result: scores bitwise equal before the softmax, fp32 / bf16 roundings after it).
+
+    Heads go in groups (:func:`heads_per_group`) through preallocated buffers, each pass on a
+    group's scores while they are in cache: integer scores, ``float(S_int) * s_qk``, the mask,
+    softmax, ``P @ V``."""
+    b, h, lq, _ = q.shape
+    lk, dv = k.shape[2], v.shape[-1]
+    if lk == 0:
+        return q.new_zeros((b, h, lq, dv))
+    # bf16 units for P @ V where the input is bf16: codes up to 127 are exact in bf16, and oneDNN
+    # accumulates in fp32; fp32 and fp16 inputs keep P in fp32 (the CPU has no fast fp16 GEMM)
+    pv_dt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    cq = codes(q, q_qparams, bits)
+    ck_t = codes(k, k_qparams, bits).transpose(-1, -2).contiguous()
+    vv = (v if v_qparams is None else codes(v, v_qparams, bits)).to(pv_dt)
+    mask = dead = None
+    if is_causal:
+        mask = torch.ones(lq, lk, dtype=torch.bool).triu_(1)  # True: excluded
+    elif attn_mask is not None:
+        mask = (~attn_mask if attn_mask.dtype == torch.bool else attn_mask).expand(b, h, lq, lk)  # bool: excluded
+        # causal rows always attend key 0; a mask may leave a row nothing
+        dead = _dead_rows(attn_mask).expand(b, h, lq, 1)
+    g = heads_per_group(lq, lk, h)
+    s_int = torch.empty((g, lq, lk), dtype=torch.int32)
+    s = torch.empty((g, lq, lk), dtype=torch.float32)
+    p = torch.empty((g, lq, lk), dtype=torch.float32)
+    p_low = torch.empty((g, lq, lk), dtype=pv_dt) if pv_dt != torch.float32 else p
+    out = torch.empty((b, h, lq, dv), dtype=pv_dt)
+    for bi in range(b):
+        for h0 in range(0, h, g):
+            n = min(g, h - h0)
+            heads = slice(h0, h0 + n)
+            torch.mul(int_scores(cq[bi, heads], ck_t[bi, heads], s_int[:n]), s_qk, out=s[:n])  # one IEEE multiply
+            if mask is not None and mask.dtype == torch.bool:
+                s[:n].masked_fill_(mask if is_causal else mask[bi, heads], float("-inf"))
+            elif mask is not None:
+                s[:n].add_(mask[bi, heads].to(torch.float32))
+            torch.ops.aten._softmax.out(s[:n], -1, False, out=p[:n])
+            if dead is not None:
+                p[:n].masked_fill_(dead[bi, heads], 0.0)
+            if p_low is not p:
+                p_low[:n].copy_(p[:n])
+            torch.bmm(p_low[:n], vv[bi, heads], out=out[bi, heads])
+    return (out if v_qparams is None else torch.mul(out, step_v)).to(q.dtype)
