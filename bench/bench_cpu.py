@@ -60,7 +60,6 @@ def bench_layers(reps):
     rows = []
     for c, hw, s in R50_3X3:
         g = torch.Generator().manual_seed(c)
-        ho = (hw + 2 - 3) // s + 1
         codes = torch.randint(0, 16, (1, hw, hw, c), dtype=torch.uint8, generator=g)
         wp = pack_weight(torch.randint(-7, 8, (c, c, 3, 3), dtype=torch.int8, generator=g), 4)
         scale, bias = torch.rand(c) * 1e-3, torch.randn(c)

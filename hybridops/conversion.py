@@ -250,7 +250,6 @@ def hybridize_(model: nn.Module, config: Optional[Config] = None, filter_fn: Opt
     _rewrite_attention_(model, config, filter_fn, report)
     read_directly = _read_directly(model)
     reasons = {n: _skip_reason(m, n, config, filter_fn, read_directly) for n, m in model.named_modules()}
-    candidates = {n for n, why in reasons.items() if why is None}
     order = float_layer_order(model, example_inputs)
     # The first layer to see the raw input (converted or not) keeps it in full precision; the last
     # one called is the output layer (a head that filter_fn leaves in float included: then no

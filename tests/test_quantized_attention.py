@@ -9,7 +9,6 @@ backend that cannot run here is skipped with its reason.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ import torch.nn.functional as F
 
 from hybridops.backend_selection import backend_unavailable_reason
 from hybridops.kernels.packing import levels
-from hybridops.ops import attention_bops
 from hybridops.ops.attention import check_attention_args
 from hybridops.ops import reference as R
 from hybridops.quant import interval_hat, qparams
@@ -380,16 +378,6 @@ def test_bf16_gradients_reach_every_input():
     out.float().sum().backward()
     for t in (q, k, v):
         assert t.grad.dtype == torch.bfloat16 and t.grad.abs().sum() > 0
-
-
-# ----------------------------------------------------------------------------- cost
-def test_attention_bops():
-    # ViT-B/16 at 224 px: 12 heads x 197 tokens x 64, 4-bit codes
-    pairs = 12 * 197 * 197
-    assert attention_bops(1, 12, 197, 197, 64, 64, 4) == pairs * 64 * (4 * 4 + 32 * 4)
-    assert attention_bops(2, 12, 197, 197, 64, 64, 4, v_quantized=False) == 2 * pairs * 64 * (4 * 4 + 32 * 32)
-    # 6-bit: (6 * 6 + 32 * 6) / (2 * 32 * 32) of float attention's BOPs
-    assert math.isclose(attention_bops(1, 12, 197, 197, 64, 64, 6) / (pairs * 64 * 2 * 32 * 32), 0.11133, rel_tol=1e-4)
 
 
 # ----------------------------------------------------------------------------- triton codegen

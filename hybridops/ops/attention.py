@@ -19,18 +19,6 @@ from . import reference, registry
 from .custom_ops import _check, check_qparams
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# The integer product's operand (a code) in bits where P @ V reads a float V (docs/attention.md).
-_FLOAT_BITS = 32
-
-
-def attention_bops(batch: int, heads: int, lq: int, lk: int, head_dim: int, v_head_dim: int, bits: int,
-                   v_quantized: bool = True) -> int:
-    """Bit operations of one quantized attention (eq 17's counting): ``Q K^T`` multiplies b-bit
-    codes by b-bit codes, ``P V`` a 32-bit probability by a b-bit code (by a 32-bit value when V
-    stays float)."""
-    pairs = batch * heads * lq * lk
-    v_bits = bits if v_quantized else _FLOAT_BITS
-    return pairs * head_dim * bits * bits + pairs * v_head_dim * _FLOAT_BITS * v_bits
 
 
 def _check_clip(clip: torch.Tensor, name: str, q: torch.Tensor) -> None:
