@@ -2,7 +2,7 @@
 
     python bench/bench_cpu.py layers            # ResNet-50 3x3 layers, batch 1, 1 thread
     python bench/bench_cpu.py linear            # ViT-B Linear layers, batch 1 / 16, 1 / 2 threads
-    python bench/bench_cpu.py models --threads 2 # ResNet-18/50 deployed hybrid vs float / torch.ao int8
+    python bench/bench_cpu.py models --threads 2 # ResNet-18/50 (or --models vit_b_16,swin_t) vs every peer
     python bench/bench_cpu.py tracker --threads 2 # the tracker's network per frame, float vs deployed
     python bench/bench_cpu.py passes --threads 2  # a deployed model's forward split into its passes
 
@@ -150,48 +150,60 @@ def bench_linear(reps):
     print("\n".join(lines))
 
 
-def bench_models(names, threads, reps):
-    """ResNet-18 / -50 end to end: every CPU baseline of the speedup report (same code) and the
-    deployed hybrid model (4/4 bits, keep 0.1, onednn), one table."""
+def bench_models(names, threads, reps, batch=1):
+    """torchvision models end to end (ResNet-18 / -50; ViT-B/16, Swin-T): every CPU baseline of the
+    speedup report (same code, the peers of bench/peers.py included) and the deployed hybrid model
+    (4/4 bits, keep 0.1, onednn; transformers also with 6-bit attention products), one table."""
     torch.set_num_threads(threads)
-    lines = [f"# End to end, batch 1, {threads} threads, medians ({datetime.date.today()}, torch {torch.__version__}, "
-             f"oneDNN ISA {O.isa()})", "",
-             f"Command: `python bench/bench_cpu.py models --threads {threads}`. Deployed hybrid: 4/4 bits, keep 0.1, "
-             "backend onednn, fp32 channels_last, built as the README does; 224x224 input. Baselines: "
-             "`bench/speedup_report.py`'s CPU baselines, timed in the same process.", "",
+    lines = [f"# End to end, batch {batch}, {threads} threads, medians ({datetime.date.today()}, "
+             f"torch {torch.__version__}, oneDNN ISA {O.isa()})", "",
+             f"Command: `python bench/bench_cpu.py models --threads {threads} --batch {batch} --models "
+             f"{','.join(names)}`. Deployed hybrid: 4/4 bits, keep 0.1, backend onednn, fp32 channels_last, built as "
+             "the README does; 224x224 input. Baselines: `bench/speedup_report.py`'s CPU baselines and the peers "
+             "of `bench/peers.py`, timed in the same process.", "",
              "| model | path | ms | best deployed hybrid's speedup over it |", "| --- | --- | --- | --- |"]
     summary = []
     for name in names:
         torch.manual_seed(0)
         base = getattr(torchvision.models, name)().eval()
-        x = torch.randn(1, 3, 224, 224)
-        trained = copy.deepcopy(base)
-        ho.hybridize_(trained, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
+        x = torch.randn(batch, 3, 224, 224)
+        transformer = name.startswith(("vit", "swin"))
+        # transformers also with their attention products on 6-bit codes (the paper's HybTransT)
+        variants = [(None, None)] + ([(torch.bfloat16, None)] if O.bf16_supported() else [])
+        if transformer:
+            variants.append((variants[-1][0], 6))
         xcl = x.contiguous(memory_format=torch.channels_last)
         deployed = {}
-        fp_dtypes = [None] + ([torch.bfloat16] if O.bf16_supported() else [])
-        for fp_dtype in fp_dtypes:
-            model = ho.deploy_(copy.deepcopy(trained).eval(), backend="onednn", fp_dtype=fp_dtype)
+        for fp_dtype, bits_att in variants:
+            model = copy.deepcopy(base)
+            ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1, bits_attention=bits_att),
+                          example_inputs=x)
+            model = ho.deploy_(model.eval(), backend="onednn", fp_dtype=fp_dtype)
             model = model.to(memory_format=torch.channels_last)
             with torch.no_grad():
-                deployed[fp_dtype] = median_ms(lambda: model(xcl), reps)
+                deployed[(fp_dtype, bits_att)] = median_ms(lambda: model(xcl), reps)
         dep = min(deployed.values())
         # the paper's network-level form (eq 5), its pruned half thin (hybridops/thin.py)
-        network = ho.HybridNetwork(base, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x).eval()
-        network = network.deploy_(backend="onednn").to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            network_ms = median_ms(lambda: network(xcl), reps)
-        baselines = cpu_baselines(base, x)
+        try:
+            network = ho.HybridNetwork(base, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x).eval()
+            network = network.deploy_(backend="onednn").to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                network_ms = median_ms(lambda: network(xcl), reps)
+        except Exception as e:  # reported in the table, not fatal
+            network_ms = f"skipped: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        baselines = cpu_baselines(base, x, compile_=True)
         for path, b in baselines.items():
             if "ms" in b:
                 lines.append(f"| {name} | {path} | {b['ms']:.2f} | {b['ms'] / dep:.2f}x |")
             else:
                 lines.append(f"| {name} | {path} | skipped: {b['skipped']} | |")
-        for fp_dtype, ms in deployed.items():
+        for (fp_dtype, bits_att), ms in deployed.items():
             label = "fp32 FP branch" if fp_dtype is None else "bf16 FP branch (`fp_dtype=torch.bfloat16`)"
+            label += "" if bits_att is None else f", attention products on {bits_att}-bit codes (`bits_attention`)"
             lines.append(f"| {name} | **deployed hybrid (onednn), {label}** | {ms:.2f} | {ms / dep:.2f}x |")
-        lines.append(f"| {name} | **deployed network-level hybrid (`HybridNetwork`, onednn)** | {network_ms:.2f} | "
-                     f"{network_ms / dep:.2f}x |")
+        network_cell = f"{network_ms:.2f} | {network_ms / dep:.2f}x" if isinstance(network_ms, float) \
+            else f"{network_ms} |"
+        lines.append(f"| {name} | **deployed network-level hybrid (`HybridNetwork`, onednn)** | {network_cell} |")
         fastest = min((b["ms"], p) for p, b in baselines.items() if "ms" in b and b.get("float"))
         verdict = [f"{name}: best deployed {dep:.2f} ms is {fastest[0] / dep:.2f}x the fastest float path "
                    f"({fastest[1]}, target 2x: " + ("met" if fastest[0] / dep >= 2 else
@@ -205,7 +217,7 @@ def bench_models(names, threads, reps):
         print("\n".join(lines[-10:] + summary[-1:]), flush=True)
     lines += [""] + summary
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"models_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
+    (OUT / f"models_{'-'.join(names)}_b{batch}_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
@@ -338,13 +350,14 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--models", default="resnet18,resnet50")
+    ap.add_argument("--batch", type=int, default=1)
     a = ap.parse_args()
     if a.what == "layers":
         bench_layers(a.reps)
     elif a.what == "linear":
         bench_linear(a.reps)
     elif a.what == "models":
-        bench_models(a.models.split(","), a.threads, a.reps)
+        bench_models(a.models.split(","), a.threads, a.reps, a.batch)
     elif a.what == "passes":
         bench_passes(a.models.split(","), a.threads, a.reps)
     else:

@@ -48,17 +48,26 @@ def _openvino_compiled(ov_model, precision: str):
     return run
 
 
+def _openvino_model(model: nn.Module, x: torch.Tensor):
+    """``ov.convert_model`` of ``model``: through TorchScript tracing, or, where tracing fails (the
+    frontend's trace of torchvision's ViT does), through a ``torch.export`` program."""
+    ov = _need("openvino")
+    model = copy.deepcopy(model).eval()
+    try:
+        return ov.convert_model(model, example_input=x)
+    except RuntimeError:
+        return ov.convert_model(torch.export.export(model, (x,)))
+
+
 def openvino_float(model: nn.Module, x: torch.Tensor, precision: str) -> Callable:
     """OpenVINO's CPU plugin on ``ov.convert_model(model)``, ``precision`` "f32" or "bf16"."""
-    ov = _need("openvino")
-    return _openvino_compiled(ov.convert_model(copy.deepcopy(model).eval(), example_input=x), precision)
+    return _openvino_compiled(_openvino_model(model, x), precision)
 
 
 def openvino_int8(model: nn.Module, x: torch.Tensor, samples: int = 8) -> Callable:
     """NNCF's default post-training int8 quantization of the OpenVINO model, run by OpenVINO."""
-    ov = _need("openvino")
     nncf = _need("nncf")
-    ov_model = ov.convert_model(copy.deepcopy(model).eval(), example_input=x)
+    ov_model = _openvino_model(model, x)
     data = nncf.Dataset([c.numpy() for c in _calibration(x, samples)])
     quantized = nncf.quantize(ov_model, data, subset_size=samples)
     # f32 hint: int8 where NNCF put quantizers, fp32 (not bf16) elsewhere, the default int8 setup

@@ -30,6 +30,9 @@ _EXACT_F32 = 1 << 24
 # of 1 MiB and 4 MiB 9-11 ms, 16 MiB 32 ms; ViT-B's 12 x 197 x 197 was 2.8 ms at once, 1.2 ms in
 # 1 MiB groups.
 SCORE_BYTES = 1 << 20
+# Multiply-adds of one head's Q K^T below which one batched float matmul of the codes beats a
+# torch._int_mm call per head (the call's fixed cost dominates a Swin window's 49 x 49 x 32).
+SMALL_PRODUCT = 1 << 18
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,7 +65,9 @@ def int_scores(cq: torch.Tensor, ck_t: torch.Tensor, out: Optional[torch.Tensor]
     lk = ck_t.shape[-1]
     if out is None:
         out = torch.empty((n, lq, lk), dtype=torch.int32)
-    if not int_mm_exact():
+    if not int_mm_exact() or lq * lk * d < SMALL_PRODUCT:
+        # one batched float matmul of the codes: exact (every partial sum is an integer below
+        # 2^24 in fp32, or held exactly in float64)
         dt = torch.float32 if d * 127 * 127 < _EXACT_F32 else torch.float64
         return out.copy_(torch.matmul(cq.to(dt), ck_t.to(dt)))
     for i in range(n):
@@ -109,25 +114,31 @@ def quantized_attention_finite(q, k, v, q_qparams, k_qparams, v_qparams: Optiona
         mask = (~attn_mask if attn_mask.dtype == torch.bool else attn_mask).expand(b, h, lq, lk)  # bool: excluded
         # causal rows always attend key 0; a mask may leave a row nothing
         dead = _dead_rows(attn_mask).expand(b, h, lq, 1)
-    g = heads_per_group(lq, lk, h)
+    # Batch and heads as one axis of b * h matrices, grouped across both: Swin's windows are the
+    # batch (64 windows x 3 heads of 49 tokens at 224 px), one group instead of 64 loops.
+    bh = b * h
+    cq, ck_t, vv = cq.view(bh, lq, -1), ck_t.view(bh, -1, lk), vv.reshape(bh, lk, dv)
+    if mask is not None and not is_causal:
+        mask, dead = mask.reshape(bh, lq, lk), dead.reshape(bh, lq, 1)
+    g = heads_per_group(lq, lk, bh)
     s_int = torch.empty((g, lq, lk), dtype=torch.int32)
     s = torch.empty((g, lq, lk), dtype=torch.float32)
     p = torch.empty((g, lq, lk), dtype=torch.float32)
     p_low = torch.empty((g, lq, lk), dtype=pv_dt) if pv_dt != torch.float32 else p
-    out = torch.empty((b, h, lq, dv), dtype=pv_dt)
-    for bi in range(b):
-        for h0 in range(0, h, g):
-            n = min(g, h - h0)
-            heads = slice(h0, h0 + n)
-            torch.mul(int_scores(cq[bi, heads], ck_t[bi, heads], s_int[:n]), s_qk, out=s[:n])  # one IEEE multiply
-            if mask is not None and mask.dtype == torch.bool:
-                s[:n].masked_fill_(mask if is_causal else mask[bi, heads], float("-inf"))
-            elif mask is not None:
-                s[:n].add_(mask[bi, heads].to(torch.float32))
-            torch.ops.aten._softmax.out(s[:n], -1, False, out=p[:n])
-            if dead is not None:
-                p[:n].masked_fill_(dead[bi, heads], 0.0)
-            if p_low is not p:
-                p_low[:n].copy_(p[:n])
-            torch.bmm(p_low[:n], vv[bi, heads], out=out[bi, heads])
+    out = torch.empty((bh, lq, dv), dtype=pv_dt)
+    for h0 in range(0, bh, g):
+        n = min(g, bh - h0)
+        heads = slice(h0, h0 + n)
+        torch.mul(int_scores(cq[heads], ck_t[heads], s_int[:n]), s_qk, out=s[:n])  # one IEEE multiply
+        if mask is not None and mask.dtype == torch.bool:
+            s[:n].masked_fill_(mask if is_causal else mask[heads], float("-inf"))
+        elif mask is not None:
+            s[:n].add_(mask[heads].to(torch.float32))
+        torch.ops.aten._softmax.out(s[:n], -1, False, out=p[:n])
+        if dead is not None:
+            p[:n].masked_fill_(dead[heads], 0.0)
+        if p_low is not p:
+            p_low[:n].copy_(p[:n])
+        torch.bmm(p_low[:n], vv[heads], out=out[heads])
+    out = out.view(b, h, lq, dv)
     return (out if v_qparams is None else torch.mul(out, step_v)).to(q.dtype)

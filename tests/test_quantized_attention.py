@@ -90,15 +90,18 @@ def test_reference_int_scores_are_exact_at_8_bits():
 
 
 @pytest.mark.skipif(backend_unavailable_reason("onednn", "cpu") is not None, reason="needs the onednn backend")
-@pytest.mark.parametrize("exact_int_mm", [True, False], ids=["int_mm", "float_fallback"])
-def test_onednn_codes_and_int_scores_equal_the_reference(exact_int_mm, monkeypatch):
-    """The onednn path's int8 codes and its integer product (torch._int_mm per head, or the float
-    product of the codes where the CPU's int8 GEMM is not exact) equal the reference exactly."""
+@pytest.mark.parametrize("exact_int_mm,small", [(True, False), (True, True), (False, False)],
+                         ids=["int_mm", "small_batched_float", "float_fallback"])
+def test_onednn_codes_and_int_scores_equal_the_reference(exact_int_mm, small, monkeypatch):
+    """The onednn path's int8 codes and its integer product (torch._int_mm per head; one batched
+    float product of the codes for small heads, or where the CPU's int8 GEMM is not exact) equal
+    the reference exactly."""
     from hybridops.kernels import onednn_attention as oa
 
     if exact_int_mm and not oa.int_mm_exact():
         pytest.skip("torch._int_mm is not exact on this CPU (the float fallback is tested)")
     monkeypatch.setattr(oa, "int_mm_exact", lambda: exact_int_mm)
+    monkeypatch.setattr(oa, "SMALL_PRODUCT", 1 << 40 if small else 0)
     q, k, _ = _case(1, 3, 33, 20, 64, 8, seed=1)
     q = q.cpu() * 3
     k = k.cpu() * 3
@@ -162,13 +165,16 @@ def test_matches_reference(backend, dtype, mask, v_quantized):
 @pytest.mark.skipif(backend_unavailable_reason("onednn", "cpu") is not None, reason="needs the onednn backend")
 @pytest.mark.parametrize("mask", ["causal", "bool", "float_b1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_onednn_head_groups(mask, dtype, monkeypatch):
-    """The onednn path runs heads in groups that fit its score buffer: 7 heads in groups of 3
-    (the last one partial), two batch elements, each mask kind read per group."""
+@pytest.mark.parametrize("small", [False, True], ids=["int_mm", "small_batched_float"])
+def test_onednn_head_groups(mask, dtype, small, monkeypatch):
+    """The onednn path runs the batch's heads (2 x 7, as one axis) in groups that fit its score
+    buffer: groups of 3 that straddle the batch elements (the last one partial), each mask kind
+    read per group, with either integer product."""
     from hybridops.kernels import onednn_attention as oa
 
     b, h, lq, lk = 2, 7, 20, 28
     monkeypatch.setattr(oa, "SCORE_BYTES", 3 * 4 * lq * lk)
+    monkeypatch.setattr(oa, "SMALL_PRODUCT", 1 << 40 if small else 0)
     assert oa.heads_per_group(lq, lk, h) == 3
     q, k, v = _case(b, h, lq, lk, 32, 16, dtype, seed=12)
     args = _args(q, k, v, attn_mask=_mask(mask, b, h, lq, lk, dtype), is_causal=mask == "causal")
