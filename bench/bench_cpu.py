@@ -45,6 +45,17 @@ def median_ms(fn, reps=50, warmup=5):
 R50_3X3 = [(64, 56, 1), (128, 56, 2), (128, 28, 1), (256, 28, 2), (256, 14, 1), (512, 14, 2), (512, 7, 1)]
 
 
+def _verdict(ratio: float, target: float) -> str:
+    return "met" if ratio >= target else f"missed by {target / ratio:.2f}x"
+
+
+def _write_table(name: str, lines) -> None:
+    """``bench/results/cpu/<name>_<ISA>.md``, and the table on stdout."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{name}_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def _isa_tag() -> str:
     """File-name tag of the oneDNN int8 ISA (``avx2``, ``avx10_1_512_amx``, ...): results of
     different machines sit side by side."""
@@ -94,10 +105,8 @@ def bench_layers(reps):
         best = min(t for t in (tb, tf) if t is not None)
         r = best / ti
         lines.append(f"| {c} | {hw} | {s} | {ti:.3f} | {th:.3f} | {'n/a' if tb is None else f'{tb:.3f}'} | {tf:.3f} | "
-                     f"{r:.2f}x | {best / th:.2f}x | {'met' if r >= 1.8 else f'missed by {1.8 / r:.2f}x'} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"layers_r50_3x3_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                     f"{r:.2f}x | {best / th:.2f}x | {_verdict(r, 1.8)} |")
+    _write_table("layers_r50_3x3", lines)
 
 
 # ViT-B's Linear layers (in, out) at 197 tokens per image
@@ -144,10 +153,8 @@ def bench_linear(reps):
         best = min(t for t in (t_b, t_f) if t is not None)
         r = best / t_h
         lines.append(f"| {th} | {b} | {ci} -> {co} | {t_h:.3f} | {'n/a' if t_b is None else f'{t_b:.3f}'} | "
-                     f"{t_f:.3f} | {r:.2f}x | {'met' if r >= 1.6 else f'missed by {1.6 / r:.2f}x'} |")
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"linear_vit_b_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+                     f"{t_f:.3f} | {r:.2f}x | {_verdict(r, 1.6)} |")
+    _write_table("linear_vit_b", lines)
 
 
 def bench_models(names, threads, reps, batch=1):
@@ -216,9 +223,7 @@ def bench_models(names, threads, reps, batch=1):
         summary.append("; ".join(verdict) + ".")
         print("\n".join(lines[-10:] + summary[-1:]), flush=True)
     lines += [""] + summary
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"models_{'-'.join(names)}_b{batch}_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    _write_table(f"models_{'-'.join(names)}_b{batch}_{threads}t", lines)
 
 
 def bench_tracker(threads, reps):

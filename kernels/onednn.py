@@ -373,6 +373,23 @@ def bf16_supported() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def _fp_compute_dtype(name: str, trainable: str, x: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor], compute_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The checks of the pruned branch's prepacked float ops (``fp_conv2d``, ``fp_linear``):
+    no autograd, float32 or bfloat16, bf16 units present. Returns the compute dtype."""
+    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or
+                                    (bias is not None and bias.requires_grad)):
+        raise RuntimeError(f"{name} is the no-grad inference path (prepacked weights have no autograd); call it "
+                           f"under torch.no_grad() or use {trainable} when training the pruned branch.")
+    dt = compute_dtype or x.dtype
+    if dt not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{name} computes in float32 or bfloat16, got {dt}.")
+    if dt == torch.bfloat16 and not bf16_supported():
+        raise RuntimeError(f"{name} in bfloat16 needs a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which this "
+                           "one lacks; compute in float32.")
+    return dt
+
+
 def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
               padding_tblr: Sequence[int], dilation: Sequence[int], groups: int,
               compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -386,16 +403,7 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     Returns ``(N, C_out, Ho, Wo)`` channels_last in ``compute_dtype``: ``.permute(0, 2, 3, 1)`` is
     the contiguous NHWC ``fp_out`` that :func:`qconv2d` takes.
     """
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        raise RuntimeError("fp_conv2d is the no-grad inference path (prepacked weights have no autograd); call it "
-                           "under torch.no_grad() or use F.conv2d when training the pruned branch.")
-    dt = compute_dtype or x.dtype
-    if dt not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"fp_conv2d computes in float32 or bfloat16, got {dt}.")
-    if dt == torch.bfloat16 and not bf16_supported():
-        raise RuntimeError("fp_conv2d in bfloat16 needs a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which this "
-                           "one lacks; compute in float32.")
+    dt = _fp_compute_dtype("fp_conv2d", "F.conv2d", x, weight, bias, compute_dtype)
     stride, pad_sym, extra, out_hw, crop = _geometry(x.shape[2], x.shape[3], weight.shape[2], weight.shape[3],
                                                       list(stride), padding_tblr, dilation)
     if x.dtype != dt:
@@ -430,16 +438,7 @@ def fp_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     In float32 it takes 0.39-0.45x the time of ``F.linear`` at ViT-B shapes (197 rows, 77-307 of
     768-3072 features kept) on AVX-512 VNNI; in bfloat16 the same as ``F.linear`` (both oneDNN).
     Returns ``(M, K)`` in ``compute_dtype`` (default ``x.dtype``: float32 or bfloat16)."""
-    if torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad or
-                                    (bias is not None and bias.requires_grad)):
-        raise RuntimeError("fp_linear is the no-grad inference path (prepacked weights have no autograd); call it "
-                           "under torch.no_grad() or use F.linear when training the pruned branch.")
-    dt = compute_dtype or x.dtype
-    if dt not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"fp_linear computes in float32 or bfloat16, got {dt}.")
-    if dt == torch.bfloat16 and not bf16_supported():
-        raise RuntimeError("fp_linear in bfloat16 needs a CPU with AVX-512 (BW/VL/DQ) or AVX-NE-CONVERT, which this "
-                           "one lacks; compute in float32.")
+    dt = _fp_compute_dtype("fp_linear", "F.linear", x, weight, bias, compute_dtype)
     x = x.to(dt) if x.dtype != dt else x
     x = x if x.is_contiguous() else x.contiguous()
     if x.shape[0] == 0:  # oneDNN rejects zero-sized tensors
