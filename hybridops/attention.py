@@ -158,6 +158,20 @@ def rewrite_reason(module: nn.Module) -> Optional[str]:
     return None
 
 
+def quantized_products_reason(module: nn.Module) -> Optional[str]:
+    """None if the attention products of ``module`` (a rewritable attention module) can run on
+    quantized codes, else why not: the op's head dimension must be a multiple of 8."""
+    if isinstance(module, nn.MultiheadAttention):
+        d = module.embed_dim // module.num_heads
+    elif is_timm_attention(module):
+        d = module.head_dim
+    else:
+        d = module.proj.in_features // module.num_heads
+    if d % 8:
+        return f"its attention products stay float: head_dim {d} is not a multiple of 8 (the int8 units' K step)"
+    return None
+
+
 def rewrite(module: nn.Module, bits_attention: Optional[int] = None) -> nn.Module:
     """The module that computes what ``module`` does with its projections as ``nn.Linear``
     children (see :func:`rewrite_reason`), its attention products quantized to

@@ -17,7 +17,8 @@ from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Un
 import torch
 import torch.nn as nn
 
-from .attention import AttentionProducts, rewritable, rewrite as rewrite_attention, rewrite_reason
+from .attention import (AttentionProducts, is_timm_attention, quantized_products_reason,
+                        rewritable, rewrite as rewrite_attention, rewrite_reason)
 from .backend_selection import resolve_backend
 from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
@@ -218,6 +219,12 @@ def _rewrite_attention_(model: nn.Module, config: Config, filter_fn: Optional[Fi
         if why is not None:
             report.skipped.append((qual, why))
             return _KEEP
+        no_codes = None if bits is None else quantized_products_reason(child)
+        if no_codes is not None:
+            report.skipped.append((qual + ".attention", no_codes))
+            if is_timm_attention(child):
+                return _KEEP  # rewritten only to quantize its products
+            return rewrite_attention(child, None)
         return rewrite_attention(child, bits)
 
     swap_modules_(model, visit)

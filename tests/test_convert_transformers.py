@@ -312,3 +312,24 @@ def test_multihead_attention_need_weights_with_quantized_products():
     with torch.no_grad():
         ref = mha(q, k, v, need_weights=False)[0]
     assert 0 < (out - ref).norm() / ref.norm() < 0.2  # 6-bit products: close, not equal
+
+
+def test_attention_products_stay_float_where_head_dim_is_not_a_multiple_of_8():
+    # 4 heads of 4: the quantized-attention op needs head dims in multiples of 8; the conversion
+    # says so, still converts the projections, and the model runs
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, t):
+            return self.attn(t, t, t, need_weights=False)[0]
+
+    model = SelfAttention()
+    x = torch.randn(2, 5, 16)
+    report = ho.hybridize_(model, ho.HybridConfig(convert_linear=True, bits_attention=6), example_inputs=x)
+    assert report.skipped == [("attn.attention", "its attention products stay float: head_dim 4 is not a multiple "
+                                                 "of 8 (the int8 units' K step)")]
+    assert isinstance(model.attn, HybridMultiheadAttention) and not model.attn.attention.quantized
+    assert isinstance(model.attn.q_proj, ho.HybridLinear)
+    assert model(x).shape == (2, 5, 16)
