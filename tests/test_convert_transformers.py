@@ -46,6 +46,7 @@ def _vit():
 def test_channels_last_linear_models(ctor, linear_name, positions):
     torch.manual_seed(0)
     model = ctor().eval()
+    fresh = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
     report = ho.hybridize_(model, ho.HybridConfig(keep=0.25, convert_linear=True), example_inputs=x)
     assert len(report.converted) > 20
@@ -82,6 +83,9 @@ def test_channels_last_linear_models(ctor, linear_name, positions):
     with torch.no_grad():
         y_deployed = model(x)
     torch.testing.assert_close(y_deployed, y_hybrid, rtol=1e-4, atol=1e-4 * y_hybrid.abs().max().item())
+    ho.load_deployed_(fresh, model.state_dict(), backend="torch")  # saved and rebuilt from the float model
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), y_deployed)
 
 
 def test_swin_t_converts_its_window_attention_projections():
