@@ -15,7 +15,8 @@
 # fixed short shape list (bench/gpu/check_kernels.py, sharded over processes); (c) the
 # microbenchmark table: ours vs cuDNN bf16 channels_last vs stock CUTLASS s8 on the ResNet-50 and
 # RT-MDNet layers, batch 1 and 32; (d) ResNet-50 end to end with CUDA graphs, batch 1 and 32
-# (bench/speedup_report.py); (e) compute-sanitizer memcheck, racecheck and synccheck on every
+# (bench/speedup_report.py); (d2) the quantized-attention op and the hybrid Linear against bf16
+# SDPA / cuBLAS (bench/gpu/transformer.py); (e) compute-sanitizer memcheck, racecheck and synccheck on every
 # CUDA kernel template, once each, on small shapes. A one-screen summary (bench/gpu/summarize.py) prints last and is
 # written to $OUT/summary.txt after every stage.
 #
@@ -53,12 +54,12 @@ export PYTHONPATH="$ROOT/bench${PYTHONPATH:+:$PYTHONPATH}"
 # cores, not targets. DEADLINE is a guard over all of them: a stage that would start past it is
 # skipped with a line saying so.
 if [ "$MODE" = dry ]; then
-  B_ENV=20; B_BUILD=30; B_CHECK=60; B_BENCH=40; B_E2E=40; B_SAN=30; DEADLINE=115; SHARDS=1
+  B_ENV=20; B_BUILD=30; B_CHECK=60; B_BENCH=40; B_E2E=40; B_TF=30; B_SAN=30; DEADLINE=115; SHARDS=1
   export TRITON_INTERPRET=1
 elif [ "$MODE" = quick ]; then
   B_ENV=10; B_BUILD=130; B_CHECK=45; B_BENCH=45; DEADLINE=235; SHARDS=4
 else
-  B_ENV=10; B_BUILD=150; B_CHECK=90; B_BENCH=100; B_E2E=70; B_SAN=50; DEADLINE=475; SHARDS=4
+  B_ENV=10; B_BUILD=150; B_CHECK=90; B_BENCH=100; B_E2E=55; B_TF=20; B_SAN=45; DEADLINE=475; SHARDS=4
 fi
 
 say() { echo "$*" | tee -a "$LOG"; }
@@ -223,6 +224,13 @@ stage_e2e() {
   python bench/speedup_report.py --model resnet50 --batch 32 --no-plot --out "$WORK/e2e-b32" | tail -n 6
 }
 
+# ----------------------------------------------------------------------------- (d2) transformers
+stage_transformer() {
+  # the quantized-attention op (Triton) against bf16 SDPA, the hybrid Linear against cuBLAS bf16
+  # and torch._int_mm, each checked against the reference first (bench/gpu/transformer.py)
+  python bench/gpu/transformer.py --out "$WORK" $( [ "$MODE" = dry ] && echo --dry )
+}
+
 # ----------------------------------------------------------------------------- (e) sanitizers
 stage_sanitize() {
   local tool pids=() rc=0 p
@@ -254,7 +262,7 @@ stage_sanitize() {
 }
 
 export MODE WORK SHARDS ROOT
-export -f stage_env stage_build stage_check stage_bench stage_e2e stage_sanitize sm90_wait
+export -f stage_env stage_build stage_check stage_bench stage_e2e stage_transformer stage_sanitize sm90_wait
 say "hybridops GPU suite, mode $MODE, results in $WORK"
 stage env "$B_ENV" stage_env
 [ "$MODE" = dry ] || cutlass_wheel
@@ -265,6 +273,7 @@ stage correctness "$B_CHECK" stage_check
 stage bench "$B_BENCH" stage_bench
 if [ "$MODE" != quick ]; then
   stage e2e "$B_E2E" stage_e2e
+  stage transformer "$B_TF" stage_transformer
   stage sanitizer "$B_SAN" stage_sanitize
 fi
 say "== done in $(( $(date +%s) - T0 ))s"

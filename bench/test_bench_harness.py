@@ -208,7 +208,7 @@ def test_gpu_suite_dry_run(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-2000:]
     assert elapsed < 120, f"the dry run took {elapsed:.0f} s"
     stages = [ln.split("\t") for ln in (tmp_path / "work" / "stages.tsv").read_text().splitlines()]
-    assert [s[0] for s in stages] == ["env", "build", "correctness", "bench", "e2e", "sanitizer"]
+    assert [s[0] for s in stages] == ["env", "build", "correctness", "bench", "e2e", "transformer", "sanitizer"]
     assert all(s[1] == "ok" for s in stages), stages
     results = [json.loads(ln) for ln in (tmp_path / "work" / "correctness-0.jsonl").read_text().splitlines()]
     assert len(results) >= 30 and all(r["ok"] for r in results) and {r["backend"] for r in results} == {"triton"}
@@ -216,6 +216,7 @@ def test_gpu_suite_dry_run(tmp_path):
     summary = (tmp_path / "out" / "summary.txt").read_text()
     assert "correctness: triton" in summary and "0 failed" in summary
     assert "rtmdnet.fc6" in summary and "CUDA graph: not run (no GPU)" in summary
+    assert "attention tiny 2x16x24x32 float32: ok" in summary and "linear 1x8x64->48 triton: ok" in summary
     assert run.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])  # the summary prints last
 
 

@@ -1,6 +1,6 @@
 """The one-screen summary of a GPU suite run (``bench/gpu_suite.sh``), from what its stages left
 in the run's folder: ``stages.tsv``, ``correctness-*.jsonl``, ``kernels.jsonl``,
-``e2e-b*/report.json`` and the sanitizer logs. Works on a partial folder (a stage that timed out
+``e2e-b*/report.json``, ``transformer.jsonl`` and the sanitizer logs. Works on a partial folder (a stage that timed out
 or never ran shows as such), since the suite rewrites the summary after every stage.
 
     python bench/gpu/summarize.py bench/results/gpu-suite-<date>
@@ -104,6 +104,26 @@ def e2e(work: Path) -> List[str]:
     return out or ["end to end: no results"]
 
 
+def transformer(work: Path) -> List[str]:
+    """One line per row of bench/gpu/transformer.py: its check against the reference, and its
+    time beside the float path where it was timed."""
+    out = []
+    for r in _jsonl(work.glob("transformer.jsonl")):
+        check = "ok" if r["ok"] else "MISMATCH"
+        if r["kind"] == "attention":
+            line = f"attention {r['shape']} {r['dtype']}: {check} (max abs err {r['max_abs_err']:.2g})"
+            if "triton_ms" in r:
+                line += (f"; triton {r['triton_ms']:.3f} ms vs bf16 SDPA {r['sdpa_bf16_ms']:.3f} ms = "
+                         f"{r['sdpa_bf16_ms'] / r['triton_ms']:.2f}x")
+        else:
+            line = f"linear {r['shape']} {r['backend']}: {check} (rel err {r['rel_err']:.2g})"
+            if "hybrid_ms" in r:
+                line += (f"; hybrid {r['hybrid_ms']:.3f} ms vs cuBLAS bf16 {r['cublas_bf16_ms']:.3f} ms = "
+                         f"{r['cublas_bf16_ms'] / r['hybrid_ms']:.2f}x (torch._int_mm {r['int_mm_ms']:.3f} ms)")
+        out.append(line)
+    return out or ["transformers: no results"]
+
+
 def sanitizers(work: Path) -> List[str]:
     """One line per tool: its processes' (shards') sanitizer summaries and case counts together."""
     out = []
@@ -132,7 +152,7 @@ def summarize(work: Path) -> str:
     for row in (st.read_text().splitlines() if st.exists() else []):
         name, status, secs, budget = row.split("\t")
         lines.append(f"{name:<12} {status:<10} {secs:>5} {budget:>6}")
-    for part in (correctness, kernels, e2e, sanitizers):
+    for part in (correctness, kernels, e2e, transformer, sanitizers):
         lines += part(work)
     return "\n".join(lines)
 
