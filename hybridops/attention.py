@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .backend_selection import resolve_backend
+from .kernels import derived
 from .ops.attention import quantized_attention
 from .quant import IntervalQuantizer
 
@@ -51,13 +52,13 @@ class AttentionProducts(nn.Module):
     (set by :func:`hybridops.deploy_`; ``"auto"``: the default backend of the device). The
     intervals calibrate on the first inputs they see, or in :func:`hybridops.calibrate_`'s pass."""
 
-    def __init__(self, bits: Optional[int] = None, quantize_v: bool = True, device=None):
+    def __init__(self, bits: Optional[int] = None, device=None):
         super().__init__()
         self.bits = bits
         quantizer = (lambda: IntervalQuantizer(bits, True, device=device, batched=True)) if bits is not None else None
         self.q_quant = quantizer() if quantizer else None
         self.k_quant = quantizer() if quantizer else None
-        self.v_quant = quantizer() if (quantizer and quantize_v) else None
+        self.v_quant = quantizer() if quantizer else None
         # a float flag (not bool) so that distributed backends can broadcast it with the buffers
         self.register_buffer("calibrated_flag", torch.zeros((), device=device))
         self._calibrated_cache = False
@@ -83,8 +84,7 @@ class AttentionProducts(nn.Module):
     def calibrate(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """MSE-optimal clips of q, k and v (signed codes)."""
         for quantizer, t in ((self.q_quant, q), (self.k_quant, k), (self.v_quant, v)):
-            if quantizer is not None:
-                quantizer.calibrate(t, signed=True)
+            quantizer.calibrate(t, signed=True)
         self.calibrated_flag.fill_(1.0)
 
     @staticmethod
@@ -92,12 +92,12 @@ class AttentionProducts(nn.Module):
         return (quantizer.c + quantizer.d).float()
 
     def dequantized(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """``(code / levels * (c + d))`` of q, k and v (v as it is without its quantizer), with
+        """``(code / levels * (c + d))`` of q, k and v, with
         straight-through gradients: the values whose float products the op computes exactly
         (calibrate first)."""
         qh = self.q_quant(q) * self._clip(self.q_quant).to(q.dtype)
         kh = self.k_quant(k) * self._clip(self.k_quant).to(k.dtype)
-        vh = v if self.v_quant is None else self.v_quant(v) * self._clip(self.v_quant).to(v.dtype)
+        vh = self.v_quant(v) * self._clip(self.v_quant).to(v.dtype)
         return qh, kh, vh
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
@@ -113,16 +113,14 @@ class AttentionProducts(nn.Module):
         if self.training:
             return F.scaled_dot_product_attention(*self.dequantized(q, k, v), attn_mask=attn_mask,
                                                   dropout_p=dropout_p)
-        vq = self.v_quant
-        return quantized_attention(q, k, v, self.q_quant.qparams(), self.k_quant.qparams(),
-                                   None if vq is None else vq.qparams(), self._clip(self.q_quant),
-                                   self._clip(self.k_quant), None if vq is None else self._clip(vq), self.bits,
-                                   attn_mask, False, None, resolve_backend(self.backend, q.device))
+        quantizers = (self.q_quant, self.k_quant, self.v_quant)
+        return quantized_attention(q, k, v, *(m.qparams() for m in quantizers), *(self._clip(m) for m in quantizers),
+                                   self.bits, attn_mask, False, None, resolve_backend(self.backend, q.device))
 
     def extra_repr(self) -> str:
         if not self.quantized:
             return "float"
-        return f"bits={self.bits}, quantize_v={self.v_quant is not None}, backend={self.backend!r}"
+        return f"bits={self.bits}, backend={self.backend!r}"
 
 
 def is_torchvision_window_attention(module: nn.Module) -> bool:
@@ -399,7 +397,9 @@ class HybridWindowAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(x.shape[0], length, 3, heads, d).permute(2, 0, 3, 1, 4)
         mask = self._bias()
         if sum(shift):
-            shifted = self._shift_mask(pad_h, pad_w, win, shift, x.device).to(mask.dtype)
+            # a constant of the geometry: made once (the package's one cache), not every forward
+            shifted = derived.cached("window_shift_mask", (), (pad_h, pad_w, tuple(win), tuple(shift), x.device),
+                                     lambda: self._shift_mask(pad_h, pad_w, win, shift, x.device)).to(mask.dtype)
             mask = (mask + shifted.unsqueeze(1).unsqueeze(0).expand(b, -1, -1, -1, -1).reshape(
                 b * nh * nw, 1, length, length))
         x = self.attention(q, k, v, mask.to(q.dtype), self.attention_dropout)

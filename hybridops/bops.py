@@ -239,11 +239,10 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
             q, k, v = inp[:3]
             positions = q.numel() // q.shape[-1]  # one per query row and head
             d, lk, dv = q.shape[-1], k.shape[-2], v.shape[-1]
-            v_bits = mod.v_quant.bits if (mod.quantized and mod.v_quant is not None) else FP_BITS
             # Q K^T: a query row against every key (b x b bits when quantized); P V: the row's
             # probabilities (32 bits) against V (b bits when V is quantized)
             for suffix, c_in, c_out, bits in ((".qk", d, lk, (mod.bits, mod.bits) if mod.quantized else None),
-                                              (".pv", lk, dv, (FP_BITS, v_bits) if mod.quantized else None)):
+                                              (".pv", lk, dv, (FP_BITS, mod.bits) if mod.quantized else None)):
                 base = layer_bops(c_in, c_out, 1, FP_BITS, FP_BITS) * positions
                 q_bops = layer_bops(c_in, c_out, 1, *bits) * positions if bits else 0.0
                 key = name + suffix
