@@ -8,16 +8,21 @@ from typing import Optional
 import torch.fx as fx
 import torch.nn as nn
 
+from .attention import HybridMultiheadAttention, HybridTimmAttention, HybridWindowAttention
 from .deployed import DEPLOYED_LAYERS
 from .layers import TRAINABLE_LAYERS
 
-LEAF_LAYERS = TRAINABLE_LAYERS + DEPLOYED_LAYERS
+# The attention rewrites are leaves as the nn.MultiheadAttention they replace is: their forward
+# branches on its arguments (masks, is_causal), which torch.fx cannot trace, and no graph pass
+# fuses anything into their projections.
+LEAF_LAYERS = TRAINABLE_LAYERS + DEPLOYED_LAYERS + (HybridMultiheadAttention, HybridWindowAttention,
+                                                    HybridTimmAttention)
 
 
 class LayerTracer(fx.Tracer):
-    """Keeps hybridops layers as ``call_module`` nodes: the default tracer treats only
-    ``torch.nn`` modules as leaves and would trace through a hybridops layer, leaving no node
-    for it."""
+    """Keeps hybridops layers (and the attention modules hybridops rewrites) as ``call_module``
+    nodes: the default tracer treats only ``torch.nn`` modules as leaves and would trace through
+    a hybridops layer, leaving no node for it."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, LEAF_LAYERS) or super().is_leaf_module(m, module_qualified_name)

@@ -11,7 +11,7 @@ Variants (the paper's Tables 2 and 6):
 
 "Hybrid + online update" is the ``hybrid`` model tracked with an ``OnlineConfig``.
 
-Scope of the conversion (``scope``):
+Scope of the conversion (``scope``), SiamRPN++:
 
 * ``"backbone"`` (default, the paper's HybSiamRPN++): every conv of the ResNet-50 backbone, plus
   the last 1x1 conv of each classification head, so that the online update has an FP branch to
@@ -20,6 +20,15 @@ Scope of the conversion (``scope``):
   output, which is signed; hybridops calibrates a signed activation quantizer for them.
 
 The backbone's first conv keeps its image input in full precision (``fp_first_input``).
+
+TransT (:class:`~.transt.TransT`, the paper's HybTransT):
+
+* ``"all"`` (default): every conv of the backbone but the first, which stays float as in the
+  paper, the input projection, every Linear of the fusion network (the attention projections,
+  ``nn.MultiheadAttention`` rewritten by hybridops, and the FFNs) and of both heads, with the
+  attention products' Q, K and V quantized to 6 bits (``bits_attention``, the
+  ``hybridops::quantized_attention`` op once deployed).
+* ``"backbone"``: the backbone (first conv float) and the classifier's last Linear.
 """
 from __future__ import annotations
 
@@ -30,6 +39,8 @@ import torch
 import torch.nn as nn
 
 import hybridops as ho
+
+from .transt import TransT
 
 # Each hybrid variant: the config type hybridops.hybridize_ dispatches on, and eq 10-12 on/off.
 VARIANTS: Dict[str, Optional[dict]] = {
@@ -50,23 +61,46 @@ LABELS = {
 SCOPES = ("backbone", "all")
 
 
-def filter_for(scope: str) -> Callable[[nn.Module, str], bool]:
-    """``filter_fn(module, name)`` for :func:`hybridops.hybridize_` that selects ``scope``."""
+# The paper's HybTransT quantizes the activations of every attention product to 6 bits.
+TRANST_BITS_ATTENTION = 6
+
+
+def is_transt(model: nn.Module) -> bool:
+    return isinstance(model, TransT)
+
+
+def default_scope(model: nn.Module) -> str:
+    """``"all"`` for TransT (HybTransT), ``"backbone"`` for SiamRPN++ (HybSiamRPN++)."""
+    return "all" if is_transt(model) else "backbone"
+
+
+def filter_for(scope: str, transt: bool = False) -> Callable[[nn.Module, str], bool]:
+    """``filter_fn(module, name)`` for :func:`hybridops.hybridize_` that selects ``scope`` of a
+    SiamRPN++ or (``transt``) a TransT model."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}.")
+    if transt:
+        if scope == "all":
+            return lambda module, name: name != "backbone.conv1"
+        return lambda module, name: (name.startswith("backbone.") and name != "backbone.conv1") or \
+            name == "class_embed.layers.2"
     if scope == "all":
         return lambda module, name: True
     return lambda module, name: name.startswith("backbone.") or (".cls.head." in name and name.endswith(".3"))
 
 
-def hybrid_config(variant: str, **overrides):
+def hybrid_config(variant: str, transt: bool = False, **overrides):
     """The conversion config of ``variant``: :class:`hybridops.HybridConfig` (4-bit W/A, keep
-    0.25 by default) or, for ``quant_qn``, :class:`hybridops.QuantConfig` (4-bit W/A)."""
+    0.25 by default) or, for ``quant_qn``, :class:`hybridops.QuantConfig` (4-bit W/A). For TransT
+    (``transt``) also 6-bit attention products, and no full-precision first input (its first conv
+    is not converted at all)."""
     if VARIANTS.get(variant) is None:
         raise ValueError(f"variant {variant!r} is not hybrid; choose one of "
                          f"{[k for k, v in VARIANTS.items() if v]}.")
     spec = VARIANTS[variant]
     kw = {"bits_w": 4, "bits_a": 4, "normalize": spec["normalize"]}
+    if transt:
+        kw.update(bits_attention=TRANST_BITS_ATTENTION, fp_first_input=False)
     if spec["config"] is ho.HybridConfig:
         kw["keep"] = 0.25
     kw.update(overrides)
@@ -74,14 +108,17 @@ def hybrid_config(variant: str, **overrides):
 
 
 def hybridize_tracker(model: nn.Module, variant: str, example_inputs: Optional[Tuple[torch.Tensor, ...]] = None,
-                      scope: str = "backbone", **config_overrides):
-    """Convert ``model`` in place to ``variant``; returns hybridize_'s ``ConversionReport``.
+                      scope: Optional[str] = None, **config_overrides):
+    """Convert ``model`` (SiamRPN++ or TransT) in place to ``variant``; returns hybridize_'s
+    ``ConversionReport``. ``scope`` None: :func:`default_scope`.
 
     ``example_inputs = (z, x)`` template/search batches calibrate the quantizers now; without
     them each layer calibrates on its first forward (or a checkpoint's state is loaded later).
     """
-    cfg = hybrid_config(variant, **config_overrides)
-    return ho.hybridize_(model, cfg, filter_fn=filter_for(scope), example_inputs=example_inputs)
+    transt = is_transt(model)
+    cfg = hybrid_config(variant, transt=transt, **config_overrides)
+    scope = scope or default_scope(model)
+    return ho.hybridize_(model, cfg, filter_fn=filter_for(scope, transt), example_inputs=example_inputs)
 
 
 def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -> torch.Tensor:
@@ -109,9 +146,9 @@ def online_parameters(model: nn.Module) -> List[nn.Parameter]:
     then everything else) so that exactly these parameters require grad.
     """
     layers = model.last_cls_layers()
-    if any(isinstance(l, nn.Conv2d) and type(l) is nn.Conv2d for l in layers):
+    if any(type(l) in (nn.Conv2d, nn.Linear) for l in layers):
         raise ValueError("online update needs a hybrid model: the last classification layers are plain "
-                         "nn.Conv2d (hybridize the tracker first).")
+                         f"{type(layers[0]).__name__} (hybridize the tracker first).")
     ho.freeze_quantized_(model)
     params = [p for l in layers for p in ho.fp_parameters(l)]
     if not params:

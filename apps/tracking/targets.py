@@ -1,10 +1,13 @@
-"""Anchor labels, regression targets and the RPN task loss (SiamRPN / pysot ``AnchorTarget``)."""
+"""Training targets and task losses: anchor labels, regression targets and the RPN loss
+(SiamRPN / pysot ``AnchorTarget``), and TransT's per-cell labels and its CE + L1 + GIoU loss."""
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from .boxes import center_iou, encode
 
@@ -103,3 +106,73 @@ def track_loss(out: dict, label: torch.Tensor, delta: torch.Tensor, weight: torc
     ll = loc_loss(out["loc"], delta, weight)
     total = cls_weight * lc + loc_weight * ll
     return total, {"cls": float(lc.detach()), "loc": float(ll.detach())}
+
+
+# -- TransT -------------------------------------------------------------------------------------
+# TransT's loss weights (cross-entropy, L1, GIoU) and the weight of the "no target" class.
+TRANST_WEIGHTS = (8.334, 5.0, 2.0)
+TRANST_EOS = 0.0625
+
+
+def transt_positions(box: torch.Tensor, size: int) -> torch.Tensor:
+    """Flat indices into the ``size x size`` prediction grid of the cells TransT's matcher calls
+    the target: those whose cell lies inside ``box`` (``(cx, cy, w, h)`` in [0, 1] of the search
+    crop), with TransT's rounding: columns ``ceil(x0 * size) .. ceil(x1 * size) - 1``, at least one
+    row and column; clipped to the grid, so a box partly outside the crop keeps its visible cells."""
+    cx, cy, w, h = (float(v) for v in box)
+    lo_x, hi_x = math.ceil((cx - w / 2) * size), math.ceil((cx + w / 2) * size)
+    lo_y, hi_y = math.ceil((cy - h / 2) * size), math.ceil((cy + h / 2) * size)
+    hi_x, hi_y = max(hi_x, lo_x + 1), max(hi_y, lo_y + 1)
+    lo_x, lo_y = min(max(lo_x, 0), size - 1), min(max(lo_y, 0), size - 1)
+    hi_x, hi_y = min(max(hi_x, lo_x + 1), size), min(max(hi_y, lo_y + 1), size)
+    rows = torch.arange(lo_y, hi_y)
+    cols = torch.arange(lo_x, hi_x)
+    return (rows[:, None] * size + cols[None, :]).reshape(-1)
+
+
+def transt_targets(gt: torch.Tensor, size: int, instance_size: int,
+                   negative: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Targets of one TransT search crop.
+
+    Args:
+        gt: ``(4,)`` centre-form target box in crop pixels relative to the crop centre (as
+            :func:`anchor_targets` takes it).
+        size: side of the prediction grid; instance_size: the crop side in pixels.
+        negative: the search crop shows another sequence's object: every cell is "no target" and
+            there is no box loss.
+    Returns:
+        ``label (size * size,)`` int64, 0 (target) on :func:`transt_positions` and 1 elsewhere;
+        ``box (4,)`` the target box ``(cx, cy, w, h)`` in [0, 1] of the crop.
+    """
+    box = torch.stack([gt[0] / instance_size + 0.5, gt[1] / instance_size + 0.5,
+                       gt[2] / instance_size, gt[3] / instance_size]).float()
+    label = torch.ones(size * size, dtype=torch.long)
+    if not negative:
+        label[transt_positions(box, size)] = 0
+    return label, box
+
+
+def transt_cls_loss(logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """TransT's classification loss: cross-entropy over every cell, the "no target" class
+    weighted :data:`TRANST_EOS`. ``logits (B, HW, 2)``, ``label (B, HW)``."""
+    return F.cross_entropy(logits.transpose(1, 2), label, weight=logits.new_tensor([1.0, TRANST_EOS]))
+
+
+def transt_loss(out: dict, label: torch.Tensor, box: torch.Tensor) -> Tuple[torch.Tensor, dict]:
+    """TransT's loss: ``8.334 CE + 5 L1 + 2 GIoU``, the box terms summed over the target cells
+    (label 0) and divided by their number.
+
+    ``out``: the model's ``{"logits": (B, HW, 2), "boxes": (B, HW, 4)}``; ``label (B, HW)``;
+    ``box (B, 4)`` ``(cx, cy, w, h)`` in [0, 1]. Returns the loss and its float parts
+    (``cls``: the weighted CE, ``loc``: the weighted box terms).
+    """
+    w_ce, w_l1, w_giou = TRANST_WEIGHTS
+    ce = transt_cls_loss(out["logits"], label)
+    b, cell = torch.nonzero(label == 0, as_tuple=True)
+    num = max(int(b.numel()), 1)
+    pred, target = out["boxes"][b, cell], box[b]
+    l1 = (pred - target).abs().sum() / num
+    giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
+                                    reduction="sum") / num
+    loc = w_l1 * l1 + w_giou * giou
+    return w_ce * ce + loc, {"cls": float(w_ce * ce.detach()), "loc": float(loc.detach())}

@@ -13,6 +13,7 @@ quantizer intervals, BN statistics, all other layers) is bit-identical to its st
 """
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import time
@@ -107,34 +108,23 @@ def _sz(w, h):
     return torch.sqrt((w + pad) * (h + pad)) if torch.is_tensor(w) else math.sqrt((w + pad) * (h + pad))
 
 
-class SiamRPNTracker:
-    """Single-object tracker around a :class:`SiamRPNPP` model (float, hybrid or deployed).
+class SiameseTracker(abc.ABC):
+    """What every tracker of this package shares: the model on its device, per-part timing, the
+    search window sent to the device, and the online update of the full-precision branch of the
+    model's last classification layers (``model.last_cls_layers()``), trained on per-frame cached
+    inputs of those layers with pseudo-labels from the tracker's own boxes.
 
-    Usage::
-
-        t = SiamRPNTracker(model, online=OnlineConfig())   # online=None: no update
-        t.init(frame0, box0)                                 # frame: (H, W, 3) uint8, box: (x, y, w, h)
-        for frame in frames[1:]:
-            box, score = t.track(frame)
-
+    Subclasses implement ``init`` / ``track`` and the online loss ``_online_loss(hidden, label)``.
     With ``online`` the model is modified in place: every parameter stops requiring grad except
     the FP branch of the last classification layers, which the updates change. Pass a copy
     (:func:`hybridops_tracking.hybrid.clone`) to keep the offline model, as ``run_sequence`` does.
     """
 
-    def __init__(self, model: SiamRPNPP, params: Optional[TrackParams] = None,
-                 online: Optional[OnlineConfig] = None, seed: int = 0):
+    def __init__(self, model: torch.nn.Module, online: Optional[OnlineConfig] = None, seed: int = 0):
         self.model = model.eval()
-        self.params = params or TrackParams()
         self.online = online
-        cfg = model.config
-        s = cfg.score_size
-        hann = torch.from_numpy(np.outer(np.hanning(s), np.hanning(s))).float()
-        self.window = hann.expand(cfg.anchor_num, s, s).reshape(-1)
         # The network runs on the model's device; the small post-processing stays on the CPU.
         self.device = next(model.parameters()).device
-        self.anchors_grid = model.anchors.detach().cpu()
-        self.anchors = self.anchors_grid.reshape(4, -1)
         self._gen = torch.Generator().manual_seed(seed)
         self.updates = 0
         self._online_params: List[torch.nn.Parameter] = []
@@ -142,14 +132,8 @@ class SiamRPNTracker:
         if online is not None:
             self._online_params = hybrid.online_parameters(model)
 
-    # -- geometry -----------------------------------------------------------------------------
-    def _s_z(self) -> float:
-        w, h = self.size
-        ca = self.params.context_amount * (w + h)
-        return round(math.sqrt((w + ca) * (h + ca)))
-
-    def init(self, img: np.ndarray, box) -> None:
-        """Start tracking ``box = (x, y, w, h)`` in ``img (H, W, 3) uint8``."""
+    def _start(self, img: np.ndarray, box) -> torch.Tensor:
+        """Reset the state for a new target ``box = (x, y, w, h)``; returns the frame on the device."""
         x, y, w, h = (float(v) for v in box)
         if w <= 0 or h <= 0:
             raise ValueError(f"initial box must have positive size, got {tuple(box)}.")
@@ -161,9 +145,6 @@ class SiamRPNTracker:
         # The padding colour is the whole first frame's mean (as pysot); later frames only send
         # the window around the target to the device (see _window).
         self.avg = img_t.mean(dim=(2, 3))
-        cfg = self.model.config
-        z = crop_and_resize(img_t, self.center, self._s_z(), cfg.exemplar_size, self.avg)
-        self.model.template(z)
         if self.online is not None:
             self.samples: Deque[dict] = deque(maxlen=self.online.window)
             self.updates = 0
@@ -171,12 +152,7 @@ class SiamRPNTracker:
                 trained = {id(p) for p in self._online_params}
                 names = {n for n, p in self.model.named_parameters() if id(p) in trained}
                 self._snapshot = {k: _copy_state(v) for k, v in self.model.state_dict().items() if k not in names}
-            # The first frame, where the box is known exactly, is the first online sample.
-            scale_z = cfg.exemplar_size / self._s_z()
-            xc = crop_and_resize(img_t, self.center, self._s_z() * cfg.instance_size / cfg.exemplar_size,
-                                 cfg.instance_size, self.avg)
-            out = self.model.track(xc)
-            self._add_sample(out["cls_hidden"], np.zeros(2), self.size * scale_z)
+        return img_t
 
     def _tick(self, part: str, t0: float) -> float:
         """Add the time since ``t0`` to ``self.times[part]``; returns now. On CUDA the device is
@@ -186,6 +162,110 @@ class SiamRPNTracker:
         now = time.perf_counter()
         self.times[part] += now - t0
         return now
+
+    def _window(self, img: np.ndarray, center, side: float):
+        """The part of ``img`` a crop of ``side`` pixels around ``center`` can sample, as a
+        ``(1, 3, h, w)`` tensor on the device, and the centre in its coordinates. Converting and
+        sending only this window keeps the per-frame cost independent of the frame size (a
+        1280x720 frame cost 10x a 360x240 one when the whole frame was converted)."""
+        H, W = img.shape[:2]
+        r = side / 2 + 2  # +2: bilinear sampling reads one pixel beyond the crop's edge
+        x0, y0 = max(int(math.floor(center[0] - r)), 0), max(int(math.floor(center[1] - r)), 0)
+        x1, y1 = min(int(math.ceil(center[0] + r)), W), min(int(math.ceil(center[1] + r)), H)
+        if x1 <= x0 or y1 <= y0:  # crop entirely outside the frame: a 1-pixel window, all padding
+            x0, y0, x1, y1 = 0, 0, 1, 1
+        win = to_tensor(img[y0:y1, x0:x1]).to(self.device)
+        return win, np.asarray(center, np.float64) - (x0, y0)
+
+    # -- online update ------------------------------------------------------------------------
+    def _add_sample(self, hidden: List[torch.Tensor], label: torch.Tensor) -> None:
+        """Store one frame's cached last-layer inputs with its pseudo-label."""
+        self.samples.append({"hidden": [h.detach() for h in hidden], "label": label.to(self.device)})
+
+    @abc.abstractmethod
+    def init(self, img: np.ndarray, box) -> None:
+        """Start tracking ``box = (x, y, w, h)`` in ``img (H, W, 3) uint8``."""
+
+    @abc.abstractmethod
+    def track(self, img: np.ndarray):
+        """Track one frame; returns ``(box (x, y, w, h) float64 array, confidence float)``."""
+
+    @abc.abstractmethod
+    def _online_loss(self, hidden: List[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        """The classification loss of the stacked samples (``label``: their pseudo-labels)."""
+
+    def update(self) -> float:
+        """One online update on the stored samples; returns the final loss."""
+        o = self.online
+        if o is None:
+            raise RuntimeError("this tracker was built without an OnlineConfig.")
+        levels = len(self.samples[0]["hidden"])
+        hidden = [torch.cat([s["hidden"][i] for s in self.samples]) for i in range(levels)]
+        label = torch.stack([s["label"] for s in self.samples])
+        opt = torch.optim.SGD(self._online_params, lr=o.lr, momentum=o.momentum)
+        loss = torch.zeros(())
+        with torch.enable_grad():
+            for _ in range(o.iterations):
+                opt.zero_grad(set_to_none=True)
+                loss = self._online_loss(hidden, label)
+                loss.backward()
+                opt.step()
+        self.updates += 1
+        if o.verify_frozen:
+            self.check_frozen()
+        return float(loss.detach())
+
+    def check_frozen(self) -> None:
+        """Raise if any tensor outside the online-trained FP branch differs from its value at
+        ``init`` (quantized weights and codes, quantizer intervals, every other layer)."""
+        state = self.model.state_dict()
+        changed = [k for k, v in self._snapshot.items() if not _same_state(state[k], v)]
+        if changed:
+            raise RuntimeError(f"online update modified frozen tensors: {changed[:5]}"
+                               f"{' ...' if len(changed) > 5 else ''}")
+
+
+class SiamRPNTracker(SiameseTracker):
+    """Single-object tracker around a :class:`SiamRPNPP` model (float, hybrid or deployed).
+
+    Usage::
+
+        t = SiamRPNTracker(model, online=OnlineConfig())   # online=None: no update
+        t.init(frame0, box0)                                 # frame: (H, W, 3) uint8, box: (x, y, w, h)
+        for frame in frames[1:]:
+            box, score = t.track(frame)
+    """
+
+    def __init__(self, model: SiamRPNPP, params: Optional[TrackParams] = None,
+                 online: Optional[OnlineConfig] = None, seed: int = 0):
+        super().__init__(model, online, seed)
+        self.params = params or TrackParams()
+        cfg = model.config
+        s = cfg.score_size
+        hann = torch.from_numpy(np.outer(np.hanning(s), np.hanning(s))).float()
+        self.window = hann.expand(cfg.anchor_num, s, s).reshape(-1)
+        self.anchors_grid = model.anchors.detach().cpu()
+        self.anchors = self.anchors_grid.reshape(4, -1)
+
+    # -- geometry -----------------------------------------------------------------------------
+    def _s_z(self) -> float:
+        w, h = self.size
+        ca = self.params.context_amount * (w + h)
+        return round(math.sqrt((w + ca) * (h + ca)))
+
+    def init(self, img: np.ndarray, box) -> None:
+        """Start tracking ``box = (x, y, w, h)`` in ``img (H, W, 3) uint8``."""
+        img_t = self._start(img, box)
+        cfg = self.model.config
+        z = crop_and_resize(img_t, self.center, self._s_z(), cfg.exemplar_size, self.avg)
+        self.model.template(z)
+        if self.online is not None:
+            # The first frame, where the box is known exactly, is the first online sample.
+            scale_z = cfg.exemplar_size / self._s_z()
+            xc = crop_and_resize(img_t, self.center, self._s_z() * cfg.instance_size / cfg.exemplar_size,
+                                 cfg.instance_size, self.avg)
+            out = self.model.track(xc)
+            self._label_sample(out["cls_hidden"], np.zeros(2), self.size * scale_z)
 
     def track(self, img: np.ndarray):
         """Track one frame; returns ``(box (x, y, w, h) float64 array, confidence float)``.
@@ -222,63 +302,22 @@ class SiamRPNTracker:
         self.frame_index += 1
         t = self._tick("post", t)
         if self.online is not None:
-            self._add_sample(out["cls_hidden"], (self.center - prev_center) * scale_z, self.size * scale_z)
+            self._label_sample(out["cls_hidden"], (self.center - prev_center) * scale_z, self.size * scale_z)
             if self.frame_index % self.online.interval == 0:
                 self.update()
             self._tick("update", t)
         box = np.array([self.center[0] - self.size[0] / 2, self.center[1] - self.size[1] / 2, *self.size])
         return box, float(score[best])
 
-    def _window(self, img: np.ndarray, center, side: float):
-        """The part of ``img`` a crop of ``side`` pixels around ``center`` can sample, as a
-        ``(1, 3, h, w)`` tensor on the device, and the centre in its coordinates. Converting and
-        sending only this window keeps the per-frame cost independent of the frame size (a
-        1280x720 frame cost 10x a 360x240 one when the whole frame was converted)."""
-        H, W = img.shape[:2]
-        r = side / 2 + 2  # +2: bilinear sampling reads one pixel beyond the crop's edge
-        x0, y0 = max(int(math.floor(center[0] - r)), 0), max(int(math.floor(center[1] - r)), 0)
-        x1, y1 = min(int(math.ceil(center[0] + r)), W), min(int(math.ceil(center[1] + r)), H)
-        if x1 <= x0 or y1 <= y0:  # crop entirely outside the frame: a 1-pixel window, all padding
-            x0, y0, x1, y1 = 0, 0, 1, 1
-        win = to_tensor(img[y0:y1, x0:x1]).to(self.device)
-        return win, np.asarray(center, np.float64) - (x0, y0)
-
     # -- online update ------------------------------------------------------------------------
-    def _add_sample(self, hidden, offset, size) -> None:
+    def _label_sample(self, hidden, offset, size) -> None:
         """Store one frame's cached last-layer inputs with pseudo-labels from the tracked box
         (``offset``/``size`` in search-crop pixels relative to the crop centre)."""
         o = self.online
         gt = torch.tensor([offset[0], offset[1], size[0], size[1]], dtype=torch.float32)
         label, _, _ = anchor_targets(self.anchors_grid, gt, o.pos_iou, o.neg_iou, o.num_pos, o.num_total,
                                      generator=self._gen)
-        self.samples.append({"hidden": [h.detach() for h in hidden], "label": label.to(self.device)})
+        self._add_sample(hidden, label)
 
-    def update(self) -> float:
-        """One online update on the stored samples; returns the final loss."""
-        o = self.online
-        if o is None:
-            raise RuntimeError("this tracker was built without an OnlineConfig.")
-        levels = len(self.samples[0]["hidden"])
-        hidden = [torch.cat([s["hidden"][i] for s in self.samples]) for i in range(levels)]
-        label = torch.stack([s["label"] for s in self.samples])
-        opt = torch.optim.SGD(self._online_params, lr=o.lr, momentum=o.momentum)
-        loss = torch.zeros(())
-        with torch.enable_grad():
-            for _ in range(o.iterations):
-                opt.zero_grad(set_to_none=True)
-                loss = cls_loss(self.model.cls_from_hidden(hidden), label)
-                loss.backward()
-                opt.step()
-        self.updates += 1
-        if o.verify_frozen:
-            self.check_frozen()
-        return float(loss.detach())
-
-    def check_frozen(self) -> None:
-        """Raise if any tensor outside the online-trained FP branch differs from its value at
-        ``init`` (quantized weights and codes, quantizer intervals, every other layer)."""
-        state = self.model.state_dict()
-        changed = [k for k, v in self._snapshot.items() if not _same_state(state[k], v)]
-        if changed:
-            raise RuntimeError(f"online update modified frozen tensors: {changed[:5]}"
-                               f"{' ...' if len(changed) > 5 else ''}")
+    def _online_loss(self, hidden: List[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
+        return cls_loss(self.model.cls_from_hidden(hidden), label)

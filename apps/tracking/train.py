@@ -6,7 +6,9 @@ the search crop is ``instance/exemplar`` times larger around the target in frame
 the target is not always at the centre. A fraction ``neg`` of the pairs are negative (template
 and search from different sequences, pysot's ``DATASET.NEG``). Targets are anchor labels and
 deltas (:func:`~hybridops_tracking.targets.anchor_targets`,
-:func:`~hybridops_tracking.targets.negative_targets`). The loss is eq 16,
+:func:`~hybridops_tracking.targets.negative_targets`). TransT models take the same pairs with
+TransT's crop sides (template and search factors 2 and 4) and its per-cell targets and
+CE + L1 + GIoU loss (:func:`~hybridops_tracking.targets.transt_loss`). The loss is eq 16,
 
     L_hyb = L_track + lambda_1 L_quant + lambda_2 L_prune,
 
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -28,7 +30,8 @@ import hybridops as ho
 from .crop import crop_and_resize, to_tensor
 from .data import Sequence, SynthConfig, synthetic_sequence
 from .model import ModelConfig, SiamRPNPP
-from .targets import anchor_targets, negative_targets, track_loss
+from .targets import anchor_targets, negative_targets, track_loss, transt_loss, transt_targets
+from .transt import TransT, TransTConfig
 
 
 @dataclass
@@ -108,10 +111,14 @@ class PairSampler:
     ``sequences`` given (:func:`~.data.load_dataset`), using only frames with a visible target.
 
     ``sample(batch_size)`` returns ``z (B, 3, Ez, Ez)``, ``x (B, 3, Ex, Ex)`` float crops in
-    [0, 255], ``label (B, A, S, S)``, ``delta (B, 4, A, S, S)`` and ``weight (B, A, S, S)``.
+    [0, 255] and the targets of the model the config describes: for SiamRPN++ (``ModelConfig``,
+    with its ``anchors``) ``label (B, A, S, S)``, ``delta (B, 4, A, S, S)`` and
+    ``weight (B, A, S, S)``; for TransT (``TransTConfig``, ``anchors`` None) ``label (B, S*S)``
+    and ``box (B, 4)`` (:func:`~.targets.transt_targets`).
     """
 
-    def __init__(self, model_config: ModelConfig, anchors: torch.Tensor, config: TrainConfig,
+    def __init__(self, model_config: Union[ModelConfig, TransTConfig], anchors: Optional[torch.Tensor],
+                 config: TrainConfig,
                  sequences: Optional[List[Sequence]] = None):
         self.mc, self.tc, self.anchors = model_config, config, anchors
         self.seqs = []
@@ -131,19 +138,36 @@ class PairSampler:
         self.rng = np.random.default_rng(config.seed)
         self.gen = torch.Generator().manual_seed(config.seed)
 
+    @classmethod
+    def for_model(cls, model: Union[SiamRPNPP, TransT], config: TrainConfig,
+                  sequences: Optional[List[Sequence]] = None) -> "PairSampler":
+        """The sampler of ``model``'s geometry and targets."""
+        anchors = getattr(model, "anchors", None)
+        return cls(model.config, anchors.cpu() if anchors is not None else None, config, sequences)
+
     def reseed(self, seed: int) -> None:
         """Restart the pair stream, so that several models train on the same batches."""
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(seed)
 
-    def _s_z(self, box) -> float:
+    def _crop_sides(self, box):
+        """Template and search crop sides around ``box``: SiamRPN++'s context (``context_amount``)
+        and ``instance / exemplar`` times that, or TransT's factors (:meth:`TransTConfig.crop_sides`)."""
         w, h = box[2], box[3]
+        if isinstance(self.mc, TransTConfig):
+            return self.mc.crop_sides(w, h)
         ca = self.tc.context_amount * (w + h)
-        return math.sqrt((w + ca) * (h + ca))
+        s_z = math.sqrt((w + ca) * (h + ca))
+        return s_z, s_z * self.mc.instance_size / self.mc.exemplar_size
+
+    def _targets(self, gt: torch.Tensor, neg: bool):
+        if isinstance(self.mc, TransTConfig):
+            return transt_targets(gt, self.mc.score_size, self.mc.instance_size, negative=neg)
+        return (negative_targets if neg else anchor_targets)(self.anchors, gt, generator=self.gen)
 
     def sample(self, batch_size: int):
         mc, tc, rng = self.mc, self.tc, self.rng
-        zs, xs, labels, deltas, weights = [], [], [], [], []
+        zs, xs, targets = [], [], []
         for _ in range(batch_size):
             # Every extra draw sits behind "probability > 0", so neg = color = 0 keeps the stream
             # of pairs of a sampler without them.
@@ -163,10 +187,10 @@ class PairSampler:
                 frames_x, boxes_x, j = frames, boxes, int(valid[rng.integers(lo, hi)])
             bz, bx = boxes[i], boxes_x[j]
             # Template: small jitter (pysot: 4 px shift, 5 % scale) so the net does not overfit centring.
-            s_z = self._s_z(bz) * math.exp(rng.uniform(-0.05, 0.05))
+            s_z = self._crop_sides(bz)[0] * math.exp(rng.uniform(-0.05, 0.05))
             cz = bz[:2] + bz[2:] / 2 + rng.uniform(-4, 4, 2) * s_z / mc.exemplar_size
             zs.append(crop_and_resize(frames[i], cz, s_z, mc.exemplar_size))
-            s_x = self._s_z(bx) * mc.instance_size / mc.exemplar_size * math.exp(rng.uniform(-tc.scale, tc.scale))
+            s_x = self._crop_sides(bx)[1] * math.exp(rng.uniform(-tc.scale, tc.scale))
             cx_target = bx[:2] + bx[2:] / 2
             crop_center = cx_target + rng.uniform(-tc.shift, tc.shift, 2) * s_x
             xs.append(crop_and_resize(frames_x[j], crop_center, s_x, mc.instance_size))
@@ -181,12 +205,8 @@ class PairSampler:
             if tc.flip > 0 and rng.random() < tc.flip:
                 zs[-1], xs[-1] = zs[-1].flip(3), xs[-1].flip(3)
                 gt[0] = -gt[0]  # crop coordinates are relative to the centre: mirroring negates x
-            targets = negative_targets if neg else anchor_targets
-            label, delta, weight = targets(self.anchors, gt, generator=self.gen)
-            labels.append(label)
-            deltas.append(delta)
-            weights.append(weight)
-        return (torch.cat(zs), torch.cat(xs), torch.stack(labels), torch.stack(deltas), torch.stack(weights))
+            targets.append(self._targets(gt, neg))
+        return (torch.cat(zs), torch.cat(xs), *(torch.stack(t) for t in zip(*targets)))
 
 
 # Principal components of natural-image RGB, each scaled by its standard deviation, in grey
@@ -216,16 +236,17 @@ def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
     return torch.nn.functional.conv2d(x, k.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
 
 
-def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
+def train(model: Union[SiamRPNPP, TransT], config: Optional[TrainConfig] = None,
           regularizer: Optional[Callable[[torch.nn.Module], torch.Tensor]] = None,
           sampler: Optional[PairSampler] = None, progress: bool = True, desc: str = "train") -> List[Dict[str, float]]:
-    """Train ``model`` in place on synthetic pairs; returns per-step logs
+    """Train ``model`` in place on synthetic pairs (or the ``sampler``'s); returns per-step logs
     ``[{"loss", "cls", "loc", "reg"}]``.
 
     ``regularizer(model)`` adds ``lambda_1 L_quant + lambda_2 L_prune`` for hybrid models.
     """
     tc = config or TrainConfig()
-    sampler = sampler or PairSampler(model.config, model.anchors.cpu(), tc)
+    task_loss = transt_loss if isinstance(model, TransT) else track_loss
+    sampler = sampler or PairSampler.for_model(model, tc)
     # Pairs are cut on the CPU (cheap at these sizes) and moved to the model's device.
     device = next(model.parameters()).device
     # ho.param_groups: weight decay on weights only, the package's groups for intervals and gates
@@ -237,9 +258,9 @@ def train(model: SiamRPNPP, config: Optional[TrainConfig] = None,
     logs = []
     bar = tqdm(range(tc.steps), desc=desc, disable=not progress, dynamic_ncols=True)
     for _ in bar:
-        z, x, label, delta, weight = (t.to(device, non_blocking=True) for t in sampler.sample(tc.batch_size))
+        z, x, *targets = (t.to(device, non_blocking=True) for t in sampler.sample(tc.batch_size))
         out = model(z, x)
-        loss, parts = track_loss(out, label, delta, weight)
+        loss, parts = task_loss(out, *targets)
         reg = regularizer(model) if regularizer is not None else None
         total = loss + reg if reg is not None else loss
         if not torch.isfinite(total):
