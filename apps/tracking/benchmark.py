@@ -21,9 +21,23 @@ from .data import Sequence, SequenceError, list_sequences, parse_boxes, read_otb
 from .metrics import curves, plot_curves, summarize
 from .model import SiamRPNPP
 from .tracker import OnlineConfig, SiamRPNTracker, TrackParams
+from .transt import TransT
+from .transt_tracker import TransTParams, TransTTracker
+
+Model = Union[SiamRPNPP, TransT]
+Params = Union[TrackParams, TransTParams]
 
 
-def run_sequence(model: SiamRPNPP, seq: Sequence, params: Optional[TrackParams] = None,
+def make_tracker(model: Model, params: Optional[Params] = None, online: Optional[OnlineConfig] = None):
+    """The tracker of ``model``'s architecture: :class:`TransTTracker` for TransT,
+    :class:`SiamRPNTracker` for SiamRPN++ (``params`` of the matching type, or None for defaults)."""
+    tracker, expected = (TransTTracker, TransTParams) if isinstance(model, TransT) else (SiamRPNTracker, TrackParams)
+    if params is not None and not isinstance(params, expected):
+        raise TypeError(f"{type(model).__name__} tracks with {expected.__name__}, got {type(params).__name__}.")
+    return tracker(model, params, online)
+
+
+def run_sequence(model: Model, seq: Sequence, params: Optional[Params] = None,
                  online: Optional[OnlineConfig] = None, progress: bool = False) -> Dict:
     """One-pass evaluation of one sequence, initialised from its first valid box.
 
@@ -35,7 +49,7 @@ def run_sequence(model: SiamRPNPP, seq: Sequence, params: Optional[TrackParams] 
     if online is not None:
         # The online update changes the FP branch: every sequence starts from the offline weights.
         model = hybrid.clone(model)
-    tracker = SiamRPNTracker(model, params, online)
+    tracker = make_tracker(model, params, online)
     valid = np.flatnonzero(seq.valid)
     if valid.size == 0:
         raise SequenceError(f"{seq.name}: no frame has a visible target to start from.")
@@ -58,7 +72,7 @@ def run_sequence(model: SiamRPNPP, seq: Sequence, params: Optional[TrackParams] 
             "updates": tracker.updates, "times": times}
 
 
-def evaluate(model: SiamRPNPP, seqs: Seq[Sequence], params: Optional[TrackParams] = None,
+def evaluate(model: Model, seqs: Seq[Sequence], params: Optional[Params] = None,
              online: Optional[OnlineConfig] = None, progress: bool = True, desc: str = "eval",
              attributes: Optional[Dict[str, List[str]]] = None) -> Dict:
     """Track every sequence and score it.

@@ -1,6 +1,7 @@
 """Save and load tracker checkpoints (float or hybrid, optionally deployed at load time).
 
-A checkpoint is a dict: ``model_config`` (:class:`ModelConfig` fields), ``variant`` (a key of
+A checkpoint is a dict: ``arch`` (``"siamrpn"`` or ``"transt"``; files without it are SiamRPN++),
+``model_config`` (:class:`ModelConfig` or :class:`~.transt.TransTConfig` fields), ``variant`` (a key of
 :data:`~hybridops_tracking.hybrid.VARIANTS`), ``scope``, ``hybrid_overrides`` (extra
 ``HybridConfig`` fields), ``state_dict`` and free-form ``meta``. Loading
 rebuilds the float model, converts it the same way and loads the state, so no pickled code is
@@ -8,6 +9,7 @@ needed (``torch.load(weights_only=True)``).
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Optional, Union
 
@@ -15,20 +17,31 @@ import torch
 
 from . import hybrid
 from .model import ModelConfig, SiamRPNPP
+from .transt import TransT, TransTConfig
+
+# Each architecture a checkpoint can hold: its model class and config class.
+ARCHS = {"siamrpn": (SiamRPNPP, ModelConfig), "transt": (TransT, TransTConfig)}
 
 
-def save_checkpoint(path: Union[str, Path], model: SiamRPNPP, variant: str = "float", scope: str = "backbone",
-                    hybrid_overrides: Optional[dict] = None, meta: Optional[dict] = None) -> Path:
-    """Write ``model`` (float or converted with :func:`hybrid.hybridize_tracker`, not deployed)."""
+def arch_of(model: Union[SiamRPNPP, TransT]) -> str:
+    return "transt" if isinstance(model, TransT) else "siamrpn"
+
+
+def save_checkpoint(path: Union[str, Path], model: Union[SiamRPNPP, TransT], variant: str = "float",
+                    scope: Optional[str] = None, hybrid_overrides: Optional[dict] = None,
+                    meta: Optional[dict] = None) -> Path:
+    """Write ``model`` (float or converted with :func:`hybrid.hybridize_tracker`, not deployed);
+    ``scope`` None: the model's default (:func:`hybrid.default_scope`)."""
     if variant not in hybrid.VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose one of {list(hybrid.VARIANTS)}.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = model.config.to_dict()
     torch.save({
+        "arch": arch_of(model),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "variant": variant,
-        "scope": scope,
+        "scope": scope or hybrid.default_scope(model),
         "hybrid_overrides": dict(hybrid_overrides or {}),
         "state_dict": model.state_dict(),
         "meta": dict(meta or {}),
@@ -40,6 +53,32 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message is one sentence naming the file."""
 
 
+def _inert_class(qualified: str) -> type:
+    """A class named ``qualified`` that takes any construction and state and does nothing: it
+    stands in for a class of another code base pickled next to the tensors."""
+    module, _, name = qualified.rpartition(".")
+    return type(name, (), {"__module__": module, "__qualname__": name, "__init__": lambda self, *a, **k: None,
+                           "__setstate__": lambda self, state: None})
+
+
+def _load_weights(path: Path):
+    """``torch.load(weights_only=True)``. A training checkpoint of another framework (TransT's
+    ``ltr`` files pickle its constructor and settings objects next to the state_dict) names
+    classes the weights-only unpickler refuses; those are read as inert placeholders instead, so
+    no code of that framework is imported or run and the tensors load as usual."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not a zip checkpoint: report the weights-only error
+            unsafe = []
+        if not unsafe:
+            raise
+    with torch.serialization.safe_globals([_inert_class(g) for g in unsafe]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_checkpoint(path: Union[str, Path]) -> dict:
     """The raw checkpoint dict at ``path``; :class:`CheckpointError` when the file is missing or
     is not a torch file."""
@@ -47,7 +86,7 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist.")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = _load_weights(path)
     except Exception as e:  # torch raises several unrelated types for a file that is not a checkpoint
         raise CheckpointError(f"{path} is not a readable torch checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}).") from None
@@ -57,27 +96,38 @@ def read_checkpoint(path: Union[str, Path]) -> dict:
 
 
 def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str = "auto",
-                    device: Union[str, torch.device] = "cpu") -> SiamRPNPP:
+                    device: Union[str, torch.device] = "cpu") -> Union[SiamRPNPP, TransT]:
     """Rebuild the model stored at ``path`` on ``device`` (in eval mode); ``deploy`` packs a
     hybrid one there (``backend="auto"`` picks the fastest kernels for that device).
 
-    Reads this package's checkpoints and pysot's SiamRPN++ ones (``siamrpn_r50_l234_dwxcorr``
-    layout, see :mod:`.pysot`; loaded as float). Raises :class:`CheckpointError` for a missing or
-    unreadable file, a pysot file with parts this tracker lacks, and ``deploy`` of a float model
+    Reads this package's checkpoints, pysot's SiamRPN++ ones (``siamrpn_r50_l234_dwxcorr``
+    layout, see :mod:`.pysot`) and TransT's (``transt.pth``, see :mod:`.transt_import`), the last
+    two loaded as float. Raises :class:`CheckpointError` for a missing or unreadable file, a
+    pysot or TransT file with parts this tracker lacks, and ``deploy`` of a float model
     (deploying packs the quantized branch a float model does not have)."""
     ckpt = read_checkpoint(path)
     if "model_config" not in ckpt:
         from .pysot import is_pysot_state_dict, load_pysot_state_dict
-        if not is_pysot_state_dict(ckpt):
-            raise CheckpointError(f"{path} is neither a hybridops-track checkpoint (no 'model_config') nor a "
-                                  "pysot SiamRPN++ state_dict (no 'rpn_head.' keys).")
+        from .transt_import import is_transt_state_dict, load_transt_state_dict
+        if is_pysot_state_dict(ckpt):
+            load = load_pysot_state_dict
+        elif is_transt_state_dict(ckpt):
+            load = load_transt_state_dict
+        else:
+            raise CheckpointError(f"{path} is neither a hybridops-track checkpoint (no 'model_config'), a pysot "
+                                  "SiamRPN++ state_dict (no 'rpn_head.' keys) nor a TransT checkpoint (no "
+                                  "'featurefusion_network.' keys).")
         try:
-            model = load_pysot_state_dict(ckpt)
+            model = load(ckpt)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
         variant = "float"
     else:
-        model = SiamRPNPP(ModelConfig(**ckpt["model_config"]))
+        arch = ckpt.get("arch", "siamrpn")
+        if arch not in ARCHS:
+            raise CheckpointError(f"{path} holds a {arch!r} model; this version knows {sorted(ARCHS)}.")
+        model_cls, config_cls = ARCHS[arch]
+        model = model_cls(config_cls(**ckpt["model_config"]))
         variant = ckpt["variant"]
         if variant != "float":
             hybrid.hybridize_tracker(model, variant, scope=ckpt["scope"], **ckpt["hybrid_overrides"])

@@ -1,10 +1,12 @@
-"""``hybridops-track``: synthesize, train, track, evaluate and compare SiamRPN++ variants.
+"""``hybridops-track``: synthesize, train, track, evaluate and compare SiamRPN++ and TransT variants.
 
 Examples::
 
     hybridops-track synth data/synth --num 4 --frames 60
     hybridops-track train --out float.pt --steps 400
     hybridops-track train --out hybrid.pt --variant hybrid --init float.pt --steps 60
+    hybridops-track train --arch transt --out transt.pt --steps 400
+    hybridops-track train --out hybtranst.pt --variant hybrid --init transt.pth --data /data/GOT-10k --steps 60
     hybridops-track track data/synth/synth_000 --checkpoint hybrid.pt --online --out runs/s0
     hybridops-track evaluate data/synth --checkpoint hybrid.pt --out runs/eval
     hybridops-track evaluate /data/LaSOT --checkpoint model.pth --out runs/lasot --skip-bad
@@ -26,7 +28,9 @@ import torch
 
 def _model_config(args):
     from .model import ModelConfig
-    return ModelConfig.small() if args.preset == "small" else ModelConfig()
+    from .transt import TransTConfig
+    config = TransTConfig if getattr(args, "arch", "siamrpn") == "transt" else ModelConfig
+    return config.small() if args.preset == "small" else config()
 
 
 def _online(args, model=None):
@@ -101,8 +105,7 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from . import hybrid
-    from .checkpoint import load_checkpoint, save_checkpoint
-    from .model import SiamRPNPP
+    from .checkpoint import ARCHS, arch_of, load_checkpoint, save_checkpoint
     from .train import PairSampler, TrainConfig, train
 
     torch.manual_seed(args.seed)
@@ -115,21 +118,24 @@ def cmd_train(args) -> int:
         model = load_checkpoint(args.init)
         if getattr(model, "variant", "float") != "float":
             raise SystemExit(f"--init must be a float checkpoint; {args.init} is {model.variant}.")
+        if args.arch is not None and arch_of(model) != args.arch:
+            raise SystemExit(f"--arch {args.arch} does not match --init {args.init}, a {arch_of(model)} model.")
     else:
-        model = SiamRPNPP(_model_config(args))
+        model = ARCHS[args.arch or "siamrpn"][0](_model_config(args))
     model.to(_device(args))
     real = _sequences(args, args.data) if args.data else None
     if real is not None:
         print(f"training on {len(real)} sequence(s) from {args.data} ({args.format}, "
               f"{sum(int(q.valid.sum()) for q in real)} frames with a visible target)")
-    sampler = PairSampler(model.config, model.anchors.cpu(), tc, sequences=real)
+    sampler = PairSampler.for_model(model, tc, sequences=real)
     if tc.neg > 0 and sampler.neg == 0:
         print("one training sequence: every pair is positive (--neg draws the search crop from another sequence)")
     reg = None
     if args.variant != "float":
         example = tuple(t.to(_device(args)) for t in sampler.sample(8)[:2])
-        report = hybrid.hybridize_tracker(model, args.variant, example_inputs=example, scope=args.scope)
-        print(f"converted {len(report.converted)} layers ({args.variant}, scope {args.scope})")
+        scope = args.scope or hybrid.default_scope(model)
+        report = hybrid.hybridize_tracker(model, args.variant, example_inputs=example, scope=scope)
+        print(f"converted {len(report.converted)} layers ({args.variant}, scope {scope})")
         reg = lambda m: hybrid.regularization(m, tc.lambda_quant, tc.lambda_prune)
     logs = train(model, tc, regularizer=reg, sampler=sampler, progress=not args.quiet)
     save_checkpoint(args.out, model, args.variant, scope=args.scope,
@@ -288,10 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="offline training on synthetic or real pairs (L_hyb for hybrid variants)")
     p.add_argument("--out", required=True, help="checkpoint path")
     p.add_argument("--variant", default="float", choices=("float", "hybrid", "hybrid_qp", "quant_qn"))
-    p.add_argument("--init", help="float checkpoint to start from (e.g. to derive a hybrid variant)")
+    p.add_argument("--arch", choices=("siamrpn", "transt"), default=None,
+                   help="tracker to build without --init: siamrpn (SiamRPN++, default) or transt (TransT); with --init "
+                        "the checkpoint's")
+    p.add_argument("--init", help="float checkpoint to start from (e.g. to derive a hybrid variant): ours, pysot's "
+                                  "SiamRPN++ model.pth or TransT's transt.pth")
     p.add_argument("--preset", choices=("small", "full"), default="small",
-                   help="small: width 1/4, 1 block/stage, crops 63/127; full: ResNet-50, 127/255")
-    p.add_argument("--scope", choices=("backbone", "all"), default="backbone")
+                   help="small: width 1/4, 1 block/stage, crops 63/127 (TransT: 64/128, hidden 64, 2 fusion layers); "
+                        "full: ResNet-50, 127/255 (TransT: 128/256, hidden 256, 4 fusion layers)")
+    p.add_argument("--scope", choices=("backbone", "all"), default=None,
+                   help="layers to convert (default: backbone for SiamRPN++, all for TransT; see hybridops_tracking.hybrid)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -320,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, hlp in (("track", "track the sequence(s) of a folder"), ("evaluate", "evaluate a data set")):
         p = sub.add_parser(name, help=hlp)
         p.add_argument("sequence" if name == "track" else "root")
-        p.add_argument("--checkpoint", required=True, help="hybridops-track checkpoint or pysot SiamRPN++ model.pth")
+        p.add_argument("--checkpoint", required=True,
+                       help="hybridops-track checkpoint, pysot SiamRPN++ model.pth or TransT transt.pth")
         p.add_argument("--deploy", action="store_true", help="pack the hybrid model (hybridops.deploy_) first")
         p.add_argument("--out", default=f"runs/{name}")
         p.add_argument("--quiet", action="store_true")
