@@ -12,6 +12,7 @@ Examples::
     hybridops-track evaluate /data/LaSOT --checkpoint model.pth --out runs/lasot --skip-bad
     hybridops-track rescore runs/eval --data data/synth
     hybridops-track rescore runs/otb --data /data/OTB100 --attrs /data/OTB100/OTB100.json
+    hybridops-track bops --checkpoint hybtranst.pt
     hybridops-track compare --out bench/results/tracking
 """
 from __future__ import annotations
@@ -252,6 +253,21 @@ def cmd_rescore(args) -> int:
     return 0
 
 
+def cmd_bops(args) -> int:
+    from . import hybrid
+    model = _load_model(argparse.Namespace(**{**vars(args), "deploy": False, "device": "cpu"}))
+    rows = hybrid.table1(model)
+    cfg = model.config
+    text = (f"# BOPs (eq 17) of one tracked frame: {Path(args.checkpoint).name} ({type(model).__name__}, "
+            f"{getattr(model, 'variant', 'float')}, search crop {cfg.instance_size}x{cfg.instance_size}, template "
+            f"cached)\n\n{hybrid.table1_markdown(rows)}\n")
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return 0
+
+
 def cmd_compare(args) -> int:
     from .compare import run_comparison
     from .train import TrainConfig
@@ -359,6 +375,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(p)
     _add_attrs(p)
     p.set_defaults(fn=cmd_rescore)
+
+    p = sub.add_parser("bops", help="the paper's Table 1 for a checkpoint: per-part bits and RC (BOPs, eq 17) of one "
+                                    "tracked frame")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", help="also write the table (markdown) here")
+    p.set_defaults(fn=cmd_bops)
 
     p = sub.add_parser("compare", help="float vs hybrid variants vs online update on a synthetic benchmark")
     p.add_argument("--out", default="bench/results/tracking")

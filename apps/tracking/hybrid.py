@@ -39,8 +39,9 @@ import torch
 import torch.nn as nn
 
 import hybridops as ho
+from hybridops.attention import HybridMultiheadAttention
 
-from .transt import TransT
+from .transt import TrackingStep, TransT
 
 # Each hybrid variant: the config type hybridops.hybridize_ dispatches on, and eq 10-12 on/off.
 VARIANTS: Dict[str, Optional[dict]] = {
@@ -169,6 +170,82 @@ def forget_template_(model: nn.Module) -> nn.Module:
 def clone(model: nn.Module) -> nn.Module:
     """Deep copy of a (possibly trained hybrid) tracker model, without its template cache."""
     return copy.deepcopy(forget_template_(model))
+
+
+# The paper's Table 1 parts: (column, the layer-name prefixes it sums). TransT's fusion network
+# and input projection are its "att" column, the two MLP heads "pred".
+TABLE1_PARTS = {
+    "transt": (("conv1", ("backbone.conv1",)), ("layer1", ("backbone.layer1",)), ("layer2", ("backbone.layer2",)),
+               ("layer3", ("backbone.layer3",)), ("att", ("input_proj", "featurefusion_network")),
+               ("pred", ("class_embed", "bbox_embed"))),
+    "siamrpn": (("conv1", ("backbone.conv1",)), ("layer1", ("backbone.layer1",)), ("layer2", ("backbone.layer2",)),
+                ("layer3", ("backbone.layer3",)), ("layer4", ("backbone.layer4",)), ("neck", ("neck",)),
+                ("rpn", ("rpn",))),
+}
+
+
+def tracking_bops(model: nn.Module) -> ho.BopsReport:
+    """BOPs (eq 17) of one tracked frame, as :func:`hybridops.bops_report` counts them: the search
+    crop's backbone and everything after it, the template's features cached (computed from a random
+    template before counting). The float ``nn.MultiheadAttention`` modules of a float model are
+    counted through their float :class:`~hybridops.attention.HybridMultiheadAttention` rewrite (the
+    same products, in full precision), so that the baseline includes the attention products."""
+    cfg = model.config
+    z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size) * 255
+    if is_transt(model):
+        model = clone(model)
+        for name, m in list(model.named_modules()):
+            if type(m) is nn.MultiheadAttention:
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, HybridMultiheadAttention.from_float(m))
+        step = TrackingStep(model, z)
+        return ho.bops_report(step, (1, 3, cfg.instance_size, cfg.instance_size))
+    return ho.bops_report(_SiamRPNStep(model, z), (1, 3, cfg.instance_size, cfg.instance_size))
+
+
+class _SiamRPNStep(nn.Module):
+    """:class:`~.transt.TrackingStep` for SiamRPN++: its heads against cached template features."""
+
+    def __init__(self, model: nn.Module, z: torch.Tensor):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.zf = model.features(z, True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model._heads(self.zf, self.model.features(x, False), return_hidden=False)["cls"]
+
+
+def table1(model: nn.Module, report: Optional[ho.BopsReport] = None) -> List[dict]:
+    """The paper's Table 1 for one tracker: one row per part (:data:`TABLE1_PARTS`) with the
+    activation/weight bits it uses (``a/w``; the attention products' ``b/b`` for Q K^T and
+    ``32/b`` for P V, as rows of the report), its share of the baseline BOPs and ``rc_prune``,
+    ``rc_quant``, ``rc_hybrid`` (each part's own BOPs over its own baseline), then a ``total``
+    row. ``report`` defaults to :func:`tracking_bops`."""
+    report = report or tracking_bops(model)
+    parts = TABLE1_PARTS["transt" if is_transt(model) else "siamrpn"]
+    strip = lambda n: n.split(".", 1)[1] if n.startswith("model.") else n
+    rows, total = [], report.baseline or 1.0
+    for column, prefixes in parts:
+        layers = [r for r in report.layers if strip(r.name).startswith(prefixes)]
+        base = sum(r.baseline for r in layers) or 1.0
+        bits = sorted({f"{r.bits_a if r.bits_a is not None else 32}/{r.bits_w if r.bits_w is not None else 32}"
+                       for r in layers if r.quant or r.kind == "float"})
+        rows.append({"part": column, "bits": ", ".join(bits), "share": sum(r.baseline for r in layers) / total,
+                     "rc_prune": sum(r.pruned for r in layers) / base, "rc_quant": sum(r.quant for r in layers) / base,
+                     "rc_hybrid": sum(r.hybrid for r in layers) / base, "layers": len(layers)})
+    rows.append({"part": "total", "bits": "", "share": 1.0, "rc_prune": report.pruned / total,
+                 "rc_quant": report.quant / total, "rc_hybrid": report.rc, "layers": len(report.layers)})
+    return rows
+
+
+def table1_markdown(rows: List[dict]) -> str:
+    """:func:`table1` as a markdown table."""
+    lines = ["| part | A/W bits | share of baseline BOPs | RC_prune | RC_quant | RC_hybrid |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['part']} | {r['bits']} | {r['share']:.3f} | {r['rc_prune']:.3f} | {r['rc_quant']:.3f} | "
+              f"{r['rc_hybrid']:.3f} |" for r in rows]
+    return "\n".join(lines)
 
 
 def backbone_bops(model: nn.Module, image_size: int) -> dict:

@@ -345,3 +345,20 @@ class TransT(nn.Module):
         if self.zf is None:
             raise RuntimeError("call template(z) before track(x).")
         return self._heads(self.zf, self.features(x), return_hidden=True)
+
+
+class TrackingStep(nn.Module):
+    """One tracked frame of a :class:`TransT` as a one-input module: ``forward(x (1, 3, Ex, Ex))
+    -> (1, HW, 6)``, the logits and boxes of :meth:`TransT.track` side by side, against template
+    features computed once at construction (from ``z``) and kept as a buffer. It is what the
+    tracker runs per frame, in the form BOP counting and one-input inference engines take."""
+
+    def __init__(self, model: TransT, z: torch.Tensor):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            self.register_buffer("zf", model.features(z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model._heads(self.zf, self.model.features(x), return_hidden=False)
+        return torch.cat([out["logits"], out["boxes"]], dim=-1)
