@@ -4,6 +4,7 @@
     python bench/bench_cpu.py linear            # ViT-B Linear layers, batch 1 / 16, 1 / 2 threads
     python bench/bench_cpu.py models --threads 2 # ResNet-18/50 (or --models vit_b_16,swin_t) vs every peer
     python bench/bench_cpu.py tracker --threads 2 # the tracker's network per frame, float vs deployed
+    python bench/bench_cpu.py transt --threads 2  # TransT per frame: float peers, hybrid, deployed hybrid
     python bench/bench_cpu.py passes --threads 2  # a deployed model's forward split into its passes
 
 Medians of many runs, every path measured in the same process (the machines are shared and
@@ -269,6 +270,69 @@ def bench_tracker(threads, reps):
     print("\n".join(lines))
 
 
+def bench_transt(threads, reps):
+    """TransT (full: ResNet-50 to layer3, hidden 256, 4 fusion layers; 128 / 256 crops) per tracked
+    frame (``TrackingStep``: search backbone, fusion, heads; template cached): every float and int8
+    path of the speedup report's CPU baselines and peers, the hybrid model (HybTransT: 4/4 bits,
+    keep 0.25, 6-bit attention products) before deployment, and deployed on onednn with fp32 and
+    bf16 FP branches."""
+    import hybridops_tracking.hybrid as H
+    from hybridops_tracking.transt import TrackingStep, TransT, TransTConfig
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = TransTConfig()
+    float_model = TransT(cfg).eval()
+    z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size) * 255
+    x = torch.rand(1, 3, cfg.instance_size, cfg.instance_size) * 255
+    hybrid = H.clone(float_model)
+    H.hybridize_tracker(hybrid, "hybrid", example_inputs=(z, x))
+    hybrid.eval()
+    rows = []
+    step = TrackingStep(hybrid, z)
+    with torch.no_grad():
+        rows.append(("**hybrid, not deployed** (training form: both branches in float)", median_ms(lambda: step(x), reps)))
+    print(rows[-1], flush=True)
+    deployed = {}
+    for fp_dtype in (None,) + ((torch.bfloat16,) if O.bf16_supported() else ()):
+        d = H.clone(hybrid)
+        ho.deploy_(d.backbone, backend="onednn", fp_dtype=fp_dtype)
+        ho.deploy_(d, backend="onednn", fp_dtype=fp_dtype)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            dstep = TrackingStep(d.to(memory_format=fmt), z.contiguous(memory_format=fmt))
+            xi = x.contiguous(memory_format=fmt)
+            label = (f"**deployed hybrid (onednn), {'fp32' if fp_dtype is None else 'bf16'} FP branch, "
+                     f"{'channels_last' if fmt == torch.channels_last else 'NCHW'}**")
+            with torch.no_grad():
+                deployed[label] = median_ms(lambda: dstep(xi), reps)
+            print(label, deployed[label], flush=True)
+    best_dep = min(deployed.values())
+    baselines = cpu_baselines(TrackingStep(float_model, z), x, compile_=True)
+    lines = [f"# TransT per tracked frame, batch 1, {threads} threads, medians ({datetime.date.today()}, torch "
+             f"{torch.__version__}, oneDNN ISA {O.isa()})", "",
+             f"Command: `python bench/bench_cpu.py transt --threads {threads}`. TransT as "
+             "`apps/tracking/transt.py` builds it (ResNet-50 to layer3, hidden 256, 8 heads, 4 fusion layers, FFN 2048; "
+             "256x256 search crop, template features cached), one tracked frame (`TrackingStep`). HybTransT: "
+             "`hybridize_tracker(model, \"hybrid\")` (4/4 bits, keep 0.25, first conv float, every other conv and Linear "
+             "hybrid, attention products on 6-bit codes), then `deploy_` on onednn. Float and int8 paths: "
+             "`bench/speedup_report.py`'s CPU baselines and `bench/peers.py`'s peers on the float TransT, same process.",
+             "", "| path | ms per frame | fps | best deployed hybrid's speedup over it |", "| --- | --- | --- | --- |"]
+    for path, b in baselines.items():
+        if "ms" in b:
+            lines.append(f"| {path} | {b['ms']:.1f} | {1e3 / b['ms']:.1f} | {b['ms'] / best_dep:.2f}x |")
+        else:
+            lines.append(f"| {path} | skipped: {b['skipped']} | | |")
+    for label, ms in rows + list(deployed.items()):
+        lines.append(f"| {label} | {ms:.1f} | {1e3 / ms:.1f} | {ms / best_dep:.2f}x |")
+    fastest = min((b["ms"], p) for p, b in baselines.items() if "ms" in b and b.get("float"))
+    lines += ["", f"Best deployed hybrid: {best_dep:.1f} ms per frame, {fastest[0] / best_dep:.2f}x the fps of the "
+                  f"fastest float path ({fastest[1]}, {fastest[0]:.1f} ms)."]
+    int8 = min(((b["ms"], p) for p, b in baselines.items() if "ms" in b and not b.get("float")), default=None)
+    if int8 is not None:
+        lines[-1] += f" The fastest int8 path ({int8[1]}) takes {int8[0]:.1f} ms ({int8[0] / best_dep:.2f}x)."
+    _write_table(f"transt_{threads}t", lines)
+
+
 class _TimedKernels:
     """Wraps the onednn backend's kernel entry points (our C++ quantize and epilogue passes,
     oneDNN's int8 and float convolutions) with wall-clock timers, so a forward splits into passes;
@@ -351,7 +415,7 @@ def bench_passes(names, threads, reps):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["layers", "linear", "models", "tracker", "passes"])
+    ap.add_argument("what", choices=["layers", "linear", "models", "tracker", "transt", "passes"])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument("--models", default="resnet18,resnet50")
@@ -365,6 +429,8 @@ def main():
         bench_models(a.models.split(","), a.threads, a.reps, a.batch)
     elif a.what == "passes":
         bench_passes(a.models.split(","), a.threads, a.reps)
+    elif a.what == "transt":
+        bench_transt(a.threads, a.reps)
     else:
         bench_tracker(a.threads, a.reps)
 

@@ -10,6 +10,7 @@ needed (``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -61,22 +62,30 @@ def _inert_class(qualified: str) -> type:
                            "__setstate__": lambda self, state: None})
 
 
+# torch's weights-only refusal names the first class it met; the zip format can also be listed
+# up front (get_unsafe_globals_in_checkpoint), the legacy format (torch < 1.6's files) only so.
+_REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global")
+
+
 def _load_weights(path: Path):
     """``torch.load(weights_only=True)``. A training checkpoint of another framework (TransT's
     ``ltr`` files pickle its constructor and settings objects next to the state_dict) names
     classes the weights-only unpickler refuses; those are read as inert placeholders instead, so
     no code of that framework is imported or run and the tensors load as usual."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+        refused = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # the legacy format: the refusals are learnt one load at a time
+        refused = set()
+    for _ in range(64):  # a training checkpoint pickles a handful of foreign classes, not more
         try:
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception:  # not a zip checkpoint: report the weights-only error
-            unsafe = []
-        if not unsafe:
-            raise
-    with torch.serialization.safe_globals([_inert_class(g) for g in unsafe]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([_inert_class(g) for g in sorted(refused)]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            name = _REFUSED.search(str(e))
+            if name is None or name.group(1) in refused:
+                raise
+            refused.add(name.group(1))
+    raise pickle.UnpicklingError(f"more than 64 classes pickled in {path}")
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:

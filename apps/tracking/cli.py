@@ -106,7 +106,7 @@ def cmd_synth(args) -> int:
 
 def cmd_train(args) -> int:
     from . import hybrid
-    from .checkpoint import ARCHS, arch_of, load_checkpoint, save_checkpoint
+    from .checkpoint import ARCHS, CheckpointError, arch_of, load_checkpoint, save_checkpoint
     from .train import PairSampler, TrainConfig, train
 
     torch.manual_seed(args.seed)
@@ -118,9 +118,9 @@ def cmd_train(args) -> int:
     if args.init:
         model = load_checkpoint(args.init)
         if getattr(model, "variant", "float") != "float":
-            raise SystemExit(f"--init must be a float checkpoint; {args.init} is {model.variant}.")
+            raise CheckpointError(f"--init must be a float checkpoint; {args.init} is {model.variant}.")
         if args.arch is not None and arch_of(model) != args.arch:
-            raise SystemExit(f"--arch {args.arch} does not match --init {args.init}, a {arch_of(model)} model.")
+            raise CheckpointError(f"--arch {args.arch} does not match --init {args.init}, a {arch_of(model)} model.")
     else:
         model = ARCHS[args.arch or "siamrpn"][0](_model_config(args))
     model.to(_device(args))

@@ -160,16 +160,14 @@ def online_parameters(model: nn.Module) -> List[nn.Parameter]:
     return params
 
 
-def forget_template_(model: nn.Module) -> nn.Module:
-    """Drop the cached template features (``model.zf``): they belong to one tracking run, not to
-    a copy of the model."""
-    model.zf = None
-    return model
-
-
 def clone(model: nn.Module) -> nn.Module:
-    """Deep copy of a (possibly trained hybrid) tracker model, without its template cache."""
-    return copy.deepcopy(forget_template_(model))
+    """Deep copy of a (possibly trained hybrid) tracker model, without its template cache (the
+    model itself keeps its own)."""
+    zf, model.zf = model.zf, None
+    try:
+        return copy.deepcopy(model)
+    finally:
+        model.zf = zf
 
 
 # The paper's Table 1 parts: (column, the layer-name prefixes it sums). TransT's fusion network
