@@ -1,10 +1,12 @@
 """Visual tracking with hybrid representations (the paper's section 4): SiamRPN++ with a
-ResNet-50 backbone, buildable float, hybrid (:func:`hybridops.hybridize_`) or deployed, with the
-OnHybSiamRPN++ online update of the classification head's full-precision branch.
+ResNet-50 backbone and TransT (HybTransT, docs/transt.md), buildable float, hybrid
+(:func:`hybridops.hybridize_`) or deployed, with the online update of the classification head's
+full-precision branch.
 
-Modules: :mod:`.model` (network), :mod:`.boxes` (anchors, box coding), :mod:`.tracker`
-(post-processing, online update), :mod:`.data` (OTB, GOT-10k, LaSOT, VOT, UAV123 readers; synthetic sequences), :mod:`.pysot` (pysot
-SiamRPN++ checkpoints), :mod:`.train`
+Modules: :mod:`.model` (SiamRPN++), :mod:`.transt` (TransT), :mod:`.boxes` (anchors, box coding),
+:mod:`.tracker` and :mod:`.transt_tracker` (post-processing, online update), :mod:`.data` (OTB,
+GOT-10k, LaSOT, VOT, UAV123 readers; synthetic sequences), :mod:`.pysot` (pysot SiamRPN++
+checkpoints), :mod:`.transt_import` (TransT checkpoints), :mod:`.train`
 (offline training with L_hyb), :mod:`.metrics` (OTB precision/success), :mod:`.attributes`
 (per-attribute results from OTB / pysot attribute files), :mod:`.benchmark` and
 :mod:`.compare` (evaluation, the variant table), :mod:`.cli` (``hybridops-track``).
@@ -20,7 +22,7 @@ _EXPORTS = {
     "OTB_ATTRIBUTES": "attributes", "attribute_groups": "attributes", "load_attributes": "attributes",
     "read_attribute_file": "attributes",
     "center_iou": "boxes", "decode": "boxes", "encode": "boxes", "generate_anchors": "boxes",
-    "evaluate": "benchmark", "rescore": "benchmark", "run_sequence": "benchmark", "write_overlay":
+    "evaluate": "benchmark", "make_tracker": "benchmark", "rescore": "benchmark", "run_sequence": "benchmark", "write_overlay":
     "benchmark", "write_tracker_results": "benchmark",
     "CheckpointError": "checkpoint", "load_checkpoint": "checkpoint", "save_checkpoint": "checkpoint",
     "FORMATS": "data", "Sequence": "data", "SequenceError": "data", "SynthConfig": "data",
@@ -28,11 +30,15 @@ _EXPORTS = {
     "make_synthetic_benchmark": "data", "read_got10k_sequence": "data", "read_lasot_sequence": "data",
     "read_otb_sequence": "data", "read_uav123_sequence": "data", "read_vot_sequence": "data",
     "synthetic_sequence": "data", "write_otb_sequence": "data",
-    "VARIANTS": "hybrid", "hybridize_tracker": "hybrid", "online_parameters": "hybrid",
+    "VARIANTS": "hybrid", "hybridize_tracker": "hybrid", "online_parameters": "hybrid", "table1": "hybrid",
+    "tracking_bops": "hybrid",
     "center_error": "metrics", "norm_precision_curve": "metrics", "overlap": "metrics",
     "precision_curve": "metrics", "success_curve": "metrics", "summarize": "metrics",
     "ModelConfig": "model", "SiamRPNPP": "model", "xcorr_depthwise": "model",
-    "OnlineConfig": "tracker", "SiamRPNTracker": "tracker", "TrackParams": "tracker",
+    "OnlineConfig": "tracker", "SiamRPNTracker": "tracker", "SiameseTracker": "tracker", "TrackParams": "tracker",
+    "TrackingStep": "transt", "TransT": "transt", "TransTConfig": "transt",
+    "load_transt_state_dict": "transt_import",
+    "TransTParams": "transt_tracker", "TransTTracker": "transt_tracker",
     "PairSampler": "train", "TrainConfig": "train",
 }
 __all__ = list(_EXPORTS)
