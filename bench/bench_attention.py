@@ -54,26 +54,14 @@ def _inputs(h, lq, lk, d, dtype):
 
 
 def _passes(q, k, v, qp, clip):
-    """The onednn path's passes, each timed alone on one group of heads as the op runs them
-    (:func:`hybridops.kernels.onednn_attention.heads_per_group`): ``[(pass, fn)]`` and the number
-    of groups the op runs."""
-    h, lq, lk = q.shape[1], q.shape[2], k.shape[2]
-    g = OA.heads_per_group(lq, lk, h)
-    q, k, v = q[:, :g], k[:, :g], v[:, :g]
-    cq = OA.codes(q, qp, BITS).flatten(0, 1)
-    ck_t = OA.codes(k, qp, BITS).transpose(-1, -2).flatten(0, 1).contiguous()
+    """The onednn path's passes at these shapes (V has Q's head dim, so the flash path of
+    kernels/onednn_attention.py), each timed alone: ``[(pass, fn)]``."""
     s_qk, step_v = R.attention_scales(clip, clip, clip, BITS, None, q.shape[-1], torch.float32)
-    s_int = OA.int_scores(cq, ck_t)
-    p = torch.softmax(s_int * s_qk, -1)
-    pv_dt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
-    cv = OA.codes(v, qp, BITS).to(pv_dt).flatten(0, 1)
-    passes = [("codes of q, k, v", lambda: (OA.codes(q, qp, BITS), OA.codes(k, qp, BITS), OA.codes(v, qp, BITS))),
-              ("integer scores (torch._int_mm per head)" if OA.int_mm_exact() else "integer scores (float fallback)",
-               lambda: OA.int_scores(cq, ck_t)),
-              ("scale + softmax (fp32)", lambda: torch.softmax(s_int * s_qk, -1)),
-              (f"P @ V ({'bf16' if pv_dt == torch.bfloat16 else 'fp32'})",
-               lambda: torch.matmul(p.to(pv_dt), cv) * step_v)]
-    return passes, -(-h // g)
+    dt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    cq, ck, cv = (OA.codes(t, qp, BITS).to(dt) for t in (q, k, v))
+    return [("codes of q, k, v (and their cast)", lambda: [OA.codes(t, qp, BITS).to(dt) for t in (q, k, v)]),
+            (f"flash attention kernel on the codes ({str(dt)[6:]})", lambda: OA._flash(cq, ck, cv, s_qk, None, False)),
+            ("times step_v", lambda: torch.mul(OA._flash(cq, ck, cv, s_qk, None, False), step_v))]
 
 
 def bench(threads: List[int], dtypes, shapes) -> List[str]:
@@ -86,8 +74,9 @@ def bench(threads: List[int], dtypes, shapes) -> List[str]:
              f"{OA.int_mm_exact()}.", "",
              "| shape (heads x Lq x Lk x D) | dtype | threads | SDPA ms | op, V codes ms | op, V float ms | "
              "SDPA / op (V codes) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    breakdown = ["", f"Where the op's time goes: the onednn path's passes timed alone on one group of heads (as "
-                     f"the op runs them), times the number of groups, {threads[-1]} threads:", "",
+    breakdown = ["", f"Where the op's time goes on its flash path (Lq * Lk >= {OA.FLASH_MIN_SCORES}; shorter sequences "
+                     f"take the grouped path): its passes timed alone ('times step_v' includes the kernel it "
+                     f"scales), {threads[-1]} threads:", "",
                  "| shape | dtype | pass | ms |", "| --- | --- | --- | --- |"]
     for name, h, lq, lk, d in shapes:
         for dtype in dtypes:
@@ -103,9 +92,10 @@ def bench(threads: List[int], dtypes, shapes) -> List[str]:
                 op_float = _best_ms(lambda: ops.quantized_attention(*float_args, "onednn"), q.device)
                 lines.append(f"| {name} ({h}x{lq}x{lk}x{d}) | {str(dtype)[6:]} | {t} | {sdpa:.3f} | {op_codes:.3f} | "
                              f"{op_float:.3f} | {sdpa / op_codes:.2f}x |")
-            passes, groups = _passes(q, k, v, qp, clip)
-            for what, fn in passes:
-                breakdown.append(f"| {name} | {str(dtype)[6:]} | {what} | {groups * _best_ms(fn, q.device):.3f} |")
+            if lq * lk < OA.FLASH_MIN_SCORES:  # the grouped path: no breakdown of its passes here
+                continue
+            for what, fn in _passes(q, k, v, qp, clip):
+                breakdown.append(f"| {name} | {str(dtype)[6:]} | {what} | {_best_ms(fn, q.device):.3f} |")
     return lines + breakdown
 
 

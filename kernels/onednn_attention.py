@@ -1,17 +1,24 @@
 """The ``onednn`` backend's quantized attention (``hybridops::quantized_attention``) on the CPU.
 
 Codes come from the backend's vectorised quantize pass (``hybridops._C_cpu``, bitwise equal to the
-reference's codes), the integer scores ``S_int = Cq @ Ck^T`` from ``torch._int_mm`` on int8 codes
-(oneDNN's s8 x s8 -> s32 GEMM: VNNI / AMX), one call per (batch, head), then the reference's fp32
-scale, mask and softmax, and ``P @ V`` in bf16 for bf16 inputs (fp32 otherwise). Design and
-measurements: docs/attention.md.
+reference's codes). Then one of two paths (design and measurements: docs/attention.md):
 
-``torch._int_mm`` has no batched form on the CPU, and its K operand is fastest as a contiguous
-``(D, Lk)`` matrix: a transposed view of ``(Lk, D)`` codes took 60x longer at ViT-B shapes
-(measured, torch 2.14.1, AMD EPYC with AVX-512 VNNI), so K's codes are transposed once (int8, a
-quarter of a float copy). Where oneDNN's int8 GEMM is not exact (:func:`int_mm_exact`: on AVX2
-without VNNI the u8 x s8 pairs of ``vpmaddubsw`` saturate at 16 bits) the product runs as a float
-matmul of the codes instead, exact while ``D * 127^2 < 2^24``, in float64 beyond.
+* **Flash** (long sequences, :data:`FLASH_MIN_SCORES`; V of Q's head dim; the codes' products
+  exact in a float GEMM, :func:`flash_exact`: every partial sum of ``D`` products of codes below
+  2^24, which the fp32 accumulator holds exactly): PyTorch's CPU flash attention kernel on the codes
+  as floats with ``scale = s_qk``. It multiplies the exact product by the scale once
+  (``float(S_int) * s_qk``, as the reference; with a mask it adds the mask to that product), then a
+  blockwise online softmax and ``P @ V`` in cache-sized tiles; rows that attend no key are 0.
+* **Grouped** (otherwise): the integer scores ``S_int = Cq @ Ck^T`` from ``torch._int_mm`` on int8
+  codes (oneDNN's s8 x s8 -> s32 GEMM: VNNI / AMX), one call per (batch, head), then the
+  reference's fp32 scale, mask and softmax, and ``P @ V`` in bf16 for bf16 inputs (fp32 otherwise),
+  heads in groups whose scores stay in cache. ``torch._int_mm`` has no batched form on the CPU,
+  and its K operand is fastest as a contiguous ``(D, Lk)`` matrix: a transposed view of ``(Lk, D)``
+  codes took 60x longer at ViT-B shapes (measured, torch 2.14.1, AMD EPYC with AVX-512 VNNI), so
+  K's codes are transposed once (int8, a quarter of a float copy). Where oneDNN's int8 GEMM is not
+  exact (:func:`int_mm_exact`: on AVX2 without VNNI the u8 x s8 pairs of ``vpmaddubsw`` saturate at
+  16 bits) the product runs as a float matmul of the codes instead, exact while
+  ``D * 127^2 < 2^24``, in float64 beyond.
 """
 from __future__ import annotations
 
@@ -30,6 +37,12 @@ _EXACT_F32 = 1 << 24
 # of 1 MiB and 4 MiB 9-11 ms, 16 MiB 32 ms; ViT-B's 12 x 197 x 197 was 2.8 ms at once, 1.2 ms in
 # 1 MiB groups.
 SCORE_BYTES = 1 << 20
+# Scores per head (Lq * Lk) from which the flash path runs. Measured (2026-12-08, AMD EPYC, VNNI,
+# bench/bench_attention.py; SDPA / op in one run, before -> after taking the flash path): TransT's
+# 8 x 1024 x 1024 x 32 fp32 0.74 -> 0.93 (1 thread), 0.62 -> 0.89 (2), its 256 x 1024 cross
+# attention 0.57 -> 0.69-0.77 at 2 threads; but ViT-B's 12 x 197 x 197 x 64 in bf16 1.17 -> 0.77
+# (1), 1.00 -> 0.66 (2): short sequences keep the grouped path, whose scores stay in cache.
+FLASH_MIN_SCORES = 1 << 17
 # Multiply-adds of one head's Q K^T below which one batched float matmul of the codes beats a
 # torch._int_mm call per head (the call's fixed cost dominates a Swin window's 49 x 49 x 32).
 SMALL_PRODUCT = 1 << 18
@@ -75,6 +88,29 @@ def int_scores(cq: torch.Tensor, ck_t: torch.Tensor, out: Optional[torch.Tensor]
     return out
 
 
+def flash_exact(head_dim: int, bits: int) -> bool:
+    """Whether a float GEMM of ``bits``-bit codes over ``head_dim`` is exact in an fp32
+    accumulator: ``head_dim * (2^(b-1))^2 < 2^24``."""
+    return head_dim * (1 << (bits - 1)) ** 2 < _EXACT_F32
+
+
+def _flash(cq, ck, cv, s_qk, attn_mask, is_causal) -> torch.Tensor:
+    """PyTorch's CPU flash attention kernel on float codes ``(B, H, L, D)``, ``scale = s_qk`` (a
+    Python float holds the fp32 scalar exactly). Called as its aten op, not through
+    ``scaled_dot_product_attention`` under ``sdpa_kernel``, whose backend switches are process-wide
+    flags other threads would see. The mask goes in as the reference applies it: additive fp32
+    (bool: 0 where attended, -inf elsewhere), expanded to ``(B, H, Lq, Lk)`` (stride 0 costs no copy),
+    detached (a learned bias, Swin's, arrives with its grad flag)."""
+    mask = None
+    if attn_mask is not None:
+        mask = attn_mask.detach()
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        mask = mask.to(torch.float32).expand(cq.shape[0], cq.shape[1], cq.shape[2], ck.shape[2])
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        cq, ck, cv, 0.0, is_causal, attn_mask=mask, scale=float(s_qk))[0]
+
+
 def _dead_rows(attn_mask: torch.Tensor) -> torch.Tensor:
     """Rows of the mask that allow no key (their softmax is NaN; the contract makes them 0)."""
     if attn_mask.dtype == torch.bool:
@@ -94,7 +130,7 @@ def quantized_attention_finite(q, k, v, q_qparams, k_qparams, v_qparams: Optiona
     """See :func:`hybridops.ops.reference.quantized_attention_finite` (same arguments, same
     result: scores bitwise equal before the softmax, fp32 / bf16 roundings after it).
 
-    Heads go in groups (:func:`heads_per_group`) through preallocated buffers, each pass on a
+    The flash path where it applies (module docstring). Otherwise heads go in groups (:func:`heads_per_group`) through preallocated buffers, each pass on a
     group's scores while they are in cache: integer scores, ``float(S_int) * s_qk``, the mask,
     softmax, ``P @ V``."""
     b, h, lq, _ = q.shape
@@ -104,6 +140,13 @@ def quantized_attention_finite(q, k, v, q_qparams, k_qparams, v_qparams: Optiona
     # bf16 units for P @ V where the input is bf16: codes up to 127 are exact in bf16, and oneDNN
     # accumulates in fp32; fp32 and fp16 inputs keep P in fp32 (the CPU has no fast fp16 GEMM)
     pv_dt = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    if lq * lk >= FLASH_MIN_SCORES and flash_exact(q.shape[-1], bits) and dv == q.shape[-1]:
+        # (the flash kernel wants Dv == D)
+        # bf16 holds every code up to 2^8 exactly (bf16 inputs: P @ V in bf16 units, as below)
+        vv = v if v_qparams is None else codes(v, v_qparams, bits)
+        out = _flash(codes(q, q_qparams, bits).to(pv_dt), codes(k, k_qparams, bits).to(pv_dt),
+                     vv.to(pv_dt).contiguous(), s_qk, attn_mask, is_causal)
+        return (out if v_qparams is None else torch.mul(out, step_v)).to(q.dtype)
     cq = codes(q, q_qparams, bits)
     ck_t = codes(k, k_qparams, bits).transpose(-1, -2).contiguous()
     vv = (v if v_qparams is None else codes(v, v_qparams, bits)).to(pv_dt)

@@ -181,6 +181,41 @@ def test_onednn_head_groups(mask, dtype, small, monkeypatch):
     _assert_close_to_reference(ops.quantized_attention(*args, "onednn"), R.quantized_attention(*args), 2.5, dtype)
 
 
+@pytest.mark.skipif(backend_unavailable_reason("onednn", "cpu") is not None, reason="needs the onednn backend")
+@pytest.mark.parametrize("mask", MASKS + ["float_learned", "bool_3d", "dead_rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_onednn_flash_path_matches_reference(mask, dtype, bits, monkeypatch):
+    """For long sequences where V has Q's head dim, the onednn backend runs PyTorch's CPU flash
+    attention kernel on the codes (kernels/onednn_attention.py; the length threshold lowered here):
+    every mask form the op takes (bool and additive, 2-D to 4-D, a learned bias that requires
+    grad, rows that attend no key: 0), causal, each dtype."""
+    from hybridops.kernels import onednn_attention as oa
+
+    calls = []
+    flash = oa._flash
+    monkeypatch.setattr(oa, "_flash", lambda *a: calls.append(1) or flash(*a))
+    monkeypatch.setattr(oa, "FLASH_MIN_SCORES", 0)
+    b, h, lq, lk, d = 2, 3, 37, 45, 32
+    q, k, v = _case(b, h, lq, lk, d, d, dtype, seed=21)
+    if mask == "float_learned":
+        m = torch.randn(1, h, lq, lk, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    elif mask == "bool_3d":
+        m = torch.rand(h, lq, lk, generator=torch.Generator().manual_seed(2)) > 0.3
+    elif mask == "dead_rows":
+        m = torch.rand(b, h, lq, lk, generator=torch.Generator().manual_seed(3)) > 0.3
+        m[0, 1, 4] = False
+        m[1, 2, 30] = False
+    else:
+        m = _mask(mask, b, h, lq, lk, dtype)
+    args = _args(q, k, v, bits=bits, attn_mask=m, is_causal=mask == "causal")
+    out = ops.quantized_attention(*args, "onednn")
+    assert calls, "the flash path was not taken"
+    _assert_close_to_reference(out, R.quantized_attention(*args), 2.5, dtype)
+    if mask == "dead_rows":
+        assert torch.equal(out[0, 1, 4], torch.zeros(d, dtype=dtype)) and torch.equal(out[1, 2, 30], out[0, 1, 4])
+
+
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("shape", [(1, 2, 19, 70, 64, 64), (1, 1, 70, 19, 128, 128), (2, 1, 8, 8, 8, 8),
                                    (1, 2, 40, 33, 96, 40)], ids=lambda s: "x".join(map(str, s)))

@@ -142,6 +142,7 @@ def test_track_after_template_equals_forward(cfg):
     (dict(exemplar_size=64, instance_size=64), "smaller"),
     (dict(hidden_dim=30, heads=4), "divisible"),
     (dict(hidden_dim=36, heads=8), "divisible"),
+    (dict(hidden_dim=18, heads=2), "multiple of 4"),
     (dict(blocks=(1, 1)), "blocks"),
     (dict(blocks=(1, 1, 1, 1)), "blocks"),
     (dict(blocks=(1, 0, 1)), "blocks"),

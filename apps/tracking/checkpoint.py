@@ -54,38 +54,62 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message is one sentence naming the file."""
 
 
-def _inert_class(qualified: str) -> type:
-    """A class named ``qualified`` that takes any construction and state and does nothing: it
-    stands in for a class of another code base pickled next to the tensors."""
-    module, _, name = qualified.rpartition(".")
-    return type(name, (), {"__module__": module, "__qualname__": name, "__init__": lambda self, *a, **k: None,
-                           "__setstate__": lambda self, state: None})
+class ForeignObject:
+    """What a class or function of another code base pickled in a checkpoint (TransT's ``ltr``
+    files pickle its constructor and settings objects next to the state_dict) is read as: it takes
+    any construction arguments and state and keeps none of them, and cannot be pickled again (it
+    names no importable class)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+    def __reduce__(self):
+        raise TypeError("an object read from another framework's checkpoint cannot be pickled.")
 
 
-# torch's weights-only refusal names the first class it met; the zip format can also be listed
-# up front (get_unsafe_globals_in_checkpoint), the legacy format (torch < 1.6's files) only so.
+# torch's weights-only refusal names the first global it met (builtins without their module); the
+# zip format can also be listed up front (get_unsafe_globals_in_checkpoint), the legacy format
+# (torch < 1.6's files, such as TransT's) only so.
 _REFUSED = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
 
 def _load_weights(path: Path):
-    """``torch.load(weights_only=True)``. A training checkpoint of another framework (TransT's
-    ``ltr`` files pickle its constructor and settings objects next to the state_dict) names
-    classes the weights-only unpickler refuses; those are read as inert placeholders instead, so
-    no code of that framework is imported or run and the tensors load as usual."""
+    """``torch.load(weights_only=True)``, the globals it refuses read as :class:`ForeignObject`,
+    so no code they name is imported or run and the tensors load as usual."""
     try:
         refused = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     except Exception:  # the legacy format: the refusals are learnt one load at a time
         refused = set()
     for _ in range(64):  # a training checkpoint pickles a handful of foreign classes, not more
         try:
-            with torch.serialization.safe_globals([_inert_class(g) for g in sorted(refused)]):
+            with torch.serialization.safe_globals([(ForeignObject, g) for g in sorted(refused)]):
                 return torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            name = _REFUSED.search(str(e))
-            if name is None or name.group(1) in refused:
+            found = _REFUSED.search(str(e))
+            name = found.group(1) if found else None
+            name = name if name is None or "." in name else f"builtins.{name}"
+            if name is None or name in refused:
                 raise
-            refused.add(name.group(1))
-    raise pickle.UnpicklingError(f"more than 64 classes pickled in {path}")
+            refused.add(name)
+    raise pickle.UnpicklingError("more than 64 globals of other code are pickled in it")
+
+
+def check_plain(value, path, what: str) -> None:
+    """:class:`CheckpointError` when ``value`` (a part of the checkpoint at ``path`` that is used)
+    holds a :class:`ForeignObject` anywhere: tensors and plain values only."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, ForeignObject):
+            raise CheckpointError(f"{path}: its {what} holds an object of another framework, not tensors and plain "
+                                  "values.")
+        if isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict:
@@ -135,6 +159,8 @@ def load_checkpoint(path: Union[str, Path], deploy: bool = False, backend: str =
         arch = ckpt.get("arch", "siamrpn")
         if arch not in ARCHS:
             raise CheckpointError(f"{path} holds a {arch!r} model; this version knows {sorted(ARCHS)}.")
+        for key in ("model_config", "variant", "scope", "hybrid_overrides", "state_dict"):
+            check_plain(ckpt.get(key), path, key)
         model_cls, config_cls = ARCHS[arch]
         model = model_cls(config_cls(**ckpt["model_config"]))
         variant = ckpt["variant"]

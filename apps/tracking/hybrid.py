@@ -41,7 +41,7 @@ import torch.nn as nn
 import hybridops as ho
 from hybridops.attention import HybridMultiheadAttention
 
-from .transt import TrackingStep, TransT
+from .transt import TransT
 
 # Each hybrid variant: the config type hybridops.hybridize_ dispatches on, and eq 10-12 on/off.
 VARIANTS: Dict[str, Optional[dict]] = {
@@ -127,29 +127,32 @@ def regularization(model: nn.Module, lambda_quant: float, lambda_prune: float) -
     return ho.regularization(model, lambda_quant=lambda_quant, lambda_prune=lambda_prune)
 
 
-def deploy(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`),
-    with the deploy-time BatchNorm/ReLU fusion in the backbone.
+def deploy(model: nn.Module, backend: str = "auto", fp_dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """Pack integer weights and slice pruned channels in place (:func:`hybridops.deploy_`, its
+    ``fp_dtype`` for the FP branches), with the deploy-time BatchNorm/ReLU fusion in the backbone.
 
     The backbone is deployed on its own first: the Siamese ``forward(z, x)`` calls every backbone
     layer twice (template and search), and deploy_ fuses only layers called once, so deploying
     the whole model would leave every BatchNorm as a separate pass. The second call deploys the
-    rest (the classification heads' last layers) and skips what is already deployed."""
-    ho.deploy_(model.backbone, backend=backend)
-    ho.deploy_(model, backend=backend)
+    rest (SiamRPN++'s converted head layers; TransT's input projection, fusion network and heads)
+    and skips what is already deployed."""
+    ho.deploy_(model.backbone, backend=backend, fp_dtype=fp_dtype)
+    ho.deploy_(model, backend=backend, fp_dtype=fp_dtype)
     return model
 
 
 def online_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """FP-branch parameters of the last 1x1 conv of every classification head.
+    """FP-branch parameters of the classifier's last layers (``model.last_cls_layers()``: the last
+    1x1 conv of every SiamRPN++ classification head, TransT's last classifier Linear).
 
     Freezes the whole model first (:func:`hybridops.freeze_quantized_` for the quantized parts,
     then everything else) so that exactly these parameters require grad.
     """
     layers = model.last_cls_layers()
-    if any(type(l) in (nn.Conv2d, nn.Linear) for l in layers):
+    plain = [l for l in layers if type(l) in (nn.Conv2d, nn.Linear)]
+    if plain:
         raise ValueError("online update needs a hybrid model: the last classification layers are plain "
-                         f"{type(layers[0]).__name__} (hybridize the tracker first).")
+                         f"{type(plain[0]).__name__} (hybridize the tracker first).")
     ho.freeze_quantized_(model)
     params = [p for l in layers for p in ho.fp_parameters(l)]
     if not params:
@@ -189,29 +192,14 @@ def tracking_bops(model: nn.Module) -> ho.BopsReport:
     counted through their float :class:`~hybridops.attention.HybridMultiheadAttention` rewrite (the
     same products, in full precision), so that the baseline includes the attention products."""
     cfg = model.config
-    z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size) * 255
-    if is_transt(model):
-        model = clone(model)
-        for name, m in list(model.named_modules()):
-            if type(m) is nn.MultiheadAttention:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, HybridMultiheadAttention.from_float(m))
-        step = TrackingStep(model, z)
-        return ho.bops_report(step, (1, 3, cfg.instance_size, cfg.instance_size))
-    return ho.bops_report(_SiamRPNStep(model, z), (1, 3, cfg.instance_size, cfg.instance_size))
-
-
-class _SiamRPNStep(nn.Module):
-    """:class:`~.transt.TrackingStep` for SiamRPN++: its heads against cached template features."""
-
-    def __init__(self, model: nn.Module, z: torch.Tensor):
-        super().__init__()
-        self.model = model
-        with torch.no_grad():
-            self.zf = model.features(z, True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model._heads(self.zf, self.model.features(x, False), return_hidden=False)["cls"]
+    model = clone(model).eval()  # the template's forward must not touch the model's BN statistics
+    device = next(model.parameters()).device
+    z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size, device=device) * 255
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.MultiheadAttention:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, HybridMultiheadAttention.from_float(m))
+    return ho.bops_report(model.tracking_step(z), (1, 3, cfg.instance_size, cfg.instance_size))
 
 
 def table1(model: nn.Module, report: Optional[ho.BopsReport] = None) -> List[dict]:

@@ -326,6 +326,10 @@ class SiamRPNPP(nn.Module):
         return self._heads(self.features(z, True), self.features(x, False), return_hidden=False)
 
     # -- tracking API -------------------------------------------------------------------------
+    def tracking_step(self, z: torch.Tensor) -> "SiamRPNStep":
+        """One tracked frame against template ``z`` as a one-input module (:class:`SiamRPNStep`)."""
+        return SiamRPNStep(self, z)
+
     @torch.no_grad()
     def template(self, z: torch.Tensor) -> None:
         """Cache template features for ``z (1, 3, Ez, Ez)``."""
@@ -337,3 +341,25 @@ class SiamRPNPP(nn.Module):
         if self.zf is None:
             raise RuntimeError("call template(z) before track(x).")
         return self._heads(self.zf, self.features(x, False), return_hidden=True)
+
+
+class SiamRPNStep(nn.Module):
+    """One tracked frame of a :class:`SiamRPNPP` as a one-input module: ``forward(x (1, 3, Ex, Ex))
+    -> (1, 6A, S, S)``, the classification and regression maps of :meth:`SiamRPNPP.track` stacked
+    along the channels, against template features computed once at construction (from ``z``). It
+    is what the tracker runs per frame, in the form BOP counting and one-input inference engines
+    take (:meth:`SiamRPNPP.tracking_step` builds it; ``transt.TransTStep`` is TransT's)."""
+
+    def __init__(self, model: SiamRPNPP, z: torch.Tensor):
+        super().__init__()
+        self.model = model
+        with torch.no_grad():
+            for i, f in enumerate(model.features(z, True)):
+                self.register_buffer(f"zf{i}", f)
+        self.levels = len(model.neck)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zf = [getattr(self, f"zf{i}") for i in range(self.levels)]
+        out = self.model._heads(zf, self.model.features(x, False), return_hidden=False)
+        b, s = out["cls"].size(0), out["cls"].size(3)
+        return torch.cat([out["cls"].reshape(b, -1, s, s), out["loc"].reshape(b, -1, s, s)], dim=1)

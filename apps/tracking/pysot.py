@@ -56,6 +56,8 @@ def pysot_to_ours(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Ten
     (a mask/refine head, an UP-channel RPN)."""
     out = {}
     for k, v in _unwrap(state_dict).items():
+        if not torch.is_tensor(v):
+            raise CheckpointError(f"pysot key {k!r} holds a {type(v).__name__}, not a tensor.")
         for pat, repl in _RULES:
             m = pat.match(k)
             if m:

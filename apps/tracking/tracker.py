@@ -125,15 +125,20 @@ class SiameseTracker(abc.ABC):
         self.online = online
         # The network runs on the model's device; the small post-processing stays on the CPU.
         self.device = next(model.parameters()).device
+        self.seed = seed
         self._gen = torch.Generator().manual_seed(seed)
         self.updates = 0
         self._online_params: List[torch.nn.Parameter] = []
         self._snapshot: Dict[str, torch.Tensor] = {}
         if online is not None:
             self._online_params = hybrid.online_parameters(model)
+        # every sequence starts from these offline values: an earlier sequence's updates do not carry over
+        self._offline_values = [p.detach().clone() for p in self._online_params]
 
     def _start(self, img: np.ndarray, box) -> torch.Tensor:
-        """Reset the state for a new target ``box = (x, y, w, h)``; returns the frame on the device."""
+        """Reset the state for a new target ``box = (x, y, w, h)`` (with online updates: the trained
+        FP branch back to its offline values, the sampling seed restarted); returns the frame on
+        the device."""
         x, y, w, h = (float(v) for v in box)
         if w <= 0 or h <= 0:
             raise ValueError(f"initial box must have positive size, got {tuple(box)}.")
@@ -148,6 +153,10 @@ class SiameseTracker(abc.ABC):
         if self.online is not None:
             self.samples: Deque[dict] = deque(maxlen=self.online.window)
             self.updates = 0
+            self._gen.manual_seed(self.seed)
+            with torch.no_grad():
+                for p, v in zip(self._online_params, self._offline_values):
+                    p.copy_(v)
             if self.online.verify_frozen:
                 trained = {id(p) for p in self._online_params}
                 names = {n for n, p in self.model.named_parameters() if id(p) in trained}

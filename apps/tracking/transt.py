@@ -76,8 +76,10 @@ class TransTConfig:
             raise ValueError(f"blocks must be three positive counts like (3, 4, 6), got {self.blocks}.")
         if self.width <= 0 or int(round(64 * self.width)) < 4:
             raise ValueError(f"width {self.width} leaves fewer than 4 stem channels; use width >= 1/16.")
-        if self.hidden_dim % self.heads or self.hidden_dim % 2:
-            raise ValueError(f"hidden_dim {self.hidden_dim} must be even and divisible by heads {self.heads}.")
+        if self.hidden_dim % self.heads or self.hidden_dim % 4:
+            # the sine encoding gives each axis hidden_dim / 2 channels in sin / cos pairs
+            raise ValueError(f"hidden_dim {self.hidden_dim} must be a multiple of 4 and divisible by heads "
+                             f"{self.heads}.")
         if self.fusion_layers < 1 or self.dim_feedforward < 1:
             raise ValueError(f"fusion_layers and dim_feedforward must be >= 1, got {self.fusion_layers}, "
                              f"{self.dim_feedforward}.")
@@ -326,6 +328,10 @@ class TransT(nn.Module):
     def forward(self, z: torch.Tensor, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self._heads(self.features(z), self.features(x), return_hidden=False)
 
+    def tracking_step(self, z: torch.Tensor) -> "TransTStep":
+        """One tracked frame against template ``z`` as a one-input module (:class:`TransTStep`)."""
+        return TransTStep(self, z)
+
     def last_cls_layers(self) -> List[nn.Module]:
         """The classifier's last Linear (the online update's target)."""
         return [self.class_embed.layers[-1]]
@@ -347,7 +353,7 @@ class TransT(nn.Module):
         return self._heads(self.zf, self.features(x), return_hidden=True)
 
 
-class TrackingStep(nn.Module):
+class TransTStep(nn.Module):
     """One tracked frame of a :class:`TransT` as a one-input module: ``forward(x (1, 3, Ex, Ex))
     -> (1, HW, 6)``, the logits and boxes of :meth:`TransT.track` side by side, against template
     features computed once at construction (from ``z``) and kept as a buffer. It is what the

@@ -52,6 +52,8 @@ def transt_to_ours(ckpt: Mapping) -> Dict[str, torch.Tensor]:
     :class:`~.checkpoint.CheckpointError` names the first key that belongs to no part we have."""
     out = {}
     for k, v in _unwrap(ckpt).items():
+        if not torch.is_tensor(v):
+            raise CheckpointError(f"TransT key {k!r} holds a {type(v).__name__}, not a tensor.")
         if _BACKBONE.match(k):
             out["backbone." + k[_BACKBONE.match(k).end():]] = v
         elif k.startswith(_OURS):
