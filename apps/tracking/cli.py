@@ -255,7 +255,8 @@ def cmd_rescore(args) -> int:
 
 def cmd_bops(args) -> int:
     from . import hybrid
-    model = _load_model(argparse.Namespace(**{**vars(args), "deploy": False, "device": "cpu"}))
+    from .checkpoint import load_checkpoint
+    model = load_checkpoint(args.checkpoint)
     rows = hybrid.table1(model)
     cfg = model.config
     text = (f"# BOPs (eq 17) of one tracked frame: {Path(args.checkpoint).name} ({type(model).__name__}, "
