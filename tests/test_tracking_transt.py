@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import sys
 import types
 import warnings
@@ -22,7 +23,8 @@ import hybridops as ho
 from hybridops.attention import HybridMultiheadAttention
 from hybridops_tracking import cli, hybrid
 from hybridops_tracking.benchmark import make_tracker
-from hybridops_tracking.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from hybridops_tracking.checkpoint import (CheckpointError, ForeignObject, load_checkpoint, read_checkpoint,
+                                           save_checkpoint)
 from hybridops_tracking.data import SynthConfig, synthetic_sequence, write_otb_sequence
 from hybridops_tracking.model import ModelConfig, SiamRPNPP
 from hybridops_tracking.targets import transt_cls_loss, transt_loss, transt_positions, transt_targets
@@ -274,7 +276,9 @@ def test_import_ltr_checkpoint_outputs_equal(import_model, tmp_path):
         torch.load(path, map_location="cpu", weights_only=True)
     raw = read_checkpoint(path)
     assert raw["epoch"] == 3 and "ltr" not in sys.modules
-    assert type(raw["constructor"]).__name__ == "NetConstructor"
+    assert isinstance(raw["constructor"], ForeignObject)  # inert: nothing of ltr was imported or run
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(raw["constructor"])
     assert is_transt_state_dict(raw)
     loaded = load_checkpoint(path)
     assert isinstance(loaded, TransT) and not loaded.training
@@ -286,6 +290,31 @@ def test_import_ltr_checkpoint_outputs_equal(import_model, tmp_path):
     assert torch.equal(out["logits"], ref["logits"]) and torch.equal(out["boxes"], ref["boxes"])
     ours = import_model.state_dict()
     assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_foreign_functions_are_read_inert(tmp_path, zip_format):
+    """A pickled function (here the builtin ``print`` and ``shutil.rmtree``) is read as the inert
+    class, never as the function, in both file formats."""
+    import shutil
+
+    path = tmp_path / "f.pth"
+    torch.save({"net": {"a": torch.ones(1)}, "hook": print, "clean": shutil.rmtree}, path,
+               _use_new_zipfile_serialization=zip_format)
+    raw = read_checkpoint(path)
+    assert raw["hook"] is ForeignObject and raw["clean"] is ForeignObject
+    assert isinstance(raw["clean"]("/"), ForeignObject) and tmp_path.exists()  # calling it does nothing
+
+
+def test_foreign_object_in_our_checkpoint_is_one_error(float_model, tmp_path):
+    path = save_checkpoint(tmp_path / "f.pt", float_model)
+    raw = torch.load(path, weights_only=True)
+    import shutil
+
+    raw["model_config"]["width"] = shutil.rmtree
+    torch.save(raw, path)
+    with pytest.raises(CheckpointError, match="model_config holds an object of another framework"):
+        load_checkpoint(path)
 
 
 def test_import_legacy_format_ltr_checkpoint(import_model, tmp_path):
@@ -835,3 +864,50 @@ def test_cli_hybrid_from_released_transt_file(import_model, tmp_path):
                                                             for k, v in IMPORT.items()}
     model = load_checkpoint(out)
     assert isinstance(model.featurefusion_network.decoder.layers[0].multihead_attn, HybridMultiheadAttention)
+
+
+def test_online_tracker_reused_for_a_second_sequence_starts_from_the_offline_model(hybrid_model, frames):
+    """The updates of one sequence do not carry over: the FP branch goes back to its offline values
+    and the pseudo-label sampling restarts, so a second run repeats the first box for box."""
+    model = hybrid.clone(hybrid_model)
+    offline = model.class_embed.layers[2].pruned.weight.detach().clone()
+    imgs, boxes = frames
+    t = TransTTracker(model, online=ONLINE)
+    runs = []
+    for _ in range(2):
+        t.init(imgs[0], boxes[0])
+        runs.append(np.array([t.track(f)[0] for f in imgs[1:]]))
+        assert t.updates >= 1
+        assert not torch.equal(model.class_embed.layers[2].pruned.weight, offline)  # the updates trained it
+    np.testing.assert_array_equal(runs[0], runs[1])
+
+
+def test_table1_parts_bits_and_rc(float_model, hybrid_model):
+    """The paper's Table 1 per part for one tracked frame: the float model is 1.0 everywhere with its
+    attention products counted (through the float rewrite), the hybrid has the first conv at
+    32/32, the attention products at 6/6 and 32/6 in ``att``, and the parts add up to the total."""
+    rows = {r["part"]: r for r in hybrid.table1(float_model)}
+    assert list(rows) == ["conv1", "layer1", "layer2", "layer3", "att", "pred", "total"]
+    assert all(r["rc_hybrid"] == pytest.approx(1.0) and r["bits"] in ("32/32", "") for r in rows.values())
+    report = hybrid.tracking_bops(float_model)
+    assert any(r.name.endswith(".attention.qk") for r in report.layers)
+    assert sum(r["share"] for p, r in rows.items() if p != "total") == pytest.approx(1.0)
+
+    report = hybrid.tracking_bops(hybrid_model)
+    rows = {r["part"]: r for r in hybrid.table1(hybrid_model, report)}
+    assert rows["conv1"]["bits"] == "32/32" and rows["conv1"]["rc_hybrid"] == pytest.approx(1.0)
+    assert set(rows["att"]["bits"].split(", ")) == {"4/4", "6/6", "32/6"}
+    assert rows["layer3"]["bits"] == "4/4" and 0 < rows["layer3"]["rc_hybrid"] < 0.5
+    assert rows["total"]["rc_hybrid"] == pytest.approx(report.rc)
+    parts = [r for p, r in rows.items() if p != "total"]
+    assert sum(r["share"] * r["rc_hybrid"] for r in parts) == pytest.approx(report.rc)
+    assert sum(r["layers"] for r in parts) == len(report.layers)
+    assert "| att | 32/6, 4/4, 6/6 |" in hybrid.table1_markdown(hybrid.table1(hybrid_model, report))
+
+
+def test_cli_bops_writes_table1(hybrid_model, tmp_path, capsys):
+    path = save_checkpoint(tmp_path / "h.pt", hybrid.clone(hybrid_model), "hybrid")
+    assert cli.main(["bops", "--checkpoint", str(path), "--out", str(tmp_path / "t" / "bops.md")]) == 0
+    text = (tmp_path / "t" / "bops.md").read_text()
+    assert text == capsys.readouterr().out
+    assert "(TransT, hybrid, search crop 64x64" in text and "| total |" in text and "| pred | 4/4 |" in text

@@ -99,11 +99,12 @@ def _load_weights(path: Path):
 
 def check_plain(value, path, what: str) -> None:
     """:class:`CheckpointError` when ``value`` (a part of the checkpoint at ``path`` that is used)
-    holds a :class:`ForeignObject` anywhere: tensors and plain values only."""
+    holds :class:`ForeignObject` (a foreign function) or an instance of it (a foreign object)
+    anywhere: tensors and plain values only."""
     stack = [value]
     while stack:
         v = stack.pop()
-        if isinstance(v, ForeignObject):
+        if v is ForeignObject or isinstance(v, ForeignObject):  # a pickled function is read as the class
             raise CheckpointError(f"{path}: its {what} holds an object of another framework, not tensors and plain "
                                   "values.")
         if isinstance(v, dict):
