@@ -7,6 +7,7 @@ channel-pruned full-precision network (Gumbel-softmax channel gates), after Jung
 
 The package's layers and the direction of its imports: docs/design.md, section 2.
 """
+from .attention import AttentionProducts, HybridMultiheadAttention, HybridTimmAttention, HybridWindowAttention
 from .backend_selection import available_backends, backend_unavailable_reason, get_backend, resolve_backend, set_backend, use_backend
 from .bops import BopsReport, bops_report, count_bops, layer_bops
 from .config import HybridConfig, PruneConfig, QuantConfig
@@ -28,7 +29,8 @@ __all__ = [
     "prune_loss", "param_groups", "freeze_quantized_", "fp_parameters", "deploy_", "deploy_layer", "load_deployed_",
     "backends_in_use", "ConversionReport",
     "HybridConv2d", "HybridLinear", "QuantConv2d", "QuantLinear", "PrunedConv2d", "PrunedLinear",
-    "DeployedConv2d", "DeployedLinear", "HybridNetwork", "fold_batchnorm_", "find_pruned_producers",
+    "DeployedConv2d", "DeployedLinear", "HybridMultiheadAttention", "HybridWindowAttention", "HybridTimmAttention",
+    "AttentionProducts", "HybridNetwork", "fold_batchnorm_", "find_pruned_producers",
     "ChannelGate", "IntervalQuantizer", "fake_quantize", "interval_hat", "quantize_codes",
     "bops_report", "count_bops", "layer_bops", "BopsReport",
     "available_backends", "backend_unavailable_reason", "get_backend", "set_backend", "use_backend",

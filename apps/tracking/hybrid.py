@@ -39,7 +39,6 @@ import torch
 import torch.nn as nn
 
 import hybridops as ho
-from hybridops.attention import HybridMultiheadAttention
 
 from .transt import TransT
 
@@ -198,7 +197,7 @@ def tracking_bops(model: nn.Module) -> ho.BopsReport:
     for name, m in list(model.named_modules()):
         if type(m) is nn.MultiheadAttention:
             parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, HybridMultiheadAttention.from_float(m))
+            setattr(model.get_submodule(parent), child, ho.HybridMultiheadAttention.from_float(m))
     return ho.bops_report(model.tracking_step(z), (1, 3, cfg.instance_size, cfg.instance_size))
 
 
