@@ -1,6 +1,7 @@
 """Epilogue fusion and code chaining at deploy time (docs/kernels.md).
 
-A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer: the
+A deployed conv followed by ``BatchNorm2d`` (eval mode) and ``ReLU`` becomes one layer (a deployed
+Linear followed by ``ReLU`` too, as a transformer's FFN): the
 BatchNorm folds into the integer conv's per-channel ``scale`` and ``bias`` and into the rows of
 the pruned branch's weights, and the ReLU moves into the integer conv's epilogue (a float-input
 layer, the network's first, folds the BatchNorm into the same scales and applies the ReLU after
@@ -25,7 +26,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .deployed import DeployedConv2d
+from .deployed import DeployedConv2d, DeployedLinear
 from .graph import set_submodule, trace
 
 
@@ -55,8 +56,9 @@ def fold_batchnorm_into_(layer: DeployedConv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def fuse_epilogues_(model: nn.Module) -> List[str]:
-    """Fold BatchNorm2d / ReLU that follow deployed integer convs into those convs, in place.
-    Returns one ``"conv+bn+relu"``-style entry per fused layer."""
+    """Fold BatchNorm2d / ReLU that follow deployed integer convs into those convs (ReLU that
+    follows a deployed Linear into that Linear), in place. Returns one ``"conv+bn+relu"``-style
+    entry per fused layer."""
     gm = trace(model, "BatchNorm and ReLU stay separate passes after the deployed layers.")
     if gm is None:
         return []
@@ -75,13 +77,13 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
     fused = []
     for node in gm.graph.nodes:
         layer = modules.get(node.target) if node.op == "call_module" else None
-        # integer convs fold into their epilogue; a float-input (merged) conv folds into its weights
-        if not (isinstance(layer, DeployedConv2d) and layer.path in ("hybrid", "merged")):
+        # integer layers fold into their epilogue; a float-input (merged) layer folds into its weights
+        if not (isinstance(layer, (DeployedConv2d, DeployedLinear)) and layer.path in ("hybrid", "merged")):
             continue
         if uses[node.target] != 1:
             continue  # a layer called twice would fold in the BatchNorm of each call
         parts, tail = [node.target], node
-        bn_node = sole_module_user(node, nn.BatchNorm2d)
+        bn_node = sole_module_user(node, nn.BatchNorm2d) if isinstance(layer, DeployedConv2d) else None
         if bn_node is not None:
             bn = modules[bn_node.target]
             if bn.training or bn.running_mean is None:

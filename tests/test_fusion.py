@@ -61,6 +61,26 @@ def test_fused_equals_unfused(hybrid_cnn, backend):
         torch.testing.assert_close(fused(x), plain(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + [b for b in ("onednn",) if backend_unavailable_reason(b, "cpu") is None])
+def test_relu_after_a_deployed_linear_moves_into_its_epilogue(backend):
+    """A transformer FFN's ``Linear -> ReLU -> Linear``: the ReLU module folds into the first
+    deployed Linear (hybrid, with a pruned FP branch: the ReLU acts on the sum of both branches);
+    the output equals the unfused deployed model's."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    x = torch.randn(5, 7, 16)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.3), example_inputs=x)
+    plain = ho.deploy_(copy.deepcopy(model), backend, fuse=False)
+    fused = ho.deploy_(copy.deepcopy(model), backend)
+    assert [type(m).__name__ for m in fused] == ["DeployedLinear", "Identity", "DeployedLinear"]
+    assert fused[0].relu and fused[0].kept_channels and not plain[0].relu
+    assert "epilogue=relu" in repr(fused[0])
+    with torch.no_grad():
+        out = fused(x)
+        torch.testing.assert_close(out, plain(x), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(out, fused[2](plain[0](x)))  # the check would see a missing ReLU
+
+
 def test_fused_state_dict_round_trip(hybrid_cnn):
     model, x = hybrid_cnn
     fused = ho.deploy_(copy.deepcopy(model), "torch")

@@ -656,6 +656,9 @@ def test_deploy_matches_hybrid(hybrid_model, cfg):
         warnings.simplefilter("error")  # e.g. a torch.fx trace that fails and leaves the BatchNorms unfused
         deployed = hybrid.deploy(hybrid.clone(hybrid_model))
     assert isinstance(deployed.backbone.layer1[0].bn1, nn.Identity)  # fused into the integer conv
+    ffn = deployed.featurefusion_network.encoder.layers[0]  # each FFN's ReLU moved into its first Linear
+    assert ffn.linear11.relu and ffn.linear21.relu and isinstance(ffn.activation1, nn.Identity)
+    assert deployed.featurefusion_network.decoder.layers[0].linear1.relu
     products = [m.attention for m in deployed.modules() if isinstance(m, HybridMultiheadAttention)]
     assert products and all(a.quantized and a.backend != "auto" for a in products)
     kinds = {type(m) for m in deployed.modules()}

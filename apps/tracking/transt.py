@@ -201,6 +201,10 @@ class FeatureFusionLayer(nn.Module):
             setattr(self, f"norm{name}", nn.LayerNorm(d_model))
             setattr(self, f"dropout{name}", nn.Dropout(dropout))
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        # ReLU modules (TransT's activation1/2 are functions; these hold no state): deploy_ folds a
+        # ReLU module that follows a deployed Linear into its epilogue, saving a pass over the FFN's
+        # hidden activation.
+        self.activation1, self.activation2 = nn.ReLU(), nn.ReLU()
 
     def forward(self, src1, src2, pos1, pos2):
         q1 = _with_pos(src1, pos1)
@@ -211,9 +215,9 @@ class FeatureFusionLayer(nn.Module):
         cross1 = self.multihead_attn1(q1, q2, src2, need_weights=False)[0]
         cross2 = self.multihead_attn2(q2, q1, src1, need_weights=False)[0]
         src1 = self.norm12(src1 + self.dropout12(cross1))
-        src1 = self.norm13(src1 + self.dropout13(self.linear12(self.dropout1(F.relu(self.linear11(src1))))))
+        src1 = self.norm13(src1 + self.dropout13(self.linear12(self.dropout1(self.activation1(self.linear11(src1))))))
         src2 = self.norm22(src2 + self.dropout22(cross2))
-        src2 = self.norm23(src2 + self.dropout23(self.linear22(self.dropout2(F.relu(self.linear21(src2))))))
+        src2 = self.norm23(src2 + self.dropout23(self.linear22(self.dropout2(self.activation2(self.linear21(src2))))))
         return src1, src2
 
 
@@ -227,12 +231,13 @@ class DecoderCFALayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.dropout1, self.dropout2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.activation = nn.ReLU()  # a module, as FeatureFusionLayer's
 
     def forward(self, tgt, memory, pos_memory, pos_tgt):
         att = self.multihead_attn(_with_pos(tgt, pos_tgt), _with_pos(memory, pos_memory), memory,
                                   need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(att))
-        return self.norm2(tgt + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(tgt))))))
+        return self.norm2(tgt + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(tgt))))))
 
 
 class _Encoder(nn.Module):
