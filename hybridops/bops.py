@@ -16,7 +16,8 @@ AttentionProducts`) count as two rows, ``<name>.qk`` and ``<name>.pv``, by the s
 query row and head, ``Q K^T`` reads ``head_dim`` inputs for each of ``L_k`` outputs (``b x b``
 bits when quantized) and ``P V`` reads ``L_k`` probabilities (32 bits) for each of ``head_dim``
 outputs against V (``b`` bits when quantized). Float ones run in full precision (like a float
-layer). docs/attention.md compares this with the paper's "att 6/32".
+layer); a float ``nn.MultiheadAttention`` is counted through its float rewrite (its projections
+as four linear layers and its two products). docs/attention.md compares this with the paper's "att 6/32".
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .attention import AttentionProducts
+from .attention import AttentionProducts, HybridMultiheadAttention, rewrite_reason
 from .deployed import DeployedConv2d, DeployedLinear
 from .thin import full_width_
 from .layers import HYBRID_LAYERS, LINEAR_LAYERS, PRUNED_LAYERS, QUANT_LAYERS
@@ -171,9 +172,21 @@ def _geometry(m):
 
 
 
+def _float_attention_as_layers_(model: nn.Module) -> None:
+    """Replace each float ``nn.MultiheadAttention`` by its float rewrite (the same computation with
+    its projections as ``nn.Linear`` and its products in :class:`AttentionProducts`), so that a
+    float model's projections and products are counted as its converted form's are: the fused
+    ``in_proj_weight`` is no layer and ``out_proj`` is not a plain ``nn.Linear``."""
+    for name, m in list(model.named_modules()):
+        if type(m) is nn.MultiheadAttention and rewrite_reason(m) is None:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, HybridMultiheadAttention.from_float(m))
+
+
 def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=torch.float32) -> BopsReport:
     """Run ``model`` once on a random input of ``input_shape`` (on a copy, so lazy calibration
-    and gate state of ``model`` are untouched) and count every conv / linear layer's BOPs.
+    and gate state of ``model`` are untouched) and count every conv / linear layer's BOPs, and the
+    attention products (a float ``nn.MultiheadAttention`` counted through its float rewrite).
 
     Layers of a :class:`hybridops.HybridNetwork` are merged by name: ``branches.0.X`` and
     ``branches.1.X`` become one row ``X`` whose BOPs are the sum of both copies' (so a QQ or PP
@@ -181,6 +194,7 @@ def count_bops(model: nn.Module, input_shape: Sequence[int], device=None, dtype=
     """
     probe = copy.deepcopy(model).eval()
     full_width_(probe)  # the layers' hooks below count; a thin pruned network's forward skips them
+    _float_attention_as_layers_(probe)
     if device is None:
         p = next(probe.parameters(), None)
         device = p.device if p is not None else "cpu"

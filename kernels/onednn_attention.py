@@ -104,8 +104,8 @@ def _flash(cq, ck, cv, s_qk, attn_mask, is_causal) -> torch.Tensor:
     mask = None
     if attn_mask is not None:
         mask = attn_mask.detach()
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+        if mask.dtype == torch.bool:  # one pass: 0 where attended, -inf elsewhere
+            mask = torch.where(mask, torch.zeros((), dtype=torch.float32), float("-inf"))
         mask = mask.to(torch.float32).expand(cq.shape[0], cq.shape[1], cq.shape[2], ck.shape[2])
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         cq, ck, cv, 0.0, is_causal, attn_mask=mask, scale=float(s_qk))[0]

@@ -355,3 +355,29 @@ def test_partial_state_dict_leaves_gates_alone():
     quant_only = {k: v for k, v in net.state_dict().items() if k.startswith("branches.0.")}
     net.load_state_dict(quant_only, strict=False)
     assert not net.pruned_net[7].gate.prunable
+
+
+def test_float_multihead_attention_is_counted_like_its_converted_form():
+    """A float ``nn.MultiheadAttention`` (its projections a fused ``in_proj_weight`` and an
+    ``out_proj`` that is no plain ``nn.Linear``) is counted through its float rewrite: four
+    projection rows and the two product rows, the same baseline as the hybrid model's."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(32, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = Block().eval()
+    report = ho.count_bops(model, (2, 10, 32))
+    names = [r.name for r in report.layers]
+    assert names == [f"mha.{p}_proj" for p in "qkv"] + ["mha.attention.qk", "mha.attention.pv", "mha.out_proj"]
+    assert all(r.kind == "float" and r.rc_hybrid == 1.0 for r in report.layers)
+    assert isinstance(model.mha, nn.MultiheadAttention)  # counted on a copy
+    hybrid = copy.deepcopy(model)
+    ho.hybridize_(hybrid, ho.HybridConfig(bits_attention=6), example_inputs=torch.randn(2, 10, 32))
+    converted = ho.count_bops(hybrid, (2, 10, 32))
+    assert [r.name for r in converted.layers] == names
+    assert converted.baseline == pytest.approx(report.baseline) and converted.rc < 0.5

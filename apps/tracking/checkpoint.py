@@ -61,10 +61,10 @@ class ForeignObject:
     names no importable class)."""
 
     def __init__(self, *args, **kwargs):
-        pass
+        """Takes the arguments a pickled call passes, and keeps none."""
 
     def __setstate__(self, state):
-        pass
+        """Takes the state a pickled object carries, and keeps none."""
 
     def __reduce__(self):
         raise TypeError("an object read from another framework's checkpoint cannot be pickled.")

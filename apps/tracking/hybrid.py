@@ -187,17 +187,11 @@ TABLE1_PARTS = {
 def tracking_bops(model: nn.Module) -> ho.BopsReport:
     """BOPs (eq 17) of one tracked frame, as :func:`hybridops.bops_report` counts them: the search
     crop's backbone and everything after it, the template's features cached (computed from a random
-    template before counting). The float ``nn.MultiheadAttention`` modules of a float model are
-    counted through their float :class:`~hybridops.attention.HybridMultiheadAttention` rewrite (the
-    same products, in full precision), so that the baseline includes the attention products."""
+    template before counting)."""
     cfg = model.config
     model = clone(model).eval()  # the template's forward must not touch the model's BN statistics
     device = next(model.parameters()).device
     z = torch.rand(1, 3, cfg.exemplar_size, cfg.exemplar_size, device=device) * 255
-    for name, m in list(model.named_modules()):
-        if type(m) is nn.MultiheadAttention:
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, ho.HybridMultiheadAttention.from_float(m))
     return ho.bops_report(model.tracking_step(z), (1, 3, cfg.instance_size, cfg.instance_size))
 
 
