@@ -46,6 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
+from .kernels.geometry import conv_out_hw
 from .kernels.packing import packed_size
 from .ops import layer_op
 from .ops.spec import PATHS, LayerSpec
@@ -174,6 +175,11 @@ class _DeployedBase(nn.Module):
         return self._spec.out_bits
 
     @property
+    def residual(self) -> bool:
+        """Whether the epilogue adds a residual input (``layer(x, residual)``) before its ReLU."""
+        return self._spec.residual
+
+    @property
     def out_signed(self) -> bool:
         return self._spec.out_signed
 
@@ -182,6 +188,20 @@ class _DeployedBase(nn.Module):
         if changes:
             spec = dataclasses.replace(spec, **changes)
         self._spec, self._spec_ints = spec, spec.to_ints()
+        # the layer without its residual and ReLU: for a residual the epilogue cannot take (another
+        # shape or dtype, broadcast by the unfused model's add), which is then added as torch adds
+        plain = dataclasses.replace(spec, residual=False, relu=False) if spec.residual else None
+        self._plain = (plain, plain.to_ints()) if plain is not None else None
+
+    def set_residual_(self) -> None:
+        """Add a residual input in the epilogue, before the ReLU: the layer becomes
+        ``relu(layer(x) + residual)``, called as ``layer(x, residual)`` (deploy-time fusion of a
+        skip connection, :mod:`hybridops.fusion`). Only for a layer with a quantized input that
+        writes floats."""
+        if self.path not in ("hybrid", "codes") or self.out_qparams is not None:
+            raise ValueError("only an integer layer (quantized input) that writes floats adds a residual in its "
+                             "epilogue.")
+        self._set_spec(residual=True)
 
     def set_codes_input_(self) -> None:
         """Take packed codes in this layer's input format instead of floats (the producer
@@ -216,7 +236,7 @@ class _DeployedBase(nn.Module):
         constructor's arguments, the fusion state and the FP branch's compute dtype)."""
         return {"format_version": FORMAT_VERSION, "kind": self._kind, "init": self._init_args(), "relu": self.relu,
                 "codes_input": self.codes_input, "out_bits": self.out_bits, "out_signed": self.out_signed,
-                "absorbed": list(self.absorbed),
+                "residual": self.residual, "absorbed": list(self.absorbed),
                 "fp_dtype": None if self.fp_dtype is None else str(self.fp_dtype).split(".")[-1]}
 
     def get_extra_state(self) -> dict:
@@ -229,7 +249,8 @@ class _DeployedBase(nn.Module):
         # Fusion edited the model around this layer (modules replaced by nn.Identity): loading into
         # an existing deployed model cannot redo or undo that, so its fusion must match.
         mine = self.format_state()
-        for key in ("relu", "codes_input", "absorbed", "out_bits", "out_signed"):
+        state = {"residual": False, **state}  # (checkpoints written before residual layers have none)
+        for key in ("relu", "codes_input", "absorbed", "out_bits", "out_signed", "residual"):
             if state[key] != mine[key]:
                 raise ValueError(f"the saved layer has {key}={state[key]!r} but this one has {mine[key]!r}: deploy_ "
                                  "both models with the same fuse setting, or rebuild the model from the checkpoint "
@@ -254,6 +275,8 @@ class _DeployedBase(nn.Module):
         layer.absorbed = [list(pair) for pair in state["absorbed"]]
         if state["codes_input"]:
             layer.set_codes_input_()
+        if state.get("residual", False):
+            layer.set_residual_()
         if out_qparams is not None:
             layer.set_output_codes_(out_qparams, state["out_bits"], state["out_signed"])
         layer._load_fp_dtype(state)
@@ -313,14 +336,28 @@ class _DeployedBase(nn.Module):
         input's own scale (test and inspection helper; the kernels never materialise it)."""
         return layer_op.dequantized_weight(self._spec, self.w_packed, self.scale)
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`)."""
+    def _forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None, plain: bool = False) -> torch.Tensor:
+        """The whole layer: one call of the op layer (:mod:`hybridops.ops.layer_op`); ``plain``:
+        without the residual and the ReLU of a residual layer."""
         t = self._tensors()
         if not torch.compiler.is_compiling() and self._validated != self._index_versions(t):
             # a tensor replaced, or an index buffer edited in place, since the layer was checked:
             # check again before a kernel writes through it (compiled graphs check in the op)
             self.validate()
-        return layer_op.hybrid_layer(self._spec, self._spec_ints, x, *t, self.fp_dtype, self.backend)
+        spec, ints = self._plain if plain else (self._spec, self._spec_ints)
+        return layer_op.hybrid_layer(spec, ints, x, *t, residual, self.fp_dtype, self.backend)
+
+    def _residual_fits(self, x: torch.Tensor, residual: torch.Tensor, out_shape: Tuple[int, ...]) -> bool:
+        """Whether the epilogue can take ``residual``: the output's shape and dtype."""
+        if self._plain is None:
+            raise ValueError(f"this {type(self).__name__} adds no residual in its epilogue: call it without one.")
+        return tuple(residual.shape) == tuple(out_shape) and \
+            residual.dtype == layer_op.output_dtype(self._spec, x, self.fp_weight)
+
+    def _unfused_residual(self, y: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The unfused model's add (broadcasting, promoting) and ReLU after the plain layer."""
+        y = y + residual
+        return F.relu(y) if self.relu else y
 
     def thin_forward(self, x: torch.Tensor, columns: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The pruned branch alone on the kept channels (``fp_only`` layers, ungrouped): ``x`` holds
@@ -412,8 +449,17 @@ class DeployedConv2d(_DeployedBase):
                 f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, dilation={tuple(self.dilation)}, "
                 f"groups={self.groups}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``layer(x)``; a layer that adds a residual (:attr:`residual`) is called as
+        ``layer(x, residual)``."""
+        if residual is None:
+            return self._forward(x)
+        h, w = (x.shape[1], x.shape[2]) if self.codes_input else (x.shape[-2], x.shape[-1])
+        out_shape = (x.shape[0], self.out_channels, *conv_out_hw(h, w, *self.kernel_size, self.stride, self.padding,
+                                                                  self.dilation))
+        if self._residual_fits(x, residual, out_shape):
+            return self._forward(x, residual)
+        return self._unfused_residual(self._forward(x, plain=True), residual)
 
 
 class DeployedLinear(_DeployedBase):
@@ -454,14 +500,21 @@ class DeployedLinear(_DeployedBase):
     def dequantized_weight(self) -> torch.Tensor:
         return super().dequantized_weight().flatten(1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``layer(x)``; a layer that adds a residual (:attr:`residual`) is called as
+        ``layer(x, residual)``."""
         if x.dim() < 1 or x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__} expects input (..., {self.in_features}), got {tuple(x.shape)}.")
-        if x.dim() == 2:
-            return self._forward(x.reshape(x.shape[0], self.in_features, 1, 1)).view(x.shape[0], self.out_features)
         lead = x.shape[:-1]
-        y = self._forward(x.reshape(-1, self.in_features, 1, 1))
-        return y.reshape(*lead, self.out_features)
+        x4 = x.reshape(-1, self.in_features, 1, 1)
+        if residual is not None:
+            out_shape = (*lead, self.out_features)
+            if not self._residual_fits(x, residual, out_shape):
+                return self._unfused_residual(self._forward(x4, plain=True).reshape(out_shape), residual)
+            return self._forward(x4, residual.reshape(x4.shape[0], self.out_features, 1, 1)).reshape(out_shape)
+        if x.dim() == 2:
+            return self._forward(x4).view(x.shape[0], self.out_features)
+        return self._forward(x4).reshape(*lead, self.out_features)
 
 
 DEPLOYED_LAYERS = (DeployedConv2d, DeployedLinear)

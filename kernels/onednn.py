@@ -311,9 +311,13 @@ def quantize_activate(x, qparams, bits, signed, bn_scale=None, bn_shift=None, re
 
 def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation, groups,
             relu=False, fp_out=None, fp_out_idx=None, requant_qparams=None, requant_bits=4, requant_signed=False,
-            out_dtype=torch.float32):
+            out_dtype=torch.float32, residual=None):
     """The integer conv (oneDNN, u8 x s8, int32 accumulation) with the hybrid epilogue; the
-    semantics of :func:`hybridops.ops.reference.qconv2d` on this backend's code format."""
+    semantics of :func:`hybridops.ops.reference.qconv2d` on this backend's code format.
+
+    ``residual``: ``(N, Ho, Wo, C_out)`` in ``out_dtype`` (any strides), added in the epilogue
+    before the ReLU as the unfused model adds it: ``relu(y + residual)`` with ``y`` rounded to
+    ``out_dtype`` first (float outputs only; ``hybridops::hybrid_layer``'s residual layers)."""
     zp = zero_point(bits_a, a_signed)
     cin_g = in_channels // groups
     c_out, kh, kw, _ = w_packed.shape
@@ -325,6 +329,12 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
         ho, wo = out_hw
         dt = torch.uint8 if requant_qparams is not None else out_dtype
         return x_codes.new_empty((0, ho, wo, c_out), dtype=dt)
+    if residual is not None and out_dtype not in (torch.float32, torch.bfloat16):
+        # (our epilogue writes fp32 or bf16: other dtypes round first, then add as torch does)
+        y = qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                    groups, False, fp_out, fp_out_idx, None, requant_bits, requant_signed, out_dtype)
+        y = y.add_(residual)
+        return y.relu_() if relu else y
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     sc = sc if sc.is_contiguous() else sc.contiguous()
     # Signed codes on a grouped or rewritten (explicitly padded / restrided) geometry: no zero point.
@@ -343,8 +353,10 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
         if out_dtype == torch.int32:
             return acc
         y0 = acc.to(torch.float32) * sc  # the reference's f32(acc) * scale
-        return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
-    if fp_out is None and requant_qparams is None and out_dtype in (torch.float32, torch.bfloat16):
+        return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype,
+                         residual)
+    if fp_out is None and requant_qparams is None and residual is None and out_dtype in (torch.float32,
+                                                                                          torch.bfloat16):
         # One oneDNN call: acc * scale + bias, ReLU as a post-op, written in the output dtype.
         b = None if bias is None else bias.to(torch.float32)
         y = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, b, stride, pad_sym, dilation, zp, relu, out_dtype)
@@ -353,16 +365,20 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
     y0 = _int_conv_f32(x, w_packed, bits_w, cin_g, groups, sc, None, stride, pad_sym, dilation, zp, False,
                        torch.float32)
     y0 = (_crop(y0, out_hw) if crop else y0).permute(0, 2, 3, 1)
-    return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype)
+    return _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype,
+                     residual)
 
 
-def _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype):
-    """Ours, one pass over y0 = f32(acc) * scale (NHWC): + bias, + FP branch, ReLU, codes / float."""
+def _epilogue(y0, bias, fp_out, fp_out_idx, relu, requant_qparams, requant_bits, requant_signed, out_dtype,
+              residual=None):
+    """Ours, one pass over y0 = f32(acc) * scale (NHWC): + bias, + FP branch, + residual, ReLU,
+    codes / float."""
     if requant_qparams is not None:
         return _C.epilogue(y0, bias, fp_out, fp_out_idx, relu, 2, requant_qparams, requant_bits, requant_signed,
-                           zero_point(requant_bits, requant_signed))
+                           zero_point(requant_bits, requant_signed), None)
     mode = 1 if out_dtype == torch.bfloat16 else 0
-    y = _C.epilogue(y0, bias, fp_out, fp_out_idx, relu, mode, None, 0, False, 0)
+    r = None if residual is None else residual.contiguous()  # (an NHWC view of channels_last: no copy)
+    y = _C.epilogue(y0, bias, fp_out, fp_out_idx, relu, mode, None, 0, False, 0, r)
     return y if out_dtype in (torch.float32, torch.bfloat16) else y.to(out_dtype)
 
 

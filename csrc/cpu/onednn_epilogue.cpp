@@ -4,8 +4,8 @@
 // * quantize_activate: one pass over x that writes the u8 activation codes (one code per byte,
 //   code + zero point, NHWC) and the float slice of the kept channels (NHWC);
 // * fake_quantize: code / levels (training path);
-// * epilogue: y = y0 + bias; y[..., idx[j]] += fp[..., j]; relu; then the u8 codes of y
-//   (re-quantization for the next layer) or y in fp32 / bf16. y0 = acc * scale comes from
+// * epilogue: y = y0 + bias; y[..., idx[j]] += fp[..., j]; (+ residual); relu; then the u8 codes
+//   of y (re-quantization for the next layer) or y in fp32 / bf16. y0 = acc * scale comes from
 //   oneDNN's int8 convolution with fp32 output (one IEEE multiply, equal to the reference's).
 //
 // Exactness: the quantizer arithmetic is the reference's fp32 operation order
@@ -94,6 +94,16 @@ void bf16_row(const float* __restrict t, uint16_t* __restrict out, int64_t n) {
 
 template <typename T>
 static inline float to_f(T v) { return static_cast<float>(v); }
+
+// v rounded to bf16 and back to fp32, as bf16_row rounds (to nearest even; a NaN stays a NaN).
+static inline float bf16_rounded(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  const uint32_t r = ((u & 0x7fffffffu) > 0x7f800000u) ? 0x7fc00000u : ((u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u);
+  float out;
+  std::memcpy(&out, &r, sizeof(out));
+  return out;
+}
 
 QP make_qp(const at::Tensor& qparams, int64_t bits, bool is_signed, int64_t zp) {
   TORCH_CHECK(qparams.dtype() == at::kFloat && qparams.numel() == 2, "qparams must be float32 [alpha, beta].");
@@ -251,10 +261,12 @@ at::Tensor fake_quantize_f32(const at::Tensor& x, const at::Tensor& qparams, int
 
 // y0: fp32 (P, C) contiguous (oneDNN's acc * scale, NHWC). fp: (P, K) float32 / bfloat16,
 // fp_out_idx: K distinct channels. mode 0: fp32 output written into y0 (returned); 1: bf16; 2: u8
-// codes with rq (re-quantization).
+// codes with rq (re-quantization). res: (P, C) residual in the output dtype (fp32 in mode 0, bf16
+// in mode 1) or null; it is added to y rounded to the output dtype, in fp32, before the ReLU, which
+// is what the unfused model's add of two tensors of that dtype computes (bitwise).
 template <typename F>
 at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const int64_t* idx, int64_t K, bool relu,
-                         int mode, const QP* rq) {
+                         int mode, const QP* rq, const void* res) {
   const int64_t C = y0.size(-1), P = y0.numel() / std::max<int64_t>(C, 1);
   at::Tensor out;
   if (mode == 0) out = y0;
@@ -271,6 +283,13 @@ at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const i
         const F* f = fp + p * K;
         for (int64_t j = 0; j < K; ++j) y[idx[j]] = y[idx[j]] + static_cast<float>(f[j]);
       }
+      if (res && mode == 1) {
+        const c10::BFloat16* r = static_cast<const c10::BFloat16*>(res) + p * C;
+        for (int64_t c = 0; c < C; ++c) y[c] = bf16_rounded(y[c]) + static_cast<float>(r[c]);
+      } else if (res) {
+        const float* r = static_cast<const float*>(res) + p * C;
+        for (int64_t c = 0; c < C; ++c) y[c] = y[c] + r[c];
+      }
       if (relu) for (int64_t c = 0; c < C; ++c) y[c] = (y[c] < 0.0f) ? 0.0f : y[c];
       if (mode == 1) {
         bf16_row(y, static_cast<uint16_t*>(op) + p * C, C);
@@ -284,9 +303,18 @@ at::Tensor epilogue_impl(at::Tensor& y0, const float* bias, const F* fp, const i
 
 at::Tensor epilogue(at::Tensor y0, const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& fp_out,
                     const c10::optional<at::Tensor>& fp_out_idx, bool relu, int64_t mode,
-                    const c10::optional<at::Tensor>& rq_qparams, int64_t rq_bits, bool rq_signed, int64_t rq_zp) {
+                    const c10::optional<at::Tensor>& rq_qparams, int64_t rq_bits, bool rq_signed, int64_t rq_zp,
+                    const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(y0.scalar_type() == at::kFloat && y0.is_contiguous(), "epilogue kernel: y0 must be contiguous float32.");
   TORCH_CHECK(mode >= 0 && mode <= 2, "epilogue kernel: mode must be 0, 1 or 2.");
+  const void* res = nullptr;
+  if (residual.has_value() && residual->defined()) {
+    TORCH_CHECK(mode != 2, "epilogue kernel: a residual layer writes floats, not codes.");
+    TORCH_CHECK(residual->is_contiguous() && residual->sizes() == y0.sizes() &&
+                    residual->scalar_type() == (mode == 1 ? at::kBFloat16 : at::kFloat),
+                "epilogue kernel: the residual must be contiguous NHWC of y0's shape in the output dtype.");
+    res = residual->data_ptr();
+  }
   at::Tensor hb, hf, hi;
   const float* b = opt_f32(bias, hb);
   QP rq{};
@@ -300,13 +328,13 @@ at::Tensor epilogue(at::Tensor y0, const c10::optional<at::Tensor>& bias, const 
     if (fp_out->scalar_type() == at::kBFloat16) {
       hf = fp_out->contiguous();
       return epilogue_impl<c10::BFloat16>(y0, b, hf.data_ptr<c10::BFloat16>(), hi.data_ptr<int64_t>(), K, relu,
-                                          static_cast<int>(mode), &rq);
+                                          static_cast<int>(mode), &rq, res);
     }
     hf = fp_out->to(at::kFloat).contiguous();
     return epilogue_impl<float>(y0, b, hf.data_ptr<float>(), hi.data_ptr<int64_t>(), K, relu, static_cast<int>(mode),
-                                &rq);
+                                &rq, res);
   }
-  return epilogue_impl<float>(y0, b, nullptr, nullptr, 0, relu, static_cast<int>(mode), &rq);
+  return epilogue_impl<float>(y0, b, nullptr, nullptr, 0, relu, static_cast<int>(mode), &rq, res);
 }
 
 }  // namespace

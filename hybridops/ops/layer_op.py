@@ -6,8 +6,8 @@ carries out the whole layer on the layer's backend: the fused quantize-activate 
 the pruned branch's float slice), the integer conv, the pruned branch (inside the integer
 conv's kernel where the backend's roofline says that pays: :func:`~.custom_ops.fused_branch`,
 else as its own conv, on the backend's prepacked float conv where it has one), the epilogue
-(bias, the branch's sum into its kept channels, ReLU) and the optional re-quantization of the
-output; or the float paths (both branches merged into one conv for a full-precision input; the
+(bias, the branch's sum into its kept channels, a residual input, ReLU) and the optional
+re-quantization of the output; or the float paths (both branches merged into one conv for a full-precision input; the
 pruned branch alone). How a backend carries a layer out is decided here and in the backend, never
 in the layer.
 
@@ -28,8 +28,8 @@ Two entry points, one implementation (:func:`run_layer`):
   input can reach is checked (:func:`check_input`); the layer checks its tensors again when one is
   replaced or an index buffer changes.
 
-Gradients (online updates train the pruned branch): only ``x``, ``fp_weight`` and ``fp_bias``
-are differentiable; the quantized branch is frozen integer data, so the gradient reaches ``x``
+Gradients (online updates train the pruned branch): only ``x``, ``fp_weight``, ``fp_bias`` and the
+``residual`` are differentiable; the quantized branch is frozen integer data, so the gradient reaches ``x``
 through the pruned branch only (and through the merged conv for a full-precision input).
 """
 from __future__ import annotations
@@ -52,9 +52,11 @@ _TENSOR_NAMES = ("w_packed", "scale", "bias", "in_qparams", "fp_weight", "fp_bia
 
 
 # ----------------------------------------------------------------------------- checks
-def check_input(spec: LayerSpec, x: torch.Tensor, like: torch.Tensor, backend: str) -> None:
+def check_input(spec: LayerSpec, x: torch.Tensor, like: torch.Tensor, backend: str,
+                residual: Optional[torch.Tensor] = None) -> None:
     """The per-call checks: what a wrong input can reach (rank, channel count or code width,
-    dtype, device, a size the kernel does not fit). Plain branches: this runs on every call."""
+    dtype, device, a size the kernel does not fit, the residual's shape). Plain branches: this
+    runs on every call."""
     if spec.codes_input:
         width = registry.code_bytes(spec.in_channels, spec.bits_a, backend)
         if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[3] != width:
@@ -74,6 +76,28 @@ def check_input(spec: LayerSpec, x: torch.Tensor, like: torch.Tensor, backend: s
     min_h, min_w = spec.min_input_hw
     if h < min_h or w < min_w:
         raise ValueError(_empty_output_sentence(spec, h, w))
+    if spec.residual or residual is not None:
+        _check_residual(spec, x, like, residual, h, w)
+
+
+def output_dtype(spec: LayerSpec, x: torch.Tensor, fp_weight: torch.Tensor) -> torch.dtype:
+    """The dtype of a float output: the input's, or the model's (``fp_weight``'s) for codes in."""
+    return fp_weight.dtype if spec.codes_input else x.dtype
+
+
+def _check_residual(spec: LayerSpec, x, like, residual, h: int, w: int) -> None:
+    if not spec.residual:
+        raise ValueError(f"this {spec.kind} layer adds no residual (its spec has residual=False): call it without "
+                         f"one.")
+    if residual is None:
+        raise ValueError(f"this {spec.kind} layer adds a residual in its epilogue (deploy-time fusion folded the "
+                         f"model's skip connection into it): call it with the residual as well.")
+    shape = (x.shape[0], spec.out_channels, *conv_out_hw(h, w, *spec.kernel_size, spec.stride, spec.padding,
+                                                          spec.dilation))
+    dt = output_dtype(spec, x, like)
+    if tuple(residual.shape) != shape or residual.dtype != dt or residual.device != like.device:
+        raise ValueError(f"the residual must be the layer's output shape {shape} in {dt} on {like.device}, got "
+                         f"{residual.dtype} {tuple(residual.shape)} on {residual.device}.")
 
 
 def _empty_output_sentence(spec: LayerSpec, h: int, w: int) -> str:
@@ -241,14 +265,13 @@ def _is_channels_last(x: torch.Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- the layer
 def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
-              out_qparams, fp_dtype: Optional[torch.dtype], backend: str) -> torch.Tensor:
+              out_qparams, residual, fp_dtype: Optional[torch.dtype], backend: str) -> torch.Tensor:
     """The whole layer on ``backend`` (no autograd; arguments already validated)."""
     ns = registry.loaded(backend)
     path = spec.path
     if path == "codes":
-        y = ns.qconv2d(x, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
-                       spec.stride, spec.padding, spec.dilation, spec.groups, spec.relu, None, None, out_qparams,
-                       spec.out_bits or 8, spec.out_signed, fp_weight.dtype)
+        y = _qconv(ns, spec, x, w_packed, scale, bias, spec.padding, None, None, out_qparams, fp_weight.dtype,
+                   residual)
         # NHWC written by the kernel: an NCHW view of it is channels_last, as nn.Conv2d gives for
         # channels_last input (the chain's first layer read the model's input)
         return y if out_qparams is not None else _output(y, True)
@@ -286,7 +309,7 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
                                               fp_dt)
         nonfinite = False
     y = _hybrid(ns, spec, x, codes, x_slice, sliced, w_packed, scale, bias, fp_weight, fp_bias, fp_out_idx,
-                out_qparams, padding, kept, backend, channels_last)
+                out_qparams, residual, padding, kept, backend, channels_last)
     if nonfinite:
         if out_qparams is not None:
             raise ValueError("the input holds a NaN or an infinity, which the codes this layer hands to the next "
@@ -319,8 +342,30 @@ def _nonfinite_outputs(spec: LayerSpec, x: torch.Tensor, padding) -> torch.Tenso
     return hits.repeat_interleave(spec.out_channels // g, dim=1)
 
 
+def _residual_sum(y: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``relu(y + residual)`` in place on the kernel's fresh NHWC output ``y``, in its dtype: the
+    unfused model's add and ReLU, for backends whose epilogue does not read a residual."""
+    y.add_(residual.permute(0, 2, 3, 1))
+    return y.relu_() if relu else y
+
+
+def _qconv(ns, spec: LayerSpec, codes, w_packed, scale, bias, padding, fp_out, fp_out_idx, out_qparams,
+           out_dtype: torch.dtype, residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """The backend's integer conv with the layer's epilogue, the residual included (in the
+    backend's epilogue where it has ``qconv2d_residual``, else added after it)."""
+    args = (codes, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias, spec.stride,
+            padding, spec.dilation, spec.groups)
+    rq = (out_qparams, spec.out_bits or 8, spec.out_signed)  # (bits read only with out_qparams)
+    if residual is None:
+        return ns.qconv2d(*args, spec.relu, fp_out, fp_out_idx, *rq, out_dtype)
+    fused = getattr(ns, "qconv2d_residual", None)
+    if fused is not None:
+        return fused(*args, spec.relu, fp_out, fp_out_idx, *rq, out_dtype, residual.permute(0, 2, 3, 1))
+    return _residual_sum(ns.qconv2d(*args, False, fp_out, fp_out_idx, *rq, out_dtype), residual, spec.relu)
+
+
 def _hybrid(ns, spec: LayerSpec, x, codes, x_slice, sliced: bool, w_packed, scale, bias, fp_weight, fp_bias,
-            fp_out_idx, out_qparams, padding, kept: int, backend: str, channels_last: bool) -> torch.Tensor:
+            fp_out_idx, out_qparams, residual, padding, kept: int, backend: str, channels_last: bool) -> torch.Tensor:
     """The integer conv with the pruned branch (fused into it where the backend says so)."""
     fp_out = None
     rq_bits = spec.out_bits or 8  # read only with out_qparams
@@ -334,15 +379,17 @@ def _hybrid(ns, spec: LayerSpec, x, codes, x_slice, sliced: bool, w_packed, scal
                                  spec.kernel_size[0] * spec.kernel_size[1], fp_in.shape[3], fp_in.dtype, spec.groups,
                                  x.device)
         if fused is not None:
+            relu = spec.relu and residual is None  # (with a residual, the ReLU follows the sum)
             y = fused(codes, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
-                      spec.stride, padding, spec.dilation, spec.groups, spec.relu, fp_in, fp_weight, fp_bias,
+                      spec.stride, padding, spec.dilation, spec.groups, relu, fp_in, fp_weight, fp_bias,
                       fp_out_idx, out_qparams, rq_bits, spec.out_signed, x.dtype)
+            if residual is not None:
+                y = _residual_sum(y, residual, spec.relu)
             return y if out_qparams is not None else _output(y, channels_last)
         fp_out = _float_conv(ns, spec, x_slice.permute(0, 3, 1, 2) if sliced else x, fp_weight, fp_bias, padding,
                              _fp_groups(spec, kept)).permute(0, 2, 3, 1)
-    y = ns.qconv2d(codes, w_packed, spec.in_channels, spec.bits_a, spec.a_signed, spec.bits_w, scale, bias,
-                   spec.stride, padding, spec.dilation, spec.groups, spec.relu, fp_out,
-                   fp_out_idx if fp_out is not None else None, out_qparams, rq_bits, spec.out_signed, x.dtype)
+    y = _qconv(ns, spec, codes, w_packed, scale, bias, padding, fp_out, fp_out_idx if fp_out is not None else None,
+               out_qparams, x.dtype, residual)
     return y if out_qparams is not None else _output(y, channels_last)
 
 
@@ -369,20 +416,20 @@ def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, f
 _LIB = torch.library.Library("hybridops", "FRAGMENT")
 _LIB.define("hybrid_layer(Tensor x, Tensor? w_packed, Tensor? scale, Tensor? bias, Tensor? in_qparams, "
             "Tensor fp_weight, Tensor? fp_bias, Tensor? fp_in_idx, Tensor fp_out_idx, Tensor? out_qparams, "
-            "int[] spec, ScalarType? fp_dtype, str backend) -> Tensor")
+            "Tensor? residual, int[] spec, ScalarType? fp_dtype, str backend) -> Tensor")
 
 
 def _hybrid_layer_impl(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams,
-                       spec, fp_dtype, backend):
+                       residual, spec, fp_dtype, backend):
     """A whole deployed layer (see the module docstring); ``spec`` is :meth:`LayerSpec.to_ints`.
     Every argument is checked: the tensors against the spec once per version of each (the one
     cache, kernels/derived.py), the input on every call."""
     s = spec_from_ints(spec)
     tensors = (w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams)
     derived.cached("checked_layer", tensors, (s, backend), lambda: check_layer_tensors(s, *tensors, backend) or True)
-    check_input(s, x, fp_weight, backend)
+    check_input(s, x, fp_weight, backend, residual)
     with torch.no_grad():
-        return _unviewed(run_layer(s, x, *tensors, fp_dtype, backend))
+        return _unviewed(run_layer(s, x, *tensors, residual, fp_dtype, backend))
 
 
 _LIB.impl("hybrid_layer", _hybrid_layer_impl, "CompositeExplicitAutograd")
@@ -390,10 +437,10 @@ hybrid_layer_op = torch.ops.hybridops.hybrid_layer.default
 
 
 @torch.library.register_fake("hybridops::hybrid_layer")
-def _(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, spec, fp_dtype,
-      backend):
+def _(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, residual, spec,
+      fp_dtype, backend):
     s = spec_from_ints(spec)
-    check_input(s, x, fp_weight, backend)
+    check_input(s, x, fp_weight, backend, residual)
     top, bottom, left, right = s.padding
     h, w = (x.shape[1], x.shape[2]) if s.codes_input else (x.shape[2], x.shape[3])
     ho, wo = conv_out_hw(h, w, *s.kernel_size, s.stride, (top, bottom, left, right), s.dilation)
@@ -407,10 +454,11 @@ def _(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_ou
 
 
 def _setup(ctx, inputs, output):
-    x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, spec, fp_dtype, \
-        backend = inputs
+    x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, residual, spec, \
+        fp_dtype, backend = inputs
     s = spec_from_ints(spec)
     ctx.spec, ctx.fp_dtype, ctx.has_fp_bias, ctx.codes_out = s, fp_dtype, fp_bias is not None, out_qparams is not None
+    ctx.residual_dtype = None if residual is None else residual.dtype
     ctx.save_for_backward(x if not s.codes_input else None, w_packed if s.path == "merged" else None,
                           scale if s.path == "merged" else None, bias if s.path == "merged" else None, fp_weight,
                           fp_in_idx, fp_out_idx, output if s.relu else None)
@@ -419,8 +467,14 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, grad):
     s: LayerSpec = ctx.spec
     x, w_packed, scale, bias, fp_weight, fp_in_idx, fp_out_idx, out = ctx.saved_tensors
-    grads = [None] * 13
-    if s.codes_input or grad is None:
+    grads = [None] * 14
+    if grad is None:
+        return tuple(grads)
+    if ctx.residual_dtype is not None and ctx.needs_input_grad[10]:
+        # relu(y + residual): the residual's gradient is the output's, through the ReLU
+        g_out = torch.where(out > 0, grad, torch.zeros_like(grad)) if s.relu else grad
+        grads[10] = g_out.to(ctx.residual_dtype)
+    if s.codes_input:
         return tuple(grads)
     if ctx.codes_out:
         raise RuntimeError("hybrid_layer cannot backpropagate through re-quantized (integer) outputs; deploy without "
@@ -495,16 +549,17 @@ torch.library.register_autograd("hybridops::hybrid_layer", _backward, setup_cont
 
 # ----------------------------------------------------------------------------- the entry point
 def hybrid_layer(spec: LayerSpec, spec_ints: List[int], x: torch.Tensor, w_packed, scale, bias, in_qparams,
-                 fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, fp_dtype: Optional[torch.dtype],
-                 backend: str) -> torch.Tensor:
+                 fp_weight, fp_bias, fp_in_idx, fp_out_idx, out_qparams, residual: Optional[torch.Tensor],
+                 fp_dtype: Optional[torch.dtype], backend: str) -> torch.Tensor:
     """A deployed layer's forward: the registered op where autograd, tracing or a dispatch mode
     needs it, else :func:`run_layer` directly (see the module docstring). ``spec_ints`` is
     ``spec.to_ints()``, made once by the layer."""
     if (torch.is_grad_enabled() and (x.requires_grad or fp_weight.requires_grad
-                                     or (fp_bias is not None and fp_bias.requires_grad))) \
+                                     or (fp_bias is not None and fp_bias.requires_grad)
+                                     or (residual is not None and residual.requires_grad))) \
             or torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return hybrid_layer_op(x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
-                               out_qparams, spec_ints, fp_dtype, backend)
-    check_input(spec, x, fp_weight, backend)
+                               out_qparams, residual, spec_ints, fp_dtype, backend)
+    check_input(spec, x, fp_weight, backend, residual)
     return run_layer(spec, x, w_packed, scale, bias, in_qparams, fp_weight, fp_bias, fp_in_idx, fp_out_idx,
-                     out_qparams, fp_dtype, backend)
+                     out_qparams, residual, fp_dtype, backend)

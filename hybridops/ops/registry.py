@@ -4,7 +4,8 @@ A backend is a namespace with three functions taking exactly the positional argu
 functions of the same names in :mod:`hybridops.ops.reference` — ``fake_quantize``,
 ``quantize_activate`` and ``qconv2d`` — plus the facts the op layer needs about it
 (:class:`BackendSpec`), and optional ones the op layer looks up by name (the fused hybrid conv,
-``quantized_attention_finite`` for ``hybridops::quantized_attention``). The registrations, one
+``qconv2d_residual``: ``qconv2d``'s arguments plus an NHWC residual its epilogue adds before the
+ReLU, ``quantized_attention_finite`` for ``hybridops::quantized_attention``). The registrations, one
 :func:`register_backend` call per backend, are at the end of this module; nothing else in the op
 layer names a backend. A new backend adds its launcher module (``kernels/`` or ``csrc/``) and one
 call there. Loading is deferred to first use so that importing hybridops never imports Triton or
@@ -205,7 +206,8 @@ def _onednn_ops():
 
     return types.SimpleNamespace(fake_quantize=fake_quantize, quantize_activate=onednn.quantize_activate,
                                  quantize_activate_flagged=onednn.quantize_activate_flagged,
-                                 qconv2d=onednn.qconv2d, fp_conv2d=onednn.fp_conv2d, fp_linear=onednn.fp_linear,
+                                 qconv2d=onednn.qconv2d, qconv2d_residual=onednn.qconv2d,
+                                 fp_conv2d=onednn.fp_conv2d, fp_linear=onednn.fp_linear,
                                  quantized_attention_finite=quantized_attention_finite,
                                  fp_conv_dtypes=(torch.float32, torch.bfloat16) if onednn.bf16_supported()
                                  else (torch.float32,))

@@ -40,7 +40,10 @@ class LayerSpec:
         bits_a: input activation bits, None for a full-precision input.
         a_signed: signed input codes.
         codes_input: the input is codes in this layer's input format, not floats.
-        relu: ReLU in the epilogue.
+        relu: ReLU in the epilogue (after the residual, when there is one).
+        residual: the epilogue adds a residual input of the output's shape before the ReLU (a
+            ResNet block's skip connection): the layer computes ``relu(layer(x) + residual)``,
+            with ``layer(x)`` rounded to the output dtype first, as the unfused model does.
         out_bits, out_signed: re-quantize the output to these codes (a chained consumer's input
             format); None: float output.
     """
@@ -61,6 +64,7 @@ class LayerSpec:
     relu: bool = False
     out_bits: Optional[int] = None
     out_signed: bool = False
+    residual: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -95,6 +99,12 @@ class LayerSpec:
             check_bits(self.out_bits, "out_bits")
             if self.bits_a is None:
                 raise ValueError("only an integer layer (quantized input) can re-quantize its output to codes.")
+        if self.residual:
+            if self.bits_a is None:
+                raise ValueError("only an integer layer (quantized input) adds a residual in its epilogue.")
+            if self.out_bits is not None:
+                # a NaN the residual carries could not survive the codes, and no pass would see it
+                raise ValueError("a layer that adds a residual writes floats; it cannot also re-quantize its output.")
 
     @functools.cached_property
     def path(self) -> str:
@@ -120,10 +130,10 @@ class LayerSpec:
         return [KINDS.index(self.kind), self.in_channels, self.out_channels, *self.kernel_size, *self.stride,
                 *self.padding, *self.dilation, self.groups, PADDING_MODES.index(self.padding_mode),
                 self.bits_w or 0, self.bits_a or 0, int(self.a_signed), int(self.codes_input), int(self.relu),
-                self.out_bits or 0, int(self.out_signed)]
+                self.out_bits or 0, int(self.out_signed), int(self.residual)]
 
 
-SPEC_INTS = 22  # len(LayerSpec.to_ints())
+SPEC_INTS = 23  # len(LayerSpec.to_ints())
 
 
 @functools.lru_cache(maxsize=1024)
@@ -132,7 +142,7 @@ def _from_tuple(v: Tuple[int, ...]) -> LayerSpec:
                      stride=(v[5], v[6]), padding=(v[7], v[8], v[9], v[10]), dilation=(v[11], v[12]), groups=v[13],
                      padding_mode=PADDING_MODES[v[14]], bits_w=v[15] or None, bits_a=v[16] or None,
                      a_signed=bool(v[17]), codes_input=bool(v[18]), relu=bool(v[19]), out_bits=v[20] or None,
-                     out_signed=bool(v[21]))
+                     out_signed=bool(v[21]), residual=bool(v[22]))
 
 
 def spec_from_ints(v: Sequence[int]) -> LayerSpec:
