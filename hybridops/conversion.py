@@ -22,7 +22,7 @@ from .attention import (AttentionProducts, is_timm_attention, quantized_products
 from .backend_selection import resolve_backend
 from .config import CONFIG_TYPES, HybridConfig, PruneConfig, QuantConfig, kept_count
 from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
-from .fusion import fuse_epilogues_
+from .fusion import fuse_epilogues_, fuse_skip_connections_
 from .layers import (HYBRID_LAYERS, QUANT_LAYERS, TRAINABLE_LAYERS, HybridConv2d, HybridLinear,
                      PrunedConv2d, PrunedLinear, QuantConv2d, QuantLinear, _PrunedBase, _QuantBase, deploy_layer)
 
@@ -359,7 +359,9 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
     channels it reads when its producer was pruned too (what that network passes).
 
     ``fuse``: fold an eval-mode BatchNorm2d and a ReLU that follow a deployed integer conv into its
-    epilogue and chain integer convs through codes (:func:`hybridops.fusion.fuse_epilogues_`).
+    epilogue, and a skip connection's add and ReLU after it (the block whose code held them becomes
+    a ``torch.fx.GraphModule`` of the same name and state), and chain integer convs through codes
+    (:func:`hybridops.fusion.fuse_epilogues_`).
     Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
 
     ``fp_dtype``: what the pruned branches compute in; ``torch.bfloat16`` in an fp32 model runs
@@ -450,6 +452,8 @@ def load_deployed_(model: nn.Module, state_dict: Mapping[str, torch.Tensor], bac
         absorbed += [n for n, _ in state["absorbed"]]
     for name in absorbed:
         _set_submodule(model, name, nn.Identity())
+    # skip connections and shared ReLUs that fusion moved into layers (their flags say which)
+    fuse_skip_connections_(model, decide=False)
     model.load_state_dict(state_dict, strict=strict)
     for m in model.modules():
         if isinstance(m, AttentionProducts):

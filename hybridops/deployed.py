@@ -394,7 +394,7 @@ class _DeployedBase(nn.Module):
         q = {"hybrid": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'}",
              "codes": f"w{self.bits_w}, a{self.bits_a}{'s' if self.a_signed else 'u'} codes in",
              "merged": f"w{self.bits_w}, a=fp", "fp_only": "fp only"}[self.path]
-        fused = "+".join(name for name, on in (("bn", self.fused_bn), ("relu", self.relu),
+        fused = "+".join(name for name, on in (("bn", self.fused_bn), ("add", self.residual), ("relu", self.relu),
                                                ("requant", self.out_qparams is not None)) if on)
         return (f"{self._geometry_repr()}, {q}, fp_kept={self.kept_channels}/{self.out_channels}"
                 f"{', epilogue=' + fused if fused else ''}, backend={self.backend!r}")

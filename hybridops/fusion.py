@@ -12,6 +12,15 @@ ResNet blocks call one ``relu`` module several times: that ReLU stays a module o
 only layers called once. Folding rescales the pruned branch's weights by the BatchNorm's
 per-channel gain, so online-update SGD steps on them differ per channel from the unfused layer's.
 
+Then skip connections (:func:`fuse_skip_connections_`): where a deployed integer conv's output
+(through a folded BatchNorm) is added to another tensor and the sum goes through a ReLU, as at the
+end of every ResNet block, the add and the ReLU move into the conv's epilogue
+(``layer(x, residual)``, :attr:`~hybridops.deployed.DeployedConv2d.residual`); a ReLU module that
+the model calls at several places (torchvision's blocks call one ``relu`` twice) folds into the
+conv before each call. Both edit the model's code, not only its modules: the module whose forward
+holds them (the block) is replaced by a ``torch.fx.GraphModule`` of the same class name, the same
+submodules and the same state dict keys, whose forward calls the fused layers.
+
 Then chains: when a deployed integer conv's only consumer (through ``nn.Identity`` alone) is
 another deployed conv that has no full-precision branch and reads zero-padded quantized input,
 the producer (itself without a full-precision branch, whose online update needs float outputs)
@@ -20,14 +29,17 @@ situation of the network-level quantized copy, and of quantized-only models).
 """
 from __future__ import annotations
 
+import operator
 from collections import Counter
-from typing import List
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .deployed import DeployedConv2d, DeployedLinear
-from .graph import set_submodule, trace
+from .deployed import DEPLOYED_LAYERS, DeployedConv2d, DeployedLinear
+from .graph import LayerTracer, set_submodule, trace
 
 
 @torch.no_grad()
@@ -101,7 +113,135 @@ def fuse_epilogues_(model: nn.Module) -> List[str]:
             parts.append(relu_node.target)
         if len(parts) > 1:
             fused.append("+".join(parts))
-    return fused + chain_codes_(model)
+    return fused + fuse_skip_connections_(model) + chain_codes_(model)
+
+
+# ----------------------------------------------------------------------------- skip connections
+def _is_relu(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return type(modules.get(node.target)) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu, torch.relu_) and len(node.args) >= 1
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def _add_operands(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node, bool]]:
+    """``(a, b, in_place)`` of a two-tensor add without ``alpha`` (``a + b``, ``a += b``,
+    ``torch.add(a, b)``, ``a.add(b)``, ``a.add_(b)``); None for anything else."""
+    if node.kwargs or len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    if node.op == "call_function" and node.target in (operator.add, operator.iadd, torch.add):
+        return node.args[0], node.args[1], node.target is operator.iadd
+    if node.op == "call_method" and node.target in ("add", "add_"):
+        return node.args[0], node.args[1], node.target == "add_"
+    return None
+
+
+def _own(node: fx.Node) -> bool:
+    """Whether ``node`` is the traced module's own code, not its children's (whose code the
+    tracer inlines): a child's ops carry that child in their module stack."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return len(stack) <= (1 if node.op == "call_module" else 0)
+
+
+def _through_identities(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[fx.Node, List[fx.Node]]:
+    """The last node of the chain ``node -> Identity -> ... -> Identity`` (each with one user) and
+    the Identity nodes on it (folded BatchNorms)."""
+    hops = []
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not (user.op == "call_module" and isinstance(modules.get(user.target), nn.Identity)):
+            break
+        hops.append(user)
+        node = user
+    return node, hops
+
+
+def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, decide: bool) -> List[str]:
+    """Fold ReLUs and skip-connection adds into the deployed integer layers of one module's graph
+    (see :func:`fuse_skip_connections_`). ``decide``: choose what to fold and set the layers' flags
+    (deploy time); otherwise fold what the layers' flags say was folded (a rebuilt checkpoint)."""
+    done = []
+    for node in list(graph.nodes):
+        layer = modules.get(node.target) if node.op == "call_module" else None
+        if not (isinstance(layer, DEPLOYED_LAYERS) and layer.path in ("hybrid", "codes") and calls[id(layer)] == 1
+                and len(node.args) == 1 and not node.kwargs and layer.out_qparams is None):
+            continue
+        end, hops = _through_identities(node, modules)
+        user = next(iter(end.users)) if len(end.users) == 1 else None
+        operands = _add_operands(user) if user is not None and _own(user) else None
+        if operands is not None and (layer.residual if not decide else not (layer.relu or layer.residual)):
+            a, b, in_place = operands
+            other = b if a is end else a
+            if other is end or (in_place and other is a and len(other.users) > 1):
+                continue  # x + x, or an add that writes into a tensor read again later
+            after = next(iter(user.users)) if len(user.users) == 1 else None
+            with_relu = after is not None and _is_relu(after, modules) and _own(after) and (
+                layer.relu if not decide else True)
+            if decide:
+                layer.set_residual_()
+                layer.relu = with_relu
+            node.args = (node.args[0], other)
+            user.prepend(node)  # after the residual's producer, which may come later in the code
+            last = after if with_relu else user
+            last.replace_all_uses_with(node)
+            for n in ([after] if with_relu else []) + [user] + hops[::-1]:
+                graph.erase_node(n)
+            done.append(f"{node.target}+add" + ("+relu" if with_relu else ""))
+        elif user is not None and _is_relu(user, modules) and _own(user) and not layer.residual and (
+                layer.relu or decide):
+            layer.relu = True
+            user.replace_all_uses_with(end)
+            graph.erase_node(user)
+            done.append(f"{node.target}+relu")
+    return done
+
+
+def fuse_skip_connections_(model: nn.Module, decide: bool = True) -> List[str]:
+    """Fold skip-connection adds and repeatedly called ReLUs into deployed integer layers (see
+    the module docstring), in place; the modules whose code changed become ``torch.fx``
+    GraphModules. Returns one ``"layer+add+relu"`` / ``"layer+relu"`` entry per fold.
+
+    ``decide=False`` (:func:`hybridops.load_deployed_`): fold what the layers' saved flags say
+    was folded, into a freshly built float model's code."""
+    gm = trace(model, "skip connections and shared ReLUs stay separate passes after the deployed layers.")
+    if gm is None:
+        return []
+    modules = dict(model.named_modules())
+    calls = Counter(id(modules[n.target]) for n in gm.graph.nodes if n.op == "call_module")
+    done = []
+    # children first: a block's folds are made in the block, not in a parent that inlines it
+    for name, _ in reversed(list(model.named_modules())):
+        module = model.get_submodule(name)
+        if not name or LayerTracer().is_leaf_module(module, name):
+            continue  # (the root is the caller's object: its own code stays as it is)
+        try:
+            graph = LayerTracer().trace(module)
+        except Exception:
+            continue  # a module fx cannot trace keeps its code (the model stays correct)
+        local = dict(module.named_modules())
+        folds = _fold_graph(graph, local, calls, decide)
+        if not folds:
+            continue
+        graph.lint()
+        replacement = fx.GraphModule(module, graph, class_name=type(module).__name__)
+        # the same submodules, parameters and buffers as before, called or not, in the same order
+        # (state dict keys, attribute access, parameter order for optimizers), and the same mode
+        replacement._modules = dict(module._modules)
+        replacement._parameters = dict(module._parameters)
+        replacement._buffers = dict(module._buffers)
+        replacement._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
+        replacement.train(module.training)
+        set_submodule(model, name, replacement)
+        done += [f"{name}.{f}" for f in folds]
+    if not decide:
+        folded = {f.split("+")[0] for f in done}
+        lost = [n for n, m in model.named_modules() if isinstance(m, DEPLOYED_LAYERS) and m.residual and n not in folded]
+        if lost:
+            raise ValueError(f"the checkpoint's layer {lost[0]!r} adds a residual in its epilogue, but this model's code "
+                             "adds none to its output (in a submodule's forward): build the same float model the "
+                             "deployed one was made from.")
+    return done
 
 
 def _integer_conv(m) -> bool:
@@ -122,19 +262,17 @@ def chain_codes_(model: nn.Module) -> List[str]:
         # A producer with a full-precision branch keeps float outputs: codes carry no gradient,
         # and its branch must stay trainable for the online update.
         if (not _integer_conv(producer) or producer.out_qparams is not None or producer.kept_channels
-                or uses[node.target] != 1):
+                or producer.residual or uses[node.target] != 1):
             continue
-        hop = node
-        while len(hop.users) == 1:
-            hop = next(iter(hop.users))
-            consumer = modules.get(hop.target) if hop.op == "call_module" else None
-            if not isinstance(consumer, nn.Identity):
-                break
-        else:
+        end, _ = _through_identities(node, modules)
+        if len(end.users) != 1:
             continue
+        hop = next(iter(end.users))
+        consumer = modules.get(hop.target) if hop.op == "call_module" else None
+        # the producer's output is the consumer's input (args[0]), not (also) its residual
         if not (_integer_conv(consumer) and consumer.kept_channels == 0 and consumer.padding_mode == "zeros"
-                and not consumer.codes_input and consumer.backend == producer.backend and len(hop.args) == 1
-                and uses[hop.target] == 1):
+                and not consumer.codes_input and consumer.backend == producer.backend and hop.args[0] is end
+                and end not in hop.args[1:] and uses[hop.target] == 1):
             continue  # (the code format between the two is the backend's: both must run on the same one)
         producer.set_output_codes_(consumer.in_qparams, consumer.bits_a, consumer.a_signed)
         consumer.set_codes_input_()

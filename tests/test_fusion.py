@@ -10,6 +10,7 @@ import torchvision
 
 import hybridops as ho
 from hybridops.backend_selection import backend_unavailable_reason
+from hybridops import fusion
 from hybridops.fusion import fuse_epilogues_
 
 BACKENDS = ["torch"] + [b for b in ("triton", "cuda") if backend_unavailable_reason(b, "cpu") is None]
@@ -112,7 +113,7 @@ def test_online_update_through_fused_epilogue(hybrid_cnn):
     assert changed and changed <= fp_names
 
 
-def test_training_mode_batchnorm_and_shared_relu_are_not_fused():
+def test_training_mode_batchnorm_is_not_fused_and_the_block_end_is():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=4).eval()
     _randomize_bn_(model)
@@ -123,7 +124,13 @@ def test_training_mode_batchnorm_and_shared_relu_are_not_fused():
     fused = ho.deploy_(model, "torch")
     assert isinstance(fused.layer1[0].bn1, nn.BatchNorm2d)  # training-mode statistics: kept
     assert isinstance(fused.layer1[0].bn2, nn.Identity) and fused.layer1[0].conv2.fused_bn
-    assert isinstance(fused.layer1[0].relu, nn.ReLU) and not fused.layer1[0].conv2.relu  # relu used 2x
+    # the skip connection's add and the block's second call of its one ReLU module fold into conv2;
+    # conv1's output goes through the unfused BatchNorm, so its ReLU (the first call) stays
+    block = fused.layer1[0]
+    assert block.conv2.residual and block.conv2.relu and not block.conv1.relu
+    assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == "BasicBlock"
+    assert isinstance(block.relu, nn.ReLU) and "epilogue=bn+add+relu" in repr(block.conv2)
+    assert [n.target for n in block.graph.nodes if n.op == "call_module"] == ["conv1", "bn1", "relu", "conv2"]
     fused.layer1[0].bn1.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
@@ -202,3 +209,157 @@ def test_producer_with_full_precision_branch_keeps_float_output():
     assert y.dtype == torch.float32 and y.requires_grad
     y.sum().backward()
     assert all(p.grad is not None for p in params)
+
+
+# ----------------------------------------------------------------------------- skip connections
+CPU_BACKENDS = [b for b in ("torch", "onednn") if backend_unavailable_reason(b, "cpu") is None]
+
+
+def _without_skip_fusion(monkeypatch):
+    """Deploy as before skip connections were fused: the reference the fused models must equal."""
+    monkeypatch.setattr(fusion, "fuse_skip_connections_", lambda model, decide=True: [])
+
+
+def _deploy_both(model, backend, monkeypatch):
+    with monkeypatch.context() as m:
+        _without_skip_fusion(m)
+        unfused = ho.deploy_(copy.deepcopy(model), backend)
+    return ho.deploy_(copy.deepcopy(model), backend), unfused
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_resnet_block_ends_fold_into_their_last_conv(backend, monkeypatch):
+    """Per-layer hybrid ResNet-18: each block's add and second ReLU run in conv2's epilogue and
+    its first ReLU (the same module, called twice) in conv1's; the model equals the one deployed
+    without these folds bit for bit, and the block keeps its name, submodules and state."""
+    torch.manual_seed(0)
+    model = _randomize_bn_(torchvision.models.resnet18(num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.25), example_inputs=x)
+    fused, unfused = _deploy_both(model, backend, monkeypatch)
+    blocks = [b for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4) for b in layer]
+    assert all(isinstance(b, torch.fx.GraphModule) and type(b).__name__ == "BasicBlock" for b in blocks)
+    assert all(b.conv1.relu and not b.conv1.residual and b.conv2.relu and b.conv2.residual for b in blocks)
+    assert all(not b.conv1.codes_input and b.conv1.kept_channels for b in blocks)  # (FP branches: no codes)
+    assert list(fused.state_dict()) == list(unfused.state_dict())
+    assert [n for n, _ in fused.named_parameters()] == [n for n, _ in unfused.named_parameters()]
+    assert isinstance(fused.layer2[0].downsample[0], ho.DeployedConv2d) and isinstance(fused.layer2[0].relu, nn.ReLU)
+    with torch.no_grad():
+        y = fused(x)
+        assert torch.equal(y, unfused(x))
+        xc = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(fused(xc), unfused(xc))
+    # plain copies of the deployed model keep the folds
+    with torch.no_grad():
+        assert torch.equal(copy.deepcopy(fused)(x), y)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_network_level_quantized_half_is_an_integer_chain(backend, monkeypatch):
+    """The network-level hybrid's quantized copy of a Bottleneck ResNet: inside each block the
+    convs pass codes (conv1 -> conv2 -> conv3), conv3 adds the skip connection and applies the
+    block's ReLU in its epilogue; the network equals the one without these folds exactly."""
+    from torchvision.models.resnet import Bottleneck, ResNet
+    torch.manual_seed(0)
+    backbone = _randomize_bn_(ResNet(Bottleneck, [1, 2, 1, 1], num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    net = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.25), example_inputs=x).eval()
+    with monkeypatch.context() as m:
+        _without_skip_fusion(m)
+        unfused = copy.deepcopy(net).deploy_(backend)
+    net.deploy_(backend)
+    q = net.quant_net
+    for block in (q.layer1[0], q.layer2[0], q.layer2[1], q.layer4[0]):
+        assert block.conv1.out_qparams is not None and block.conv2.codes_input and block.conv2.out_qparams is not None
+        assert block.conv3.codes_input and block.conv3.residual and block.conv3.relu
+    # the quantized copy of every block's first conv reads floats (the block input is also the skip)
+    assert not q.layer2[1].conv1.codes_input
+    with torch.no_grad():
+        assert torch.equal(net(x), unfused(x))
+
+
+class _Skips(nn.Module):
+    """The forms a skip connection takes in model code, and one that must not fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                              nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
+        self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        y = self.relu(self.bn1(self.c1(x)))
+        y = torch.relu(y + self.bn2(self.c2(y)))  # the conv second, a functional ReLU
+        z = self.c3(y)
+        z += y  # in place into the conv's output, no ReLU
+        u = self.c4(z)
+        s = z.add_(u)  # in place into z, which is read again below: must stay as it is
+        return s * 2 + z
+
+
+class _NoSkips(_Skips):
+    def forward(self, x):
+        return self.c4(self.c3(self.bn2(self.c2(self.relu(self.bn1(self.c1(x)))))))
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = _Skips()
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_skip_connection_forms(backend, monkeypatch):
+    torch.manual_seed(0)
+    model = _randomize_bn_(_Outer()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ho.hybridize_(model, ho.QuantConfig(fp_first_input=False), example_inputs=x)
+    plain = ho.deploy_(copy.deepcopy(model), backend, fuse=False)
+    fused, unfused = _deploy_both(model, backend, monkeypatch)
+    body = fused.body
+    assert (body.c1.relu, body.c2.residual, body.c2.relu, body.c3.residual, body.c3.relu) == (True,) * 4 + (False,)
+    assert not body.c4.residual and not body.c4.relu
+    with torch.no_grad():
+        y = fused(x)
+        assert torch.equal(y, unfused(x))
+        torch.testing.assert_close(y, plain(x), rtol=1e-4, atol=1e-4)  # (BatchNorms folded)
+
+
+def test_load_deployed_refolds_skip_connections():
+    """A checkpoint of a model whose skip connections were fused rebuilds into the same code."""
+    torch.manual_seed(0)
+    model = _randomize_bn_(_Outer()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    ho.hybridize_(model, ho.QuantConfig(fp_first_input=False), example_inputs=x)
+    ho.deploy_(model, "torch")
+    fresh = _Outer()
+    ho.load_deployed_(fresh, model.state_dict(), backend="torch")
+    fresh.eval()
+    assert isinstance(fresh.body, torch.fx.GraphModule) and fresh.body.c2.residual
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    # a model without the skip connections the checkpoint's layers add is refused
+    other = _Outer()
+    other.body = _NoSkips()
+    with pytest.raises(ValueError, match="adds a residual in its epilogue, but this model's code adds none"):
+        ho.load_deployed_(other, model.state_dict(), backend="torch")
+
+
+def test_online_update_through_a_residual_epilogue(monkeypatch):
+    """Gradients through fused skip connections equal those of the unfused deployed model."""
+    torch.manual_seed(0)
+    model = _randomize_bn_(torchvision.models.resnet18(num_classes=4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ho.hybridize_(model, ho.HybridConfig(keep=0.25), example_inputs=x)
+    grads = []
+    for m in _deploy_both(model, "torch", monkeypatch):
+        params = ho.freeze_quantized_(m)
+        m(x).square().mean().backward()
+        grads.append([p.grad for p in params])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in grads[0])

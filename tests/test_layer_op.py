@@ -186,9 +186,10 @@ def test_cuda_backends_trace_with_fake_tensors(backend):
 
 
 # ----------------------------------------------------------------------------- opcheck and gradients
-def _op_args(layer, x):
+def _op_args(layer, x, residual=None):
     return (x, layer.w_packed, layer.scale, layer.bias, layer.in_qparams, layer.fp_weight, layer.fp_bias,
-            layer.fp_in_idx, layer.fp_out_idx, layer.out_qparams, layer.spec.to_ints(), layer.fp_dtype, layer.backend)
+            layer.fp_in_idx, layer.fp_out_idx, layer.out_qparams, residual, layer.spec.to_ints(), layer.fp_dtype,
+            layer.backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,10 +277,12 @@ def test_spec_round_trip_and_bad_specs():
                           (dict(padding_mode="mirror"), "padding_mode must be one of"),
                           (dict(kind="linear"), "a linear layer is a 1x1"),
                           (dict(bits_a=None, out_bits=4), "only an integer layer"),
-                          (dict(codes_input=True, padding_mode="reflect"), "codes as input")):
+                          (dict(codes_input=True, padding_mode="reflect"), "codes as input"),
+                          (dict(residual=True, bits_a=None), "adds a residual in its epilogue"),
+                          (dict(residual=True, out_bits=4), "cannot also re-quantize")):
         with pytest.raises(ValueError, match=match):
             LayerSpec(**{**base, **change})
-    with pytest.raises(ValueError, match="22 ints"):
+    with pytest.raises(ValueError, match="23 ints"):
         spec_from_ints(ints[:-1])
 
 
@@ -391,3 +394,101 @@ def test_inplace_relu_after_a_layer_in_grad_mode(hw, layout):
     y = model(x)
     y.sum().backward()
     assert model[0].fp_weight.grad is not None and torch.equal(y, y.clamp_min(0))
+
+
+# ----------------------------------------------------------------------------- residual layers
+RESIDUAL_CASES = ["hybrid", "hybrid_sliced_in", "hybrid_grouped", "hybrid_signed", "quant_only", "linear_hybrid"]
+
+
+def _residual_layer(name, backend, dtype=torch.float32, channels_last=False):
+    """A layer with ``relu(layer(x) + residual)`` in its epilogue, its input, a residual of its
+    output's shape, and the unfused result (the plain layer, then torch's add and ReLU)."""
+    layer, x = _layer(name, backend)
+    layer = layer.to(dtype)
+    x = x.to(dtype)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        plain = layer(x)
+    r = torch.randn(plain.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    if channels_last and r.dim() == 4:
+        r = r.contiguous(memory_format=torch.channels_last)
+    layer.set_residual_()
+    layer.relu = True
+    return layer, x, r, torch.relu(plain + r)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("name", RESIDUAL_CASES)
+def test_residual_epilogue_equals_the_unfused_add_and_relu(name, backend, dtype, channels_last):
+    """``layer(x, r)`` is the unfused model's ``relu(layer(x) + r)`` bit for bit, in fp32 and in
+    bf16 (the layer's output rounded to bf16 before the add, as the unfused add sees it)."""
+    layer, x, r, expect = _residual_layer(name, backend, dtype, channels_last)
+    with torch.no_grad():
+        y = layer(x, r)
+    assert y.dtype == dtype and y.shape == expect.shape
+    assert torch.equal(y, expect)
+    if channels_last and y.dim() == 4:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert "epilogue=add+relu" in repr(layer)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_of_another_shape_or_dtype_is_added_as_torch_adds(backend):
+    """A skip connection that broadcasts or promotes (the fusion pass cannot see shapes) still
+    computes what the unfused model does: the plain layer, then torch's add and ReLU."""
+    layer, x, r, _ = _residual_layer("hybrid", backend)
+    with torch.no_grad():
+        plain = layer._forward(x, plain=True)
+        for other in (r[:, :, :1], r[:1], r.double(), torch.tensor(0.5)):
+            assert torch.equal(layer(x, other), torch.relu(plain + other))
+    lin, xl, rl, _ = _residual_layer("linear_hybrid", backend)
+    with torch.no_grad():
+        plain = lin._forward(xl.reshape(-1, 20, 1, 1), plain=True).reshape(4, 7)
+        assert torch.equal(lin(xl, rl[:1]), torch.relu(plain + rl[:1]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_residual_errors(backend):
+    layer, x, r, _ = _residual_layer("hybrid", backend)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="adds a residual in its epilogue .* call it with the residual"):
+            layer(x)
+        plain, _ = _layer("hybrid", backend)
+        with pytest.raises(ValueError, match="adds no residual in its epilogue: call it without one"):
+            plain(x, r)
+    args = list(_op_args(layer, x, r[:, :3]))
+    with pytest.raises(ValueError, match=r"the residual must be the layer's output shape \(2, 16, 7, 6\)"):
+        torch.ops.hybridops.hybrid_layer(*args)
+    quant, _, _, _ = _residual_layer("quant_only", backend)
+    with pytest.raises(ValueError, match="cannot also re-quantize"):
+        quant.set_output_codes_(torch.tensor([0.5, 0.0]), 4, False)
+    merged, _ = _layer("merged", backend)
+    with pytest.raises(ValueError, match="only an integer layer"):
+        merged.set_residual_()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["hybrid", "quant_only"])
+def test_residual_opcheck_and_gradients(name, backend):
+    layer, x, r, _ = _residual_layer(name, backend)
+    layer.fp_weight.requires_grad_(True)
+    torch.library.opcheck(torch.ops.hybridops.hybrid_layer.default,
+                          _op_args(layer, x.clone().requires_grad_(True), r.clone().requires_grad_(True)))
+    # gradients: the residual's is the output's through the ReLU; the rest as without a residual
+    x.requires_grad_(True)
+    r.requires_grad_(True)
+    y = layer(x, r)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+    params = [p for p in (x, r, layer.fp_weight) if p is not None]
+    gx, gr, gw = torch.autograd.grad(y, params, g, allow_unused=True)
+    torch.testing.assert_close(gr, g * (y > 0), rtol=0, atol=0)
+    if layer.kept_channels:
+        ref_out = _branch_reference(layer, x)
+        ex, ew = torch.autograd.grad(ref_out, [x, layer.fp_weight], g * (y > 0))
+        torch.testing.assert_close(gx, ex, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-5)
+    else:
+        assert gx is None or not gx.any()
