@@ -13,6 +13,7 @@ bench/results/cpu/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import statistics
@@ -20,11 +21,13 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from speedup_report import cpu_baselines
 
 import hybridops as ho
 import hybridops.kernels.onednn as O
+from hybridops import fusion
 from hybridops.kernels.packing import pack_weight
 
 OUT = Path(__file__).parent / "results" / "cpu"
@@ -303,7 +306,9 @@ class _TimedKernels:
     what is left of the forward's time is Python, dispatch and the unconverted modules."""
 
     PASSES = {"quantize_activate": "quantize-activate (ours)", "epilogue": "epilogue (ours)",
-              "_qconv": "int8 conv (oneDNN)", "_fconv": "float conv: FP branches and the merged stem (oneDNN)"}
+              "_qconv": "int8 conv (oneDNN)", "_qlinear": "int8 matmul: 1x1 convs and Linear (oneDNN)",
+              "_fconv": "float conv: FP branches and the merged stem (oneDNN)",
+              "conv2d": "float conv: the thin pruned copy's layers (F.conv2d)"}
 
     def __init__(self):
         self.ms = dict.fromkeys(self.PASSES.values(), 0.0)
@@ -319,22 +324,58 @@ class _TimedKernels:
         return timed
 
     def __enter__(self):
-        self._saved = {"_C": O._C, "_qconv": O._qconv, "_fconv": O._fconv}
+        self._saved = {name: getattr(O, name) for name in ("_C", "_qconv", "_qlinear", "_fconv")}
+        self._conv2d = F.conv2d
         ext = O._C
         wrapped = {name: self._wrap(getattr(ext, name), self.PASSES[name]) for name in ("quantize_activate", "epilogue")}
         # a stand-in for the extension module: the two timed passes, everything else as it is
         O._C = type("TimedExtension", (), {"__getattr__": lambda _s, n: wrapped.get(n, getattr(ext, n))})()
-        O._qconv = self._wrap(O._qconv, self.PASSES["_qconv"])
-        O._fconv = self._wrap(O._fconv, self.PASSES["_fconv"])
+        for name in ("_qconv", "_qlinear", "_fconv"):
+            setattr(O, name, self._wrap(getattr(O, name), self.PASSES[name]))
+        F.conv2d = self._wrap(F.conv2d, self.PASSES["conv2d"])
         return self
 
     def __exit__(self, *exc):
-        O._C, O._qconv, O._fconv = self._saved["_C"], self._saved["_qconv"], self._saved["_fconv"]
+        for name, fn in self._saved.items():
+            setattr(O, name, fn)
+        F.conv2d = self._conv2d
+
+
+def _split_into_passes(model, xcl, reps):
+    """``(median forward ms, {pass: median ms}, {pass: calls per forward})`` of ``model(xcl)``."""
+    per_pass = {label: [] for label in _TimedKernels.PASSES.values()}
+    totals, calls = [], {}
+    with torch.no_grad():
+        for _ in range(5):
+            model(xcl)
+        for _ in range(reps):
+            with _TimedKernels() as t:
+                t0 = time.perf_counter()
+                model(xcl)
+                totals.append((time.perf_counter() - t0) * 1e3)
+            for label, ms in t.ms.items():
+                per_pass[label].append(ms)
+            calls = t.calls
+    return statistics.median(totals), {label: statistics.median(v) for label, v in per_pass.items()}, calls
+
+
+@contextlib.contextmanager
+def _skip_folds_off():
+    """Deploy as before skip connections were folded into the layers (for comparison)."""
+    saved = fusion.fuse_skip_connections_
+    fusion.fuse_skip_connections_ = lambda model, decide=True: []
+    try:
+        yield
+    finally:
+        fusion.fuse_skip_connections_ = saved
 
 
 def bench_passes(names, threads, reps):
     """Where a deployed model's time goes: the forward split into its passes (evidence for the
-    docs' account of what limits the end-to-end speed)."""
+    docs' account of what limits the end-to-end speed), for the per-layer hybrid and for the two
+    halves of the network-level hybrid (the quantized copy with its integer chain: codes between
+    the convs of a block, the skip connection in the last conv's epilogue; the thin pruned copy),
+    the network-level hybrid also as deployed without the skip-connection folds, for comparison."""
     torch.set_num_threads(threads)
     lines = [f"# Deployed hybrid forward split into passes, batch 1, {threads} threads ({datetime.date.today()}, "
              f"torch {torch.__version__}, oneDNN ISA {O.isa()})", "",
@@ -345,33 +386,29 @@ def bench_passes(names, threads, reps):
              "| model | pass | ms per forward | share | calls |", "| --- | --- | --- | --- | --- |"]
     for name in names:
         torch.manual_seed(0)
-        model = getattr(torchvision.models, name)().eval()
+        base = getattr(torchvision.models, name)().eval()
         x = torch.randn(1, 3, 224, 224)
+        xcl = x.contiguous(memory_format=torch.channels_last)
+        model = copy.deepcopy(base)
         ho.hybridize_(model, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x)
         ho.deploy_(model.eval(), backend="onednn")
-        model = model.to(memory_format=torch.channels_last)
-        xcl = x.contiguous(memory_format=torch.channels_last)
-        per_pass = {label: [] for label in _TimedKernels.PASSES.values()}
-        totals, calls = [], {}
-        with torch.no_grad():
-            for _ in range(5):
-                model(xcl)
-            for _ in range(reps):
-                with _TimedKernels() as t:
-                    t0 = time.perf_counter()
-                    model(xcl)
-                    totals.append((time.perf_counter() - t0) * 1e3)
-                for label, ms in t.ms.items():
-                    per_pass[label].append(ms)
-                calls = t.calls
-        total = statistics.median(totals)
-        medians = {label: statistics.median(v) for label, v in per_pass.items()}
-        for label, ms in medians.items():
-            lines.append(f"| {name} | {label} | {ms:.2f} | {ms / total:.0%} | {calls[label]} |")
-        rest = total - sum(medians.values())
-        lines.append(f"| {name} | rest | {rest:.2f} | {rest / total:.0%} | |")
-        lines.append(f"| {name} | **forward** | {total:.2f} | 100% | |")
-        print("\n".join(lines[-6:]), flush=True)
+        network = ho.HybridNetwork(base, ho.HybridConfig(bits_w=4, bits_a=4, keep=0.1), example_inputs=x).eval()
+        with _skip_folds_off():
+            unfolded = copy.deepcopy(network).deploy_(backend="onednn").to(memory_format=torch.channels_last)
+        network.deploy_(backend="onednn").to(memory_format=torch.channels_last)
+        parts = [("per-layer hybrid", model.to(memory_format=torch.channels_last)),
+                 ("network-level: quantized copy (integer chain)", network.quant_net),
+                 ("network-level: quantized copy without the skip-connection folds", unfolded.quant_net),
+                 ("network-level: thin pruned copy", network.pruned_net)]
+        for part, m in parts:
+            total, medians, calls = _split_into_passes(m, xcl, reps)
+            for label, ms in medians.items():
+                if calls[label]:
+                    lines.append(f"| {name}, {part} | {label} | {ms:.2f} | {ms / total:.0%} | {calls[label]} |")
+            rest = total - sum(medians.values())
+            lines.append(f"| {name}, {part} | rest | {rest:.2f} | {rest / total:.0%} | |")
+            lines.append(f"| {name}, {part} | **forward** | {total:.2f} | 100% | |")
+            print("\n".join(lines[-7:]), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"passes_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

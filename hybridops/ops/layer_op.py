@@ -204,23 +204,46 @@ def _fp_groups(spec: LayerSpec, kept: int) -> int:
 
 
 def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                padding, groups: int) -> torch.Tensor:
+                padding, groups: int, relu: bool = False) -> torch.Tensor:
     """A float conv (or linear) in ``x``'s dtype, on the backend's prepacked conv where it has one
-    for that dtype: ``(N, K, Ho, Wo)``."""
+    for that dtype (``relu`` as its post-op there): ``(N, K, Ho, Wo)``, ReLU applied if ``relu``."""
     dt = x.dtype
     if spec.kind == "linear":
         n, c, k = x.shape[0], x.shape[1], weight.shape[0]
         fast_linear = getattr(ns, "fp_linear", None)
         if fast_linear is not None and dt in ns.fp_conv_dtypes:
-            return fast_linear(x.reshape(n, c), weight, bias).view(n, k, 1, 1)
-        w = weight.view(k, c) if weight.dtype == dt else weight.view(k, c).to(dt)
-        b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
-        return F.linear(x.view(n, c), w, b).view(n, k, 1, 1)
+            y = fast_linear(x.reshape(n, c), weight, bias).view(n, k, 1, 1)
+        else:
+            w = weight.view(k, c) if weight.dtype == dt else weight.view(k, c).to(dt)
+            b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
+            y = F.linear(x.view(n, c), w, b).view(n, k, 1, 1)
+        return F.relu(y) if relu else y
     fast = getattr(ns, "fp_conv2d", None)
     if fast is not None and dt in ns.fp_conv_dtypes:
-        return fast(x, weight, bias, spec.stride, padding, spec.dilation, groups)
-    return reference.float_conv2d(x, weight.to(dt), None if bias is None else bias.to(dt), spec.stride, padding,
-                                  spec.dilation, groups)
+        return fast(x, weight, bias, spec.stride, padding, spec.dilation, groups, relu=relu)
+    y = reference.float_conv2d(x, weight.to(dt), None if bias is None else bias.to(dt), spec.stride, padding,
+                               spec.dilation, groups)
+    return F.relu(y) if relu else y
+
+
+def pruned_branch_inference(spec: LayerSpec, x: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Optional[torch.Tensor],
+                            columns: Optional[torch.Tensor], relu: bool, backend: str) -> Optional[torch.Tensor]:
+    """The pruned branch of an ungrouped layer on its kept channels, for inference (the thin
+    network of :mod:`hybridops.thin`): ``x`` holds the input channels the branch reads (or, with
+    ``columns``, those of them at positions ``columns``) in the compute dtype; zero padding of any
+    shape; ReLU as a post-op. Runs on the backend's prepacked float conv / linear, with the
+    column-sliced weight made once per weight version; returns None where the backend has none for
+    ``x``'s dtype (the caller then runs plain torch ops)."""
+    ns = registry.loaded(backend)
+    fast = getattr(ns, "fp_linear" if spec.kind == "linear" else "fp_conv2d", None)
+    if fast is None or x.dtype not in ns.fp_conv_dtypes:
+        return None
+    w = fp_weight if columns is None else derived.cached("thin_weight_columns", (fp_weight, columns), (),
+                                                         lambda: fp_weight.index_select(1, columns))
+    if spec.kind == "linear":
+        return _float_conv(ns, spec, x.reshape(x.shape[0], -1, 1, 1), w, fp_bias, (0, 0, 0, 0), 1,
+                           relu).view(x.shape[0], -1)
+    return _float_conv(ns, spec, x, w, fp_bias, spec.padding, 1, relu)
 
 
 def _identity_index(c: int, device: torch.device) -> torch.Tensor:
@@ -286,7 +309,6 @@ def run_layer(spec: LayerSpec, x, w_packed, scale, bias, in_qparams, fp_weight, 
     fp_dt = fp_dtype or x.dtype
     if path == "merged":
         y = _merged(ns, spec, x, w_packed, scale, bias, fp_weight, fp_bias, fp_in_idx, fp_out_idx, padding)
-        y = F.relu(y) if spec.relu else y
         return y.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     if path == "fp_only":
         xs = x.index_select(1, fp_in_idx) if fp_in_idx is not None else x
@@ -394,7 +416,8 @@ def _hybrid(ns, spec: LayerSpec, x, codes, x_slice, sliced: bool, w_packed, scal
 
 
 def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, fp_in_idx, fp_out_idx, padding):
-    """Both branches as one float conv. On a backend with a prepacked float conv the merged weight
+    """Both branches as one float conv, its ReLU included (the prepacked conv's post-op, so no pass
+    of its own over the stem's output). On a backend with a prepacked float conv the merged weight
     is built once per version of the tensors it comes from (then packed once): measured on
     ResNet-18's 7x7 stem (224x224, 2 threads), 0.68 ms against 1.18 ms for F.conv2d plus 0.11 ms
     to rebuild the weight, with equal results."""
@@ -404,7 +427,7 @@ def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, f
                               (spec, x.dtype), lambda: merged_weight_and_bias(*args))
     else:
         w, b = merged_weight_and_bias(*args)
-    return _float_conv(ns, spec, x, w, b, padding, spec.groups)
+    return _float_conv(ns, spec, x, w, b, padding, spec.groups, spec.relu)
 
 
 # ----------------------------------------------------------------------------- the custom op
