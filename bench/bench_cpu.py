@@ -307,8 +307,8 @@ class _TimedKernels:
 
     PASSES = {"quantize_activate": "quantize-activate (ours)", "epilogue": "epilogue (ours)",
               "_qconv": "int8 conv (oneDNN)", "_qlinear": "int8 matmul: 1x1 convs and Linear (oneDNN)",
-              "_fconv": "float conv: FP branches and the merged stem (oneDNN)",
-              "conv2d": "float conv: the thin pruned copy's layers (F.conv2d)"}
+              "_fconv": "float conv (oneDNN, prepacked): FP branches, the merged stem, the thin copy's layers",
+              "conv2d": "float conv (F.conv2d)"}
 
     def __init__(self):
         self.ms = dict.fromkeys(self.PASSES.values(), 0.0)
@@ -359,6 +359,20 @@ def _split_into_passes(model, xcl, reps):
     return statistics.median(totals), {label: statistics.median(v) for label, v in per_pass.items()}, calls
 
 
+def _alternating_ms(models, x, reps):
+    """``{name: median ms}`` of ``models`` called in turn, ``reps`` rounds (one drift for all)."""
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(x)
+        for _ in range(reps):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(x)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
 @contextlib.contextmanager
 def _skip_folds_off():
     """Deploy as before skip connections were folded into the layers (for comparison)."""
@@ -384,6 +398,7 @@ def bench_passes(names, threads, reps):
              f"{reps} forwards, wall clock around each kernel call) and calls per forward; 'rest' is the forward's "
              "median minus the passes: Python, dispatch, pooling, residual adds and other unconverted modules.", "",
              "| model | pass | ms per forward | share | calls |", "| --- | --- | --- | --- | --- |"]
+    notes = []
     for name in names:
         torch.manual_seed(0)
         base = getattr(torchvision.models, name)().eval()
@@ -409,6 +424,14 @@ def bench_passes(names, threads, reps):
             lines.append(f"| {name}, {part} | rest | {rest:.2f} | {rest / total:.0%} | |")
             lines.append(f"| {name}, {part} | **forward** | {total:.2f} | 100% | |")
             print("\n".join(lines[-7:]), flush=True)
+        # the folds' effect, free of the machine's drift between the rows above: alternating calls
+        ab = _alternating_ms({"with": network.quant_net, "without": unfolded.quant_net}, xcl, reps)
+        with torch.no_grad():
+            same = torch.equal(network.quant_net(xcl), unfolded.quant_net(xcl))
+        notes.append(f"{name}: the network-level quantized copy with the skip-connection folds and the integer chain "
+                     f"{ab['with']:.2f} ms, without them {ab['without']:.2f} ms (medians of {reps} alternating "
+                     f"forwards; outputs {'bit for bit equal' if same else 'DIFFERENT'}).")
+    lines += [""] + notes
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"passes_{threads}t_{_isa_tag()}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
