@@ -34,7 +34,7 @@ from hybridops.ops import layer_op, registry
 
 OUT = Path(__file__).parent / "results" / "overhead"
 TARGET_US = 10.0
-KERNELS = ("quantize_activate", "quantize_activate_flagged", "qconv2d", "fp_conv2d")
+KERNELS = ("quantize_activate", "quantize_activate_flagged", "qconv2d", "qconv2d_residual", "fp_conv2d")
 
 
 def _isa(backend: str) -> str:

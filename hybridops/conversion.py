@@ -359,9 +359,9 @@ def deploy_(model: nn.Module, backend: Optional[str] = "auto",
     channels it reads when its producer was pruned too (what that network passes).
 
     ``fuse``: fold an eval-mode BatchNorm2d and a ReLU that follow a deployed integer conv into its
-    epilogue, and a skip connection's add and ReLU after it (the block whose code held them becomes
-    a ``torch.fx.GraphModule`` of the same name and state), and chain integer convs through codes
-    (:func:`hybridops.fusion.fuse_epilogues_`).
+    epilogue, and a skip connection's add and ReLU after it (the block whose code held them gets
+    the rewritten code as its forward; save such a model with ``state_dict``), and chain integer
+    convs through codes (:func:`hybridops.fusion.fuse_epilogues_`).
     Deploy an eval-mode model: BatchNorm layers still in training mode are left alone.
 
     ``fp_dtype``: what the pruned branches compute in; ``torch.bfloat16`` in an fp32 model runs

@@ -18,8 +18,10 @@ end of every ResNet block, the add and the ReLU move into the conv's epilogue
 (``layer(x, residual)``, :attr:`~hybridops.deployed.DeployedConv2d.residual`); a ReLU module that
 the model calls at several places (torchvision's blocks call one ``relu`` twice) folds into the
 conv before each call. Both edit the model's code, not only its modules: the module whose forward
-holds them (the block) is replaced by a ``torch.fx.GraphModule`` of the same class name, the same
-submodules and the same state dict keys, whose forward calls the fused layers.
+holds them (the block) gets the rewritten graph's code as its forward (an attribute of the
+instance: class, submodules, attributes and state dict stay as they were), which calls the fused
+layers. Save such a model with ``state_dict`` (:func:`hybridops.load_deployed_` refolds it):
+pickling the module object cannot carry generated code.
 
 Then chains: when a deployed integer conv's only consumer (through ``nn.Identity`` alone) is
 another deployed conv that has no full-precision branch and reads zero-padded quantized input,
@@ -30,6 +32,7 @@ situation of the network-level quantized copy, and of quantized-only models).
 from __future__ import annotations
 
 import operator
+import types
 from collections import Counter
 from typing import Dict, List, Optional, Tuple
 
@@ -178,6 +181,10 @@ def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, 
             after = next(iter(user.users)) if len(user.users) == 1 else None
             with_relu = after is not None and _is_relu(after, modules) and _own(after) and (
                 layer.relu if not decide else True)
+            if not decide and layer.relu and not with_relu:
+                raise ValueError(f"the checkpoint's layer {node.target!r} applies a ReLU after its residual, but this "
+                                 "model's code has none after that add: build the same float model the deployed one "
+                                 "was made from.")
             if decide:
                 layer.set_residual_()
                 layer.relu = with_relu
@@ -199,8 +206,8 @@ def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, 
 
 def fuse_skip_connections_(model: nn.Module, decide: bool = True) -> List[str]:
     """Fold skip-connection adds and repeatedly called ReLUs into deployed integer layers (see
-    the module docstring), in place; the modules whose code changed become ``torch.fx``
-    GraphModules. Returns one ``"layer+add+relu"`` / ``"layer+relu"`` entry per fold.
+    the module docstring), in place; the modules whose code changed get the rewritten code as their
+    forward. Returns one ``"layer+add+relu"`` / ``"layer+relu"`` entry per fold.
 
     ``decide=False`` (:func:`hybridops.load_deployed_`): fold what the layers' saved flags say
     was folded, into a freshly built float model's code."""
@@ -224,15 +231,9 @@ def fuse_skip_connections_(model: nn.Module, decide: bool = True) -> List[str]:
         if not folds:
             continue
         graph.lint()
-        replacement = fx.GraphModule(module, graph, class_name=type(module).__name__)
-        # the same submodules, parameters and buffers as before, called or not, in the same order
-        # (state dict keys, attribute access, parameter order for optimizers), and the same mode
-        replacement._modules = dict(module._modules)
-        replacement._parameters = dict(module._parameters)
-        replacement._buffers = dict(module._buffers)
-        replacement._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        replacement.train(module.training)
-        set_submodule(model, name, replacement)
+        # The module keeps its class, attributes, submodules and state; only its forward becomes
+        # the rewritten graph's code (which reads the module's own attributes).
+        module.forward = types.MethodType(type(fx.GraphModule(module, graph)).forward, module)
         done += [f"{name}.{f}" for f in folds]
     if not decide:
         folded = {f.split("+")[0] for f in done}

@@ -412,7 +412,7 @@ def _fp_compute_dtype(name: str, trainable: str, x: torch.Tensor, weight: torch.
 
 def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
               padding_tblr: Sequence[int], dilation: Sequence[int], groups: int,
-              compute_dtype: Optional[torch.dtype] = None, *, relu: bool = False) -> torch.Tensor:
+              compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """The pruned full-precision branch (inference, no autograd): ``conv2d(x, weight, bias)`` on
     oneDNN with ``weight`` reordered once into oneDNN's blocked layout (:mod:`.derived`: an online
     update's optimizer step bumps the weight's version, so the next call re-packs).
@@ -420,7 +420,6 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     x: ``(N, C, H, W)`` float32 / bfloat16, best channels_last (the NCHW view of an NHWC slice
     from :func:`quantize_activate` is exactly that). ``padding_tblr``: (top, bottom, left, right).
     ``compute_dtype``: float32 or bfloat16 (default ``x.dtype``); bf16 runs on AMX-BF16.
-    ``relu``: ReLU as the convolution's post-op (no pass of its own over the output).
     Returns ``(N, C_out, Ho, Wo)`` channels_last in ``compute_dtype``: ``.permute(0, 2, 3, 1)`` is
     the contiguous NHWC ``fp_out`` that :func:`qconv2d` takes.
     """
@@ -446,7 +445,7 @@ def fp_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     b = None
     if bias is not None:
         b = cached("onednn_float_bias", (bias,), dt, lambda: bias.detach().to(dt).contiguous())
-    y = _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "relu" if relu else "none", [], "")
+    y = _fconv(x, w, b, list(pad_sym), list(stride), list(dilation), groups, "none", [], "")
     return _crop(y, out_hw) if crop else y
 
 

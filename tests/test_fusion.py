@@ -128,9 +128,15 @@ def test_training_mode_batchnorm_is_not_fused_and_the_block_end_is():
     # conv1's output goes through the unfused BatchNorm, so its ReLU (the first call) stays
     block = fused.layer1[0]
     assert block.conv2.residual and block.conv2.relu and not block.conv1.relu
-    assert isinstance(block, torch.fx.GraphModule) and type(block).__name__ == "BasicBlock"
+    assert type(block) is torchvision.models.resnet.BasicBlock and "forward" in vars(block)  # its code, rewritten
     assert isinstance(block.relu, nn.ReLU) and "epilogue=bn+add+relu" in repr(block.conv2)
-    assert [n.target for n in block.graph.nodes if n.op == "call_module"] == ["conv1", "bn1", "relu", "conv2"]
+    calls = []
+    block.relu.register_forward_hook(lambda *a: calls.append(1))
+    fused.layer1[0].bn1.eval()
+    with torch.no_grad():
+        fused(x)
+    assert len(calls) == 1  # the block calls its ReLU module once now (after bn1)
+    fused.layer1[0].bn1.train()
     fused.layer1[0].bn1.eval()
     with torch.no_grad():
         torch.testing.assert_close(fused(x), ref(x), rtol=1e-4, atol=1e-4)
@@ -231,14 +237,15 @@ def _deploy_both(model, backend, monkeypatch):
 def test_resnet_block_ends_fold_into_their_last_conv(backend, monkeypatch):
     """Per-layer hybrid ResNet-18: each block's add and second ReLU run in conv2's epilogue and
     its first ReLU (the same module, called twice) in conv1's; the model equals the one deployed
-    without these folds bit for bit, and the block keeps its name, submodules and state."""
+    without these folds bit for bit, and the block keeps its class, submodules and state (only its
+    forward is the rewritten code)."""
     torch.manual_seed(0)
     model = _randomize_bn_(torchvision.models.resnet18(num_classes=4)).eval()
     x = torch.randn(2, 3, 32, 32)
     ho.hybridize_(model, ho.HybridConfig(keep=0.25), example_inputs=x)
     fused, unfused = _deploy_both(model, backend, monkeypatch)
     blocks = [b for layer in (fused.layer1, fused.layer2, fused.layer3, fused.layer4) for b in layer]
-    assert all(isinstance(b, torch.fx.GraphModule) and type(b).__name__ == "BasicBlock" for b in blocks)
+    assert all(type(b) is torchvision.models.resnet.BasicBlock and "forward" in vars(b) for b in blocks)
     assert all(b.conv1.relu and not b.conv1.residual and b.conv2.relu and b.conv2.residual for b in blocks)
     assert all(not b.conv1.codes_input and b.conv1.kept_channels for b in blocks)  # (FP branches: no codes)
     assert list(fused.state_dict()) == list(unfused.state_dict())
@@ -303,6 +310,17 @@ class _NoSkips(_Skips):
         return self.c4(self.c3(self.bn2(self.c2(self.relu(self.bn1(self.c1(x)))))))
 
 
+class _NoReluAfterSkip(_Skips):
+    def forward(self, x):
+        y = self.relu(self.bn1(self.c1(x)))
+        y = y + self.bn2(self.c2(y))
+        z = self.c3(y)
+        z += y
+        u = self.c4(z)
+        s = z.add_(u)
+        return s * 2 + z
+
+
 class _Outer(nn.Module):
     def __init__(self):
         super().__init__()
@@ -339,13 +357,16 @@ def test_load_deployed_refolds_skip_connections():
     fresh = _Outer()
     ho.load_deployed_(fresh, model.state_dict(), backend="torch")
     fresh.eval()
-    assert isinstance(fresh.body, torch.fx.GraphModule) and fresh.body.c2.residual
+    assert "forward" in vars(fresh.body) and fresh.body.c2.residual
     with torch.no_grad():
         assert torch.equal(fresh(x), model(x))
     # a model without the skip connections the checkpoint's layers add is refused
     other = _Outer()
     other.body = _NoSkips()
     with pytest.raises(ValueError, match="adds a residual in its epilogue, but this model's code adds none"):
+        ho.load_deployed_(other, model.state_dict(), backend="torch")
+    other.body = _NoReluAfterSkip()
+    with pytest.raises(ValueError, match="applies a ReLU after its residual, but this model's code has none"):
         ho.load_deployed_(other, model.state_dict(), backend="torch")
 
 

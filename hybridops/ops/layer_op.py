@@ -206,7 +206,8 @@ def _fp_groups(spec: LayerSpec, kept: int) -> int:
 def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                 padding, groups: int, relu: bool = False) -> torch.Tensor:
     """A float conv (or linear) in ``x``'s dtype, on the backend's prepacked conv where it has one
-    for that dtype (``relu`` as its post-op there): ``(N, K, Ho, Wo)``, ReLU applied if ``relu``."""
+    for that dtype: ``(N, K, Ho, Wo)``, then ``relu`` in place on that fresh output (torch's ReLU,
+    which keeps a NaN: oneDNN's ReLU post-op makes it 0, and NaN inputs must propagate)."""
     dt = x.dtype
     if spec.kind == "linear":
         n, c, k = x.shape[0], x.shape[1], weight.shape[0]
@@ -217,13 +218,14 @@ def _float_conv(ns, spec: LayerSpec, x: torch.Tensor, weight: torch.Tensor, bias
             w = weight.view(k, c) if weight.dtype == dt else weight.view(k, c).to(dt)
             b = bias if (bias is None or bias.dtype == dt) else bias.to(dt)
             y = F.linear(x.view(n, c), w, b).view(n, k, 1, 1)
-        return F.relu(y) if relu else y
+        return y.relu_() if relu else y
     fast = getattr(ns, "fp_conv2d", None)
     if fast is not None and dt in ns.fp_conv_dtypes:
-        return fast(x, weight, bias, spec.stride, padding, spec.dilation, groups, relu=relu)
-    y = reference.float_conv2d(x, weight.to(dt), None if bias is None else bias.to(dt), spec.stride, padding,
-                               spec.dilation, groups)
-    return F.relu(y) if relu else y
+        y = fast(x, weight, bias, spec.stride, padding, spec.dilation, groups)
+    else:
+        y = reference.float_conv2d(x, weight.to(dt), None if bias is None else bias.to(dt), spec.stride, padding,
+                                   spec.dilation, groups)
+    return y.relu_() if relu else y
 
 
 def pruned_branch_inference(spec: LayerSpec, x: torch.Tensor, fp_weight: torch.Tensor, fp_bias: Optional[torch.Tensor],
@@ -231,9 +233,9 @@ def pruned_branch_inference(spec: LayerSpec, x: torch.Tensor, fp_weight: torch.T
     """The pruned branch of an ungrouped layer on its kept channels, for inference (the thin
     network of :mod:`hybridops.thin`): ``x`` holds the input channels the branch reads (or, with
     ``columns``, those of them at positions ``columns``) in the compute dtype; zero padding of any
-    shape; ReLU as a post-op. Runs on the backend's prepacked float conv / linear, with the
+    shape. Runs on the backend's prepacked float conv / linear, with the
     column-sliced weight made once per weight version; returns None where the backend has none for
-    ``x``'s dtype (the caller then runs plain torch ops)."""
+    ``x``'s dtype (the caller then runs plain torch ops). ``relu``: then torch's ReLU, in place."""
     ns = registry.loaded(backend)
     fast = getattr(ns, "fp_linear" if spec.kind == "linear" else "fp_conv2d", None)
     if fast is None or x.dtype not in ns.fp_conv_dtypes:
@@ -416,8 +418,7 @@ def _hybrid(ns, spec: LayerSpec, x, codes, x_slice, sliced: bool, w_packed, scal
 
 
 def _merged(ns, spec: LayerSpec, x, w_packed, scale, bias, fp_weight, fp_bias, fp_in_idx, fp_out_idx, padding):
-    """Both branches as one float conv, its ReLU included (the prepacked conv's post-op, so no pass
-    of its own over the stem's output). On a backend with a prepacked float conv the merged weight
+    """Both branches as one float conv, its ReLU included. On a backend with a prepacked float conv the merged weight
     is built once per version of the tensors it comes from (then packed once): measured on
     ResNet-18's 7x7 stem (224x224, 2 threads), 0.68 ms against 1.18 ms for F.conv2d plus 0.11 ms
     to rebuild the weight, with equal results."""
