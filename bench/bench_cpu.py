@@ -416,6 +416,7 @@ def bench_passes(names, threads, reps):
                  ("network-level: quantized copy without the skip-connection folds", unfolded.quant_net),
                  ("network-level: thin pruned copy", network.pruned_net)]
         for part, m in parts:
+            first = len(lines)
             total, medians, calls = _split_into_passes(m, xcl, reps)
             for label, ms in medians.items():
                 if calls[label]:
@@ -423,7 +424,7 @@ def bench_passes(names, threads, reps):
             rest = total - sum(medians.values())
             lines.append(f"| {name}, {part} | rest | {rest:.2f} | {rest / total:.0%} | |")
             lines.append(f"| {name}, {part} | **forward** | {total:.2f} | 100% | |")
-            print("\n".join(lines[-7:]), flush=True)
+            print("\n".join(lines[first:]), flush=True)
         # the folds' effect, free of the machine's drift between the rows above: alternating calls
         ab = _alternating_ms({"with": network.quant_net, "without": unfolded.quant_net}, xcl, reps)
         with torch.no_grad():

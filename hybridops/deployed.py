@@ -364,8 +364,9 @@ class _DeployedBase(nn.Module):
         the input channels ``fp_in_idx`` (all when None) in that order, or, with ``columns``, only
         those of them at positions ``columns`` (the others being zero, their weight columns are
         skipped); the result holds the output channels ``fp_out_idx``, without the scatter into the
-        full width (hybridops/thin.py chains these). Plain torch ops: differentiable in the
-        branch's weights (online updates)."""
+        full width (hybridops/thin.py chains these). Differentiable in the branch's weights
+        (online updates: plain torch ops); at inference the backend's prepacked float conv where it
+        has one."""
         if self.path != "fp_only" or self.groups != 1:
             raise ValueError(f"thin_forward runs ungrouped layers without a quantized branch, got path {self.path!r} "
                              f"and groups={self.groups}.")

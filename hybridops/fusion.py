@@ -12,12 +12,15 @@ ResNet blocks call one ``relu`` module several times: that ReLU stays a module o
 only layers called once. Folding rescales the pruned branch's weights by the BatchNorm's
 per-channel gain, so online-update SGD steps on them differ per channel from the unfused layer's.
 
-Then skip connections (:func:`fuse_skip_connections_`): where a deployed integer conv's output
-(through a folded BatchNorm) is added to another tensor and the sum goes through a ReLU, as at the
-end of every ResNet block, the add and the ReLU move into the conv's epilogue
+Then skip connections (:func:`fuse_skip_connections_`): where a deployed integer conv's (or
+Linear's) output, through a folded BatchNorm, is added to another tensor, as at the end of every
+ResNet block, the add and a ReLU that follows it move into the layer's epilogue
 (``layer(x, residual)``, :attr:`~hybridops.deployed.DeployedConv2d.residual`); a ReLU module that
 the model calls at several places (torchvision's blocks call one ``relu`` twice) folds into the
-conv before each call. Both edit the model's code, not only its modules: the module whose forward
+conv before each call. Only modules whose forward takes one tensor are rewritten, each traced
+alone in the mode it is deployed in: a branch on ``self.training`` inside it (or inside a child
+whose code it inlines, such as a drop-path module) is fixed at that mode, and forward hooks on
+such inlined children no longer fire. Both edit the model's code, not only its modules: the module whose forward
 holds them (the block) gets the rewritten graph's code as its forward (an attribute of the
 instance: class, submodules, attributes and state dict stay as they were), which calls the fused
 layers. Save such a model with ``state_dict`` (:func:`hybridops.load_deployed_` refolds it):
@@ -31,6 +34,7 @@ situation of the network-level quantized copy, and of quantized-only models).
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import types
 from collections import Counter
@@ -160,15 +164,43 @@ def _through_identities(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[f
     return node, hops
 
 
+_IN_PLACE_OPERATORS = (operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+                       operator.irshift, operator.imatmul)
+
+
+def _single_input_forward(module: nn.Module) -> bool:
+    """Whether the module's forward takes one tensor and nothing else: tracing a module alone
+    makes every argument a placeholder, so a branch on a defaulted argument (``skip=None``) would
+    be fixed at the traced side."""
+    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
+    return len(params) == 1 and params[0].kind in (inspect.Parameter.POSITIONAL_ONLY,
+                                                   inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _mutates(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` may write into one of its inputs (an in-place op or module)."""
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        return (node.target in _IN_PLACE_OPERATORS or getattr(node.target, "__name__", "").endswith("_")
+                or bool(node.kwargs.get("inplace")) or (len(node.args) > 1 and node.args[-1] is True))
+    if node.op == "call_module":
+        return bool(getattr(modules.get(node.target), "inplace", False))
+    return False
+
+
 def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, decide: bool) -> List[str]:
     """Fold ReLUs and skip-connection adds into the deployed integer layers of one module's graph
     (see :func:`fuse_skip_connections_`). ``decide``: choose what to fold and set the layers' flags
-    (deploy time); otherwise fold what the layers' flags say was folded (a rebuilt checkpoint)."""
+    (deploy time); otherwise fold what the layers' flags say was folded (a rebuilt checkpoint,
+    whose chained layers already hand codes on)."""
     done = []
+    order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
         layer = modules.get(node.target) if node.op == "call_module" else None
         if not (isinstance(layer, DEPLOYED_LAYERS) and layer.path in ("hybrid", "codes") and calls[id(layer)] == 1
-                and len(node.args) == 1 and not node.kwargs and layer.out_qparams is None):
+                and len(node.args) == 1 and not node.kwargs and (layer.out_qparams is None or not decide)):
             continue
         end, hops = _through_identities(node, modules)
         user = next(iter(end.users)) if len(end.users) == 1 else None
@@ -176,8 +208,12 @@ def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, 
         if operands is not None and (layer.residual if not decide else not (layer.relu or layer.residual)):
             a, b, in_place = operands
             other = b if a is end else a
-            if other is end or (in_place and other is a and len(other.users) > 1):
-                continue  # x + x, or an add that writes into a tensor read again later
+            # the layer moves to just before the add: nothing in between may write into what it
+            # reads; and an in-place add must write into the layer's output, not into the other
+            # tensor (which the caller, or a view of it, may hold)
+            between = [n for n in graph.nodes if order[node] < order[n] < order[user] and n not in hops]
+            if other is end or (in_place and other is a) or any(_mutates(n, modules) for n in between):
+                continue
             after = next(iter(user.users)) if len(user.users) == 1 else None
             with_relu = after is not None and _is_relu(after, modules) and _own(after) and (
                 layer.relu if not decide else True)
@@ -207,7 +243,7 @@ def _fold_graph(graph: fx.Graph, modules: Dict[str, nn.Module], calls: Counter, 
 def fuse_skip_connections_(model: nn.Module, decide: bool = True) -> List[str]:
     """Fold skip-connection adds and repeatedly called ReLUs into deployed integer layers (see
     the module docstring), in place; the modules whose code changed get the rewritten code as their
-    forward. Returns one ``"layer+add+relu"`` / ``"layer+relu"`` entry per fold.
+    forward. Returns one ``"layer+add+relu"`` / ``"layer+add"`` / ``"layer+relu"`` entry per fold.
 
     ``decide=False`` (:func:`hybridops.load_deployed_`): fold what the layers' saved flags say
     was folded, into a freshly built float model's code."""
@@ -220,7 +256,7 @@ def fuse_skip_connections_(model: nn.Module, decide: bool = True) -> List[str]:
     # children first: a block's folds are made in the block, not in a parent that inlines it
     for name, _ in reversed(list(model.named_modules())):
         module = model.get_submodule(name)
-        if not name or LayerTracer().is_leaf_module(module, name):
+        if not name or LayerTracer().is_leaf_module(module, name) or not _single_input_forward(module):
             continue  # (the root is the caller's object: its own code stays as it is)
         try:
             graph = LayerTracer().trace(module)

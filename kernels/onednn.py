@@ -318,6 +318,12 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
     ``residual``: ``(N, Ho, Wo, C_out)`` in ``out_dtype`` (any strides), added in the epilogue
     before the ReLU as the unfused model adds it: ``relu(y + residual)`` with ``y`` rounded to
     ``out_dtype`` first (float outputs only; ``hybridops::hybrid_layer``'s residual layers)."""
+    if residual is not None and out_dtype not in (torch.float32, torch.bfloat16):
+        # (our epilogue writes fp32 or bf16: other dtypes round first, then add as torch does)
+        y = qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
+                    groups, False, fp_out, fp_out_idx, None, requant_bits, requant_signed, out_dtype)
+        y = y.add_(residual)
+        return y.relu_() if relu else y
     zp = zero_point(bits_a, a_signed)
     cin_g = in_channels // groups
     c_out, kh, kw, _ = w_packed.shape
@@ -329,12 +335,6 @@ def qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bia
         ho, wo = out_hw
         dt = torch.uint8 if requant_qparams is not None else out_dtype
         return x_codes.new_empty((0, ho, wo, c_out), dtype=dt)
-    if residual is not None and out_dtype not in (torch.float32, torch.bfloat16):
-        # (our epilogue writes fp32 or bf16: other dtypes round first, then add as torch does)
-        y = qconv2d(x_codes, w_packed, in_channels, bits_a, a_signed, bits_w, scale, bias, stride, padding, dilation,
-                    groups, False, fp_out, fp_out_idx, None, requant_bits, requant_signed, out_dtype)
-        y = y.add_(residual)
-        return y.relu_() if relu else y
     sc = scale if scale.dtype == torch.float32 else scale.to(torch.float32)
     sc = sc if sc.is_contiguous() else sc.contiguous()
     # Signed codes on a grouped or rewritten (explicitly padded / restrided) geometry: no zero point.

@@ -384,3 +384,72 @@ def test_online_update_through_a_residual_epilogue(monkeypatch):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in grads[0])
+
+
+class _MutatesBetween(nn.Module):
+    """The layer's input is written in place between the layer and the add: moving the layer to
+    the add would make it read the written tensor, so this is not folded."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        h = self.c0(x)
+        y = self.c1(h)
+        h.mul_(2)
+        return self.relu(y + h)
+
+
+class _DefaultedSkip(nn.Module):
+    """A forward with a defaulted second argument: traced alone, ``skip is None`` would be fixed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x, skip=None):
+        if skip is None:
+            skip = x
+        return self.relu(self.c1(x) + skip)
+
+
+class _Wrap(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("make", [_MutatesBetween, _DefaultedSkip])
+def test_skip_connections_that_must_not_fold(make):
+    torch.manual_seed(0)
+    model = _Wrap(make()).eval()
+    x = torch.randn(1, 3, 6, 6)
+    ho.hybridize_(model, ho.QuantConfig(fp_first_input=False), example_inputs=x)
+    plain = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
+    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    assert not any(m.residual for m in fused.modules() if isinstance(m, ho.DeployedConv2d))
+    with torch.no_grad():
+        assert torch.equal(fused(x), plain(x))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_load_refolds_the_relu_of_a_chained_producer(backend):
+    """A network-level quantized copy rebuilt from its checkpoint has the same code as deployed:
+    conv1's ReLU (a shared module) folded although conv1 already hands codes on."""
+    torch.manual_seed(0)
+    backbone = _randomize_bn_(torchvision.models.resnet18(num_classes=4)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    net = ho.HybridNetwork(backbone, ho.HybridConfig(keep=0.25), example_inputs=x).eval().deploy_(backend)
+    fresh = _randomize_bn_(torchvision.models.resnet18(num_classes=4)).eval()
+    ho.load_deployed_(fresh, net.quant_net.state_dict(), backend=backend)
+    calls = []
+    fresh.layer1[0].relu.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net.quant_net(x))
+    assert calls == []  # both of the block's ReLU calls run inside its convs

@@ -492,3 +492,18 @@ def test_residual_opcheck_and_gradients(name, backend):
         torch.testing.assert_close(gw, ew, rtol=1e-5, atol=1e-5)
     else:
         assert gx is None or not gx.any()
+
+
+@pytest.mark.skipif("onednn" not in BACKENDS, reason="the onednn backend is not available here")
+@pytest.mark.parametrize("name", ["quant_only", "hybrid_signed"])
+def test_residual_epilogue_on_onednn_equals_the_reference(name):
+    """The onednn backend adds the residual in its C++ epilogue, the reference after its conv:
+    integer accumulators exact, the same fp32 operations in the same order, so the same bits
+    (a layer without a pruned branch; a pruned branch's float conv sums in another order)."""
+    layer, x, r, _ = _residual_layer(name, "onednn")
+    ref, _, _, _ = _residual_layer(name, "torch")
+    with torch.no_grad():
+        if layer.kept_channels:
+            ref.fp_weight.zero_()
+            layer.fp_weight.zero_()
+        assert torch.equal(layer(x, r), ref(x, r))

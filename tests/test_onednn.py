@@ -428,3 +428,20 @@ def test_merged_stem_packed_once_per_weight_version():
     dep.fp_weight.requires_grad_(True)
     dep(x).sum().backward()
     assert dep.fp_weight.grad is not None and dep.fp_weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.float64])
+def test_qconv2d_residual_in_other_dtypes_keeps_the_geometry(out_dtype):
+    """A residual with an output dtype our epilogue does not write: the conv runs in that dtype
+    (on the caller's geometry, here a stride-2 conv with one output row, which the backend
+    rewrites internally), then torch adds the residual."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (1, 4, 4, 8), dtype=torch.uint8, generator=g)
+    w = pack_weight(torch.randint(-7, 8, (8, 8, 3, 3), generator=g).to(torch.int8), 4)
+    scale = torch.rand(8, generator=g) * 0.01
+    args = (codes, w, 8, 4, False, 4, scale, None, [2, 2], [0, 0, 0, 0], [1, 1], 1)
+    plain = O.qconv2d(*args, False, None, None, None, 4, False, out_dtype)
+    residual = torch.randn(plain.shape, generator=g).to(out_dtype)
+    got = O.qconv2d(*args, True, None, None, None, 4, False, out_dtype, residual=residual)
+    assert got.shape == plain.shape == (1, 1, 1, 8)
+    assert torch.equal(got, torch.relu(plain + residual))

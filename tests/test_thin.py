@@ -136,3 +136,22 @@ def test_thin_forward_refuses_what_it_cannot_run():
     quant = dep.quant_net[0]
     with pytest.raises(ValueError, match="without a quantized branch"):
         quant.thin_forward(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thin_linear_takes_any_leading_shape_at_inference_and_in_training(backend):
+    """A thin Linear's rows may carry leading dimensions: the prepacked path (inference) and the
+    plain one (gradients needed) give the same result."""
+    layer = ho.DeployedLinear(10, 6, bits_w=None, bits_a=None, fp_out_channels=4, fp_bias=True, backend=backend)
+    with torch.no_grad():
+        layer.fp_weight.normal_()
+        layer.fp_bias.normal_()
+    layer.relu = True
+    x = torch.randn(2, 3, 10)
+    with torch.no_grad():
+        fast = layer.thin_forward(x)
+    layer.fp_weight.requires_grad_(True)
+    slow = layer.thin_forward(x)
+    assert fast.shape == slow.shape == (2, 3, 4)
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-5, atol=1e-5)
+    assert (fast >= 0).all()

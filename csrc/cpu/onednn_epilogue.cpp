@@ -269,8 +269,9 @@ static void fused_rows(const float* src, float* y, const float* __restrict bias,
   for (int64_t p = 0; p < n; ++p) {
     const float* s = src + p * C;
     float* d = y + p * C;
-    const float* r32 = static_cast<const float*>(res) + p * C;
-    const c10::BFloat16* r16 = static_cast<const c10::BFloat16*>(res) + p * C;
+    // (offsets taken only for the residual's own dtype: none is made from a null pointer)
+    const float* r32 = RES == 1 ? static_cast<const float*>(res) + p * C : nullptr;
+    const c10::BFloat16* r16 = RES == 2 ? static_cast<const c10::BFloat16*>(res) + p * C : nullptr;
     for (int64_t c = 0; c < C; ++c) {
       float v = s[c];
       if (BIAS) v = v + bias[c];

@@ -242,9 +242,9 @@ def pruned_branch_inference(spec: LayerSpec, x: torch.Tensor, fp_weight: torch.T
         return None
     w = fp_weight if columns is None else derived.cached("thin_weight_columns", (fp_weight, columns), (),
                                                          lambda: fp_weight.index_select(1, columns))
-    if spec.kind == "linear":
-        return _float_conv(ns, spec, x.reshape(x.shape[0], -1, 1, 1), w, fp_bias, (0, 0, 0, 0), 1,
-                           relu).view(x.shape[0], -1)
+    if spec.kind == "linear":  # (..., K): the rows of any leading shape
+        y = _float_conv(ns, spec, x.reshape(-1, x.shape[-1], 1, 1), w, fp_bias, (0, 0, 0, 0), 1, relu)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     return _float_conv(ns, spec, x, w, fp_bias, spec.padding, 1, relu)
 
 
