@@ -189,13 +189,17 @@ class _Shared(nn.Module):
         return self.b(y) + self.b(z)
 
 
-def test_layers_called_twice_are_neither_fused_nor_chained():
+def _quantized_plain_and_fused(model: nn.Module, x: torch.Tensor, backend: str = "torch"):
+    """``model`` quantized throughout (no float first layer), deployed unfused and fused."""
     torch.manual_seed(0)
-    model = _randomize_bn_(_Shared()).eval()
-    x = torch.randn(2, 3, 8, 8)
+    model = _randomize_bn_(model).eval()
     ho.hybridize_(model, ho.QuantConfig(fp_first_input=False), example_inputs=x)
-    plain = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
-    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    return ho.deploy_(copy.deepcopy(model), backend, fuse=False), ho.deploy_(copy.deepcopy(model), backend)
+
+
+def test_layers_called_twice_are_neither_fused_nor_chained():
+    x = torch.randn(2, 3, 8, 8)
+    plain, fused = _quantized_plain_and_fused(_Shared(), x)
     assert not fused.a.fused_bn and not fused.a.relu and fused.a.out_qparams is None and not fused.b.codes_input
     with torch.no_grad():
         torch.testing.assert_close(fused(x), plain(x), rtol=0, atol=0)
@@ -286,10 +290,12 @@ def test_network_level_quantized_half_is_an_integer_chain(backend, monkeypatch):
 
 
 class _Skips(nn.Module):
-    """The forms a skip connection takes in model code, and one that must not fold."""
+    """The forms a skip connection takes in model code, and one that must not fold;
+    ``relu_after_skip=False``: the first skip connection without its ReLU."""
 
-    def __init__(self):
+    def __init__(self, relu_after_skip: bool = True):
         super().__init__()
+        self.relu_after_skip = relu_after_skip
         self.c1, self.c2, self.c3, self.c4 = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
                                               nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1))
         self.bn1, self.bn2 = nn.BatchNorm2d(8), nn.BatchNorm2d(8)
@@ -297,7 +303,9 @@ class _Skips(nn.Module):
 
     def forward(self, x):
         y = self.relu(self.bn1(self.c1(x)))
-        y = torch.relu(y + self.bn2(self.c2(y)))  # the conv second, a functional ReLU
+        y = y + self.bn2(self.c2(y))  # the conv second
+        if self.relu_after_skip:
+            y = torch.relu(y)  # a functional ReLU
         z = self.c3(y)
         z += y  # in place into the conv's output, no ReLU
         u = self.c4(z)
@@ -308,17 +316,6 @@ class _Skips(nn.Module):
 class _NoSkips(_Skips):
     def forward(self, x):
         return self.c4(self.c3(self.bn2(self.c2(self.relu(self.bn1(self.c1(x)))))))
-
-
-class _NoReluAfterSkip(_Skips):
-    def forward(self, x):
-        y = self.relu(self.bn1(self.c1(x)))
-        y = y + self.bn2(self.c2(y))
-        z = self.c3(y)
-        z += y
-        u = self.c4(z)
-        s = z.add_(u)
-        return s * 2 + z
 
 
 class _Outer(nn.Module):
@@ -365,7 +362,7 @@ def test_load_deployed_refolds_skip_connections():
     other.body = _NoSkips()
     with pytest.raises(ValueError, match="adds a residual in its epilogue, but this model's code adds none"):
         ho.load_deployed_(other, model.state_dict(), backend="torch")
-    other.body = _NoReluAfterSkip()
+    other.body = _Skips(relu_after_skip=False)
     with pytest.raises(ValueError, match="applies a ReLU after its residual, but this model's code has none"):
         ho.load_deployed_(other, model.state_dict(), backend="torch")
 
@@ -427,12 +424,8 @@ class _Wrap(nn.Module):
 
 @pytest.mark.parametrize("make", [_MutatesBetween, _DefaultedSkip])
 def test_skip_connections_that_must_not_fold(make):
-    torch.manual_seed(0)
-    model = _Wrap(make()).eval()
     x = torch.randn(1, 3, 6, 6)
-    ho.hybridize_(model, ho.QuantConfig(fp_first_input=False), example_inputs=x)
-    plain = ho.deploy_(copy.deepcopy(model), "torch", fuse=False)
-    fused = ho.deploy_(copy.deepcopy(model), "torch")
+    plain, fused = _quantized_plain_and_fused(_Wrap(make()), x)
     assert not any(m.residual for m in fused.modules() if isinstance(m, ho.DeployedConv2d))
     with torch.no_grad():
         assert torch.equal(fused(x), plain(x))
